@@ -1,0 +1,98 @@
+"""The one exception tree of shieldml.
+
+Every error that bad input, a bad key or a tampered file can cause is a :class:`ShieldError`;
+built-in exceptions are raised only for misuse of the API by the caller (a wrong argument type,
+reading a closed file). The CLI catches ``ShieldError`` once and prints :meth:`~ShieldError.diagnostics`.
+
+::
+
+    ShieldError
+    ├── FormatError                 bytes that do not parse as the structure they claim to be
+    │   ├── NotProtectedError       a file that is not a shieldml/Gramine protected file at all
+    │   └── UnsupportedVersionError a known structure with a version this build cannot read
+    ├── IntegrityError              authentication failed: tampered, truncated, reordered, swapped
+    │   └── WrongKeyError           the key does not belong to the file (detected before decrypting)
+    ├── KeyFileError                a key file that is missing, unreadable or of the wrong size
+    └── OutputExistsError           refusing to overwrite something the user did not ask to replace
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FormatError",
+    "IntegrityError",
+    "KeyFileError",
+    "NotProtectedError",
+    "OutputExistsError",
+    "ShieldError",
+    "UnsupportedVersionError",
+    "WrongKeyError",
+]
+
+
+class ShieldError(Exception):
+    """Root of every error shieldml raises for bad input."""
+
+    hint: str | None = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if hint is not None:
+            self.hint = hint
+
+    def diagnostics(self) -> str:
+        """A human-readable explanation for the CLI: the message, then a hint if there is one."""
+        text = self.message
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text
+
+
+class FormatError(ShieldError):
+    """Bytes that do not parse as the structure they claim to be."""
+
+
+class NotProtectedError(FormatError):
+    """The file is not a protected file in any format shieldml knows."""
+
+
+class UnsupportedVersionError(FormatError):
+    """A known structure with a version this build cannot read."""
+
+
+class IntegrityError(ShieldError):
+    """Authentication of protected data failed.
+
+    The message names the file and where (segment or node) and nothing else: no detail that
+    could serve as a decryption oracle.
+    """
+
+    def __init__(
+        self, path: str, where: str, *, reason: str = "failed authentication", hint: str | None = None
+    ) -> None:
+        super().__init__(f"{path}: {reason} ({where})", hint=hint)
+        self.path = path
+        self.where = where
+
+
+class WrongKeyError(IntegrityError):
+    """The key does not match the key id in the file's header; nothing was decrypted."""
+
+    def __init__(self, path: str, *, expected: str, actual: str) -> None:
+        super().__init__(
+            path,
+            "header",
+            reason=f"wrong key: file is encrypted under key id {expected}, the key given has id {actual}",
+            hint="use the key the file was encrypted with (`shieldml inspect` shows its key id)",
+        )
+        self.expected = expected
+        self.actual = actual
+
+
+class KeyFileError(ShieldError):
+    """A key file that is missing, unreadable, or has the wrong size for its format."""
+
+
+class OutputExistsError(ShieldError):
+    """Refusing to overwrite an existing file."""

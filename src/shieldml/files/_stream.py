@@ -1,0 +1,289 @@
+"""The ``stream`` format: a shieldml header followed by a Tink AesGcmHkdfStreaming ciphertext.
+
+Layout (all integers big-endian; see ``docs/formats/stream.md``)::
+
+    offset  size  field
+    0       8     magic "SHIELDML"
+    8       1     version (1)
+    9       4     ciphertext segment size (1 MiB)
+    13      16    key id = HMAC-SHA256(key, "shieldml/v1 stream key id")[:16]
+    29      ...   Tink AesGcmHkdfStreaming ciphertext (HKDF-SHA256, 32-byte derived key),
+                  associated data = the 29 header bytes || UTF-8 bound path
+
+Tink ciphertext::
+
+    1 byte header length (40) || 32-byte HKDF salt || 7-byte nonce prefix || segments
+    segment i = AES-256-GCM(derived key, nonce prefix || i (u32 BE) || last (u8), no AAD)
+    segment 0 holds seg - 56 plaintext bytes, the others seg - 16; only the last may be shorter.
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import os
+import secrets
+import struct
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from shieldml.errors import FormatError, IntegrityError, UnsupportedVersionError, WrongKeyError
+from shieldml.files._common import Format, MappedSource, check_key, key_id
+from shieldml.files._reader import ProtectedFile
+
+MAGIC = b"SHIELDML"
+VERSION = 1
+HEADER = struct.Struct(">8sBI16s")  # magic, version, segment size, key id
+HEADER_SIZE = HEADER.size  # 29
+SEGMENT_SIZE = 1 << 20
+MIN_SEGMENT_SIZE = 1 << 12
+MAX_SEGMENT_SIZE = 1 << 26
+MAX_BOUND_PATH = 4096
+
+TAG_SIZE = 16
+SALT_SIZE = 32  # = derived key size in Tink's AesGcmHkdfStreaming
+NONCE_PREFIX_SIZE = 7
+TINK_HEADER_SIZE = 1 + SALT_SIZE + NONCE_PREFIX_SIZE  # 40
+_NONCE_TAIL = struct.Struct(">IB")
+MAX_SEGMENTS = 1 << 32
+
+
+@dataclass(frozen=True)
+class StreamHeader:
+    """The shieldml header of a ``stream`` file (not authenticated on its own: it is in the AD)."""
+
+    version: int
+    segment_size: int
+    key_id: bytes
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str = "<stream>") -> StreamHeader:
+        if len(data) < HEADER_SIZE or data[:8] != MAGIC:
+            raise FormatError(f"{name}: not a shieldml stream file")
+        magic, version, seg, kid = HEADER.unpack_from(data)
+        if version != VERSION:
+            raise UnsupportedVersionError(f"{name}: stream format version {version} is not supported")
+        if not MIN_SEGMENT_SIZE <= seg <= MAX_SEGMENT_SIZE:
+            raise FormatError(f"{name}: segment size {seg} out of range")
+        return cls(version, seg, kid)
+
+    def to_bytes(self) -> bytes:
+        return HEADER.pack(MAGIC, self.version, self.segment_size, self.key_id)
+
+
+def _bound_path_bytes(bind: str) -> bytes:
+    if not isinstance(bind, str):
+        raise TypeError("bound path must be a str")
+    raw = bind.encode("utf-8")
+    if len(raw) > MAX_BOUND_PATH or "\0" in bind:
+        raise ValueError(f"bound path too long or contains NUL: {bind!r}")
+    return raw
+
+
+def derive_segment_key(key: bytes, salt: bytes, header: bytes, bind: str) -> AESGCM:
+    """Tink's per-file key: HKDF-SHA256(ikm=key, salt, info=associated data), 32 bytes."""
+    info = header + _bound_path_bytes(bind)
+    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(key)
+    return AESGCM(derived)
+
+
+class Geometry:
+    """Where each segment lies, in the file and in the plaintext."""
+
+    def __init__(self, segment_size: int, ciphertext_size: int) -> None:
+        self.seg = segment_size
+        self.first_plain = segment_size - TINK_HEADER_SIZE - TAG_SIZE
+        self.plain = segment_size - TAG_SIZE
+        self.count = -(-ciphertext_size // segment_size)  # ceil; ciphertext counts the Tink header
+        self.last_ct = ciphertext_size - (self.count - 1) * segment_size
+        if self.count == 1:
+            self.last_ct -= TINK_HEADER_SIZE
+        self.valid = self.last_ct >= TAG_SIZE and self.count <= MAX_SEGMENTS
+        self.size = ciphertext_size - TINK_HEADER_SIZE - TAG_SIZE * self.count
+
+    def index(self, pos: int) -> int:
+        if pos < self.first_plain:
+            return 0
+        return 1 + (pos - self.first_plain) // self.plain
+
+    def plain_start(self, i: int) -> int:
+        return 0 if i == 0 else self.first_plain + (i - 1) * self.plain
+
+    def plain_len(self, i: int) -> int:
+        if i == self.count - 1:
+            return self.last_ct - TAG_SIZE
+        return self.first_plain if i == 0 else self.plain
+
+    def ct_start(self, i: int) -> int:
+        """Offset of segment i from the start of the Tink ciphertext."""
+        return TINK_HEADER_SIZE if i == 0 else i * self.seg
+
+
+class StreamReader(ProtectedFile):
+    """Random-access reader for ``stream`` files."""
+
+    format = Format.STREAM
+
+    def __init__(self, path: str | os.PathLike[str], key: bytes, bind: str) -> None:
+        src = MappedSource(path)
+        super().__init__(src)
+        try:
+            self._open(check_key(key, Format.STREAM), bind)
+        except BaseException:
+            src.close()
+            raise
+
+    def _open(self, key: bytes, bind: str) -> None:
+        name = self._src.name
+        raw = self._src.read(0, HEADER_SIZE + TINK_HEADER_SIZE)
+        self.header = StreamHeader.from_bytes(raw, name)
+        if not hmac.compare_digest(self.header.key_id, key_id(key)):
+            raise WrongKeyError(name, expected=self.header.key_id.hex(), actual=key_id(key).hex())
+        self.bound_path = bind
+        ct_size = self._src.size - HEADER_SIZE
+        self._geo = Geometry(self.header.segment_size, ct_size)
+        if len(raw) < HEADER_SIZE + TINK_HEADER_SIZE or not self._geo.valid:
+            raise IntegrityError(name, "truncated")
+        tink = raw[HEADER_SIZE:]
+        if tink[0] != TINK_HEADER_SIZE:
+            raise IntegrityError(name, "stream header")
+        self._prefix = tink[1 + SALT_SIZE :]
+        self._aead = derive_segment_key(key, tink[1 : 1 + SALT_SIZE], raw[:HEADER_SIZE], bind)
+        self._buf = bytearray(self._geo.plain)
+        self._buf_index = -1
+
+    @property
+    def size(self) -> int:
+        return self._geo.size
+
+    @property
+    def segment_count(self) -> int:
+        return self._geo.count
+
+    def decrypt_segment(self, i: int, out: memoryview) -> int:
+        """Authenticate and decrypt segment ``i`` into ``out``; return its plaintext length."""
+        geo = self._geo
+        n = geo.plain_len(i)
+        last = i == geo.count - 1
+        nonce = self._prefix + _NONCE_TAIL.pack(i, last)
+        with self._src.view(HEADER_SIZE + geo.ct_start(i), n + TAG_SIZE) as ct:
+            try:
+                self._aead.decrypt_into(nonce, ct, None, out[:n])
+            except InvalidTag:
+                out[:n] = bytes(n)  # never leave unauthenticated plaintext behind
+                raise IntegrityError(self.name, f"segment {i}") from None
+        return n
+
+    def _read_at(self, pos: int, out: memoryview) -> int:
+        geo = self._geo
+        i = geo.index(pos)
+        off = pos - geo.plain_start(i)
+        n = geo.plain_len(i)
+        if off == 0 and len(out) >= n:
+            return self.decrypt_segment(i, out)
+        if self._buf_index != i:
+            self._buf_index = -1
+            with memoryview(self._buf) as buf:
+                self.decrypt_segment(i, buf)
+            self._buf_index = i
+        k = min(len(out), n - off)
+        out[:k] = self._buf[off : off + k]
+        return k
+
+
+class StreamWriter(io.RawIOBase):
+    """Streaming encryptor: writes a ``stream`` file to ``sink`` as data arrives.
+
+    Memory use is one segment. The file is complete only after :meth:`close`; a writer that is
+    abandoned leaves an unterminated ciphertext that every reader refuses.
+    """
+
+    def __init__(
+        self, sink: BinaryIO, key: bytes, bind: str, *, segment_size: int = SEGMENT_SIZE
+    ) -> None:
+        super().__init__()
+        self._aborted = True  # until construction succeeds
+        key = check_key(key, Format.STREAM)
+        header = StreamHeader(VERSION, segment_size, key_id(key))
+        StreamHeader.from_bytes(header.to_bytes())  # validates the segment size
+        self._sink = sink
+        hdr = header.to_bytes()
+        salt = secrets.token_bytes(SALT_SIZE)
+        self._prefix = secrets.token_bytes(NONCE_PREFIX_SIZE)
+        self._aead = derive_segment_key(key, salt, hdr, bind)
+        self._geo = Geometry(segment_size, TINK_HEADER_SIZE + TAG_SIZE)
+        self._pending = bytearray(self._geo.plain)
+        self._fill = 0
+        self._index = 0
+        self._out = bytearray(segment_size)
+        self._sink.write(hdr + bytes([TINK_HEADER_SIZE]) + salt + self._prefix)
+        self.bytes_written = 0
+        self._aborted = False
+
+    def writable(self) -> bool:
+        return True
+
+    def abort(self) -> None:
+        """Close without writing the final segment: the output stays an invalid, unterminated file."""
+        self._aborted = True
+        self.close()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+    def __del__(self) -> None:
+        # Garbage collection of an unclosed writer must never finalise a partial file.
+        if not self.closed:
+            self.abort()
+
+    def _capacity(self) -> int:
+        return self._geo.first_plain if self._index == 0 else self._geo.plain
+
+    def _flush_segment(self, data: Any, last: bool) -> None:
+        if self._index >= MAX_SEGMENTS:
+            raise ValueError("file too large for the stream format")
+        nonce = self._prefix + _NONCE_TAIL.pack(self._index, last)
+        n = len(data)
+        with memoryview(self._out) as out:
+            self._aead.encrypt_into(nonce, data, None, out[: n + TAG_SIZE])
+            self._sink.write(out[: n + TAG_SIZE])
+        self._index += 1
+
+    def write(self, data: Any) -> int:
+        if self.closed:
+            raise ValueError("write to closed file")
+        with memoryview(data) as raw, raw.cast("B") as view:
+            total = len(view)
+            pos = 0
+            while pos < total:
+                cap = self._capacity()
+                if self._fill == cap:  # full and more data follows: not the last segment
+                    with memoryview(self._pending) as pend:
+                        self._flush_segment(pend[:cap], last=False)
+                    self._fill = 0
+                    continue
+                if self._fill == 0 and total - pos > cap:  # a whole segment straight from input
+                    self._flush_segment(view[pos : pos + cap], last=False)
+                    pos += cap
+                    continue
+                k = min(cap - self._fill, total - pos)
+                self._pending[self._fill : self._fill + k] = view[pos : pos + k]
+                self._fill += k
+                pos += k
+        self.bytes_written += total
+        return total
+
+    def close(self) -> None:
+        if not self.closed and not self._aborted:
+            with memoryview(self._pending) as pend:
+                self._flush_segment(pend[: self._fill], last=True)
+            self._sink.flush()
+        super().close()

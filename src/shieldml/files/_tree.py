@@ -1,0 +1,139 @@
+"""Encrypting and decrypting single files or whole directory trees, as the CLI does."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from shieldml.errors import OutputExistsError, ShieldError
+from shieldml.files._api import decrypt_file, detect_format, encrypt_file, inspect_file
+from shieldml.files._common import Format, ProgressCallback, StrPath
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One file of a tree operation: where it comes from, where it goes, the path it is bound to."""
+
+    src: str
+    dst: str
+    bind: str
+    size: int
+
+
+def _join(root: str, rel: str) -> str:
+    return rel if root in ("", ".") else root.rstrip("/") + "/" + rel
+
+
+def plan(src: StrPath, dst: StrPath, bind_root: str | None, *, default_root: str) -> list[Planned]:
+    """Map ``src`` (a file or a directory tree) onto ``dst`` and bound paths.
+
+    A file goes to ``dst`` (or into it, if ``dst`` is an existing directory) and is bound to
+    ``bind_root`` or, by default, ``default_root``. A directory's files keep their relative paths
+    under ``dst`` and are bound to ``<root>/<relative path>``.
+    """
+    s, d = os.fspath(src), os.fspath(dst)
+    if not os.path.exists(s):
+        raise ShieldError(f"{s}: no such file or directory")
+    if os.path.isfile(s):
+        if os.path.isdir(d):
+            d = os.path.join(d, os.path.basename(s))
+            default_root = d if default_root == os.fspath(dst) else default_root
+        bind = bind_root if bind_root is not None else default_root
+        return [Planned(s, d, bind, os.path.getsize(s))]
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise ShieldError(f"{d}: exists and is not a directory, but {s} is a directory")
+    root = bind_root if bind_root is not None else default_root
+    out: list[Planned] = []
+    for dirpath, dirnames, filenames in os.walk(s):
+        dirnames.sort()
+        for fn in sorted(filenames):
+            full = os.path.join(dirpath, fn)
+            if not os.path.isfile(full):
+                continue
+            rel = Path(os.path.relpath(full, s)).as_posix()
+            out.append(Planned(full, os.path.join(d, rel), _join(root, rel), os.path.getsize(full)))
+    return out
+
+
+def encrypt_path(
+    src: StrPath,
+    dst: StrPath,
+    key: bytes,
+    *,
+    bind: str | None = None,
+    fmt: Format = Format.STREAM,
+    gramine_version: int = 1,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+    planned: list[Planned] | None = None,
+) -> list[Planned]:
+    """Encrypt a file or a directory tree; bound paths default to the output paths as given."""
+    items = planned if planned is not None else plan_encrypt(src, dst, bind)
+    _refuse_existing(items, overwrite)
+    for it in items:
+        encrypt_file(
+            it.src,
+            it.dst,
+            key,
+            bind=it.bind,
+            fmt=fmt,
+            gramine_version=gramine_version,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    return items
+
+
+def plan_encrypt(src: StrPath, dst: StrPath, bind: str | None) -> list[Planned]:
+    return plan(src, dst, bind, default_root=os.fspath(dst))
+
+
+def plan_decrypt(src: StrPath, dst: StrPath, bind: str | None) -> list[Planned]:
+    """Like :func:`plan`, with bound paths defaulting to the input paths; checks every input first."""
+    items = plan(src, dst, bind, default_root=os.fspath(src))
+    sized = []
+    for it in items:
+        detect_format(it.src)  # refuse a tree with unprotected files before decrypting any
+        info = inspect_file(it.src)
+        size = info.plaintext_size
+        if size is None:
+            size = info.plaintext_size_range[1] if info.plaintext_size_range else it.size
+        sized.append(Planned(it.src, it.dst, it.bind, size))
+    return sized
+
+
+def decrypt_path(
+    src: StrPath,
+    dst: StrPath,
+    key: bytes,
+    *,
+    bind: str | None = None,
+    overwrite: bool = False,
+    workers: int = 1,
+    progress: ProgressCallback | None = None,
+    planned: list[Planned] | None = None,
+) -> list[Planned]:
+    """Decrypt a file or a directory tree; bound paths default to the input paths as given."""
+    items = planned if planned is not None else plan_decrypt(src, dst, bind)
+    _refuse_existing(items, overwrite)
+    for it in items:
+        decrypt_file(
+            it.src,
+            it.dst,
+            key,
+            bind=it.bind,
+            overwrite=overwrite,
+            workers=workers,
+            progress=progress,
+        )
+    return items
+
+
+def _refuse_existing(items: list[Planned], overwrite: bool) -> None:
+    if overwrite:
+        return
+    existing = [it.dst for it in items if os.path.exists(it.dst)]
+    if existing:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise OutputExistsError(f"{existing[0]}: already exists{more}", hint="pass --force to replace")
