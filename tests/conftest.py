@@ -1,0 +1,35 @@
+"""Shared fixtures: the vectors folder (``SHIELDML_VECTORS``, default ``../shared/vectors``)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def vectors_dir() -> Path | None:
+    env = os.environ.get("SHIELDML_VECTORS")
+    path = Path(env) if env else REPO.parent / "shared" / "vectors"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def vectors() -> Path:
+    path = vectors_dir()
+    if path is None:
+        pytest.skip("vectors not found: set SHIELDML_VECTORS to shared/vectors")
+    return path
+
+
+def vector_plaintext(n: int) -> bytes:
+    """The plaintext of the gramine-pf vectors (their README): SHA-256 counter stream."""
+    out = bytearray()
+    counter = 0
+    while len(out) < n:
+        out += hashlib.sha256(b"shieldml-vector" + counter.to_bytes(4, "big")).digest()
+        counter += 1
+    return bytes(out[:n])

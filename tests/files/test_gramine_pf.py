@@ -1,0 +1,191 @@
+"""gramine-pf: Gramine's own files decrypt byte-exactly, tampering is refused, our files match."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shieldml.errors import FormatError, IntegrityError, UnsupportedVersionError
+from shieldml.files import Format, encrypt_file, generate_key, gramine_norm_path, open_protected
+from shieldml.files import _gramine as g
+from tests.conftest import vector_plaintext
+
+SIZES_V1 = [0, 1, 3071, 3072, 3073, 7168, 7169, 100000, 396288, 396289, 1048577, 12979205]
+SIZES_V2 = [s for s in SIZES_V1 if s != 12979205]
+
+NEGATIVE = {
+    "meta_mac_flipped.pf": IntegrityError,
+    "kdf_nonce_flipped.pf": IntegrityError,
+    "root_mht_flipped.pf": IntegrityError,
+    "data_node_flipped.pf": IntegrityError,
+    "data_nodes_swapped.pf": IntegrityError,
+    "magic_flipped.pf": FormatError,
+    "version_9.pf": UnsupportedVersionError,
+    "truncated_last_node.pf": IntegrityError,
+    "truncated_odd.pf": IntegrityError,
+    "empty.pf": FormatError,
+}
+
+
+@pytest.fixture(scope="module")
+def pf(vectors: Path) -> Path:
+    return vectors / "gramine-pf"
+
+
+@pytest.fixture(scope="module")
+def wrap_key(pf: Path) -> bytes:
+    return (pf / "wrap-key").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("version", "size"), [("v1", s) for s in SIZES_V1] + [("v2", s) for s in SIZES_V2]
+)
+def test_gramine_vectors_decrypt_byte_exactly(pf: Path, wrap_key: bytes, version: str, size: int):
+    path = pf / version / f"size_{size}.pf"
+    with open_protected(path, wrap_key, bind=f"{version}/size_{size}.pf") as f:
+        assert f.format is Format.GRAMINE_PF
+        assert f.header.major_version == int(version[1])
+        assert f.size == size
+        assert f.read() == vector_plaintext(size)
+    # our writer produces exactly the size Gramine's tool produced
+    assert g.node_count(size) * g.NODE_SIZE == path.stat().st_size
+
+
+@pytest.mark.parametrize(("name", "error"), sorted(NEGATIVE.items()))
+def test_negative_vectors_are_refused(pf: Path, wrap_key: bytes, name: str, error: type):
+    with pytest.raises(error):
+        with open_protected(pf / "negative" / name, wrap_key, bind="v1/size_100000.pf") as f:
+            f.read()
+
+
+def test_renamed_file_opens_only_at_its_stored_path(pf: Path, wrap_key: bytes):
+    path = pf / "negative" / "renamed_valid.pf"
+    with pytest.raises(IntegrityError, match="bound to path 'v1/size_3073.pf'"):
+        open_protected(path, wrap_key, bind="negative/renamed_valid.pf")
+    with open_protected(path, wrap_key, bind="v1/size_3073.pf") as f:
+        assert f.read() == vector_plaintext(3073)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_wrong_key_is_refused(pf: Path, version: str):
+    with pytest.raises(IntegrityError, match="metadata node"):
+        open_protected(pf / version / "size_100000.pf", bytes(16), bind=f"{version}/size_100000.pf")
+
+
+def test_random_access_on_two_level_tree(pf: Path, wrap_key: bytes):
+    plain = vector_plaintext(12979205)
+    with open_protected(pf / "v1/size_12979205.pf", wrap_key, bind="v1/size_12979205.pf") as f:
+        for pos, n in [(12979205 - 10, 50), (3000, 200), (3072 + 96 * 4096 * 33 - 7, 9000), (0, 1)]:
+            f.seek(pos)
+            assert f.read(n) == plain[pos : pos + n]
+
+
+def test_kdf_vector_from_spec():
+    wrap = bytes.fromhex("ffeeddccbbaa99887766554433221100")
+    assert g.metadata_key(wrap, bytes(range(32))).hex() == "13023cb37e5faf2da6ea64ba7c79cc62"
+
+
+@pytest.mark.parametrize(
+    ("path", "norm"),
+    [
+        ("//x", "/x"),
+        ("/", "/"),
+        ("/..", "/"),
+        ("/a/../..", "/"),
+        ("a/./b/", "a/b"),
+        ("./a//b/.", "a/b"),
+        ("..", ".."),
+        ("../..", "../.."),
+        ("a/../..", ".."),
+        ("../a/../b", "../b"),
+        ("a/b/../../../c", "../c"),
+        ("", ""),
+        (".", ""),
+        ("enc_files/input.txt", "enc_files/input.txt"),
+    ],
+)
+def test_gramine_path_normalisation(path: str, norm: str):
+    assert gramine_norm_path(path) == norm
+
+
+@given(st.lists(st.sampled_from(["", ".", "..", "a", "b", "cc"]), max_size=8), st.booleans())
+def test_norm_path_is_idempotent_and_clean(parts: list[str], absolute: bool):
+    p = ("/" if absolute else "") + "/".join(parts)
+    n = gramine_norm_path(p)
+    assert gramine_norm_path(n) == n
+    assert "//" not in n and not n.endswith("/") or n == "/"
+    assert all(c not in ("", ".") for c in n.strip("/").split("/")) or n in ("", "/")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("size", [0, 3072, 3073, 396289, 3072 + 96 * 4096 * 33 + 1])
+def test_roundtrip_and_size_like_gramine(tmp_path: Path, version: int, size: int):
+    key = generate_key(Format.GRAMINE_PF)
+    data = os.urandom(size)
+    (tmp_path / "in").write_bytes(data)
+    out = tmp_path / "out.pf"
+    encrypt_file(tmp_path / "in", out, key, fmt=Format.GRAMINE_PF, gramine_version=version)
+    raw = out.read_bytes()
+    assert len(raw) == g.node_count(size) * g.NODE_SIZE
+    assert raw[:8] == b"GRAFS_PF" and raw[8] == version
+    with open_protected(out, key) as f:  # bound to OUT as given, as pf-crypt does
+        assert f.stored_path == gramine_norm_path(str(out))
+        assert f.read() == data
+
+
+def test_writer_stores_normalised_path(tmp_path: Path):
+    key = generate_key(Format.GRAMINE_PF)
+    (tmp_path / "in").write_bytes(b"x" * 5000)
+    encrypt_file(tmp_path / "in", tmp_path / "o", key, fmt=Format.GRAMINE_PF, bind="./a//b/../c")
+    with open_protected(tmp_path / "o", key, bind="a/c") as f:
+        assert f.stored_path == "a/c"
+
+
+def test_pending_write_flag_is_refused(tmp_path: Path):
+    key = generate_key(Format.GRAMINE_PF)
+    sink = io.BytesIO()
+    with g.GramineWriter(sink, key, "f", version=2) as w:
+        w.write(b"y" * 10)
+    raw = bytearray(sink.getvalue())
+    raw[58] |= g.HAS_PENDING_WRITE
+    (tmp_path / "f").write_bytes(raw)
+    with pytest.raises(IntegrityError, match="unfinished write"):
+        open_protected(tmp_path / "f", key, bind="f")
+
+
+def test_every_node_is_authenticated(tmp_path: Path):
+    """Flip one byte in each physical node of a two-MHT file: each is detected on read."""
+    key = generate_key(Format.GRAMINE_PF)
+    size = 3072 + 97 * 4096
+    (tmp_path / "in").write_bytes(os.urandom(size))
+    good = tmp_path / "good"
+    encrypt_file(tmp_path / "in", good, key, fmt=Format.GRAMINE_PF, bind="f")
+    nodes = good.stat().st_size // g.NODE_SIZE
+    for node in range(nodes):
+        bad = tmp_path / "bad"
+        shutil.copyfile(good, bad)
+        with bad.open("r+b") as f:
+            f.seek(node * g.NODE_SIZE + 100)
+            b = f.read(1)
+            f.seek(node * g.NODE_SIZE + 100)
+            f.write(bytes([b[0] ^ 0x80]))
+        with pytest.raises(IntegrityError):
+            with open_protected(bad, key, bind="f") as f:
+                f.read()
+
+
+def test_aborted_writer_leaves_unreadable_file(tmp_path: Path):
+    key = generate_key(Format.GRAMINE_PF)
+    path = tmp_path / "f"
+    with path.open("w+b") as sink:
+        w = g.GramineWriter(sink, key, "f")
+        w.write(b"z" * 10000)
+        w.abort()
+    with pytest.raises(FormatError):
+        open_protected(path, key, bind="f")
