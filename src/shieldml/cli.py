@@ -36,8 +36,8 @@ EXIT_USAGE = 2
 EXIT_INTEGRITY = 3
 EXIT_INTERRUPTED = 130
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 FORMAT_CHOICE = click.Choice([f.value for f in Format])
 

@@ -1,0 +1,143 @@
+"""The format-independent API: detection, atomic output, trees, parallel decryption."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from shieldml.errors import IntegrityError, NotProtectedError, OutputExistsError
+from shieldml.files import (
+    Format,
+    decrypt_file,
+    decrypt_path,
+    detect_format,
+    encrypt_file,
+    encrypt_path,
+    generate_key,
+    inspect_file,
+    open_protected,
+)
+
+FORMATS = [Format.STREAM, Format.GRAMINE_PF]
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "plain"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "a.bin").write_bytes(os.urandom(10000))
+    (root / "sub" / "b.txt").write_bytes(b"hello")
+    (root / "sub" / "deeper" / "c").write_bytes(b"")
+    return root
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_detect_and_inspect(tmp_path: Path, fmt: Format):
+    key = generate_key(fmt)
+    (tmp_path / "p").write_bytes(b"x" * 5000)
+    encrypt_file(tmp_path / "p", tmp_path / "c", key, fmt=fmt)
+    assert detect_format(tmp_path / "c") is fmt
+    info = inspect_file(tmp_path / "c")
+    assert info.format is fmt and info.version == 1
+    if fmt is Format.STREAM:
+        assert info.plaintext_size == 5000 and info.header_size == 29
+        assert info.key_id == inspect_file(tmp_path / "c").key_id
+    else:
+        assert info.plaintext_size is None
+        assert info.plaintext_size_range is not None
+        lo, hi = info.plaintext_size_range
+        assert lo <= 5000 <= hi
+        assert inspect_file(tmp_path / "c", key).plaintext_size == 5000
+
+
+def test_plain_file_is_reported_as_not_protected(tmp_path: Path):
+    (tmp_path / "p").write_bytes(b"just some text")
+    with pytest.raises(NotProtectedError, match="not a protected file"):
+        open_protected(tmp_path / "p", generate_key())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tree_roundtrip_binds_relative_paths(tmp_path: Path, tree: Path, fmt: Format):
+    key = generate_key(fmt)
+    enc, dec = tmp_path / "enc", tmp_path / "dec"
+    items = encrypt_path(tree, enc, key, bind="/data", fmt=fmt)
+    assert sorted(i.bind for i in items) == ["/data/a.bin", "/data/sub/b.txt", "/data/sub/deeper/c"]
+    with open_protected(enc / "sub" / "b.txt", key, bind="/data/sub/b.txt") as f:
+        assert f.read() == b"hello"
+    decrypt_path(enc, dec, key, bind="/data")
+    assert files_of(dec) == files_of(tree)
+
+
+def test_tree_default_binding_is_output_path(tmp_path: Path, tree: Path):
+    key = generate_key()
+    enc = tmp_path / "enc"
+    encrypt_path(tree, enc, key)
+    with open_protected(enc / "a.bin", key) as f:  # default: the path as given
+        assert f.bound_path == str(enc / "a.bin")
+    decrypt_path(enc, tmp_path / "dec", key)  # decrypt defaults to IN: same strings
+    assert files_of(tmp_path / "dec") == files_of(tree)
+
+
+def test_existing_output_is_not_overwritten(tmp_path: Path):
+    key = generate_key()
+    (tmp_path / "p").write_bytes(b"data")
+    (tmp_path / "c").write_bytes(b"precious")
+    with pytest.raises(OutputExistsError):
+        encrypt_file(tmp_path / "p", tmp_path / "c", key)
+    assert (tmp_path / "c").read_bytes() == b"precious"
+    encrypt_file(tmp_path / "p", tmp_path / "c", key, overwrite=True)
+    assert detect_format(tmp_path / "c") is Format.STREAM
+
+
+def test_failed_decrypt_leaves_nothing(tmp_path: Path):
+    key = generate_key()
+    (tmp_path / "p").write_bytes(os.urandom(3 << 20))
+    encrypt_file(tmp_path / "p", tmp_path / "c", key, bind="/x")
+    with (tmp_path / "c").open("r+b") as f:
+        f.seek((2 << 20) + 100)  # segment i starts at 29 + i MiB
+        f.write(b"\0\0\0\0")
+    with pytest.raises(IntegrityError, match="segment 2"):
+        decrypt_file(tmp_path / "c", tmp_path / "out", key, bind="/x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "p"]
+
+
+def test_tree_with_unprotected_file_fails_before_writing(tmp_path: Path, tree: Path):
+    key = generate_key()
+    enc = tmp_path / "enc"
+    encrypt_path(tree, enc, key)
+    (enc / "zz-stray.txt").write_bytes(b"not encrypted")
+    with pytest.raises(NotProtectedError, match="zz-stray"):
+        decrypt_path(enc, tmp_path / "dec", key)
+    assert not (tmp_path / "dec").exists()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("workers", [2, 3])
+def test_parallel_decrypt_matches(tmp_path: Path, fmt: Format, workers: int):
+    key = generate_key(fmt)
+    data = os.urandom((20 << 20) + 12345)
+    (tmp_path / "p").write_bytes(data)
+    encrypt_file(tmp_path / "p", tmp_path / "c", key, fmt=fmt, bind="f")
+    seen: list[int] = []
+    decrypt_file(tmp_path / "c", tmp_path / "d", key, bind="f", workers=workers, progress=seen.append)
+    assert (tmp_path / "d").read_bytes() == data
+    assert sum(seen) == len(data)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_parallel_decrypt_detects_tampering(tmp_path: Path, fmt: Format):
+    key = generate_key(fmt)
+    (tmp_path / "p").write_bytes(os.urandom(20 << 20))
+    encrypt_file(tmp_path / "p", tmp_path / "c", key, fmt=fmt, bind="f")
+    with (tmp_path / "c").open("r+b") as f:
+        f.seek(15 << 20)
+        f.write(b"\xff" * 8)
+    with pytest.raises(IntegrityError):
+        decrypt_file(tmp_path / "c", tmp_path / "d", key, bind="f", workers=2)
+    assert not (tmp_path / "d").exists()

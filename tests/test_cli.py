@@ -1,0 +1,147 @@
+"""The `shieldml` command: the exact forms the issue relies on, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shieldml.cli import EXIT_ERROR, EXIT_INTEGRITY, EXIT_USAGE, main
+from shieldml.files import Format, open_protected
+from tests.conftest import vector_plaintext
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_key_new_mode_and_no_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    k = tmp_path / "k"
+    rc, _, _ = run(capsys, "key", "new", str(k))
+    assert rc == 0 and len(k.read_bytes()) == 32
+    assert stat.S_IMODE(k.stat().st_mode) == 0o600
+    before = k.read_bytes()
+    rc, _, err = run(capsys, "key", "new", str(k))
+    assert rc == EXIT_ERROR and "already exists" in err and k.read_bytes() == before
+    rc, out, _ = run(capsys, "key", "new", str(tmp_path / "g"), "--format", "gramine-pf", "--json")
+    assert rc == 0 and json.loads(out)["size"] == 16
+    assert len((tmp_path / "g").read_bytes()) == 16
+
+
+def test_encrypt_inspect_decrypt_stream(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    k, p, c, d = tmp_path / "k", tmp_path / "p", tmp_path / "c", tmp_path / "d"
+    run(capsys, "key", "new", str(k))
+    p.write_bytes(os.urandom(100000))
+    rc, out, _ = run(capsys, "encrypt", str(p), str(c), "--key", str(k), "--bind", "/tee/p", "--json")
+    assert rc == 0 and json.loads(out)["files"][0]["bound_path"] == "/tee/p"
+    rc, out, _ = run(capsys, "inspect", str(c), "--json")
+    info = json.loads(out)
+    assert rc == 0
+    assert info["format"] == "stream" and info["plaintext_size"] == 100000
+    assert info["header_size"] == 29 and len(info["key_id"]) == 32 and info["version"] == 1
+    rc, _, err = run(capsys, "decrypt", str(c), str(d), "--key", str(k))
+    assert rc == EXIT_INTEGRITY and "failed authentication" in err and not d.exists()
+    rc, _, _ = run(capsys, "decrypt", str(c), str(d), "--key", str(k), "--bind", "/tee/p")
+    assert rc == 0 and d.read_bytes() == p.read_bytes()
+
+
+def test_gramine_bind_defaults_to_out_like_pf_crypt(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.chdir(tmp_path)
+    run(capsys, "key", "new", "wrap", "--format", "gramine-pf")
+    Path("plain").mkdir()
+    Path("plain/input.txt").write_bytes(b"x" * 5000)
+    rc, _, _ = run(
+        capsys, "encrypt", "plain/input.txt", "enc_files/./input.txt", "--key", "wrap",
+        "--format", "gramine-pf", "--gramine-version", "2",
+    )  # fmt: skip
+    assert rc == 0
+    key = Path("wrap").read_bytes()
+    with open_protected("enc_files/input.txt", key, bind="enc_files/input.txt") as f:
+        assert f.stored_path == "enc_files/input.txt" and f.header.major_version == 2
+    rc, out, _ = run(capsys, "inspect", "enc_files/input.txt", "--key", "wrap", "--json")
+    assert json.loads(out)["plaintext_size"] == 5000
+    assert json.loads(out)["bound_path"] == "enc_files/input.txt"
+
+
+def test_gramine_vector_through_cli(vectors: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    pf = vectors / "gramine-pf"
+    out = tmp_path / "o"
+    rc, _, _ = run(
+        capsys, "decrypt", str(pf / "v2/size_7169.pf"), str(out),
+        "--key", str(pf / "wrap-key"), "--bind", "v2/size_7169.pf",
+    )  # fmt: skip
+    assert rc == 0 and out.read_bytes() == vector_plaintext(7169)
+
+
+def test_directories(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    run(capsys, "key", "new", str(tmp_path / "k"))
+    src = tmp_path / "in"
+    (src / "s").mkdir(parents=True)
+    (src / "a").write_bytes(b"A" * 10)
+    (src / "s" / "b").write_bytes(b"B" * 10)
+    rc, out, _ = run(capsys, "encrypt", str(src), str(tmp_path / "enc"), "--key", str(tmp_path / "k"),
+                     "--bind", "/data", "--json")  # fmt: skip
+    assert rc == 0
+    assert sorted(f["bound_path"] for f in json.loads(out)["files"]) == ["/data/a", "/data/s/b"]
+    rc, _, _ = run(capsys, "decrypt", str(tmp_path / "enc"), str(tmp_path / "dec"),
+                   "--key", str(tmp_path / "k"), "--bind", "/data", "--workers", "2")  # fmt: skip
+    assert rc == 0 and (tmp_path / "dec" / "s" / "b").read_bytes() == b"B" * 10
+
+
+def test_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    (tmp_path / "plain").write_bytes(b"hi")
+    (tmp_path / "short").write_bytes(b"123")
+    run(capsys, "key", "new", str(tmp_path / "g"), "--format", "gramine-pf")
+    rc, _, err = run(capsys, "inspect", str(tmp_path / "plain"))
+    assert rc == EXIT_ERROR and "not a protected file" in err
+    rc, _, err = run(capsys, "encrypt", str(tmp_path / "plain"), str(tmp_path / "c"),
+                     "--key", str(tmp_path / "short"))  # fmt: skip
+    assert rc == EXIT_ERROR and "32 bytes" in err
+    rc, _, err = run(capsys, "encrypt", str(tmp_path / "plain"), str(tmp_path / "c"),
+                     "--key", str(tmp_path / "g"))  # fmt: skip
+    assert rc == EXIT_ERROR and "--format gramine-pf" in err
+    rc, _, _ = run(capsys, "encrypt", str(tmp_path / "plain"))
+    assert rc == EXIT_USAGE
+    assert not (tmp_path / "c").exists()
+
+
+def test_wrong_key_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    run(capsys, "key", "new", str(tmp_path / "k1"))
+    run(capsys, "key", "new", str(tmp_path / "k2"))
+    (tmp_path / "p").write_bytes(b"secret")
+    run(capsys, "encrypt", str(tmp_path / "p"), str(tmp_path / "c"), "--key", str(tmp_path / "k1"))
+    rc, _, err = run(capsys, "decrypt", str(tmp_path / "c"), str(tmp_path / "d"),
+                     "--key", str(tmp_path / "k2"))  # fmt: skip
+    assert rc == EXIT_INTEGRITY and "wrong key" in err
+
+
+def test_console_script_prints_no_traceback(tmp_path: Path):
+    (tmp_path / "plain").write_bytes(b"hi")
+    proc = subprocess.run(
+        [sys.executable, "-m", "shieldml.cli", "inspect", str(tmp_path / "plain")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == EXIT_ERROR
+    assert "Traceback" not in proc.stderr and "not a protected file" in proc.stderr
+
+
+def test_demo_runs(capsys: pytest.CaptureFixture[str]):
+    rc, out, _ = run(capsys, "demo")
+    assert rc == 0
+    assert "NOT detected" not in out and "Every attack was detected" in out
+    assert out.count("✓") == 5
+
+
+def test_format_enum_values_are_the_cli_choices():
+    assert [f.value for f in Format] == ["stream", "gramine-pf"]
