@@ -39,7 +39,9 @@ def test_encrypt_inspect_decrypt_stream(tmp_path: Path, capsys: pytest.CaptureFi
     k, p, c, d = tmp_path / "k", tmp_path / "p", tmp_path / "c", tmp_path / "d"
     run(capsys, "key", "new", str(k))
     p.write_bytes(os.urandom(100000))
-    rc, out, _ = run(capsys, "encrypt", str(p), str(c), "--key", str(k), "--bind", "/tee/p", "--json")
+    rc, out, _ = run(
+        capsys, "encrypt", str(p), str(c), "--key", str(k), "--bind", "/tee/p", "--json"
+    )
     assert rc == 0 and json.loads(out)["files"][0]["bound_path"] == "/tee/p"
     rc, out, _ = run(capsys, "inspect", str(c), "--json")
     info = json.loads(out)
@@ -72,7 +74,9 @@ def test_gramine_bind_defaults_to_out_like_pf_crypt(
     assert json.loads(out)["bound_path"] == "enc_files/input.txt"
 
 
-def test_gramine_vector_through_cli(vectors: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_gramine_vector_through_cli(
+    vectors: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
     pf = vectors / "gramine-pf"
     out = tmp_path / "o"
     rc, _, _ = run(
@@ -88,8 +92,8 @@ def test_directories(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     (src / "s").mkdir(parents=True)
     (src / "a").write_bytes(b"A" * 10)
     (src / "s" / "b").write_bytes(b"B" * 10)
-    rc, out, _ = run(capsys, "encrypt", str(src), str(tmp_path / "enc"), "--key", str(tmp_path / "k"),
-                     "--bind", "/data", "--json")  # fmt: skip
+    rc, out, _ = run(capsys, "encrypt", str(src), str(tmp_path / "enc"),
+                     "--key", str(tmp_path / "k"), "--bind", "/data", "--json")  # fmt: skip
     assert rc == 0
     assert sorted(f["bound_path"] for f in json.loads(out)["files"]) == ["/data/a", "/data/s/b"]
     rc, _, _ = run(capsys, "decrypt", str(tmp_path / "enc"), str(tmp_path / "dec"),

@@ -102,7 +102,11 @@ def _play(c: Console, root: Path) -> None:
         f.seek(4096)
         c.print(f"bytes at 4096: {f.read(24).hex()} (ciphertext)")
 
-    _step(c, "4. Inside the TEE: decrypt and check", f"shieldml decrypt {enc} {out} --key {key} --bind {bind}")
+    _step(
+        c,
+        "4. Inside the TEE: decrypt and check",
+        f"shieldml decrypt {enc} {out} --key {key} --bind {bind}",
+    )
     decrypt_file(enc, out, k, bind=bind)
     same = _sha(out) == _sha(model)
     c.print(f"plaintext identical to the original: [bold]{'yes' if same else 'NO'}[/bold]")
@@ -116,12 +120,21 @@ def _play(c: Console, root: Path) -> None:
     _attack(c, "open it under another path (file swap)", enc, k, "/workload/other.bin")
     _attack(c, "use another key", enc, generate_key(Format.STREAM), bind)
 
-    _step(c, "6. The same for Gramine/SGX: gramine-pf format", "shieldml encrypt ... --format gramine-pf")
+    _step(
+        c,
+        "6. The same for Gramine/SGX: gramine-pf format",
+        "shieldml encrypt ... --format gramine-pf",
+    )
     gk = generate_key(Format.GRAMINE_PF)
     gpf = root / "model.pf"
     encrypt_file(model, gpf, gk, fmt=Format.GRAMINE_PF, bind="enc_files/model.bin")
-    c.print(f"{gpf.stat().st_size} bytes, readable by Gramine's encrypted mounts (key_name, 16-byte key)")
-    _attack(c, "flip one bit in a gramine-pf data node", gpf, gk, "enc_files/model.bin", flip=10 << 20)
+    c.print(
+        f"{gpf.stat().st_size} bytes, readable by Gramine's encrypted mounts "
+        "(key_name, 16-byte key)"
+    )
+    _attack(
+        c, "flip one bit in a gramine-pf data node", gpf, gk, "enc_files/model.bin", flip=10 << 20
+    )
     c.print()
     c.print("[bold green]Every attack was detected; no unauthenticated plaintext was released.")
 
@@ -150,7 +163,10 @@ def _attack(
         decrypt_file(victim, victim.with_suffix(".plain"), key, bind=bind, overwrite=True)
         c.print(f"[red]✗ {what}: NOT detected[/red]")
     except (IntegrityError, WrongKeyError) as e:
-        c.print(f"[green]✓[/green] {what}: [italic]{e.message.replace(str(victim), victim.name)}[/italic]")
+        c.print(
+            f"[green]✓[/green] {what}: "
+            f"[italic]{e.message.replace(str(victim), victim.name)}[/italic]"
+        )
     except ShieldError as e:
         c.print(f"[green]✓[/green] {what}: {e.message}")
     finally:

@@ -169,7 +169,10 @@ def decrypt(
     force: bool,
     as_json: bool,
 ) -> None:
-    """Decrypt IN (a file or a directory, recursively) into OUT; nothing is written unless it verifies."""
+    """Decrypt IN (a file or a directory, recursively) into OUT.
+
+    Nothing is written at OUT unless all of it verifies.
+    """
     k = load_key(key_path)
     items = _tree.plan_decrypt(src, dst, bind)
     with progress_bar(sum(i.size for i in items), "decrypting") as tick:
@@ -185,7 +188,10 @@ def _report(as_json: bool, verb: str, items: list[_tree.Planned], fmt: str | Non
         _emit(True, {"action": verb, "format": fmt, "files": rows}, "")
         return
     for i in items:
-        out.print(f"{verb} {escape(i.src)} -> {escape(i.dst)}  [dim](bound to {escape(repr(i.bind))})[/dim]")
+        out.print(
+            f"{verb} {escape(i.src)} -> {escape(i.dst)}  "
+            f"[dim](bound to {escape(repr(i.bind))})[/dim]"
+        )
     if len(items) != 1:
         out.print(f"{verb} {len(items)} files")
 

@@ -2,7 +2,8 @@
 
 Every error that bad input, a bad key or a tampered file can cause is a :class:`ShieldError`;
 built-in exceptions are raised only for misuse of the API by the caller (a wrong argument type,
-reading a closed file). The CLI catches ``ShieldError`` once and prints :meth:`~ShieldError.diagnostics`.
+reading a closed file). The CLI catches ``ShieldError`` once and prints
+:meth:`~ShieldError.diagnostics`.
 
 ::
 
@@ -69,7 +70,12 @@ class IntegrityError(ShieldError):
     """
 
     def __init__(
-        self, path: str, where: str, *, reason: str = "failed authentication", hint: str | None = None
+        self,
+        path: str,
+        where: str,
+        *,
+        reason: str = "failed authentication",
+        hint: str | None = None,
     ) -> None:
         super().__init__(f"{path}: {reason} ({where})", hint=hint)
         self.path = path
@@ -83,7 +89,8 @@ class WrongKeyError(IntegrityError):
         super().__init__(
             path,
             "header",
-            reason=f"wrong key: file is encrypted under key id {expected}, the key given has id {actual}",
+            reason=f"wrong key: file is encrypted under key id {expected}, "
+            f"the key given has id {actual}",
             hint="use the key the file was encrypted with (`shieldml inspect` shows its key id)",
         )
         self.expected = expected

@@ -125,7 +125,9 @@ def test_parallel_decrypt_matches(tmp_path: Path, fmt: Format, workers: int):
     (tmp_path / "p").write_bytes(data)
     encrypt_file(tmp_path / "p", tmp_path / "c", key, fmt=fmt, bind="f")
     seen: list[int] = []
-    decrypt_file(tmp_path / "c", tmp_path / "d", key, bind="f", workers=workers, progress=seen.append)
+    decrypt_file(
+        tmp_path / "c", tmp_path / "d", key, bind="f", workers=workers, progress=seen.append
+    )
     assert (tmp_path / "d").read_bytes() == data
     assert sum(seen) == len(data)
 

@@ -26,7 +26,8 @@ SCRIPT = textwrap.dedent(
     os.unlink(plain)
     decrypt_file(enc, out, key, bind="/p")
     ok = os.path.getsize(out) == int(sys.argv[3])
-    print(json.dumps({"maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ok": ok}))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"maxrss": peak, "ok": ok}))
     """
 )
 

@@ -60,8 +60,13 @@ def test_header_layout(tmp_path: Path, key: bytes):
     assert blob[s.HEADER_SIZE] == 40  # Tink header length byte
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.binary(max_size=5 * SEG), ops=st.lists(st.tuples(st.integers(0, 6 * SEG), st.integers(0, 3 * SEG)), max_size=12))
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    data=st.binary(max_size=5 * SEG),
+    ops=st.lists(st.tuples(st.integers(0, 6 * SEG), st.integers(0, 3 * SEG)), max_size=12),
+)
 def test_random_access_matches_plaintext(tmp_path: Path, data: bytes, ops: list[tuple[int, int]]):
     k = bytes(32)
     with reader(tmp_path, write(data, k), k) as f:
@@ -142,7 +147,9 @@ def test_reordered_segments_are_detected(tmp_path: Path, key: bytes):
             f.read()
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(pos=st.integers(min_value=0), bit=st.integers(0, 7))
 def test_any_flipped_bit_is_detected(tmp_path: Path, pos: int, bit: int):
     k = b"\x07" * 32

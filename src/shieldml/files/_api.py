@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import multiprocessing
 import os
 import tempfile
@@ -113,14 +114,16 @@ def encrypt_file(
     bind = os.fspath(dst) if bind is None else bind
     source = _open_source(src)
     try:
-        with atomic_output(dst, overwrite=overwrite) as out:
-            with create_writer(out, key, bind, fmt=fmt, gramine_version=gramine_version) as w:
-                for off in range(0, source.size, CHUNK):
-                    n = min(CHUNK, source.size - off)
-                    with source.view(off, n) as chunk:
-                        w.write(chunk)
-                    if progress:
-                        progress(n)
+        with (
+            atomic_output(dst, overwrite=overwrite) as out,
+            create_writer(out, key, bind, fmt=fmt, gramine_version=gramine_version) as w,
+        ):
+            for off in range(0, source.size, CHUNK):
+                n = min(CHUNK, source.size - off)
+                with source.view(off, n) as chunk:
+                    w.write(chunk)
+                if progress:
+                    progress(n)
     finally:
         source.close()
 
@@ -142,12 +145,15 @@ def decrypt_file(
     workers: int = 1,
     progress: ProgressCallback | None = None,
 ) -> None:
-    """Decrypt ``src`` into ``dst`` atomically; nothing appears at ``dst`` unless all of it verifies.
+    """Decrypt ``src`` into ``dst`` atomically; ``dst`` appears only if all of it verifies.
 
     ``workers > 1`` decrypts disjoint ranges in that many processes, each writing its part of the
     output in place.
     """
-    with open_protected(src, key, bind=bind) as reader, atomic_output(dst, overwrite=overwrite) as out:
+    with (
+        open_protected(src, key, bind=bind) as reader,
+        atomic_output(dst, overwrite=overwrite) as out,
+    ):
         size = reader.size
         out.truncate(size)
         if workers <= 1 or size < 2 * CHUNK:
@@ -199,7 +205,7 @@ def _parallel_decrypt(
     counter = ctx.Value("q", 0)
     procs = [
         ctx.Process(target=_worker, args=(reader.name, key, bind, fd, a, b, counter))
-        for a, b in zip(bounds, bounds[1:], strict=False)
+        for a, b in itertools.pairwise(bounds)
         if b > a
     ]
     for p in procs:

@@ -81,7 +81,8 @@ def check_key(key: bytes, fmt: Format | None, name: str = "key") -> bytes:
     if fmt is None:
         if len(key) not in sizes:
             raise KeyFileError(
-                f"{name}: a key has 32 bytes (stream) or 16 bytes (gramine-pf), this one has {len(key)}"
+                f"{name}: a key has 32 bytes (stream) or 16 bytes (gramine-pf), "
+                f"this one has {len(key)}"
             )
         return key
     if len(key) != fmt.key_size:
@@ -118,6 +119,10 @@ class MappedSource:
     def read(self, offset: int, length: int) -> bytes:
         """Copy ``length`` bytes at ``offset`` (short only at end of file)."""
         return os.pread(self._file.fileno(), length, offset)
+
+    def readv(self, offset: int, buffers: list[memoryview]) -> int:
+        """Fill ``buffers`` in order from ``offset`` with one system call; return bytes read."""
+        return os.preadv(self._file.fileno(), buffers, offset)
 
     def view(self, offset: int, length: int) -> memoryview:
         """A zero-copy view of ``length`` bytes at ``offset``; the caller must not keep it."""

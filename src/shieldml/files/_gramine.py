@@ -164,7 +164,9 @@ class GramineReader(ProtectedFile):
         node0 = self._src.read(0, NODE_SIZE)
         self.header = hdr = GramineHeader.from_bytes(node0, name)
         if self._src.size % NODE_SIZE:
-            raise IntegrityError(name, "file size is not a whole number of nodes", reason="truncated")
+            raise IntegrityError(
+                name, "file size is not a whole number of nodes", reason="truncated"
+            )
         if hdr.feature_flags & HAS_PENDING_WRITE:
             raise IntegrityError(
                 name,
@@ -197,7 +199,7 @@ class GramineReader(ProtectedFile):
                 hint="a protected file only opens at the path it was encrypted for (--bind)",
             )
         self.bound_path = self.stored_path
-        self._size = size
+        self._size: int = size
         self._inline = meta[ENC_FIXED.size : ENC_FIXED.size + min(size, MD_USER_DATA_SIZE)]
         if node_count(size) > self._src.size // NODE_SIZE:
             raise IntegrityError(name, f"{node_count(size)} nodes expected", reason="truncated")
@@ -206,6 +208,8 @@ class GramineReader(ProtectedFile):
         self._scratch = bytearray(NODE_SIZE + MAC_SIZE)
         self._node = bytearray(NODE_SIZE)
         self._node_index = -1
+        self._run_bufs: list[bytearray] = []
+        self._run_views: list[memoryview] = []
         # step 7: the root MHT node is checked at open
         if size > MD_USER_DATA_SIZE:
             self._mht_node(0)
@@ -271,28 +275,35 @@ class GramineReader(ProtectedFile):
         return k
 
     def _read_run(self, d: int, out: memoryview) -> int:
-        """Decrypt whole data nodes from ``d`` on, within one MHT node, straight into ``out``."""
+        """Decrypt whole data nodes from ``d`` on, within one MHT node, straight into ``out``.
+
+        This is the hot path (one AES-GCM key per 4 KiB node): one ``preadv`` places each node's
+        ciphertext in its own buffer, whose tail then takes the tag, so each node costs one
+        key set-up and one ``decrypt_into`` with no further copies.
+        """
         full_nodes = (self._size - MD_USER_DATA_SIZE) // NODE_SIZE
         m = d // DATA_SLOTS
-        end = min(full_nodes, (m + 1) * DATA_SLOTS, d + len(out) // NODE_SIZE)
+        n = min(full_nodes, (m + 1) * DATA_SLOTS, d + len(out) // NODE_SIZE) - d
         mht = self._mht_node(m)
-        scratch = self._scratch
-        base = _phys_data(d) * NODE_SIZE
-        new = AESGCM
-        n = end - d
-        with self._src.view(base, n * NODE_SIZE) as run:
-            for j in range(n):
-                slot = ((d + j) % DATA_SLOTS) * 32
-                o = j * NODE_SIZE
-                scratch[:NODE_SIZE] = run[o : o + NODE_SIZE]
-                scratch[NODE_SIZE:] = mht[slot + KEY_SIZE : slot + 32]
-                try:
-                    new(mht[slot : slot + KEY_SIZE]).decrypt_into(
-                        ZERO_IV, scratch, None, out[o : o + NODE_SIZE]
-                    )
-                except InvalidTag:
-                    out[: n * NODE_SIZE] = bytes(n * NODE_SIZE)
-                    raise IntegrityError(self.name, f"data node {d + j}") from None
+        if not self._run_bufs:
+            self._run_bufs = [bytearray(NODE_SIZE + MAC_SIZE) for _ in range(DATA_SLOTS)]
+            self._run_views = [memoryview(b)[:NODE_SIZE] for b in self._run_bufs]
+        bufs = self._run_bufs[:n]
+        got = self._src.readv(_phys_data(d) * NODE_SIZE, self._run_views[:n])
+        if got != n * NODE_SIZE:
+            raise IntegrityError(self.name, f"data node {d}", reason="truncated")
+        new, iv = AESGCM, ZERO_IV
+        slot = (d % DATA_SLOTS) * 32
+        o = 0
+        for j, buf in enumerate(bufs):
+            buf[NODE_SIZE:] = mht[slot + KEY_SIZE : slot + 32]
+            try:
+                new(mht[slot : slot + KEY_SIZE]).decrypt_into(iv, buf, None, out[o : o + NODE_SIZE])
+            except InvalidTag:
+                out[: n * NODE_SIZE] = bytes(n * NODE_SIZE)
+                raise IntegrityError(self.name, f"data node {d + j}") from None
+            slot += 32
+            o += NODE_SIZE
         return n * NODE_SIZE
 
 

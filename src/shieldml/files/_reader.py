@@ -36,7 +36,7 @@ class ProtectedFile(io.RawIOBase, abc.ABC):
 
     @abc.abstractmethod
     def _read_at(self, pos: int, out: memoryview) -> int:
-        """Fill a prefix of ``out`` with authenticated plaintext from ``pos``; return its length (>0)."""
+        """Fill a prefix of ``out`` with authenticated plaintext from ``pos``; return its length."""
 
     # -- io.RawIOBase -----------------------------------------------------------------------
     @property

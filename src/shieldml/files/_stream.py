@@ -65,9 +65,11 @@ class StreamHeader:
     def from_bytes(cls, data: bytes, name: str = "<stream>") -> StreamHeader:
         if len(data) < HEADER_SIZE or data[:8] != MAGIC:
             raise FormatError(f"{name}: not a shieldml stream file")
-        magic, version, seg, kid = HEADER.unpack_from(data)
+        _magic, version, seg, kid = HEADER.unpack_from(data)
         if version != VERSION:
-            raise UnsupportedVersionError(f"{name}: stream format version {version} is not supported")
+            raise UnsupportedVersionError(
+                f"{name}: stream format version {version} is not supported"
+            )
         if not MIN_SEGMENT_SIZE <= seg <= MAX_SEGMENT_SIZE:
             raise FormatError(f"{name}: segment size {seg} out of range")
         return cls(version, seg, kid)
@@ -229,7 +231,7 @@ class StreamWriter(io.RawIOBase):
         return True
 
     def abort(self) -> None:
-        """Close without writing the final segment: the output stays an invalid, unterminated file."""
+        """Close without writing the final segment, leaving an unterminated (invalid) file."""
         self._aborted = True
         self.close()
 

@@ -90,7 +90,7 @@ def plan_encrypt(src: StrPath, dst: StrPath, bind: str | None) -> list[Planned]:
 
 
 def plan_decrypt(src: StrPath, dst: StrPath, bind: str | None) -> list[Planned]:
-    """Like :func:`plan`, with bound paths defaulting to the input paths; checks every input first."""
+    """Like :func:`plan`, bound paths defaulting to the input paths; checks every input first."""
     items = plan(src, dst, bind, default_root=os.fspath(src))
     sized = []
     for it in items:
@@ -136,4 +136,6 @@ def _refuse_existing(items: list[Planned], overwrite: bool) -> None:
     existing = [it.dst for it in items if os.path.exists(it.dst)]
     if existing:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise OutputExistsError(f"{existing[0]}: already exists{more}", hint="pass --force to replace")
+        raise OutputExistsError(
+            f"{existing[0]}: already exists{more}", hint="pass --force to replace"
+        )
