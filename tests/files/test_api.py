@@ -133,7 +133,9 @@ def test_parallel_decrypt_matches(tmp_path: Path, fmt: Format, workers: int):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_parallel_decrypt_detects_tampering(tmp_path: Path, fmt: Format):
+def test_parallel_decrypt_detects_tampering(
+    tmp_path: Path, fmt: Format, capfd: pytest.CaptureFixture[str]
+):
     key = generate_key(fmt)
     (tmp_path / "p").write_bytes(os.urandom(20 << 20))
     encrypt_file(tmp_path / "p", tmp_path / "c", key, fmt=fmt, bind="f")
@@ -143,3 +145,4 @@ def test_parallel_decrypt_detects_tampering(tmp_path: Path, fmt: Format):
     with pytest.raises(IntegrityError):
         decrypt_file(tmp_path / "c", tmp_path / "d", key, bind="f", workers=2)
     assert not (tmp_path / "d").exists()
+    assert "Traceback" not in capfd.readouterr().err

@@ -86,6 +86,15 @@ def test_random_access_on_two_level_tree(pf: Path, wrap_key: bytes):
             assert f.read(n) == plain[pos : pos + n]
 
 
+@pytest.mark.parametrize("size", SIZES_V1)
+def test_written_size_equals_gramine_tool_output(pf: Path, tmp_path: Path, size: int):
+    (tmp_path / "in").write_bytes(vector_plaintext(size))
+    encrypt_file(
+        tmp_path / "in", tmp_path / "o", generate_key(Format.GRAMINE_PF), fmt=Format.GRAMINE_PF
+    )
+    assert (tmp_path / "o").stat().st_size == (pf / "v1" / f"size_{size}.pf").stat().st_size
+
+
 def test_kdf_vector_from_spec():
     wrap = bytes.fromhex("ffeeddccbbaa99887766554433221100")
     assert g.metadata_key(wrap, bytes(range(32))).hex() == "13023cb37e5faf2da6ea64ba7c79cc62"

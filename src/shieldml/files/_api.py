@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import multiprocessing
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -18,6 +19,7 @@ from shieldml.files._common import Format, MappedSource, ProgressCallback, StrPa
 from shieldml.files._reader import ProtectedFile
 
 CHUNK = 8 << 20
+EXIT_SHIELD_ERROR = 3
 MAGICS = {_stream.MAGIC: Format.STREAM, _gramine.FILE_ID: Format.GRAMINE_PF}
 
 
@@ -181,14 +183,21 @@ def _copy_range(
 
 
 def _worker(src: str, key: bytes, bind: str, fd: int, start: int, end: int, counter: Any) -> None:
-    """One decryption process (forked, so it shares ``fd``); opens its own reader."""
-    with open_protected(src, key, bind=bind) as reader:
+    """One decryption process (forked, so it shares ``fd``); opens its own reader.
 
-        def tick(n: int) -> None:
-            with counter.get_lock():
-                counter.value += n
+    A ShieldError ends it with EXIT_SHIELD_ERROR and no traceback; the parent then re-reads the
+    file itself to raise the precise error.
+    """
 
-        _copy_range(reader, fd, start, end, tick)
+    def tick(n: int) -> None:
+        with counter.get_lock():
+            counter.value += n
+
+    try:
+        with open_protected(src, key, bind=bind) as reader:
+            _copy_range(reader, fd, start, end, tick)
+    except ShieldError:
+        sys.exit(EXIT_SHIELD_ERROR)
 
 
 def _parallel_decrypt(

@@ -66,7 +66,9 @@ def load_key(path: StrPath, fmt: Format | None = None) -> bytes:
     name = os.fspath(path)
     try:
         with open(name, "rb") as f:
-            key = f.read(65)
+            if os.fstat(f.fileno()).st_size > 64:
+                raise KeyFileError(f"{name}: too large for a key file (keys are 16 or 32 bytes)")
+            key = f.read()
     except OSError as e:
         raise KeyFileError(f"{name}: cannot read key file: {e.strerror}") from e
     return check_key(key, fmt, name)
