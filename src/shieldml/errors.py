@@ -14,7 +14,13 @@ reading a closed file). The CLI catches ``ShieldError`` once and prints
     ├── IntegrityError              authentication failed: tampered, truncated, reordered, swapped
     │   └── WrongKeyError           the key does not belong to the file (detected before decrypting)
     ├── KeyFileError                a key file that is missing, unreadable or of the wrong size
-    └── OutputExistsError           refusing to overwrite something the user did not ask to replace
+    ├── OutputExistsError           refusing to overwrite something the user did not ask to replace
+    └── AttestationError            evidence is not genuine TEE evidence (names the failed check)
+        ├── UntrustedRootError      the chain ends in a root that is not a trusted vendor root
+        ├── ExpiredError            a certificate, CRL or collateral item is not valid at that time
+        ├── RevokedError            a certificate in the chain is revoked
+        ├── CollateralError         collateral is missing, malformed or does not fit the evidence
+        └── TcbError                no TCB level matches, or the matched level is Revoked
 """
 
 from __future__ import annotations
@@ -24,7 +30,13 @@ __all__ = [
     "IntegrityError",
     "KeyFileError",
     "NotProtectedError",
+    "AttestationError",
+    "CollateralError",
+    "ExpiredError",
     "OutputExistsError",
+    "RevokedError",
+    "TcbError",
+    "UntrustedRootError",
     "ShieldError",
     "UnsupportedVersionError",
     "WrongKeyError",
@@ -103,3 +115,55 @@ class KeyFileError(ShieldError):
 
 class OutputExistsError(ShieldError):
     """Refusing to overwrite an existing file."""
+
+
+class AttestationError(ShieldError):
+    """Evidence failed verification: which check, what was expected, what was found, how to fix.
+
+    ``checks`` holds every check run up to and including the failed one, for explanations.
+    """
+
+    def __init__(
+        self,
+        check: str,
+        message: str,
+        *,
+        expected: str | None = None,
+        found: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(f"{check}: {message}", hint=hint)
+        self.check = check
+        self.expected = expected
+        self.found = found
+        self.checks: list[object] = []
+
+    def diagnostics(self) -> str:
+        text = self.message
+        if self.expected is not None:
+            text += f"\n  expected: {self.expected}"
+        if self.found is not None:
+            text += f"\n  found:    {self.found}"
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text
+
+
+class UntrustedRootError(AttestationError):
+    """The certificate chain ends in a root that is neither pinned nor explicitly trusted."""
+
+
+class ExpiredError(AttestationError):
+    """A certificate, CRL or collateral item is not valid at the verification time."""
+
+
+class RevokedError(AttestationError):
+    """A certificate of the chain is on its issuer's revocation list."""
+
+
+class CollateralError(AttestationError):
+    """Collateral is missing, malformed, or does not belong to the evidence."""
+
+
+class TcbError(AttestationError):
+    """No TCB level matches the platform, or the matched level is Revoked."""

@@ -1,0 +1,44 @@
+"""Attestation: is this evidence genuine TEE hardware, and at which TCB level?
+
+Parsing (bytes -> typed, unverified objects) and verification (signatures, chains to pinned vendor
+roots, collateral at an explicit time, TCB levels) for Intel SGX/TDX DCAP quotes and AMD SEV-SNP
+reports. The result is :class:`Claims`; acceptability (debug, measurements) is the policy's job.
+"""
+
+from shieldml.attest._checks import Check
+from shieldml.attest._claims import (
+    Claims,
+    SgxMeasurements,
+    SnpMeasurements,
+    TcbStatus,
+    TdxMeasurements,
+    TeeKind,
+)
+from shieldml.attest._intel_collateral import IntelCollateral
+from shieldml.attest._intel_quote import Quote
+from shieldml.attest._intel_verify import verify_quote
+from shieldml.attest._trust import (
+    AMD_ARK_SHA256,
+    INTEL_SGX_ROOT_SHA256,
+    RootKind,
+    TrustAnchors,
+    Vendor,
+)
+
+__all__ = [
+    "AMD_ARK_SHA256",
+    "INTEL_SGX_ROOT_SHA256",
+    "Check",
+    "Claims",
+    "IntelCollateral",
+    "Quote",
+    "RootKind",
+    "SgxMeasurements",
+    "SnpMeasurements",
+    "TcbStatus",
+    "TdxMeasurements",
+    "TeeKind",
+    "TrustAnchors",
+    "Vendor",
+    "verify_quote",
+]

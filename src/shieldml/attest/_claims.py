@@ -1,0 +1,144 @@
+"""The normalised result of verifying evidence from any TEE.
+
+Only the verifiers in this package construct :class:`Claims`, and only after every check passed:
+an unverified :class:`~shieldml.attest.Quote` or ``SnpReport`` never becomes Claims.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any
+
+from shieldml.attest._checks import Check
+from shieldml.attest._trust import RootKind
+
+
+class TeeKind(enum.StrEnum):
+    SGX = "sgx"
+    TDX = "tdx"
+    SNP = "snp"
+
+
+class TcbStatus(enum.StrEnum):
+    """Intel's TCB statuses (QVL), the order of the enum is not meaningful."""
+
+    UP_TO_DATE = "UpToDate"
+    SW_HARDENING_NEEDED = "SWHardeningNeeded"
+    CONFIGURATION_NEEDED = "ConfigurationNeeded"
+    CONFIGURATION_AND_SW_HARDENING_NEEDED = "ConfigurationAndSWHardeningNeeded"
+    OUT_OF_DATE = "OutOfDate"
+    OUT_OF_DATE_CONFIGURATION_NEEDED = "OutOfDateConfigurationNeeded"
+    TD_RELAUNCH_ADVISED = "TDRelaunchAdvised"
+    TD_RELAUNCH_ADVISED_CONFIGURATION_NEEDED = "TDRelaunchAdvisedConfigurationNeeded"
+    REVOKED = "Revoked"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return value
+
+
+class _Dict:
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class SgxMeasurements(_Dict):
+    mrenclave: bytes
+    mrsigner: bytes
+    isv_prod_id: int
+    isv_svn: int
+    attributes: bytes
+    misc_select: int
+    config_id: bytes
+    config_svn: int
+    isv_ext_prod_id: bytes
+    isv_family_id: bytes
+
+
+@dataclass(frozen=True)
+class TdxMeasurements(_Dict):
+    mrtd: bytes
+    rtmr0: bytes
+    rtmr1: bytes
+    rtmr2: bytes
+    rtmr3: bytes
+    mr_config_id: bytes
+    mr_owner: bytes
+    mr_owner_config: bytes
+    td_attributes: bytes
+    xfam: bytes
+    sept_ve_disable: bool
+    mr_seam: bytes
+    mr_signer_seam: bytes
+    seam_attributes: bytes
+    tee_tcb_svn: bytes
+    tee_tcb_svn2: bytes | None
+    mr_service_td: bytes | None
+
+
+@dataclass(frozen=True)
+class SnpMeasurements(_Dict):
+    measurement: bytes
+    host_data: bytes
+    guest_policy: int
+    vmpl: int
+    guest_svn: int
+    family_id: bytes
+    image_id: bytes
+    id_key_digest: bytes
+    author_key_digest: bytes
+    reported_tcb: int
+    signing_key: str  # "vcek" or "vlek"
+
+
+Measurements = SgxMeasurements | TdxMeasurements | SnpMeasurements
+
+
+@dataclass(frozen=True)
+class Claims:
+    """Verified facts about a TEE: genuine hardware at a TCB level, with its measurements.
+
+    Verification does not judge acceptability: ``debug``, TD attributes and the TCB status are
+    reported here for the policy to decide.
+    """
+
+    tee: TeeKind
+    tcb_status: TcbStatus | None  # None for SEV-SNP: AMD publishes no status; see reported_tcb
+    advisory_ids: tuple[str, ...]
+    debug: bool
+    report_data: bytes
+    measurements: Measurements
+    platform: dict[str, str]
+    root: RootKind
+    verified_at: datetime
+    checks: tuple[Check, ...]
+
+    @property
+    def genuine(self) -> bool:
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "genuine": True,
+            "tee": self.tee.value,
+            "tcb_status": self.tcb_status.value if self.tcb_status else None,
+            "advisory_ids": list(self.advisory_ids),
+            "debug": self.debug,
+            "measurements": self.measurements.to_dict(),
+            "report_data": self.report_data.hex(),
+            "platform": dict(self.platform),
+            "root": self.root.value,
+            "verified_at": _plain(self.verified_at),
+            "reasons": [c.detail for c in self.checks],
+        }

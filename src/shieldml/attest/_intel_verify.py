@@ -1,0 +1,535 @@
+"""Verify an Intel DCAP quote (SGX or TDX) against its collateral, following Intel's QVL.
+
+Pipeline (each step raises the named error through the check log):
+ 1. parse the quote                                   FormatError
+ 2. header: ECDSA-P256 attestation key, Intel QE        AttestationError
+ 3. PCK chain from the quote to a trusted Intel root     UntrustedRootError / ExpiredError
+ 4. root CA CRL and PCK CRL (signature, time, entries)   RevokedError / ExpiredError
+ 5. QE report signed by the PCK key                      AttestationError
+ 6. QE report binds the attestation key (auth data)      AttestationError
+ 7. quote signed by the attestation key                  AttestationError
+ 8. TCB info: chain, CRL, signature over exact JSON, FMSPC/PCE-ID, validity   CollateralError / ExpiredError
+ 9. QE identity: chain, CRL, signature, QE match, QE TCB level               CollateralError
+10. platform TCB level; TDX module identity; convergence; Revoked / no match TcbError
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from shieldml.attest._checks import CheckLog
+from shieldml.attest._claims import Claims, SgxMeasurements, TcbStatus, TdxMeasurements, TeeKind
+from shieldml.attest._intel_collateral import (
+    EnclaveIdentity,
+    IntelCollateral,
+    PckExtension,
+    TcbInfo,
+    TcbLevel,
+    load_pem_chain,
+)
+from shieldml.attest._intel_quote import (
+    ATT_KEY_ECDSA_P256,
+    CERT_PCK_CHAIN,
+    INTEL_QE_VENDOR_ID,
+    Quote,
+    SgxReportBody,
+    TdReportBody,
+)
+from shieldml.attest._trust import RootKind, TrustAnchors, Vendor
+from shieldml.attest._x509 import check_crl, cn, verify_chain
+from shieldml.errors import (
+    AttestationError,
+    CollateralError,
+    ExpiredError,
+    FormatError,
+    TcbError,
+)
+
+S = TcbStatus
+_OUT_OF_DATE_FROM = {
+    S.UP_TO_DATE: S.OUT_OF_DATE,
+    S.SW_HARDENING_NEEDED: S.OUT_OF_DATE,
+    S.CONFIGURATION_NEEDED: S.OUT_OF_DATE_CONFIGURATION_NEEDED,
+    S.CONFIGURATION_AND_SW_HARDENING_NEEDED: S.OUT_OF_DATE_CONFIGURATION_NEEDED,
+}
+_HINTS = {
+    S.SW_HARDENING_NEEDED: "software mitigations for the listed advisories must be in place",
+    S.CONFIGURATION_NEEDED: "the platform's BIOS configuration must change (see advisories)",
+    S.CONFIGURATION_AND_SW_HARDENING_NEEDED: "BIOS configuration and software mitigations needed",
+    S.OUT_OF_DATE: "a BIOS / microcode (or TDX module) update is needed",
+    S.OUT_OF_DATE_CONFIGURATION_NEEDED: "a BIOS / microcode update and a configuration change",
+}
+
+
+def _p256(raw: bytes) -> ec.EllipticCurvePublicKey:
+    return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + raw)
+
+
+def _ecdsa_ok(key: ec.EllipticCurvePublicKey, sig: bytes, data: bytes) -> bool:
+    der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:64], "big"))
+    try:
+        key.verify(der, data, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _iso(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _signing_key(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:
+    key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise AttestationError("certificate chain", f"'{cn(cert.subject)}' has no EC key")
+    return key
+
+
+def verify_quote(
+    raw: bytes, collateral: IntelCollateral, *, now: datetime, trust: TrustAnchors
+) -> Claims:
+    """Verify a DCAP quote; return its :class:`Claims` or raise the failing check."""
+    log = CheckLog()
+    try:  # 1
+        quote = Quote.from_bytes(raw)
+    except FormatError as e:
+        raise log.fail(AttestationError("quote format", e.message)) from e
+    log.ok(
+        "quote format", f"DCAP quote v{quote.header.version}, {'TDX' if quote.is_tdx else 'SGX'}"
+    )
+    h = quote.header  # 2
+    if h.att_key_type != ATT_KEY_ECDSA_P256:
+        raise log.fail(
+            AttestationError(
+                "quote header",
+                "unsupported attestation key type",
+                expected="2 (ECDSA P-256)",
+                found=str(h.att_key_type),
+            )
+        )
+    if h.qe_vendor_id != INTEL_QE_VENDOR_ID:
+        raise log.fail(
+            AttestationError(
+                "quote header",
+                "quote not produced by Intel's QE",
+                expected=INTEL_QE_VENDOR_ID.hex(),
+                found=h.qe_vendor_id.hex(),
+            )
+        )
+    cert = quote.certification  # 3
+    if cert.cert_type != CERT_PCK_CHAIN:
+        raise log.fail(
+            CollateralError(
+                "PCK certificate",
+                f"certification data type {cert.cert_type} is not a PCK certificate chain",
+                expected="type 5 (PCK chain in the quote)",
+                found=f"type {cert.cert_type}",
+                hint="configure the platform's quote provider to embed the PCK chain",
+            )
+        )
+    try:
+        chain = load_pem_chain(cert.cert_data, "PCK chain")
+    except AttestationError as e:
+        raise log.fail(e) from None
+    if len(chain) != 3:
+        raise log.fail(
+            AttestationError(
+                "PCK certificate", f"PCK chain has {len(chain)} certificates, expected 3"
+            )
+        )
+    root_kind = verify_chain(chain, Vendor.INTEL, trust, now, log, "PCK chain")
+    pck, pck_ca, root = chain
+    check_crl(collateral.root_ca_crl, root, [pck_ca], now, log, "root CA CRL")  # 4
+    check_crl(collateral.pck_crl, pck_ca, [pck], now, log, "PCK CRL")
+    try:
+        ext = PckExtension.from_certificate(pck)
+    except FormatError as e:
+        raise log.fail(AttestationError("PCK certificate", e.message)) from e
+    qe = cert.qe_report  # 5
+    if not _ecdsa_ok(_signing_key(pck), cert.qe_report_signature, qe.raw):
+        raise log.fail(
+            AttestationError("QE report signature", "QE report is not signed by the PCK key")
+        )
+    log.ok("QE report signature", "QE report signed by the PCK key")
+    expected = hashlib.sha256(quote.attestation_key + cert.qe_auth_data).digest() + bytes(32)  # 6
+    if qe.report_data != expected:
+        raise log.fail(
+            AttestationError(
+                "attestation key binding",
+                "QE report data does not bind the attestation key",
+                expected=expected.hex(),
+                found=qe.report_data.hex(),
+            )
+        )
+    log.ok("attestation key binding", "QE report data = SHA-256(attestation key || auth data)")
+    try:  # 7
+        att_key = _p256(quote.attestation_key)
+    except ValueError:
+        raise log.fail(
+            AttestationError("quote signature", "attestation key is not a P-256 point")
+        ) from None
+    if not _ecdsa_ok(att_key, quote.signature, quote.signed_bytes):
+        raise log.fail(
+            AttestationError("quote signature", "quote body is not signed by the attestation key")
+        )
+    log.ok("quote signature", "header and report body signed by the attestation key")
+    tcb = _tcb_info(quote, ext, collateral, now, trust, log)  # 8
+    identity = _qe_identity(quote, collateral, now, trust, log)  # 9
+    status, advisories = _tcb_status(quote, ext, tcb, identity, qe, log)  # 10
+    return _claims(quote, ext, status, advisories, root_kind, now, log)
+
+
+def _signed_json(
+    name: str,
+    chain: list[x509.Certificate],
+    raw: bytes,
+    sig: bytes,
+    collateral: IntelCollateral,
+    now: datetime,
+    trust: TrustAnchors,
+    log: CheckLog,
+) -> None:
+    verify_chain(chain, Vendor.INTEL, trust, now, log, f"{name} signing chain")
+    if len(chain) > 1:
+        check_crl(collateral.root_ca_crl, chain[-1], chain[:-1], now, log, "root CA CRL")
+    if len(sig) != 64 or not _ecdsa_ok(_signing_key(chain[0]), sig, raw):
+        raise log.fail(
+            CollateralError(name, f"{name} signature does not verify over its exact JSON bytes")
+        )
+    log.ok(name, f"{name} signed by '{cn(chain[0].subject)}'")
+
+
+def _fresh(name: str, issue: datetime, nxt: datetime, now: datetime, log: CheckLog) -> None:
+    if not issue <= now <= nxt:
+        raise log.fail(
+            ExpiredError(
+                name,
+                f"{name} expired on {_iso(nxt)}"
+                if now > nxt
+                else f"{name} issued only on {_iso(issue)}",
+                expected=f"current at {_iso(now)}",
+                found=f"valid {_iso(issue)} .. {_iso(nxt)}",
+                hint="fetch fresh collateral, or verify at a time inside its validity (--at)",
+            )
+        )
+
+
+def _tcb_info(
+    quote: Quote,
+    ext: PckExtension,
+    col: IntelCollateral,
+    now: datetime,
+    trust: TrustAnchors,
+    log: CheckLog,
+) -> TcbInfo:
+    _signed_json(
+        "TCB info",
+        col.tcb_info_issuer_chain,
+        col.tcb_info,
+        col.tcb_info_signature,
+        col,
+        now,
+        trust,
+        log,
+    )
+    try:
+        info = TcbInfo.from_json(col.tcb_info)
+    except AttestationError as e:
+        raise log.fail(e) from None
+    want = "TDX" if quote.is_tdx else "SGX"
+    if info.id != want or (quote.is_tdx and info.version < 3):
+        raise log.fail(
+            CollateralError(
+                "TCB info",
+                "TCB info is for another TEE",
+                expected=f"{want} (version 3)",
+                found=f"{info.id} (version {info.version})",
+            )
+        )
+    _fresh("TCB info", info.issue_date, info.next_update, now, log)
+    if info.fmspc != ext.fmspc or info.pce_id != ext.pce_id:
+        raise log.fail(
+            CollateralError(
+                "TCB info",
+                "TCB info is for another platform",
+                expected=f"FMSPC {ext.fmspc.hex()} PCE-ID {ext.pce_id.hex()}",
+                found=f"FMSPC {info.fmspc.hex()} PCE-ID {info.pce_id.hex()}",
+            )
+        )
+    log.ok(
+        "TCB info",
+        f"{info.id} TCB info for FMSPC {info.fmspc.hex()}, evaluation #{info.evaluation_data_number}",
+    )
+    return info
+
+
+def _masked_equal(a: bytes, b: bytes, mask: bytes) -> bool:
+    return len(a) == len(b) == len(mask) and all(
+        (x & m) == (y & m) for x, y, m in zip(a, b, mask, strict=True)
+    )
+
+
+def _qe_identity(
+    quote: Quote, col: IntelCollateral, now: datetime, trust: TrustAnchors, log: CheckLog
+) -> tuple[S, tuple[str, ...], int]:
+    _signed_json(
+        "QE identity",
+        col.qe_identity_issuer_chain,
+        col.qe_identity,
+        col.qe_identity_signature,
+        col,
+        now,
+        trust,
+        log,
+    )
+    try:
+        ident = EnclaveIdentity.from_json(col.qe_identity)
+    except AttestationError as e:
+        raise log.fail(e) from None
+    want = "TD_QE" if quote.is_tdx else "QE"
+    if ident.id != want or ident.version != 2:
+        raise log.fail(
+            CollateralError(
+                "QE identity",
+                "QE identity is for another enclave",
+                expected=f"{want} version 2",
+                found=f"{ident.id} version {ident.version}",
+            )
+        )
+    _fresh("QE identity", ident.issue_date, ident.next_update, now, log)
+    qe = quote.certification.qe_report
+    mismatches = []
+    if qe.mr_signer != ident.mrsigner:
+        mismatches.append(f"MRSIGNER {qe.mr_signer.hex()} != {ident.mrsigner.hex()}")
+    if qe.isv_prod_id != ident.isvprodid:
+        mismatches.append(f"ISVPRODID {qe.isv_prod_id} != {ident.isvprodid}")
+    if (qe.misc_select & ident.miscselect_mask) != (ident.miscselect & ident.miscselect_mask):
+        mismatches.append("MISCSELECT differs under the mask")
+    if not _masked_equal(qe.attributes, ident.attributes, ident.attributes_mask):
+        mismatches.append("ATTRIBUTES differ under the mask")
+    if mismatches:
+        raise log.fail(
+            AttestationError(
+                "QE identity", "the quoting enclave is not Intel's", found="; ".join(mismatches)
+            )
+        )
+    for isvsvn, status, adv in ident.levels:
+        if isvsvn <= qe.isv_svn:
+            log.ok("QE identity", f"{want} ISVSVN {qe.isv_svn}: {status}")
+            return _status(status, log), adv, isvsvn
+    log.ok("QE identity", f"{want} ISVSVN {qe.isv_svn} below every level: Revoked")
+    return S.REVOKED, (), -1
+
+
+def _status(value: str, log: CheckLog) -> S:
+    try:
+        return S(value)
+    except ValueError:
+        raise log.fail(CollateralError("TCB info", f"unknown TCB status {value!r}")) from None
+
+
+def _tdx_components_ok(level: TcbLevel, svn: bytes) -> bool:
+    if level.tdx_components is None:
+        return False
+    skip = (0, 1) if svn[1] > 0 else ()  # Intel QVL isTdxTcbHigherOrEqual
+    return all(i in skip or level.tdx_components[i] <= svn[i] for i in range(16))
+
+
+def _tcb_status(
+    quote: Quote,
+    ext: PckExtension,
+    info: TcbInfo,
+    qe_result: tuple[S, tuple[str, ...], int],
+    qe: SgxReportBody,
+    log: CheckLog,
+) -> tuple[S, tuple[str, ...]]:
+    body = quote.body
+    tdx_svn = body.tee_tcb_svn if isinstance(body, TdReportBody) else None
+    level = next(
+        (
+            lv
+            for lv in info.levels
+            if all(a <= b for a, b in zip(lv.sgx_components, ext.cpu_svn_components, strict=True))
+            and lv.pcesvn <= ext.pcesvn
+            and (tdx_svn is None or _tdx_components_ok(lv, tdx_svn))
+        ),
+        None,
+    )
+    if level is None:
+        newest = info.levels[0] if info.levels else None
+        behind = _behind(newest, ext, tdx_svn) if newest else "no TCB levels"
+        raise log.fail(
+            TcbError(
+                "TCB level",
+                "no TCB level matches the platform (TCB not supported): evidence is not trusted",
+                expected="a TCB level with every component <= the platform's",
+                found=behind,
+                hint="the platform's TCB is older than any level Intel still evaluates; update BIOS/microcode",
+            )
+        )
+    status = _status(level.status, log)
+    advisories = list(level.advisory_ids)
+    detail = f"platform TCB level {level.date}: {status}"
+    if isinstance(body, TdReportBody):
+        status = _tdx_module(body, info, status, advisories, log)
+    qe_status, qe_adv, _ = qe_result
+    if qe_status is S.REVOKED:
+        status = S.REVOKED
+    elif qe_status is S.OUT_OF_DATE:
+        status = _OUT_OF_DATE_FROM.get(status, status)
+    advisories += [a for a in qe_adv if a not in advisories]
+    if status is S.REVOKED:
+        raise log.fail(
+            TcbError(
+                "TCB level",
+                "the platform's TCB is Revoked",
+                found=detail,
+                hint="the platform cannot be trusted until Intel re-certifies it",
+            )
+        )
+    hint = _HINTS.get(status)
+    extra = f"; {hint}" if hint else ""
+    if status is not S.UP_TO_DATE and info.levels:
+        extra += f"; behind the newest level: {_behind(info.levels[0], ext, tdx_svn)}"
+    log.ok(
+        "TCB level",
+        f"{detail} -> {status}"
+        + (f", advisories {', '.join(advisories)}" if advisories else "")
+        + extra,
+    )
+    return status, tuple(dict.fromkeys(advisories))
+
+
+def _behind(newest: TcbLevel, ext: PckExtension, tdx_svn: bytes | None) -> str:
+    parts = [
+        f"SGX component {i + 1}: {have} < {want}"
+        for i, (want, have) in enumerate(
+            zip(newest.sgx_components, ext.cpu_svn_components, strict=True)
+        )
+        if have < want
+    ]
+    if ext.pcesvn < newest.pcesvn:
+        parts.append(f"PCESVN {ext.pcesvn} < {newest.pcesvn}")
+    if tdx_svn is not None and newest.tdx_components is not None:
+        parts += [
+            f"TEE_TCB_SVN[{i}]: {tdx_svn[i]} < {newest.tdx_components[i]}"
+            for i in range(16)
+            if tdx_svn[i] < newest.tdx_components[i] and not (tdx_svn[1] > 0 and i < 2)
+        ]
+    return "; ".join(parts) or "no component behind"
+
+
+def _tdx_module(
+    body: TdReportBody, info: TcbInfo, status: S, advisories: list[str], log: CheckLog
+) -> S:
+    svn = body.tee_tcb_svn
+    if svn[1] == 0:
+        mod = info.tdx_module
+        if mod is not None and (
+            body.mr_signer_seam != mod.mrsigner
+            or not _masked_equal(body.seam_attributes, mod.attributes, mod.attributes_mask)
+        ):
+            raise log.fail(
+                AttestationError(
+                    "TDX module",
+                    "TDX module is not Intel's",
+                    expected=mod.mrsigner.hex(),
+                    found=body.mr_signer_seam.hex(),
+                )
+            )
+        log.ok("TDX module", "TDX module 1.0 signer matches")
+        return status
+    ident_id = f"TDX_{svn[1]:02X}"
+    ident = next((m for m in info.tdx_module_identities if m.id == ident_id), None)
+    if ident is None:
+        raise log.fail(
+            TcbError(
+                "TDX module",
+                f"no TDX module identity {ident_id} in the TCB info",
+                hint="the TDX module version is not supported by this collateral",
+            )
+        )
+    if body.mr_signer_seam != ident.mrsigner or not _masked_equal(
+        body.seam_attributes, ident.attributes, ident.attributes_mask
+    ):
+        raise log.fail(
+            AttestationError(
+                "TDX module",
+                f"TDX module does not match identity {ident_id}",
+                expected=ident.mrsigner.hex(),
+                found=body.mr_signer_seam.hex(),
+            )
+        )
+    level = next(((s, st, adv) for s, st, adv in ident.levels if s <= svn[0]), None)
+    if level is None:
+        raise log.fail(
+            TcbError(
+                "TDX module",
+                f"TDX module {ident_id} SVN {svn[0]} is Revoked",
+                hint="update the TDX module",
+            )
+        )
+    mod_status = _status(level[1], log)
+    advisories += [a for a in level[2] if a not in advisories]
+    if mod_status is S.OUT_OF_DATE:
+        status = _OUT_OF_DATE_FROM.get(status, status)
+    elif mod_status is S.REVOKED:
+        status = S.REVOKED
+    log.ok(
+        "TDX module",
+        f"{ident_id} SVN {svn[0]}: {mod_status}"
+        + ("; a TDX module update is needed" if mod_status is S.OUT_OF_DATE else ""),
+    )
+    return status
+
+
+def _claims(
+    quote: Quote,
+    ext: PckExtension,
+    status: S,
+    advisories: tuple[str, ...],
+    root: RootKind,
+    now: datetime,
+    log: CheckLog,
+) -> Claims:
+    body = quote.body
+    platform = {
+        "fmspc": ext.fmspc.hex(),
+        "pce_id": ext.pce_id.hex(),
+        "cpusvn": ext.cpusvn.hex(),
+        "pcesvn": str(ext.pcesvn),
+    }
+    if isinstance(body, SgxReportBody):
+        m: SgxMeasurements | TdxMeasurements = SgxMeasurements(
+            body.mr_enclave, body.mr_signer, body.isv_prod_id, body.isv_svn, body.attributes,
+            body.misc_select, body.config_id, body.config_svn, body.isv_ext_prod_id, body.isv_family_id,
+        )  # fmt: skip
+        tee = TeeKind.SGX
+    else:
+        r = body.rtmrs
+        m = TdxMeasurements(
+            body.mr_td, r[0], r[1], r[2], r[3], body.mr_config_id, body.mr_owner,
+            body.mr_owner_config, body.td_attributes, body.xfam, body.sept_ve_disable, body.mr_seam,
+            body.mr_signer_seam, body.seam_attributes, body.tee_tcb_svn, body.tee_tcb_svn2,
+            body.mr_service_td,
+        )  # fmt: skip
+        tee = TeeKind.TDX
+    return Claims(
+        tee=tee,
+        tcb_status=status,
+        advisory_ids=advisories,
+        debug=body.debug,
+        report_data=body.report_data,
+        measurements=m,
+        platform=platform,
+        root=root,
+        verified_at=now,
+        checks=tuple(log.checks),
+    )

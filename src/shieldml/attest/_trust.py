@@ -1,0 +1,92 @@
+"""Trust anchors: the vendor roots pinned in code, plus explicitly added simulated or custom roots.
+
+A root certificate that arrives with evidence or collateral is trusted only when its SHA-256
+fingerprint is pinned here (or was added on purpose). A custom root needs ``insecure=True`` and is
+reported in every result; the simulated platform's root is trusted only when added explicitly.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, field, replace
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from shieldml.errors import UntrustedRootError
+
+log = logging.getLogger("shieldml.attest")
+
+#: Intel SGX Root CA ("CN=Intel SGX Root CA, O=Intel Corporation"), valid to 2049-12-31.
+INTEL_SGX_ROOT_SHA256 = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
+#: AMD Root Keys (ARK) per product generation.
+AMD_ARK_SHA256 = {
+    "Milan": "69d063b45344d26a2e94e1f4210de49ef555308287d4c174445c95639a540bcd",
+    "Genoa": "4c6598d19c18719c5dfd4a7d335f674e5bfe1d8f800cea2cf270c10d103db2f1",
+    "Turin": "1f084161a44bb6d93778a904877d4819cafa5d05ef4193b2ded9dd9c73dd3f6a",
+}
+
+
+class Vendor(enum.StrEnum):
+    INTEL = "intel"
+    AMD = "amd"
+
+
+class RootKind(enum.StrEnum):
+    """How the root of a verified chain came to be trusted."""
+
+    VENDOR = "vendor"  # pinned in code
+    SIMULATED = "simulated"  # shieldml's simulated hardware, added explicitly
+    CUSTOM = "custom"  # added with insecure=True
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+@dataclass(frozen=True)
+class TrustAnchors:
+    """The roots verification may end in, by vendor."""
+
+    vendor: dict[Vendor, frozenset[str]] = field(
+        default_factory=lambda: {
+            Vendor.INTEL: frozenset({INTEL_SGX_ROOT_SHA256}),
+            Vendor.AMD: frozenset(AMD_ARK_SHA256.values()),
+        }
+    )
+    simulated: frozenset[str] = frozenset()
+    custom: frozenset[str] = frozenset()
+
+    def with_simulated(self, root: x509.Certificate) -> TrustAnchors:
+        """Also trust a simulated platform's root (results say ``root: simulated``)."""
+        return replace(self, simulated=self.simulated | {fingerprint(root)})
+
+    def with_custom(self, root: x509.Certificate, *, insecure: bool) -> TrustAnchors:
+        """Also trust an arbitrary root: only with ``insecure=True``, and logged on every use."""
+        if not insecure:
+            raise ValueError("a custom trust root requires insecure=True")
+        log.warning("insecure: trusting custom root %s", fingerprint(root))
+        return replace(self, custom=self.custom | {fingerprint(root)})
+
+    def classify(self, root: x509.Certificate, vendor: Vendor, what: str) -> RootKind:
+        """How ``root`` is trusted for ``vendor``'s evidence; :class:`UntrustedRootError` if not."""
+        fp = fingerprint(root)
+        if fp in self.vendor.get(vendor, frozenset()):
+            return RootKind.VENDOR
+        if fp in self.simulated:
+            return RootKind.SIMULATED
+        if fp in self.custom:
+            log.warning("insecure: %s verified against custom root %s", what, fp)
+            return RootKind.CUSTOM
+        subject = root.subject.rfc4514_string()
+        simulated = "shieldml simulated" in subject
+        raise UntrustedRootError(
+            "trust root",
+            f"{what} chains to an untrusted root" + (" (simulated)" if simulated else ""),
+            expected=f"a pinned {vendor} root",
+            found=f"{subject} (SHA-256 {fp})",
+            hint="simulated evidence verifies only when its root is trusted explicitly"
+            if simulated
+            else "evidence must chain to the genuine vendor root; a custom root needs --insecure-custom-root",
+        )

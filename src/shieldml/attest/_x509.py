@@ -1,0 +1,123 @@
+"""Certificate chains and CRLs, checked at an explicit time against the trust anchors."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+
+from shieldml.attest._checks import CheckLog
+from shieldml.attest._trust import RootKind, TrustAnchors, Vendor
+from shieldml.errors import AttestationError, ExpiredError, RevokedError
+
+MAX_CHAIN = 5
+
+
+def cn(name: x509.Name) -> str:
+    attrs = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(attrs[0].value) if attrs else name.rfc4514_string()
+
+
+def _iso(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def check_validity(cert: x509.Certificate, now: datetime, log: CheckLog, what: str) -> None:
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if not start <= now <= end:
+        state = "expired on" if now > end else "not valid before"
+        raise log.fail(
+            ExpiredError(
+                "certificate validity",
+                f"{what} certificate '{cn(cert.subject)}' {state} "
+                f"{_iso(end if now > end else start)}",
+                expected=f"valid at {_iso(now)}",
+                found=f"valid {_iso(start)} .. {_iso(end)}",
+                hint="fetch fresh collateral, or verify at a time inside its validity (--at)",
+            )
+        )
+
+
+def check_signed_by(
+    cert: x509.Certificate, issuer: x509.Certificate, log: CheckLog, what: str
+) -> None:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as e:
+        raise log.fail(
+            AttestationError(
+                "certificate chain",
+                f"{what}: '{cn(cert.subject)}' is not validly signed by '{cn(issuer.subject)}'",
+                found=str(e) or type(e).__name__,
+            )
+        ) from None
+
+
+def verify_chain(
+    chain: list[x509.Certificate],
+    vendor: Vendor,
+    trust: TrustAnchors,
+    now: datetime,
+    log: CheckLog,
+    what: str,
+) -> RootKind:
+    """Leaf-first chain: every link signed by the next, the last self-signed and trusted."""
+    if not 1 <= len(chain) <= MAX_CHAIN:
+        raise log.fail(
+            AttestationError("certificate chain", f"{what}: bad chain length {len(chain)}")
+        )
+    root = chain[-1]
+    try:
+        kind = trust.classify(root, vendor, what)
+    except AttestationError as e:
+        raise log.fail(e) from None
+    check_signed_by(root, root, log, what)
+    for cert, issuer in zip(chain, chain[1:], strict=False):
+        check_signed_by(cert, issuer, log, what)
+    for cert in chain:
+        check_validity(cert, now, log, what)
+    log.ok(
+        "certificate chain", f"{what}: {' <- '.join(cn(c.subject) for c in chain)} ({kind} root)"
+    )
+    return kind
+
+
+def check_crl(
+    crl: x509.CertificateRevocationList,
+    issuer: x509.Certificate,
+    subjects: list[x509.Certificate],
+    now: datetime,
+    log: CheckLog,
+    what: str,
+) -> None:
+    """The CRL is signed by ``issuer``, current at ``now``, and lists none of ``subjects``."""
+    if crl.issuer != issuer.subject or not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
+        raise log.fail(
+            AttestationError(
+                "revocation list",
+                f"{what} is not signed by '{cn(issuer.subject)}'",
+                found=f"issuer '{cn(crl.issuer)}'",
+            )
+        )
+    nxt = crl.next_update_utc
+    if not crl.last_update_utc <= now or (nxt is not None and now > nxt):
+        raise log.fail(
+            ExpiredError(
+                "revocation list",
+                f"{what} from '{cn(crl.issuer)}' expired on {_iso(nxt) if nxt else '?'}",
+                expected=f"current at {_iso(now)}",
+                found=f"valid {_iso(crl.last_update_utc)} .. {_iso(nxt) if nxt else '?'}",
+                hint="fetch fresh collateral, or verify at a time inside its validity (--at)",
+            )
+        )
+    for cert in subjects:
+        if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+            raise log.fail(
+                RevokedError(
+                    "revocation list",
+                    f"certificate '{cn(cert.subject)}' (serial {cert.serial_number:x}) is revoked",
+                    hint="the platform's keys were revoked by the vendor",
+                )
+            )
+    log.ok("revocation list", f"{what} from '{cn(crl.issuer)}': not revoked")
