@@ -17,6 +17,7 @@ from shieldml.attest._claims import (
 from shieldml.attest._intel_collateral import IntelCollateral
 from shieldml.attest._intel_quote import Quote
 from shieldml.attest._intel_verify import verify_quote
+from shieldml.attest._snp import SnpReport, verify_report
 from shieldml.attest._trust import (
     AMD_ARK_SHA256,
     INTEL_SGX_ROOT_SHA256,
@@ -35,10 +36,12 @@ __all__ = [
     "RootKind",
     "SgxMeasurements",
     "SnpMeasurements",
+    "SnpReport",
     "TcbStatus",
     "TdxMeasurements",
     "TeeKind",
     "TrustAnchors",
     "Vendor",
     "verify_quote",
+    "verify_report",
 ]
