@@ -30,12 +30,21 @@ def _time(value: str, what: str) -> datetime:
 
 
 def load_pem_chain(pem: bytes | str, what: str) -> list[x509.Certificate]:
-    raw = pem.encode() if isinstance(pem, str) else pem
+    """A certificate chain as concatenated PEM (possibly NUL-terminated) or concatenated DER."""
+    raw = (pem.encode() if isinstance(pem, str) else pem).rstrip(b"\0")
     try:
-        certs = x509.load_pem_x509_certificates(raw.rstrip(b"\0"))
-    except ValueError as e:
-        raise CollateralError("certificate chain", f"{what}: not a PEM certificate chain") from e
-    return certs
+        if raw.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_certificates(raw)
+        certs, pos = [], 0
+        while pos < len(raw):
+            start = pos
+            _tag, _value, pos = _der.read_tlv(raw, pos)
+            certs.append(x509.load_der_x509_certificate(raw[start:pos]))
+        if not certs:
+            raise ValueError("empty")
+        return certs
+    except (ValueError, FormatError) as e:
+        raise CollateralError("certificate chain", f"{what}: not a certificate chain") from e
 
 
 def _crl(hex_der: str, what: str) -> x509.CertificateRevocationList:
