@@ -84,3 +84,36 @@ def oid_map(seq_content: bytes, depth: int = 0) -> dict[str, tuple[int, bytes]]:
         if vtag == SEQUENCE:
             out.update(oid_map(vval, depth + 1))
     return out
+
+
+# -- encoding (used by the simulated platform to build structurally real extensions) ----------
+def encode(tag: int, value: bytes) -> bytes:
+    n = len(value)
+    if n < 0x80:
+        length = bytes([n])
+    else:
+        raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(raw)]) + raw
+    return bytes([tag]) + length + value
+
+
+def encode_oid(oid: str) -> bytes:
+    parts = [int(p) for p in oid.split(".")]
+    body = bytearray([40 * parts[0] + parts[1]])
+    for p in parts[2:]:
+        chunk = [p & 0x7F]
+        p >>= 7
+        while p:
+            chunk.append(0x80 | (p & 0x7F))
+            p >>= 7
+        body += bytes(reversed(chunk))
+    return encode(OID, bytes(body))
+
+
+def encode_int(value: int) -> bytes:
+    raw = value.to_bytes(max(1, (value.bit_length() + 8) // 8), "big", signed=True)
+    return encode(INTEGER, raw)
+
+
+def encode_seq(*items: bytes) -> bytes:
+    return encode(SEQUENCE, b"".join(items))
