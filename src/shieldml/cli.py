@@ -27,6 +27,7 @@ from rich.progress import (
 )
 
 from shieldml import __version__
+from shieldml.cli_attest import attest
 from shieldml.errors import IntegrityError, ShieldError
 from shieldml.files import Format, _tree, generate_key, inspect_file, load_key, write_key_file
 from shieldml.files._common import ProgressCallback
@@ -214,6 +215,9 @@ def inspect(path: str, key_path: str | None, as_json: bool) -> None:
         if name == "plaintext_size_range":
             value = f"{value[0]}..{value[1]} (exact size needs --key)"
         out.print(f"{name:>22}: {escape(str(value))}")
+
+
+cli.add_command(attest)
 
 
 @cli.command()

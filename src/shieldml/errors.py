@@ -26,19 +26,19 @@ reading a closed file). The CLI catches ``ShieldError`` once and prints
 from __future__ import annotations
 
 __all__ = [
+    "AttestationError",
+    "CollateralError",
+    "ExpiredError",
     "FormatError",
     "IntegrityError",
     "KeyFileError",
     "NotProtectedError",
-    "AttestationError",
-    "CollateralError",
-    "ExpiredError",
     "OutputExistsError",
     "RevokedError",
-    "TcbError",
-    "UntrustedRootError",
     "ShieldError",
+    "TcbError",
     "UnsupportedVersionError",
+    "UntrustedRootError",
     "WrongKeyError",
 ]
 

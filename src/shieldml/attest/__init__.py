@@ -14,9 +14,11 @@ from shieldml.attest._claims import (
     TdxMeasurements,
     TeeKind,
 )
+from shieldml.attest._evidence import TEE_CHOICES, detect_tee, verify_evidence
 from shieldml.attest._intel_collateral import IntelCollateral
 from shieldml.attest._intel_quote import Quote
 from shieldml.attest._intel_verify import verify_quote
+from shieldml.attest._ratls import RaTlsEvidence, extract
 from shieldml.attest._snp import SnpReport, verify_report
 from shieldml.attest._trust import (
     AMD_ARK_SHA256,
@@ -29,10 +31,12 @@ from shieldml.attest._trust import (
 __all__ = [
     "AMD_ARK_SHA256",
     "INTEL_SGX_ROOT_SHA256",
+    "TEE_CHOICES",
     "Check",
     "Claims",
     "IntelCollateral",
     "Quote",
+    "RaTlsEvidence",
     "RootKind",
     "SgxMeasurements",
     "SnpMeasurements",
@@ -42,6 +46,9 @@ __all__ = [
     "TeeKind",
     "TrustAnchors",
     "Vendor",
+    "detect_tee",
+    "extract",
+    "verify_evidence",
     "verify_quote",
     "verify_report",
 ]

@@ -13,7 +13,6 @@ Verification pipeline:
 
 from __future__ import annotations
 
-import struct
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
@@ -82,10 +81,10 @@ class SnpReport:
         return self.raw
 
     def _u32(self, off: int) -> int:
-        return int(struct.unpack_from("<I", self.raw, off)[0])
+        return int.from_bytes(self.raw[off : off + 4], "little")
 
     def _u64(self, off: int) -> int:
-        return int(struct.unpack_from("<Q", self.raw, off)[0])
+        return int.from_bytes(self.raw[off : off + 8], "little")
 
     version = property(lambda self: self._u32(0x000))
     guest_svn = property(lambda self: self._u32(0x004))
@@ -112,7 +111,7 @@ class SnpReport:
 
     @property
     def signing_key(self) -> int:
-        return (self.key_info >> 2) & 0x7
+        return (self._u32(0x048) >> 2) & 0x7
 
     @property
     def debug(self) -> bool:
@@ -299,7 +298,7 @@ def verify_report(
             report.author_key_digest,
             report.reported_tcb,
             kind.lower(),
-        ),  # fmt: skip
+        ),
         platform={
             "product": endorse.product,
             "chip_id": report.chip_id.hex(),

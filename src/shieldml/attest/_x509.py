@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime
 
 from cryptography import x509
@@ -73,7 +74,7 @@ def verify_chain(
     except AttestationError as e:
         raise log.fail(e) from None
     check_signed_by(root, root, log, what)
-    for cert, issuer in zip(chain, chain[1:], strict=False):
+    for cert, issuer in itertools.pairwise(chain):
         check_signed_by(cert, issuer, log, what)
     for cert in chain:
         check_validity(cert, now, log, what)

@@ -63,8 +63,9 @@ def _raw_sig(
 ) -> bytes:
     h = hashes.SHA256() if size == 32 else hashes.SHA384()
     r, s = decode_dss_signature(key.sign(data, ec.ECDSA(h)))
-    order = "little" if little else "big"
-    return r.to_bytes(size, order) + s.to_bytes(size, order)
+    if little:
+        return r.to_bytes(size, "little") + s.to_bytes(size, "little")
+    return r.to_bytes(size, "big") + s.to_bytes(size, "big")
 
 
 def _iso(t: datetime) -> str:
@@ -228,8 +229,8 @@ class SimulatedPlatform:
         value = _der.encode_seq(
             _der.encode_seq(
                 _der.encode_oid(f"{o}.1"),
-                _der.encode(_der.OCTET_STRING, hashlib.md5(self.chip_id).digest()),
-            ),  # noqa: S324 - an identifier, not security
+                _der.encode(_der.OCTET_STRING, hashlib.sha256(self.chip_id).digest()[:16]),
+            ),
             _der.encode_seq(_der.encode_oid(f"{o}.2"), _der.encode_seq(*tcb)),
             _der.encode_seq(_der.encode_oid(f"{o}.3"), _der.encode(_der.OCTET_STRING, PCE_ID)),
             _der.encode_seq(_der.encode_oid(f"{o}.4"), _der.encode(_der.OCTET_STRING, FMSPC)),
@@ -266,7 +267,7 @@ class SimulatedPlatform:
                 .last_update(issue)
                 .next_update(nxt)
             )
-            return b.sign(signer, hashes.SHA256())  # type: ignore[arg-type]
+            return b.sign(signer, hashes.SHA256())
 
         level: dict[str, object] = {
             "tcb": {"sgxtcbcomponents": [{"svn": v} for v in CPU_SVN], "pcesvn": PCESVN},

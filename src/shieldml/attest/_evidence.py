@@ -1,0 +1,88 @@
+"""One entry point for any evidence: detect the TEE, gather what it needs, verify, get Claims."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import replace
+from datetime import UTC, datetime
+
+from cryptography import x509
+
+from shieldml.attest._checks import Check, CheckLog
+from shieldml.attest._claims import Claims
+from shieldml.attest._intel_collateral import IntelCollateral
+from shieldml.attest._intel_quote import TEE_TDX
+from shieldml.attest._intel_verify import verify_quote
+from shieldml.attest._ratls import extract
+from shieldml.attest._snp import HCL_OFFSET, REPORT_SIZE, verify_report
+from shieldml.attest._trust import TrustAnchors
+from shieldml.errors import AttestationError, CollateralError, FormatError
+
+TEE_CHOICES = ("auto", "sgx", "tdx", "snp", "ratls")
+MAX_EVIDENCE = 64 * 1024
+
+
+def detect_tee(data: bytes) -> str:
+    """Which kind of evidence ``data`` is: sgx, tdx, snp or ratls."""
+    if data.lstrip().startswith(b"-----BEGIN CERTIFICATE") or data[:2] in (
+        b"\x30\x82",
+        b"\x30\x81",
+    ):
+        return "ratls"
+    if len(data) == REPORT_SIZE or (data[:4] == b"HCLA" and len(data) >= HCL_OFFSET + REPORT_SIZE):
+        return "snp"
+    if len(data) >= 48:
+        version, key_type, tee_type = struct.unpack_from("<HHI", data)
+        if version in (3, 4, 5) and key_type in (2, 3):
+            return "tdx" if tee_type == TEE_TDX else "sgx"
+    raise FormatError("cannot tell which TEE produced this evidence", hint="pass --tee")
+
+
+def verify_evidence(
+    data: bytes,
+    *,
+    tee: str = "auto",
+    collateral: IntelCollateral | None = None,
+    vcek: bytes | None = None,
+    cert_chain: list[x509.Certificate] | None = None,
+    now: datetime | None = None,
+    trust: TrustAnchors | None = None,
+) -> Claims:
+    """Verify SGX/TDX quotes, SEV-SNP reports or RA-TLS certificates; raise the failing check.
+
+    ``now`` is the verification time (default: the current time); ``trust`` the anchors
+    (default: the pinned vendor roots only).
+    """
+    if len(data) > MAX_EVIDENCE:
+        raise FormatError(f"evidence too large ({len(data)} bytes)")
+    if tee not in TEE_CHOICES:
+        raise ValueError(f"tee must be one of {TEE_CHOICES}")
+    kind = detect_tee(data) if tee == "auto" else tee
+    at = now or datetime.now(UTC)
+    anchors = trust or TrustAnchors()
+    if kind == "snp":
+        if vcek is None or cert_chain is None:
+            raise CollateralError(
+                "endorsement",
+                "an SEV-SNP report needs its VCEK/VLEK and the ASK/ARK chain",
+                hint="pass --vcek and --cert-chain (AMD's key distribution service serves both)",
+            )
+        return verify_report(data, vcek, cert_chain, now=at, trust=anchors)
+    quote, binding = data, None
+    if kind == "ratls":
+        log = CheckLog()
+        try:
+            ev = extract(data)
+        except AttestationError as e:
+            raise log.fail(e) from None
+        quote, binding = ev.quote, f"RA-TLS certificate ({ev.extension} extension): {ev.binding}"
+    if collateral is None:
+        raise CollateralError(
+            "collateral",
+            "a DCAP quote needs its collateral (PCK CRL, TCB info, QE identity)",
+            hint="pass --collateral (JSON), or fetch it from a PCCS",
+        )
+    claims = verify_quote(quote, collateral, now=at, trust=anchors)
+    if binding is None:
+        return claims
+    return replace(claims, checks=(Check("RA-TLS binding", True, binding), *claims.checks))

@@ -1,0 +1,228 @@
+"""``shieldml attest verify|explain``: is this evidence genuine, and why (not)?"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from cryptography import x509
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from shieldml.attest import (
+    TEE_CHOICES,
+    Check,
+    Claims,
+    IntelCollateral,
+    TrustAnchors,
+    verify_evidence,
+)
+from shieldml.attest._snp import load_certificate
+from shieldml.errors import AttestationError, FormatError, ShieldError
+
+out = Console(highlight=False, soft_wrap=True)
+
+
+def _read(path: str | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ShieldError(f"{path}: cannot read {what}: {e.strerror}") from e
+
+
+def _time(value: str | None) -> datetime:
+    if value is None:
+        return datetime.now(UTC)
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"not an ISO 8601 time: {value!r}", param_hint="--at") from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _trust(roots: tuple[str, ...], insecure: bool) -> TrustAnchors:
+    anchors = TrustAnchors()
+    for path in roots:
+        data = _read(path, "trust root") or b""
+        try:
+            certs = (
+                x509.load_pem_x509_certificates(data)
+                if b"-----BEGIN" in data
+                else [load_certificate(data)]
+            )
+        except (ValueError, FormatError) as e:
+            raise ShieldError(f"{path}: not a certificate") from e
+        for cert in certs:
+            org = cert.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)
+            if org and org[0].value == "shieldml simulated":
+                anchors = anchors.with_simulated(cert)
+            elif any(
+                cert.fingerprint(
+                    __import__(
+                        "cryptography.hazmat.primitives.hashes", fromlist=["SHA256"]
+                    ).SHA256()
+                ).hex()
+                in fps
+                for fps in anchors.vendor.values()
+            ):
+                continue
+            elif not insecure:
+                raise ShieldError(
+                    f"{path}: '{cert.subject.rfc4514_string()}' is not a pinned vendor root",
+                    hint="a custom root needs --insecure-custom-root (and is reported in every result)",
+                )
+            else:
+                anchors = anchors.with_custom(cert, insecure=True)
+    return anchors
+
+
+def _verify(
+    file: str, tee: str, collateral: str | None, vcek: str | None, cert_chain: str | None,
+    at: str | None, trust_root: tuple[str, ...], insecure_custom_root: bool,
+) -> tuple[Claims | None, AttestationError | FormatError | None]:  # fmt: skip
+    data = _read(file, "evidence") or b""
+    col = None
+    if collateral:
+        col = IntelCollateral.from_json(_read(collateral, "collateral") or b"")
+    chain = None
+    if cert_chain:
+        try:
+            chain = x509.load_pem_x509_certificates(_read(cert_chain, "certificate chain") or b"")
+        except ValueError as e:
+            raise ShieldError(f"{cert_chain}: not a PEM certificate chain") from e
+    try:
+        claims = verify_evidence(
+            data, tee=tee, collateral=col, vcek=_read(vcek, "VCEK"), cert_chain=chain,
+            now=_time(at), trust=_trust(trust_root, insecure_custom_root),
+        )  # fmt: skip
+    except (AttestationError, FormatError) as e:
+        return None, e
+    return claims, None
+
+
+def _options(f: Any) -> Any:
+    for opt in reversed(
+        [
+            click.argument("file", type=click.Path(exists=True, dir_okay=False)),
+            click.option(
+                "--tee", type=click.Choice(TEE_CHOICES), default="auto", show_default=True
+            ),
+            click.option(
+                "--collateral",
+                type=click.Path(exists=True, dir_okay=False),
+                help="Intel collateral JSON.",
+            ),
+            click.option(
+                "--vcek",
+                type=click.Path(exists=True, dir_okay=False),
+                help="SEV-SNP VCEK/VLEK (DER or PEM).",
+            ),
+            click.option(
+                "--cert-chain",
+                type=click.Path(exists=True, dir_okay=False),
+                help="AMD ASK/ARK chain (PEM).",
+            ),
+            click.option("--at", help="Verification time, ISO 8601 (default: now)."),
+            click.option(
+                "--trust-root",
+                multiple=True,
+                type=click.Path(exists=True, dir_okay=False),
+                help="Extra root certificate.",
+            ),
+            click.option(
+                "--insecure-custom-root",
+                is_flag=True,
+                help="Allow --trust-root certificates that are not vendor roots.",
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def _failure_dict(e: AttestationError | FormatError) -> dict[str, Any]:
+    checks = getattr(e, "checks", [])
+    return {
+        "genuine": False,
+        "error": type(e).__name__,
+        "failed_check": getattr(e, "check", "format"),
+        "reasons": [e.diagnostics()],
+        "checks": [c.to_dict() for c in checks if isinstance(c, Check)],
+    }
+
+
+@click.group()
+def attest() -> None:
+    """Verify and explain TEE attestation evidence."""
+
+
+@attest.command()
+@_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def verify(ctx: click.Context, /, as_json: bool, **kw: Any) -> None:
+    """Exit 0 if FILE is genuine TEE evidence at a matching TCB level, 1 otherwise."""
+    claims, error = _verify(**kw)
+    if error is not None:
+        if as_json:
+            click.echo(json.dumps(_failure_dict(error), indent=2))
+        else:
+            out.print(f"[bold red]not genuine:[/bold red] {escape(error.diagnostics())}")
+        ctx.exit(1)
+    assert claims is not None
+    if as_json:
+        click.echo(json.dumps(claims.to_dict(), indent=2))
+        return
+    d = claims.to_dict()
+    status = d["tcb_status"] or "n/a (SEV-SNP: see reported TCB)"
+    out.print(
+        f"[bold green]genuine[/bold green] {d['tee']} evidence; TCB {status}"
+        + (f"; advisories {', '.join(d['advisory_ids'])}" if d["advisory_ids"] else "")
+    )
+    if claims.root.value != "vendor":
+        out.print(f"[yellow]root: {claims.root.value}[/yellow]")
+    if claims.debug:
+        out.print("[yellow]debug mode: on[/yellow]")
+
+
+@attest.command()
+@_options
+@click.pass_context
+def explain(ctx: click.Context, /, **kw: Any) -> None:
+    """Print every check run on FILE, what it compared and what would fix a failure."""
+    claims, error = _verify(**kw)
+    checks = (
+        list(claims.checks)
+        if claims
+        else [c for c in getattr(error, "checks", []) if isinstance(c, Check)]
+    )
+    table = Table(title=f"attestation checks for {escape(kw['file'])}")
+    table.add_column("")
+    table.add_column("check")
+    table.add_column("result")
+    for c in checks:
+        table.add_row(
+            "[green]✓[/green]" if c.passed else "[red]✗[/red]", escape(c.name), escape(c.detail)
+        )
+    out.print(table)
+    if error is not None:
+        out.print(f"[bold red]verdict: not genuine[/bold red]\n{escape(error.diagnostics())}")
+        ctx.exit(1)
+    assert claims is not None
+    d = claims.to_dict()
+    out.print(
+        f"[bold green]verdict: genuine[/bold green] {d['tee']}, TCB {d['tcb_status'] or 'n/a'}, debug {'on' if d['debug'] else 'off'}, root {d['root']}"
+    )
+    m = Table(title="measurements", show_header=False)
+    m.add_column("name")
+    m.add_column("value", overflow="fold")
+    for name, value in d["measurements"].items():
+        m.add_row(name, escape(str(value)))
+    m.add_row("report_data", d["report_data"])
+    out.print(m)
