@@ -1,0 +1,93 @@
+"""`shieldml attest verify|explain`: exit codes, JSON keys, explanations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from shieldml.cli import main
+
+KEYS = {
+    "genuine",
+    "tee",
+    "tcb_status",
+    "advisory_ids",
+    "debug",
+    "measurements",
+    "report_data",
+    "reasons",
+}
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_verify_sgx_json(att: Path, capsys: pytest.CaptureFixture[str]):
+    d = att / "intel" / "phala"
+    rc, out, _ = run(capsys, "attest", "verify", str(d / "sgx_quote.bin"), "--collateral",
+                     str(d / "sgx_quote_collateral.json"), "--at", "2025-07-01T00:00:00Z", "--json")  # fmt: skip
+    doc = json.loads(out)
+    assert rc == 0 and KEYS <= doc.keys()
+    assert doc["genuine"] is True and doc["tee"] == "sgx"
+    assert doc["tcb_status"] == "ConfigurationAndSWHardeningNeeded"
+    assert doc["advisory_ids"] == ["INTEL-SA-00289", "INTEL-SA-00615"]
+    assert doc["report_data"].startswith(b"Hello, world!".hex())
+    assert all(isinstance(r, str) for r in doc["reasons"])
+
+
+def test_verify_expired_at_real_time(att: Path, capsys: pytest.CaptureFixture[str]):
+    d = att / "intel" / "phala"
+    rc, out, _ = run(capsys, "attest", "verify", str(d / "tdx_quote_v4.bin"), "--collateral",
+                     str(d / "tdx_quote_v4_collateral.json"), "--json")  # fmt: skip
+    doc = json.loads(out)
+    assert rc == 1 and doc["genuine"] is False and "expired on" in doc["reasons"][0]
+
+
+def test_verify_v5_not_trusted(att: Path, capsys: pytest.CaptureFixture[str]):
+    d = att / "intel" / "phala"
+    rc, out, _ = run(capsys, "attest", "verify", str(d / "tdx_quote_v5_td15.bin"), "--collateral",
+                     str(d / "tdx_quote_v5_td15_collateral.json"), "--at", "2026-03-01")  # fmt: skip
+    assert rc == 1 and "no TCB level matches" in out
+
+
+def test_explain_snp(att: Path, capsys: pytest.CaptureFixture[str]):
+    a = att / "amd" / "go-sev-guest"
+    rc, out, _ = run(capsys, "attest", "explain", str(a / "attestation.bin"), "--vcek", str(a / "vcek_milan.der"),
+                     "--cert-chain", str(a / "ask_ark_milan.pem"), "--at", "2026-01-01")  # fmt: skip
+    assert rc == 0 and "report signature" in out and "debug on" in out
+
+
+def test_explain_failure_names_expected_and_found(att: Path, capsys: pytest.CaptureFixture[str]):
+    a = att / "amd" / "virtee"
+    rc, out, _ = run(capsys, "attest", "explain", str(att / "negative" / "snp_v2_reported_tcb_snp_flipped.bin"),
+                     "--vcek", str(a / "vcek_milan.der"), "--cert-chain", str(a / "cert_chain_milan.pem"),
+                     "--at", "2026-01-01")  # fmt: skip
+    assert rc == 1 and "✗" in out and "not genuine" in out
+
+
+def test_ratls_needs_collateral_and_says_so(att: Path, capsys: pytest.CaptureFixture[str]):
+    rc, out, _ = run(
+        capsys, "attest", "verify", str(att / "ratls" / "konvera_tls_cert.der"), "--json"
+    )
+    doc = json.loads(out)
+    assert rc == 1 and "collateral" in doc["reasons"][0]
+
+
+def test_custom_root_requires_insecure_switch(
+    att: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    d = att / "intel" / "qvl-synthetic"
+    args = ["attest", "verify", str(d / "tdx" / "quote.dat"), "--collateral",
+            str(att / "intel" / "phala" / "tdx_quote_v4_collateral.json"), "--trust-root", str(d / "trustedRootCaCert.pem")]  # fmt: skip
+    rc, _, err = run(capsys, *args)
+    assert rc == 1 and "--insecure-custom-root" in err
+
+
+def test_usage_error(capsys: pytest.CaptureFixture[str], att: Path):
+    rc, _, _ = run(capsys, "attest", "verify", str(att / "README.md"), "--tee", "nope")
+    assert rc == 2

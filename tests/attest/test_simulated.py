@@ -1,0 +1,79 @@
+"""The simulated platform's evidence goes through the real verifiers, and only under its roots."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from shieldml.attest import TcbStatus, TeeKind, TrustAnchors, verify_evidence
+from shieldml.attest.simulated import SimulatedPlatform
+from shieldml.errors import AttestationError, ExpiredError, UntrustedRootError
+
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> SimulatedPlatform:
+    return SimulatedPlatform.open(tmp_path_factory.mktemp("sim"), now=NOW)
+
+
+def test_sgx_quote(platform: SimulatedPlatform):
+    quote, col = platform.sgx_quote(
+        report_data=b"\x01" * 64, mrenclave=b"\xaa" * 32, isv_svn=3, now=NOW
+    )
+    claims = verify_evidence(quote, collateral=col, now=NOW, trust=platform.trust())
+    assert claims.tee is TeeKind.SGX and claims.tcb_status is TcbStatus.UP_TO_DATE
+    assert claims.root.value == "simulated" and not claims.debug
+    assert claims.measurements.mrenclave == b"\xaa" * 32  # type: ignore[union-attr]
+    assert claims.measurements.isv_svn == 3  # type: ignore[union-attr]
+    assert claims.report_data == b"\x01" * 64
+
+
+def test_tdx_quote_with_chosen_tcb_and_debug(platform: SimulatedPlatform):
+    quote, col = platform.tdx_quote(mrtd=b"\x05" * 48, debug=True, tcb_status="OutOfDate", now=NOW)
+    claims = verify_evidence(quote, collateral=col, now=NOW, trust=platform.trust())
+    assert claims.tee is TeeKind.TDX and claims.debug
+    assert claims.tcb_status is TcbStatus.OUT_OF_DATE and claims.advisory_ids == ("INTEL-SA-00828",)
+
+
+def test_snp_report(platform: SimulatedPlatform):
+    report, vcek, chain = platform.snp_report(measurement=b"\x07" * 48, report_data=b"n" * 64)
+    claims = verify_evidence(report, vcek=vcek, cert_chain=chain, now=NOW, trust=platform.trust())
+    assert claims.tee is TeeKind.SNP and claims.measurements.measurement == b"\x07" * 48  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("kind", ["sgx", "tdx", "snp"])
+def test_refused_unless_simulated_root_is_trusted(platform: SimulatedPlatform, kind: str):
+    if kind == "snp":
+        report, vcek, chain = platform.snp_report()
+        args: dict[str, object] = {"vcek": vcek, "cert_chain": chain}
+        data = report
+    else:
+        data, col = getattr(platform, f"{kind}_quote")(now=NOW)
+        args = {"collateral": col}
+    with pytest.raises(UntrustedRootError, match=r"untrusted root \(simulated\)"):
+        verify_evidence(data, now=NOW, trust=TrustAnchors(), **args)  # type: ignore[arg-type]
+
+
+def test_platform_persists(platform: SimulatedPlatform, tmp_path: Path):
+    platform.save(tmp_path)
+    again = SimulatedPlatform.open(tmp_path)
+    assert again.intel_root == platform.intel_root and again.chip_id == platform.chip_id
+    quote, col = again.sgx_quote(now=NOW)
+    verify_evidence(quote, collateral=col, now=NOW, trust=platform.trust())
+
+
+def test_tampered_simulated_quote_is_refused(platform: SimulatedPlatform):
+    quote, col = platform.sgx_quote(report_data=b"\x01" * 64, now=NOW)
+    bad = bytearray(quote)
+    bad[48 + 320] ^= 1  # REPORTDATA
+    with pytest.raises(AttestationError, match="quote signature"):
+        verify_evidence(bytes(bad), collateral=col, now=NOW, trust=platform.trust())
+
+
+def test_simulated_collateral_expires(platform: SimulatedPlatform):
+    quote, col = platform.sgx_quote(now=NOW)
+    with pytest.raises(ExpiredError):
+        verify_evidence(quote, collateral=col, now=NOW + timedelta(days=45), trust=platform.trust())
