@@ -22,6 +22,8 @@ from shieldml.attest import (
     verify_evidence,
 )
 from shieldml.attest._snp import load_certificate
+from shieldml.attest._trust import fingerprint
+from shieldml.attest._truststore import TrustStore, default_store
 from shieldml.errors import AttestationError, FormatError, ShieldError
 
 out = Console(highlight=False, soft_wrap=True)
@@ -62,16 +64,8 @@ def _trust(roots: tuple[str, ...], insecure: bool) -> TrustAnchors:
             org = cert.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)
             if org and org[0].value == "shieldml simulated":
                 anchors = anchors.with_simulated(cert)
-            elif any(
-                cert.fingerprint(
-                    __import__(
-                        "cryptography.hazmat.primitives.hashes", fromlist=["SHA256"]
-                    ).SHA256()
-                ).hex()
-                in fps
-                for fps in anchors.vendor.values()
-            ):
-                continue
+            elif any(fingerprint(cert) in fps for fps in anchors.vendor.values()):
+                continue  # a pinned vendor root is trusted anyway
             elif not insecure:
                 raise ShieldError(
                     f"{path}: '{cert.subject.rfc4514_string()}' is not a pinned vendor root",
@@ -96,6 +90,8 @@ def _verify(
             chain = x509.load_pem_x509_certificates(_read(cert_chain, "certificate chain") or b"")
         except ValueError as e:
             raise ShieldError(f"{cert_chain}: not a PEM certificate chain") from e
+    elif vcek:
+        chain = TrustStore().certificates() or None  # ASK/ARK from `shieldml trust import|fetch`
     try:
         claims = verify_evidence(
             data, tee=tee, collateral=col, vcek=_read(vcek, "VCEK"), cert_chain=chain,
@@ -226,3 +222,64 @@ def explain(ctx: click.Context, /, **kw: Any) -> None:
         m.add_row(name, escape(str(value)))
     m.add_row("report_data", d["report_data"])
     out.print(m)
+
+
+@click.group()
+def trust() -> None:
+    """Manage the local store of vendor certificates (Intel SGX root, AMD ARK/ASK/ASVK)."""
+
+
+_STORE = click.option(
+    "--store",
+    type=click.Path(file_okay=False),
+    help=f"Store directory (default {default_store()}).",
+)
+
+
+@trust.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@_STORE
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def trust_import(file: str, store: str | None, as_json: bool) -> None:
+    """Import vendor certificates from FILE (PEM or DER).
+
+    Refuses anything that is neither a pinned root nor signed by one.
+    """
+    ts = TrustStore(store)
+    _report(as_json, ts, ts.import_file(file))
+
+
+@trust.command("fetch")
+@_STORE
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def trust_fetch(store: str | None, as_json: bool) -> None:
+    """Download Intel's SGX root and AMD's chains, check them against the pins, store them."""
+    from shieldml.attest._fetch import http_fetcher
+
+    ts = TrustStore(store)
+    _report(as_json, ts, ts.fetch(http_fetcher()))
+
+
+@trust.command("list")
+@_STORE
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def trust_list(store: str | None, as_json: bool) -> None:
+    """List the stored vendor certificates."""
+    ts = TrustStore(store)
+    rows = [
+        {"subject": c.subject.rfc4514_string(), "sha256": fingerprint(c)} for c in ts.certificates()
+    ]
+    if as_json:
+        click.echo(json.dumps({"store": str(ts.dir), "certificates": rows}, indent=2))
+        return
+    for r in rows:
+        out.print(f"{r['sha256'][:16]}…  {escape(r['subject'])}")
+    if not rows:
+        out.print(f"{ts.dir}: empty (run `shieldml trust fetch` or `shieldml trust import FILE`)")
+
+
+def _report(as_json: bool, ts: TrustStore, names: list[str]) -> None:
+    if as_json:
+        click.echo(json.dumps({"store": str(ts.dir), "imported": names}, indent=2))
+    else:
+        out.print(f"stored {len(names)} certificate(s) in {ts.dir}: {', '.join(names)}")
