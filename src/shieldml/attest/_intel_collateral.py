@@ -137,12 +137,23 @@ def signed_member(body: bytes, member: str) -> tuple[bytes, bytes]:
 
 @dataclass(frozen=True)
 class TcbLevel:
+    """One TCB level. ``*_names`` label components ("BIOS Early Microcode Update") where known."""
+
     sgx_components: tuple[int, ...]
     pcesvn: int
     tdx_components: tuple[int, ...] | None
     date: str
     status: str
     advisory_ids: tuple[str, ...]
+    sgx_names: tuple[str, ...] = ()
+    tdx_names: tuple[str, ...] = ()
+
+
+def _names(components: list[dict[str, Any]]) -> tuple[str, ...]:
+    return tuple(
+        " ".join(str(c[k]) for k in ("category", "type") if c.get(k)) or f"component {i + 1}"
+        for i, c in enumerate(components)
+    )
 
 
 @dataclass(frozen=True)
@@ -185,10 +196,14 @@ class TcbInfo:
         levels = []
         for lv in d["tcbLevels"]:
             tcb = lv["tcb"]
+            sgx_names: tuple[str, ...] = ()
+            tdx_names: tuple[str, ...] = ()
             if version >= 3:
                 sgx = tuple(int(c["svn"]) for c in tcb["sgxtcbcomponents"])
+                sgx_names = _names(tcb["sgxtcbcomponents"])
                 tdx = tcb.get("tdxtcbcomponents")
                 tdx_t = tuple(int(c["svn"]) for c in tdx) if tdx is not None else None
+                tdx_names = _names(tdx) if tdx is not None else ()
             else:
                 sgx = tuple(int(tcb[f"sgxtcbcomp{i:02d}svn"]) for i in range(1, 17))
                 tdx_t = None
@@ -202,6 +217,8 @@ class TcbInfo:
                     str(lv.get("tcbDate", "")),
                     str(lv["tcbStatus"]),
                     tuple(lv.get("advisoryIDs", ())),
+                    sgx_names,
+                    tdx_names,
                 )
             )
 

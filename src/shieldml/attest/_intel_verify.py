@@ -371,7 +371,8 @@ def _tcb_status(
                 "no TCB level matches the platform (TCB not supported): evidence is not trusted",
                 expected="a TCB level with every component <= the platform's",
                 found=behind,
-                hint="the platform's TCB is older than any level Intel still evaluates; update BIOS/microcode",
+                hint="the platform's TCB is older than any level Intel still evaluates: "
+                + _update_hint(behind),
             )
         )
     status = _status(level.status, log)
@@ -397,7 +398,10 @@ def _tcb_status(
     hint = _HINTS.get(status)
     extra = f"; {hint}" if hint else ""
     if status is not S.UP_TO_DATE and info.levels:
-        extra += f"; behind the newest level: {_behind(info.levels[0], ext, tdx_svn)}"
+        behind = _behind(info.levels[0], ext, tdx_svn)
+        extra += f"; behind the newest level: {behind}"
+        if status in (S.OUT_OF_DATE, S.OUT_OF_DATE_CONFIGURATION_NEEDED):
+            extra += f"; {_update_hint(behind)}"
     log.ok(
         "TCB level",
         f"{detail} -> {status}"
@@ -407,9 +411,23 @@ def _tcb_status(
     return status, tuple(dict.fromkeys(advisories))
 
 
+def _update_hint(behind: str) -> str:
+    """Which kind of update the components named in ``behind`` call for."""
+    kinds = []
+    if "BIOS" in behind:
+        kinds.append("a BIOS (firmware/microcode) update")
+    if "OS/VMM" in behind or "PCESVN" in behind:
+        kinds.append("an OS/VMM update (late microcode, SEAMLDR, PCE)")
+    if "TDX Module" in behind or "TEE_TCB_SVN" in behind:
+        kinds.append("a TDX module update")
+    return " and ".join(kinds or ["a platform update"]) + " is needed"
+
+
 def _behind(newest: TcbLevel, ext: PckExtension, tdx_svn: bytes | None) -> str:
+    names = newest.sgx_names or tuple(f"component {i + 1}" for i in range(16))
+    tdx_names = newest.tdx_names or tuple(f"TEE_TCB_SVN[{i}]" for i in range(16))
     parts = [
-        f"SGX component {i + 1}: {have} < {want}"
+        f"SGX {names[i]} (#{i + 1}): {have} < {want}"
         for i, (want, have) in enumerate(
             zip(newest.sgx_components, ext.cpu_svn_components, strict=True)
         )
@@ -419,7 +437,7 @@ def _behind(newest: TcbLevel, ext: PckExtension, tdx_svn: bytes | None) -> str:
         parts.append(f"PCESVN {ext.pcesvn} < {newest.pcesvn}")
     if tdx_svn is not None and newest.tdx_components is not None:
         parts += [
-            f"TEE_TCB_SVN[{i}]: {tdx_svn[i]} < {newest.tdx_components[i]}"
+            f"TDX {tdx_names[i]} (TEE_TCB_SVN[{i}]): {tdx_svn[i]} < {newest.tdx_components[i]}"
             for i in range(16)
             if tdx_svn[i] < newest.tdx_components[i] and not (tdx_svn[1] > 0 and i < 2)
         ]
