@@ -32,6 +32,7 @@ fmt: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_files.py --markdown docs/benchmarks.md
+	$(BIN)/python benchmarks/bench_attest.py --markdown docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

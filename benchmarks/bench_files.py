@@ -290,9 +290,9 @@ def render(result: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def write_page(path: Path, table: str) -> None:
-    """Replace the generated section of the benchmarks page, keeping the hand-written text."""
-    start, end = "<!-- bench_files:start -->", "<!-- bench_files:end -->"
+def write_page(path: Path, table: str, section: str = "bench_files") -> None:
+    """Replace one generated section of the benchmarks page, keeping the hand-written text."""
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     text = path.read_text() if path.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
     head, _, rest = text.partition(start)
     _, _, tail = rest.partition(end)
