@@ -46,7 +46,9 @@ def cases(vectors: Path) -> dict[str, Callable[[], object]]:
     trust: TrustAnchors = plat.trust()
     now = datetime.now(UTC)
     sq, scol = plat.tdx_quote(now=now)
-    out["TDX quote v4 (simulated)"] = lambda: verify_evidence(sq, collateral=scol, now=now, trust=trust)
+    out["TDX quote v4 (simulated)"] = lambda: verify_evidence(
+        sq, collateral=scol, now=now, trust=trust
+    )
     return out
 
 
@@ -55,7 +57,11 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--markdown", help="write the results into this page")
     args = ap.parse_args()
-    vectors = Path(os.environ.get("SHIELDML_VECTORS", Path(__file__).resolve().parents[2] / "shared" / "vectors"))
+    vectors = Path(
+        os.environ.get(
+            "SHIELDML_VECTORS", Path(__file__).resolve().parents[2] / "shared" / "vectors"
+        )
+    )
     if not vectors.is_dir():
         print(f"vectors not found at {vectors}; set SHIELDML_VECTORS", file=sys.stderr)
         return 1
