@@ -22,7 +22,7 @@ from shieldml.attest import IntelCollateral, TrustAnchors, verify_evidence
 from shieldml.attest.simulated import SimulatedPlatform
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_files import write_page  # noqa: E402
+from bench_files import write_page
 
 
 def cases(vectors: Path) -> dict[str, Callable[[], object]]:
