@@ -171,7 +171,8 @@ def verify(ctx: click.Context, /, as_json: bool, **kw: Any) -> None:
         else:
             out.print(f"[bold red]not genuine:[/bold red] {escape(error.diagnostics())}")
         ctx.exit(1)
-    assert claims is not None
+    if claims is None:  # unreachable: _verify returns claims or an error
+        raise ShieldError("no result")
     if as_json:
         click.echo(json.dumps(claims.to_dict(), indent=2))
         return
@@ -210,7 +211,8 @@ def explain(ctx: click.Context, /, **kw: Any) -> None:
     if error is not None:
         out.print(f"[bold red]verdict: not genuine[/bold red]\n{escape(error.diagnostics())}")
         ctx.exit(1)
-    assert claims is not None
+    if claims is None:  # unreachable: _verify returns claims or an error
+        raise ShieldError("no result")
     d = claims.to_dict()
     out.print(
         f"[bold green]verdict: genuine[/bold green] {d['tee']}, TCB {d['tcb_status'] or 'n/a'}, debug {'on' if d['debug'] else 'off'}, root {d['root']}"

@@ -124,10 +124,6 @@ class Claims:
     verified_at: datetime
     checks: tuple[Check, ...]
 
-    @property
-    def genuine(self) -> bool:
-        return True
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "genuine": True,

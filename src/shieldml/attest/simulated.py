@@ -146,6 +146,12 @@ class SimulatedPlatform:
         anchors = anchors or TrustAnchors()
         return anchors.with_simulated(self.certs["intel_root"]).with_simulated(self.certs["ark"])
 
+    def _ec(self, name: str) -> ec.EllipticCurvePrivateKey:
+        key = self.keys[name]
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise TypeError(f"simulated platform key {name} is not an EC key")
+        return key
+
     @property
     def intel_root(self) -> x509.Certificate:
         return self.certs["intel_root"]
@@ -301,8 +307,7 @@ class SimulatedPlatform:
         }  # fmt: skip
         tcb_raw = json.dumps(info, separators=(",", ":")).encode()
         qe_raw = json.dumps(qe, separators=(",", ":")).encode()
-        signer = self.keys["tcb_signing"]
-        assert isinstance(signer, ec.EllipticCurvePrivateKey)
+        signer = self._ec("tcb_signing")
         chain = [self.certs["tcb_signing"], self.certs["intel_root"]]
         return IntelCollateral(
             pck_crl_issuer_chain=[self.certs["pck_ca"], self.certs["intel_root"]],
@@ -317,10 +322,7 @@ class SimulatedPlatform:
         )
 
     def _quote(self, version: int, tee_type: int, body: bytes) -> bytes:
-        att, pck = self.keys["att"], self.keys["pck"]
-        assert isinstance(att, ec.EllipticCurvePrivateKey) and isinstance(
-            pck, ec.EllipticCurvePrivateKey
-        )
+        att, pck = self._ec("att"), self._ec("pck")
         header = HEADER.pack(version, 2, tee_type, 8, PCESVN, INTEL_QE_VENDOR_ID, bytes(20))
         signed = header + body
         att_pub = att.public_key().public_bytes(
@@ -420,8 +422,7 @@ class SimulatedPlatform:
         r[0x1A0:0x1E0] = self.chip_id
         struct.pack_into("<Q", r, 0x1E0, tcb)
         struct.pack_into("<Q", r, 0x1F0, tcb)
-        vcek = self.keys["vcek"]
-        assert isinstance(vcek, ec.EllipticCurvePrivateKey)
+        vcek = self._ec("vcek")
         r[SIGNED_SIZE : SIGNED_SIZE + 144] = (
             lambda s: s[:48].ljust(72, b"\0") + s[48:].ljust(72, b"\0")
         )(_raw_sig(vcek, bytes(r[:SIGNED_SIZE]), 48, little=True))
