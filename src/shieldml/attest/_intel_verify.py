@@ -182,7 +182,7 @@ def verify_quote(
     log.ok("quote signature", "header and report body signed by the attestation key")
     tcb = _tcb_info(quote, ext, collateral, now, trust, log)  # 8
     identity = _qe_identity(quote, collateral, now, trust, log)  # 9
-    status, advisories = _tcb_status(quote, ext, tcb, identity, qe, log)  # 10
+    status, advisories = _tcb_status(quote, ext, tcb, identity, log)  # 10
     return _claims(quote, ext, status, advisories, root_kind, now, log)
 
 
@@ -347,7 +347,6 @@ def _tcb_status(
     ext: PckExtension,
     info: TcbInfo,
     qe_result: tuple[S, tuple[str, ...], int],
-    qe: SgxReportBody,
     log: CheckLog,
 ) -> tuple[S, tuple[str, ...]]:
     body = quote.body
