@@ -15,7 +15,7 @@ LIMIT = 150 * 1000 * 1000
 
 SCRIPT = textwrap.dedent(
     """
-    import json, os, resource, sys
+    import json, os, sys
     from shieldml.files import Format, decrypt_file, encrypt_file, generate_key
     fmt, d = Format(sys.argv[1]), sys.argv[2]
     plain, enc, out = f"{d}/plain", f"{d}/enc", f"{d}/out"
@@ -26,7 +26,9 @@ SCRIPT = textwrap.dedent(
     os.unlink(plain)
     decrypt_file(enc, out, key, bind="/p")
     ok = os.path.getsize(out) == int(sys.argv[3])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM is this process image's own peak; ru_maxrss would include the parent's RSS at fork
+    with open("/proc/self/status") as f:
+        peak = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
     print(json.dumps({"maxrss": peak, "ok": ok}))
     """
 )
