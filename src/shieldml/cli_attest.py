@@ -117,7 +117,7 @@ def _options(f: Any) -> Any:
             click.option(
                 "--vcek",
                 type=click.Path(exists=True, dir_okay=False),
-                help="SEV-SNP VCEK/VLEK (DER or PEM).",
+                help="SEV-SNP VCEK/VLEK (DER or PEM), or the extended report's certificate table.",
             ),
             click.option(
                 "--cert-chain",

@@ -77,3 +77,26 @@ def test_simulated_collateral_expires(platform: SimulatedPlatform):
     quote, col = platform.sgx_quote(now=NOW)
     with pytest.raises(ExpiredError):
         verify_evidence(quote, collateral=col, now=NOW + timedelta(days=45), trust=platform.trust())
+
+
+def test_snp_certificates_from_the_extended_report(platform: SimulatedPlatform):
+    """VCEK and ASK/ARK can come with the evidence, as the extended report's certificate table."""
+    report, _, _ = platform.snp_report(report_data=b"t" * 64)
+    claims = verify_evidence(
+        report, vcek=platform.snp_cert_table(), now=NOW, trust=platform.trust()
+    )
+    assert claims.report_data == b"t" * 64
+
+
+def test_cert_table_bounds():
+    from shieldml.attest._snp import build_cert_table, parse_cert_table
+    from shieldml.errors import FormatError
+
+    table = build_cert_table({"vcek": b"abc"})
+    assert parse_cert_table(table) == {"vcek": b"abc"}
+    with pytest.raises(FormatError):
+        parse_cert_table(table[:30])  # not terminated
+    bad = bytearray(table)
+    bad[20:24] = (10_000).to_bytes(4, "little")  # length past the end
+    with pytest.raises(FormatError):
+        parse_cert_table(bytes(bad))

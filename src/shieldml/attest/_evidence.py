@@ -14,12 +14,23 @@ from shieldml.attest._intel_collateral import IntelCollateral
 from shieldml.attest._intel_quote import TEE_TDX
 from shieldml.attest._intel_verify import verify_quote
 from shieldml.attest._ratls import extract
-from shieldml.attest._snp import HCL_OFFSET, REPORT_SIZE, verify_report
+from shieldml.attest._snp import (
+    HCL_OFFSET,
+    REPORT_SIZE,
+    load_certificate,
+    parse_cert_table,
+    verify_report,
+)
 from shieldml.attest._trust import TrustAnchors
 from shieldml.errors import AttestationError, CollateralError, FormatError
 
 TEE_CHOICES = ("auto", "sgx", "tdx", "snp", "ratls")
 MAX_EVIDENCE = 64 * 1024
+
+
+def _is_cert_table(data: bytes) -> bool:
+    """An SEV-SNP certificate table starts with a GUID, not with a DER SEQUENCE or PEM text."""
+    return len(data) >= 24 and data[0] != 0x30 and not data.lstrip().startswith(b"-----BEGIN")
 
 
 def detect_tee(data: bytes) -> str:
@@ -61,6 +72,11 @@ def verify_evidence(
     at = now or datetime.now(UTC)
     anchors = trust or TrustAnchors()
     if kind == "snp":
+        if vcek is not None and _is_cert_table(vcek):  # certificates from the extended report
+            table = parse_cert_table(vcek)
+            vcek = table.get("vcek") or table.get("vlek")
+            if cert_chain is None and "ask" in table and "ark" in table:
+                cert_chain = [load_certificate(table["ask"]), load_certificate(table["ark"])]
         if vcek is None or cert_chain is None:
             raise CollateralError(
                 "endorsement",

@@ -13,6 +13,8 @@ Verification pipeline:
 
 from __future__ import annotations
 
+import struct
+import uuid
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
@@ -129,6 +131,52 @@ class SnpReport:
         if fam == 0x1A and model <= 0x11:
             return "Turin"
         return None
+
+
+# SNP extended-report certificate table (GHCB spec, SNP_GET_EXT_REPORT; configfs-tsm "auxblob"):
+# entries of GUID (16 bytes, little-endian mixed as in the spec) + offset u32 + length u32, ended by
+# an all-zero entry; offsets are from the start of the table.
+CERT_TABLE_GUIDS = {
+    "vcek": "63da758d-e664-4564-adc5-f4b93be8accd",
+    "vlek": "a8074bc2-a25a-483e-aae6-39c045a0b8a1",
+    "ask": "4ab7b379-bbac-4fe4-a02f-05aef327c782",
+    "ark": "c0b406a4-a803-4952-9743-3fb6014cd0ae",
+}
+_TABLE_ENTRY = struct.Struct("<16sII")
+MAX_TABLE_ENTRIES = 16
+
+
+def parse_cert_table(blob: bytes) -> dict[str, bytes]:
+    """The certificates an SEV-SNP extended report carries, by name (vcek, vlek, ask, ark)."""
+
+    names = {uuid.UUID(v).bytes_le: k for k, v in CERT_TABLE_GUIDS.items()}
+    out: dict[str, bytes] = {}
+    for i in range(MAX_TABLE_ENTRIES + 1):
+        pos = i * _TABLE_ENTRY.size
+        if pos + _TABLE_ENTRY.size > len(blob):
+            raise FormatError("SEV-SNP certificate table is not terminated")
+        guid, offset, length = _TABLE_ENTRY.unpack_from(blob, pos)
+        if guid == bytes(16) and offset == 0 and length == 0:
+            return out
+        if offset + length > len(blob) or length > MAX_CERT:
+            raise FormatError("SEV-SNP certificate table entry runs past the end")
+        name = names.get(guid)
+        if name is not None:
+            out[name] = blob[offset : offset + length]
+    raise FormatError(f"SEV-SNP certificate table has more than {MAX_TABLE_ENTRIES} entries")
+
+
+def build_cert_table(certs: dict[str, bytes]) -> bytes:
+    """The inverse of :func:`parse_cert_table` (used by the simulated platform)."""
+
+    header = _TABLE_ENTRY.size * (len(certs) + 1)
+    entries, body = b"", b""
+    for name, der in certs.items():
+        entries += _TABLE_ENTRY.pack(
+            uuid.UUID(CERT_TABLE_GUIDS[name]).bytes_le, header + len(body), len(der)
+        )
+        body += der
+    return entries + bytes(_TABLE_ENTRY.size) + body
 
 
 def load_certificate(data: bytes) -> x509.Certificate:

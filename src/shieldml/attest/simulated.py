@@ -30,7 +30,7 @@ from cryptography.x509.oid import NameOID
 from shieldml.attest import _der
 from shieldml.attest._intel_collateral import SGX_EXTENSION_OID, IntelCollateral
 from shieldml.attest._intel_quote import HEADER, INTEL_QE_VENDOR_ID, TEE_SGX, TEE_TDX
-from shieldml.attest._snp import AMD_OID, REPORT_SIZE, SIGNED_SIZE
+from shieldml.attest._snp import AMD_OID, REPORT_SIZE, SIGNED_SIZE, build_cert_table
 from shieldml.attest._trust import TrustAnchors
 
 ORG = "shieldml simulated"
@@ -428,6 +428,13 @@ class SimulatedPlatform:
         )(_raw_sig(vcek, bytes(r[:SIGNED_SIZE]), 48, little=True))
         der = self.certs["vcek"].public_bytes(serialization.Encoding.DER)
         return bytes(r), der, [self.certs["ask"], self.certs["ark"]]
+
+    def snp_cert_table(self) -> bytes:
+        """The certificate table an extended report carries (configfs-tsm ``auxblob``)."""
+        der = serialization.Encoding.DER
+        return build_cert_table(
+            {k: self.certs[k].public_bytes(der) for k in ("vcek", "ask", "ark")}
+        )
 
 
 SNP_TCB = {"bl": 3, "tee": 0, "snp": 8, "ucode": 115}
