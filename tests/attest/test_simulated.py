@@ -100,3 +100,17 @@ def test_cert_table_bounds():
     bad[20:24] = (10_000).to_bytes(4, "little")  # length past the end
     with pytest.raises(FormatError):
         parse_cert_table(bytes(bad))
+
+
+def test_snp_chosen_tcb(platform: SimulatedPlatform):
+    report, vcek, chain = platform.snp_report(reported_tcb={"snp": 3, "ucode": 200}, now=NOW)
+    claims = verify_evidence(report, vcek=vcek, cert_chain=chain, now=NOW, trust=platform.trust())
+    assert (
+        claims.platform["reported_tcb_snp"] == "3"
+        and claims.platform["reported_tcb_ucode"] == "200"
+    )
+    _, default_vcek, _ = platform.snp_report()
+    with pytest.raises(AttestationError, match="REPORTED_TCB does not match"):
+        verify_evidence(
+            report, vcek=default_vcek, cert_chain=chain, now=NOW, trust=platform.trust()
+        )

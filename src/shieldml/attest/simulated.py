@@ -244,11 +244,11 @@ class SimulatedPlatform:
         )
         return x509.UnrecognizedExtension(x509.ObjectIdentifier(o), value)
 
-    def _vcek_extensions(self) -> list[x509.ExtensionType]:
+    def _vcek_extensions(self, tcb: dict[str, int] | None = None) -> list[x509.ExtensionType]:
         def ext(suffix: str, value: bytes) -> x509.UnrecognizedExtension:
             return x509.UnrecognizedExtension(x509.ObjectIdentifier(f"{AMD_OID}.{suffix}"), value)
 
-        tcb = SNP_TCB
+        tcb = tcb or SNP_TCB
         return [
             ext("1", _der.encode_int(0)),
             ext("2", _der.encode(_der.IA5STRING, b"Milan-B0")),
@@ -408,12 +408,19 @@ class SimulatedPlatform:
         policy: int = 0x30000,
         vmpl: int = 0,
         debug: bool = False,
+        reported_tcb: dict[str, int] | None = None,
+        now: datetime | None = None,
     ) -> tuple[bytes, bytes, list[x509.Certificate]]:
-        """An SEV-SNP report v2, its VCEK (DER) and the ASK + ARK chain."""
+        """An SEV-SNP report v2, its VCEK (DER) and the ASK + ARK chain.
+
+        ``reported_tcb`` (keys bl, tee, snp, ucode) picks the platform's TCB; as with AMD's KDS,
+        the VCEK returned certifies exactly that TCB.
+        """
+        spl = {**SNP_TCB, **(reported_tcb or {})}
         r = bytearray(REPORT_SIZE)
         struct.pack_into("<IIQ", r, 0, 2, 0, policy | ((1 << 19) if debug else 0))
         struct.pack_into("<II", r, 0x30, vmpl, 1)
-        tcb = SNP_TCB["bl"] | SNP_TCB["tee"] << 8 | SNP_TCB["snp"] << 48 | SNP_TCB["ucode"] << 56
+        tcb = spl["bl"] | spl["tee"] << 8 | spl["snp"] << 48 | spl["ucode"] << 56
         struct.pack_into("<Q", r, 0x38, tcb)
         r[0x050:0x090] = report_data.ljust(64, b"\0")
         r[0x090:0x0C0] = measurement
@@ -426,8 +433,27 @@ class SimulatedPlatform:
         r[SIGNED_SIZE : SIGNED_SIZE + 144] = (
             lambda s: s[:48].ljust(72, b"\0") + s[48:].ljust(72, b"\0")
         )(_raw_sig(vcek, bytes(r[:SIGNED_SIZE]), 48, little=True))
-        der = self.certs["vcek"].public_bytes(serialization.Encoding.DER)
+        cert = self.certs["vcek"]
+        if spl != SNP_TCB:
+            cert = self._vcek_for(spl, now or datetime.now(UTC))
+        der = cert.public_bytes(serialization.Encoding.DER)
         return bytes(r), der, [self.certs["ask"], self.certs["ark"]]
+
+    def _vcek_for(self, spl: dict[str, int], now: datetime) -> x509.Certificate:
+        saved = self.certs["vcek"]
+        try:
+            self._cert(
+                "vcek",
+                "SEV-VCEK",
+                "ask",
+                "SEV-Milan",
+                now,
+                ca=False,
+                extensions=self._vcek_extensions(spl),
+            )
+            return self.certs["vcek"]
+        finally:
+            self.certs["vcek"] = saved
 
     def snp_cert_table(self) -> bytes:
         """The certificate table an extended report carries (configfs-tsm ``auxblob``)."""
