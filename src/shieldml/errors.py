@@ -21,6 +21,8 @@ reading a closed file). The CLI catches ``ShieldError`` once and prints
         ├── RevokedError            a certificate in the chain is revoked
         ├── CollateralError         collateral is missing, malformed or does not fit the evidence
         └── TcbError                no TCB level matches, or the matched level is Revoked
+    ├── PolicyError                 a release policy that is malformed, empty or has unknown fields
+    └── PolicyDenied                genuine evidence that the policy does not accept (has the verdict)
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ __all__ = [
     "KeyFileError",
     "NotProtectedError",
     "OutputExistsError",
+    "PolicyDenied",
+    "PolicyError",
     "RevokedError",
     "ShieldError",
     "TcbError",
@@ -167,3 +171,15 @@ class CollateralError(AttestationError):
 
 class TcbError(AttestationError):
     """No TCB level matches the platform, or the matched level is Revoked."""
+
+
+class PolicyError(ShieldError):
+    """A release policy that cannot be used: malformed, empty, unknown fields, bad values."""
+
+
+class PolicyDenied(ShieldError):  # noqa: N818 - the name the API promises
+    """Evidence is genuine but no profile of the policy accepts it; ``verdict`` lists every check."""
+
+    def __init__(self, message: str, verdict: object, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.verdict = verdict

@@ -1,0 +1,20 @@
+"""Release policies: "is this genuine TEE what the owner expects?" -> a Verdict.
+
+Policies are TOML data (see :mod:`shieldml.policy._model`), deny by default, evaluate every clause
+of every profile and report all failures at once. They consume only verified
+:class:`shieldml.attest.Claims`.
+"""
+
+from shieldml.policy._model import ANY, Policy, Profile
+from shieldml.policy._verdict import PolicyCheck, ProfileResult, Verdict, evaluate, require
+
+__all__ = [
+    "ANY",
+    "Policy",
+    "PolicyCheck",
+    "Profile",
+    "ProfileResult",
+    "Verdict",
+    "evaluate",
+    "require",
+]

@@ -1,0 +1,232 @@
+"""Release policies as data: a TOML file that mirrors these frozen objects one to one.
+
+```toml
+version = 1
+
+[[profile]]                      # any one profile may match
+tee = "sgx"
+mrenclave = ["33d8...2fbb"]      # a list of accepted values, or "any"
+mrsigner = "any"
+isv_prod_id = 0
+min_isv_svn = 0
+workload_digest = ["sha256:..."]
+tcb_status = ["UpToDate"]        # default; OutOfDate* needs insecure_allow_out_of_date
+advisory_ids = []                # allowed advisories; default none
+```
+
+Every reference field of a profile's TEE must be set; ``"any"`` skips one explicitly. Unknown
+fields, empty policies and profiles that pin no measurement at all are errors, never passes.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from shieldml.attest import TcbStatus, TeeKind
+from shieldml.errors import PolicyError
+
+ANY = "any"
+MAX_POLICY = 256 * 1024
+OUT_OF_DATE = {TcbStatus.OUT_OF_DATE, TcbStatus.OUT_OF_DATE_CONFIGURATION_NEEDED}
+INSECURE = (
+    "insecure_allow_debug",
+    "insecure_allow_simulated",
+    "insecure_allow_custom_root",
+    "insecure_allow_out_of_date",
+)
+COMMON = {"tee", "workload_digest", "tcb_status", "advisory_ids", "description", *INSECURE}
+#: reference fields per TEE: name -> (kind, byte length for hex values)
+FIELDS: dict[TeeKind, dict[str, tuple[str, int]]] = {
+    TeeKind.SGX: {
+        "mrenclave": ("hexlist", 32),
+        "mrsigner": ("hexlist", 32),
+        "isv_prod_id": ("int", 0),
+        "min_isv_svn": ("int", 0),
+    },
+    TeeKind.TDX: {
+        "mrtd": ("hexlist", 48),
+        "rtmr0": ("hexlist", 48),
+        "rtmr1": ("hexlist", 48),
+        "rtmr2": ("hexlist", 48),
+        "rtmr3": ("hexlist", 48),
+        "mr_config_id": ("hexlist", 48),
+    },
+    TeeKind.SNP: {
+        "measurement": ("hexlist", 48),
+        "host_data": ("hexlist", 32),
+        "min_reported_tcb": ("tcb", 0),
+        "vmpl": ("int", 0),
+    },
+}
+#: a profile must pin at least one of these (a policy that accepts any code is not a policy)
+IDENTITY = {
+    TeeKind.SGX: ("mrenclave", "mrsigner"),
+    TeeKind.TDX: ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3"),
+    TeeKind.SNP: ("measurement", "host_data"),
+}
+TCB_PARTS = ("bl", "tee", "snp", "ucode", "fmc")
+Value = tuple[bytes, ...] | int | dict[str, int] | str
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One accepted configuration. ``refs`` maps each reference field to its value or ``"any"``."""
+
+    tee: TeeKind
+    refs: dict[str, Value]
+    workload_digests: tuple[str, ...] | None  # None = any
+    tcb_statuses: frozenset[TcbStatus]
+    advisory_ids: frozenset[str] | None  # None = any
+    insecure: frozenset[str] = frozenset()
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A release policy: accepted when any profile matches."""
+
+    profiles: tuple[Profile, ...]
+    source: str = field(default="", compare=False)
+
+    @classmethod
+    def from_toml(cls, text: str, name: str = "policy") -> Policy:
+        if len(text) > MAX_POLICY:
+            raise PolicyError(f"{name}: policy larger than {MAX_POLICY} bytes")
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise PolicyError(f"{name}: not valid TOML: {e}") from e
+        return cls.from_dict(doc, name, source=text)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], name: str = "policy", source: str = "") -> Policy:
+        unknown = set(doc) - {"version", "profile"}
+        if unknown:
+            raise PolicyError(f"{name}: unknown top-level field(s): {', '.join(sorted(unknown))}")
+        if doc.get("version", 1) != 1:
+            raise PolicyError(f"{name}: unsupported policy version {doc.get('version')!r}")
+        profiles = doc.get("profile")
+        if not isinstance(profiles, list) or not profiles:
+            raise PolicyError(
+                f"{name}: a policy needs at least one [[profile]]",
+                hint="an empty policy would accept nothing, or everything; neither is meant",
+            )
+        return cls(
+            tuple(_profile(p, f"{name}: profile {i + 1}") for i, p in enumerate(profiles)), source
+        )
+
+
+def _profile(p: Any, where: str) -> Profile:
+    if not isinstance(p, dict):
+        raise PolicyError(f"{where}: must be a table")
+    try:
+        tee = TeeKind(str(p.get("tee")))
+    except ValueError:
+        raise PolicyError(f"{where}: tee must be one of sgx, tdx, snp") from None
+    fields = FIELDS[tee]
+    unknown = set(p) - COMMON - set(fields)
+    if unknown:
+        raise PolicyError(
+            f"{where}: unknown field(s) for {tee}: {', '.join(sorted(unknown))}",
+            hint=f"{tee} profiles take: {', '.join(sorted(fields))}",
+        )
+    missing = [f for f in (*fields, "workload_digest") if f not in p]
+    if missing:
+        raise PolicyError(
+            f'{where}: every field must be set (use "any" to skip one): missing {", ".join(missing)}'
+        )
+    refs = {f: _value(p[f], kind, size, f"{where}: {f}") for f, (kind, size) in fields.items()}
+    if all(refs[f] == ANY for f in IDENTITY[tee]):
+        raise PolicyError(
+            f"{where}: pins none of {', '.join(IDENTITY[tee])}",
+            hint="a profile must name the code it accepts",
+        )
+    insecure = frozenset(k for k in INSECURE if _bool(p.get(k, False), f"{where}: {k}"))
+    statuses = _statuses(p.get("tcb_status", ["UpToDate"]), where)
+    if statuses & OUT_OF_DATE and "insecure_allow_out_of_date" not in insecure:
+        raise PolicyError(
+            f"{where}: accepting an out-of-date TCB needs insecure_allow_out_of_date = true"
+        )
+    if (
+        tee is TeeKind.SNP
+        and refs["min_reported_tcb"] == ANY
+        and "insecure_allow_out_of_date" not in insecure
+    ):
+        raise PolicyError(
+            f'{where}: min_reported_tcb = "any" needs insecure_allow_out_of_date = true'
+        )
+    digests = p["workload_digest"]
+    wd = None if digests == ANY else tuple(_strings(digests, f"{where}: workload_digest"))
+    adv = p.get("advisory_ids", [])
+    advisories = (
+        None if adv == ANY else frozenset(_strings(adv, f"{where}: advisory_ids", allow_empty=True))
+    )
+    desc = p.get("description", "")
+    if not isinstance(desc, str):
+        raise PolicyError(f"{where}: description must be a string")
+    return Profile(tee, refs, wd, statuses, advisories, insecure, desc)
+
+
+def _bool(v: Any, where: str) -> bool:
+    if not isinstance(v, bool):
+        raise PolicyError(f"{where}: must be true or false")
+    return v
+
+
+def _strings(v: Any, where: str, *, allow_empty: bool = False) -> list[str]:
+    items = [v] if isinstance(v, str) else v
+    if (
+        not isinstance(items, list)
+        or not all(isinstance(x, str) and x for x in items)
+        or (not items and not allow_empty)
+    ):
+        raise PolicyError(f'{where}: must be a string, a non-empty list of strings, or "any"')
+    return items
+
+
+def _statuses(v: Any, where: str) -> frozenset[TcbStatus]:
+    out = set()
+    for s in _strings(v, f"{where}: tcb_status"):
+        try:
+            st = TcbStatus(s)
+        except ValueError:
+            raise PolicyError(
+                f"{where}: unknown TCB status {s!r}",
+                hint=f"one of {', '.join(t.value for t in TcbStatus)}",
+            ) from None
+        if st is TcbStatus.REVOKED:
+            raise PolicyError(f"{where}: a Revoked TCB can never be accepted")
+        out.add(st)
+    return frozenset(out)
+
+
+def _value(v: Any, kind: str, size: int, where: str) -> Value:
+    if v == ANY:
+        return ANY
+    if kind == "int":
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise PolicyError(f'{where}: must be a non-negative integer or "any"')
+        return v
+    if kind == "tcb":
+        if (
+            not isinstance(v, dict)
+            or not v
+            or set(v) - set(TCB_PARTS)
+            or not all(isinstance(x, int) and 0 <= x < 256 for x in v.values())
+        ):
+            raise PolicyError(
+                f'{where}: must be a table of {", ".join(TCB_PARTS)} (0-255) or "any"'
+            )
+        return dict(v)
+    values = []
+    for s in _strings(v, where):
+        try:
+            raw = bytes.fromhex(s.removeprefix("0x"))
+        except ValueError:
+            raise PolicyError(f"{where}: {s!r} is not hex") from None
+        if len(raw) != size:
+            raise PolicyError(f"{where}: {s!r} has {len(raw)} bytes, expected {size}")
+        values.append(raw)
+    return tuple(values)

@@ -1,0 +1,234 @@
+"""Evaluate a policy against verified Claims: every check of every profile, then one verdict.
+
+The gate (:func:`require`) raises :class:`~shieldml.errors.PolicyDenied` carrying the verdict;
+:func:`evaluate` returns it for explanations. Policies see only ``Claims``, never raw evidence.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from shieldml.attest import Claims, RootKind, TeeKind
+from shieldml.errors import PolicyDenied
+from shieldml.policy._model import ANY, Policy, Profile
+
+log = logging.getLogger("shieldml.policy")
+
+#: reference field -> (Claims.measurements attribute, comparison)
+_ATTR = {
+    "mrenclave": ("mrenclave", "in"),
+    "mrsigner": ("mrsigner", "in"),
+    "isv_prod_id": ("isv_prod_id", "eq"),
+    "min_isv_svn": ("isv_svn", "ge"),
+    "mrtd": ("mrtd", "in"),
+    "rtmr0": ("rtmr0", "in"),
+    "rtmr1": ("rtmr1", "in"),
+    "rtmr2": ("rtmr2", "in"),
+    "rtmr3": ("rtmr3", "in"),
+    "mr_config_id": ("mr_config_id", "in"),
+    "measurement": ("measurement", "in"),
+    "host_data": ("host_data", "in"),
+    "vmpl": ("vmpl", "eq"),
+}
+_HINTS = {
+    "tee": "this profile is for another kind of TEE",
+    "root": "evidence from simulated or custom roots is not hardware; allow it only for tests (insecure_allow_*)",
+    "debug": "a debug TEE lets the host read its memory; run the workload with debug off",
+    "tcb_status": "the platform needs the updates its advisories name, or the policy must knowingly accept this status",
+    "advisory_ids": "the platform is exposed to advisories the owner has not accepted",
+    "workload_digest": "the job (manifest or trusted files) differs from the one the owner approved: `shieldml job measure`",
+    "min_reported_tcb": "the platform firmware is older than the policy allows",
+}
+
+
+@dataclass(frozen=True)
+class PolicyCheck:
+    name: str
+    passed: bool
+    expected: str
+    actual: str
+    hint: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "name": self.name,
+            "passed": self.passed,
+            "expected": self.expected,
+            "actual": self.actual,
+        }
+        if not self.passed and self.hint:
+            d["hint"] = self.hint
+        return d
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    index: int
+    tee: str
+    checks: tuple[PolicyCheck, ...]
+    insecure_used: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "profile": self.index,
+            "tee": self.tee,
+            "passed": self.passed,
+            "insecure_used": list(self.insecure_used),
+            "checks": [c.to_dict() for c in self.checks],
+        }
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Every check of every profile; ``allowed`` when one profile passed all of its checks."""
+
+    allowed: bool
+    matched: int | None
+    profiles: tuple[ProfileResult, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "allowed": self.allowed,
+            "matched_profile": self.matched,
+            "profiles": [p.to_dict() for p in self.profiles],
+        }
+
+    def failures(self) -> list[str]:
+        """One sentence per failed check, profile by profile."""
+        return [
+            f"profile {p.index}: {c.name}: expected {c.expected}, found {c.actual}"
+            + (f" ({c.hint})" if c.hint else "")
+            for p in self.profiles
+            for c in p.checks
+            if not c.passed
+        ]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, tuple):
+        return " or ".join(_fmt(x) for x in v) if v else "(none)"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}>={x}" for k, x in v.items())
+    return str(v)
+
+
+def _check_profile(
+    i: int, p: Profile, claims: Claims, workload_digest: str | None
+) -> ProfileResult:
+    checks: list[PolicyCheck] = []
+    used: list[str] = []
+
+    def add(name: str, ok: bool, expected: str, actual: str) -> None:
+        checks.append(
+            PolicyCheck(
+                name,
+                ok,
+                expected,
+                actual,
+                _HINTS.get(name, "the TEE runs other code than the owner approved"),
+            )
+        )
+
+    def insecure(switch: str, needed: bool) -> bool:
+        if needed and switch in p.insecure:
+            used.append(switch)
+            return True
+        return not needed
+
+    add("tee", claims.tee is p.tee, p.tee.value, claims.tee.value)
+    if claims.tee is not p.tee:
+        return ProfileResult(i, p.tee.value, tuple(checks))
+    root_ok = claims.root is RootKind.VENDOR or insecure(
+        "insecure_allow_simulated"
+        if claims.root is RootKind.SIMULATED
+        else "insecure_allow_custom_root",
+        True,
+    )
+    add("root", root_ok, "vendor", claims.root.value)
+    add(
+        "debug",
+        insecure("insecure_allow_debug", claims.debug),
+        "off",
+        "on" if claims.debug else "off",
+    )
+    if claims.tee is not TeeKind.SNP:
+        st = claims.tcb_status
+        add(
+            "tcb_status",
+            st in p.tcb_statuses,
+            _fmt(tuple(sorted(s.value for s in p.tcb_statuses))),
+            st.value if st else "none",
+        )
+        if p.advisory_ids is not None:
+            extra = sorted(set(claims.advisory_ids) - p.advisory_ids)
+            add(
+                "advisory_ids",
+                not extra,
+                "only " + (", ".join(sorted(p.advisory_ids)) or "none"),
+                ", ".join(extra) or "none",
+            )
+    m = claims.measurements
+    for name, ref in p.refs.items():
+        if ref == ANY:
+            continue
+        if isinstance(ref, dict):  # min_reported_tcb: every part at least the policy's
+            have = {k: int(claims.platform.get(f"reported_tcb_{k}", "-1")) for k in ref}
+            add(
+                name,
+                all(have[k] >= v for k, v in ref.items()),
+                _fmt(ref),
+                ", ".join(f"{k}={v}" for k, v in have.items()),
+            )
+            continue
+        attr, op = _ATTR[name]
+        actual = getattr(m, attr)
+        if op == "in":
+            ok = actual in ref  # type: ignore[operator]
+        elif op == "eq":
+            ok = actual == ref
+        else:
+            ok = isinstance(ref, int) and actual >= ref
+        expected = _fmt(ref) if op != "ge" else f">= {ref}"
+        add(name, ok, expected, _fmt(actual))
+    if p.workload_digests is not None:
+        wd = workload_digest or "none reported"
+        add("workload_digest", workload_digest in p.workload_digests, _fmt(p.workload_digests), wd)
+    return ProfileResult(i, p.tee.value, tuple(checks), tuple(used))
+
+
+def evaluate(policy: Policy, claims: Claims, workload_digest: str | None = None) -> Verdict:
+    """Run every check of every profile (no short-cut), so a denial can list all failures."""
+    results = tuple(
+        _check_profile(i + 1, p, claims, workload_digest) for i, p in enumerate(policy.profiles)
+    )
+    matched = next((r.index for r in results if r.passed), None)
+    if matched is not None:
+        for switch in results[matched - 1].insecure_used:
+            log.warning(
+                "insecure: policy switch %s was used to accept %s evidence",
+                switch,
+                claims.tee.value,
+            )
+    return Verdict(matched is not None, matched, results)
+
+
+def require(policy: Policy, claims: Claims, workload_digest: str | None = None) -> Verdict:
+    """The gate: the verdict if some profile accepts the claims, :class:`PolicyDenied` otherwise."""
+    verdict = evaluate(policy, claims, workload_digest)
+    if not verdict.allowed:
+        failures = verdict.failures()
+        raise PolicyDenied(
+            "policy denied: "
+            + (failures[0] if len(failures) == 1 else f"{len(failures)} checks failed"),
+            verdict,
+            hint="; ".join(failures[:6]),
+        )
+    return verdict
