@@ -34,7 +34,7 @@ def policy() -> None:
 def check(policy_file: str, as_json: bool) -> None:
     """Validate POLICY: schema, values, and that every profile pins the code it accepts."""
     pol = _load(policy_file)
-    summary = [
+    summary: list[dict[str, Any]] = [
         {"profile": i + 1, "tee": p.tee.value, "insecure": sorted(p.insecure)}
         for i, p in enumerate(pol.profiles)
     ]
