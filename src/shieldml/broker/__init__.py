@@ -1,0 +1,1 @@
+"""The key broker: releases keys only to attested TEEs whose evidence passes the key's policy."""

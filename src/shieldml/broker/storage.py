@@ -1,0 +1,390 @@
+"""Broker state through SQLAlchemy: SQLite (default, embedded) or PostgreSQL (replicas).
+
+Tables: ``keys`` (wrapped by the key-encryption key), ``policies``, ``nonces`` (single use,
+enforced by one conditional UPDATE, so it holds across replicas), ``audit`` (hash chain, appended
+under a row lock on ``meta.audit_head``), ``meta`` (admin token hash, audit head).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from shieldml.errors import IntegrityError, ShieldError
+
+md = sa.MetaData()
+keys_t = sa.Table(
+    "keys",
+    md,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("format", sa.String(16), nullable=False),
+    sa.Column("kek_id", sa.String(32), nullable=False),
+    sa.Column("wrapped", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+policies_t = sa.Table(
+    "policies",
+    md,
+    sa.Column("key_name", sa.String(128), primary_key=True),
+    sa.Column("toml", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+nonces_t = sa.Table(
+    "nonces",
+    md,
+    sa.Column("nonce", sa.String(64), primary_key=True),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("used", sa.Boolean, nullable=False, default=False),
+)
+audit_t = sa.Table(
+    "audit",
+    md,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("at", sa.String(32), nullable=False),
+    sa.Column("event", sa.String(32), nullable=False),
+    sa.Column("data", sa.Text, nullable=False),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+)
+meta_t = sa.Table(
+    "meta",
+    md,
+    sa.Column("k", sa.String(64), primary_key=True),
+    sa.Column("v", sa.Text, nullable=False),
+)
+GENESIS = "0" * 64
+NAME_MAX = 128
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def record_hash(prev: str, seq: int, at: str, event: str, data: str) -> str:
+    """Each audit record hashes its predecessor's hash and its own canonical content."""
+    body = json.dumps(
+        {"seq": seq, "at": at, "event": event, "data": data}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(bytes.fromhex(prev) + body.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    seq: int
+    at: str
+    event: str
+    data: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "at": self.at,
+            "event": self.event,
+            "data": self.data,
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        }
+
+
+class Kek:
+    """The key-encryption key file (32 bytes, mode 0600); keys are AES-256-GCM wrapped under it."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.id = hashlib.sha256(b"shieldml kek id" + key).hexdigest()[:32]
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> Kek:
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+        data = path.read_bytes()
+        if len(data) != 32:
+            raise ShieldError(f"{path}: a key-encryption key file holds 32 bytes")
+        return cls(data)
+
+    def wrap(self, name: str, fmt: str, secret: bytes) -> bytes:
+        nonce = secrets.token_bytes(12)
+        return nonce + AESGCM(self.key).encrypt(nonce, secret, f"{name}\0{fmt}".encode())
+
+    def unwrap(self, name: str, fmt: str, wrapped: bytes) -> bytes:
+        try:
+            return AESGCM(self.key).decrypt(wrapped[:12], wrapped[12:], f"{name}\0{fmt}".encode())
+        except InvalidTag:
+            raise IntegrityError(
+                f"key {name}", "key store", reason="wrapped key failed authentication"
+            ) from None
+
+
+class Store:
+    """All broker state. ``url``: ``sqlite:///path`` or ``postgresql+psycopg://...``."""
+
+    def __init__(self, url: str, state_dir: Path) -> None:
+        self.url = url
+        self.state_dir = state_dir
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        else:
+            kwargs.update(pool_size=16, max_overflow=16, pool_pre_ping=True)
+        self.engine = sa.create_engine(url, **kwargs)
+        self.sqlite = self.engine.dialect.name == "sqlite"
+        if self.sqlite:
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            sa.event.listen(
+                self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE")
+            )
+        self._lock = threading.Lock()  # SQLite writers in one process
+        md.create_all(self.engine)
+        self.keks = self._load_keks()
+
+    # -- keys ---------------------------------------------------------------------------------
+    def _load_keks(self) -> dict[str, Kek]:
+        keks = {}
+        for name in ("kek", "kek.new"):
+            p = self.state_dir / name
+            if name == "kek" or p.exists():
+                k = Kek.load_or_create(p)
+                keks[k.id] = k
+        self.kek = Kek.load_or_create(self.state_dir / "kek")
+        return keks
+
+    @contextmanager
+    def tx(self) -> Iterator[sa.Connection]:
+        if self.sqlite:
+            with self._lock, self.engine.begin() as conn:
+                yield conn
+        else:
+            with self.engine.begin() as conn:
+                yield conn
+
+    def put_key(self, name: str, fmt: str, secret: bytes, *, replace: bool = False) -> None:
+        _check_name(name)
+        row = {
+            "name": name,
+            "format": fmt,
+            "kek_id": self.kek.id,
+            "wrapped": self.kek.wrap(name, fmt, secret),
+            "created_at": _now(),
+        }
+        with self.tx() as c:
+            exists = c.execute(sa.select(keys_t.c.name).where(keys_t.c.name == name)).first()
+            if exists and not replace:
+                raise ShieldError(f"key {name!r} already exists")
+            if exists:
+                c.execute(keys_t.update().where(keys_t.c.name == name).values(**row))
+            else:
+                c.execute(keys_t.insert().values(**row))
+
+    def get_key(self, name: str) -> tuple[str, bytes] | None:
+        with self.engine.connect() as c:
+            r = c.execute(sa.select(keys_t).where(keys_t.c.name == name)).first()
+        if r is None:
+            return None
+        kek = self.keks.get(r.kek_id)
+        if kek is None:
+            raise ShieldError(
+                f"key {name!r} is wrapped under an unknown key-encryption key {r.kek_id}"
+            )
+        return r.format, kek.unwrap(name, r.format, r.wrapped)
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            rows = c.execute(
+                sa.select(
+                    keys_t.c.name,
+                    keys_t.c.format,
+                    keys_t.c.created_at,
+                    policies_t.c.key_name.isnot(None).label("has_policy"),
+                )
+                .select_from(keys_t.outerjoin(policies_t, policies_t.c.key_name == keys_t.c.name))
+                .order_by(keys_t.c.name)
+            ).all()
+        return [
+            {
+                "name": r.name,
+                "format": r.format,
+                "created_at": r.created_at.isoformat(),
+                "has_policy": bool(r.has_policy),
+            }
+            for r in rows
+        ]
+
+    def rotate_kek(self) -> int:
+        """Re-wrap every key under a fresh KEK; crash-safe (old KEK kept until the swap)."""
+        new_path = self.state_dir / "kek.new"
+        new_path.unlink(missing_ok=True)
+        new = Kek.load_or_create(new_path)
+        self.keks[new.id] = new
+        with self.tx() as c:
+            rows = c.execute(sa.select(keys_t)).all()
+            for r in rows:
+                secret = self.keks[r.kek_id].unwrap(r.name, r.format, r.wrapped)
+                c.execute(
+                    keys_t.update()
+                    .where(keys_t.c.name == r.name)
+                    .values(kek_id=new.id, wrapped=new.wrap(r.name, r.format, secret))
+                )
+        os.replace(new_path, self.state_dir / "kek")
+        self.kek = new
+        self.keks = {new.id: new}
+        return len(rows)
+
+    # -- policies -----------------------------------------------------------------------------
+    def set_policy(self, name: str, toml: str) -> None:
+        with self.tx() as c:
+            if c.execute(sa.select(keys_t.c.name).where(keys_t.c.name == name)).first() is None:
+                raise ShieldError(f"no key named {name!r}")
+            c.execute(policies_t.delete().where(policies_t.c.key_name == name))
+            c.execute(policies_t.insert().values(key_name=name, toml=toml, updated_at=_now()))
+
+    def get_policy(self, name: str) -> str | None:
+        with self.engine.connect() as c:
+            r = c.execute(sa.select(policies_t.c.toml).where(policies_t.c.key_name == name)).first()
+        return None if r is None else str(r.toml)
+
+    # -- nonces -------------------------------------------------------------------------------
+    def new_nonce(self, ttl: timedelta) -> tuple[bytes, datetime]:
+        nonce, expires = secrets.token_bytes(32), _now() + ttl
+        with self.tx() as c:
+            c.execute(nonces_t.insert().values(nonce=nonce.hex(), expires_at=expires, used=False))
+            c.execute(nonces_t.delete().where(nonces_t.c.expires_at < _now() - timedelta(hours=1)))
+        return nonce, expires
+
+    def consume_nonce(self, nonce: bytes) -> bool:
+        """True exactly once for a live nonce, across every replica sharing the database."""
+        with self.tx() as c:
+            res = c.execute(
+                nonces_t.update()
+                .where(
+                    nonces_t.c.nonce == nonce.hex(),
+                    nonces_t.c.used.is_(False),
+                    nonces_t.c.expires_at > _now(),
+                )
+                .values(used=True)
+            )
+            return res.rowcount == 1
+
+    # -- audit --------------------------------------------------------------------------------
+    def audit(self, event: str, data: dict[str, Any]) -> int:
+        """Append a record to the hash chain; returns its sequence number."""
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        with self.tx() as c:
+            head = c.execute(
+                sa.select(meta_t.c.v).where(meta_t.c.k == "audit_head").with_for_update()
+            ).first()
+            if head is None:
+                c.execute(meta_t.insert().values(k="audit_head", v=f"0:{GENESIS}"))
+                head_v = f"0:{GENESIS}"
+            else:
+                head_v = head.v
+            last, prev = head_v.split(":")
+            seq = int(last) + 1
+            at = _now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            h = record_hash(prev, seq, at, event, text)
+            c.execute(
+                audit_t.insert().values(
+                    seq=seq, at=at, event=event, data=text, prev_hash=prev, hash=h
+                )
+            )
+            c.execute(meta_t.update().where(meta_t.c.k == "audit_head").values(v=f"{seq}:{h}"))
+        return seq
+
+    def audit_head(self) -> tuple[int, str]:
+        with self.engine.connect() as c:
+            r = c.execute(sa.select(meta_t.c.v).where(meta_t.c.k == "audit_head")).first()
+        if r is None:
+            return 0, GENESIS
+        seq, h = str(r.v).split(":")
+        return int(seq), h
+
+    def audit_records(self, after: int = 0, limit: int = 1000) -> list[AuditRecord]:
+        with self.engine.connect() as c:
+            rows = c.execute(
+                sa.select(audit_t).where(audit_t.c.seq > after).order_by(audit_t.c.seq).limit(limit)
+            ).all()
+        return [
+            AuditRecord(r.seq, r.at, r.event, json.loads(r.data), r.prev_hash, r.hash) for r in rows
+        ]
+
+    # -- admin token --------------------------------------------------------------------------
+    def init_admin_token(self) -> str | None:
+        """Create the admin token on first start; return it (once) or None if it exists."""
+        token = secrets.token_urlsafe(32)
+        with self.tx() as c:
+            if c.execute(sa.select(meta_t.c.v).where(meta_t.c.k == "admin_token_sha256")).first():
+                return None
+            c.execute(
+                meta_t.insert().values(
+                    k="admin_token_sha256", v=hashlib.sha256(token.encode()).hexdigest()
+                )
+            )
+        return token
+
+    def check_admin_token(self, token: str) -> bool:
+        with self.engine.connect() as c:
+            r = c.execute(sa.select(meta_t.c.v).where(meta_t.c.k == "admin_token_sha256")).first()
+        return r is not None and hmac.compare_digest(
+            str(r.v), hashlib.sha256(token.encode()).hexdigest()
+        )
+
+
+def verify_chain(
+    records: list[AuditRecord], head: tuple[int, str] | None = None
+) -> tuple[bool, str]:
+    """Check contiguity from 1, every hash, and (if given) that the chain ends at ``head``.
+
+    ``head`` (sequence number and hash of the last record) catches deletion of the newest records,
+    which a chain on its own cannot show; ``shieldml audit verify`` remembers it between runs.
+    """
+    prev, expected = GENESIS, 1
+    for r in records:
+        if r.seq != expected:
+            return False, f"record {expected} is missing (found {r.seq}): deleted or reordered"
+        if r.prev_hash != prev:
+            return False, f"record {r.seq} does not follow record {r.seq - 1}"
+        data = json.dumps(r.data, sort_keys=True, separators=(",", ":"))
+        if record_hash(prev, r.seq, r.at, r.event, data) != r.hash:
+            return False, f"record {r.seq} was modified"
+        prev, expected = r.hash, expected + 1
+    if head is not None and head[0] > 0:
+        last = records[head[0] - 1].hash if len(records) >= head[0] else None
+        if last != head[1]:
+            return (
+                False,
+                f"the chain no longer contains record {head[0]} as last seen: records were removed or rewritten",
+            )
+    return True, f"{len(records)} records, chain intact"
+
+
+def _check_name(name: str) -> None:
+    if not name or len(name) > NAME_MAX or not all(ch.isalnum() or ch in "-_." for ch in name):
+        raise ShieldError(
+            f"invalid key name {name!r}: letters, digits, '-', '_', '.', at most {NAME_MAX}"
+        )
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # let the "begin" listener issue BEGIN IMMEDIATE
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()

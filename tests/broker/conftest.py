@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from shieldml.attest.simulated import SimulatedPlatform
+from shieldml.broker import protocol
+from shieldml.broker.service import Settings, create_app
+from shieldml.broker.storage import Store
+
+MRENCLAVE = b"\x5a" * 32
+WD = "sha256:" + "cd" * 32
+POLICY = f"""
+[[profile]]
+tee = "sgx"
+mrenclave = ["{MRENCLAVE.hex()}"]
+mrsigner = "any"
+isv_prod_id = 0
+min_isv_svn = 0
+workload_digest = ["{WD}"]
+insecure_allow_simulated = true
+"""
+
+
+@pytest.fixture(scope="session")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> SimulatedPlatform:
+    return SimulatedPlatform.open(tmp_path_factory.mktemp("sim"))
+
+
+@dataclass
+class Broker:
+    client: TestClient
+    store: Store
+    token: str
+
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+def make_broker(url: str, state: Path, sim: SimulatedPlatform) -> Broker:
+    store = Store(url, state)
+    token = store.init_admin_token()
+    assert token is not None
+    app = create_app(store, Settings(trust=sim.trust()))
+    return Broker(TestClient(app), store, token)
+
+
+@pytest.fixture
+def broker(tmp_path: Path, sim: SimulatedPlatform) -> Iterator[Broker]:
+    b = make_broker(f"sqlite:///{tmp_path}/broker.db", tmp_path / "state", sim)
+    yield b
+    b.store.engine.dispose()
+
+
+def release_request(
+    b: Broker, sim: SimulatedPlatform, keys: list[str], *, mrenclave: bytes = MRENCLAVE, wd: str = WD,
+    kem: str = "X25519", tamper_binding: bool = False,
+) -> tuple[dict[str, Any], protocol.RunnerKey]:  # fmt: skip
+    nonce = bytes.fromhex(b.client.post("/v1/challenge").json()["nonce"])
+    rk = protocol.RunnerKey.generate(kem)
+    rd = protocol.report_data(nonce, rk.kem_id, rk.public_bytes, wd)
+    if tamper_binding:
+        rd = bytes(64)
+    quote, col = sim.sgx_quote(report_data=rd, mrenclave=mrenclave, now=datetime.now(UTC))
+    body = {
+        "nonce": nonce.hex(),
+        "evidence": base64.b64encode(quote).decode(),
+        "collateral": __import__("json").loads(col.to_json()),
+        "hpke_kem": kem,
+        "hpke_public_key": base64.b64encode(rk.public_bytes).decode(),
+        "workload_digest": wd,
+        "keys": keys,
+    }
+    return body, rk
