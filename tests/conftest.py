@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.pg import PgCluster
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,3 +37,24 @@ def vector_plaintext(n: int) -> bytes:
         out += hashlib.sha256(b"shieldml-vector" + counter.to_bytes(4, "big")).digest()
         counter += 1
     return bytes(out[:n])
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One throw-away PostgreSQL cluster per test session (skipped if the binaries are absent)."""
+    cluster = PgCluster()
+    reason = cluster.available
+    if reason:
+        pytest.skip(reason)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+_db_counter = itertools.count()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgCluster) -> str:
+    """A fresh, empty database in the session's cluster."""
+    return pg_cluster.create_database(f"test_{os.getpid()}_{next(_db_counter)}")

@@ -52,9 +52,17 @@ def make_broker(url: str, state: Path, sim: SimulatedPlatform) -> Broker:
     return Broker(TestClient(app), store, token)
 
 
-@pytest.fixture
-def broker(tmp_path: Path, sim: SimulatedPlatform) -> Iterator[Broker]:
-    b = make_broker(f"sqlite:///{tmp_path}/broker.db", tmp_path / "state", sim)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def broker(
+    request: pytest.FixtureRequest, tmp_path: Path, sim: SimulatedPlatform
+) -> Iterator[Broker]:
+    """The broker on SQLite and on PostgreSQL (a fresh database in a throw-away cluster)."""
+    url = (
+        f"sqlite:///{tmp_path}/broker.db"
+        if request.param == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    b = make_broker(url, tmp_path / "state", sim)
     yield b
     b.store.engine.dispose()
 
