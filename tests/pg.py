@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -96,12 +97,10 @@ class PgCluster:
 
     def stop(self) -> None:
         if (self.dir / "data" / "postmaster.pid").exists():
-            try:
+            with contextlib.suppress(subprocess.SubprocessError):
                 self._run(
                     str(self.pg_ctl), "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop"
                 )
-            except subprocess.SubprocessError:
-                pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def url(self, database: str = "postgres") -> str:

@@ -28,6 +28,7 @@ from rich.progress import (
 
 from shieldml import __version__
 from shieldml.cli_attest import attest, trust
+from shieldml.cli_broker import audit, broker
 from shieldml.cli_policy import policy
 from shieldml.errors import IntegrityError, ShieldError
 from shieldml.files import Format, _tree, generate_key, inspect_file, load_key, write_key_file
@@ -221,6 +222,8 @@ def inspect(path: str, key_path: str | None, as_json: bool) -> None:
 cli.add_command(attest)
 cli.add_command(trust)
 cli.add_command(policy)
+cli.add_command(broker)
+cli.add_command(audit)
 
 
 @cli.command()

@@ -1,0 +1,172 @@
+"""A Python client for the broker (httpx), used by the runner and the CLI.
+
+TLS is pinned: give the broker's certificate fingerprint (SHA-256 of its DER) and the client trusts
+exactly that certificate, checked during the handshake, before any request (or token) is sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import ssl
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from shieldml.broker import protocol
+from shieldml.broker.server import cert_fingerprint
+from shieldml.errors import PolicyDenied, ShieldError
+
+
+class BrokerError(ShieldError):
+    """The broker refused a request; ``status`` and ``detail`` say why."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        text = detail if isinstance(detail, str) else json.dumps(detail, indent=1)[:2000]
+        super().__init__(f"broker answered {status}: {text}")
+        self.status = status
+        self.detail = detail
+
+
+def pinned_context(url: str, fingerprint: str) -> ssl.SSLContext:
+    """An SSL context that trusts only the certificate with ``fingerprint`` at ``url``."""
+    u = urllib.parse.urlsplit(url)
+    try:
+        pem = ssl.get_server_certificate((u.hostname or "localhost", u.port or 443), timeout=10)
+    except OSError as e:
+        raise ShieldError(f"{url}: cannot reach the broker: {e}") from e
+    got = cert_fingerprint(pem.encode())
+    if got != fingerprint.lower().replace(":", ""):
+        raise ShieldError(
+            f"{url}: TLS certificate fingerprint {got} is not the pinned one",
+            hint="check --fingerprint; a different certificate may mean an impostor",
+        )
+    ctx = ssl.create_default_context(cadata=pem)
+    ctx.check_hostname = False  # the pin replaces the name check; the chain is verified against it
+    return ctx
+
+
+@dataclass
+class ReleasedKeys:
+    keys: dict[str, tuple[str, bytes]]  # name -> (format, key)
+    audit_seq: int
+    tee: str
+
+
+class BrokerClient:
+    def __init__(
+        self,
+        url: str,
+        *,
+        fingerprint: str | None = None,
+        token: str | None = None,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        verify: ssl.SSLContext | bool = True
+        if transport is None and self.url.startswith("https://") and fingerprint:
+            verify = pinned_context(self.url, fingerprint)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(
+            base_url=self.url, verify=verify, timeout=timeout, headers=headers, transport=transport
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> BrokerClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            raise ShieldError(f"{self.url}{path}: {e}") from e
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            if r.status_code == 403 and isinstance(detail, dict) and "verdicts" in detail:
+                raise PolicyDenied(
+                    "the broker's policy denied the release", detail, hint=json.dumps(detail)[:1000]
+                )
+            raise BrokerError(r.status_code, detail)
+        return r.json()
+
+    # -- runner side ----------------------------------------------------------------------------
+    def challenge(self) -> bytes:
+        return bytes.fromhex(self._call("POST", "/v1/challenge")["nonce"])
+
+    def release(
+        self,
+        nonce: bytes,
+        runner_key: protocol.RunnerKey,
+        workload_digest: str,
+        keys: list[str],
+        evidence: bytes,
+        *,
+        tee: str = "auto",
+        collateral: dict[str, Any] | None = None,
+        vcek: bytes | None = None,
+        cert_chain: str | None = None,
+    ) -> ReleasedKeys:
+        body: dict[str, Any] = {
+            "nonce": nonce.hex(),
+            "tee": tee,
+            "evidence": base64.b64encode(evidence).decode(),
+            "hpke_kem": runner_key.kem,
+            "hpke_public_key": base64.b64encode(runner_key.public_bytes).decode(),
+            "workload_digest": workload_digest,
+            "keys": keys,
+        }
+        if collateral is not None:
+            body["collateral"] = collateral
+        if vcek is not None:
+            body["vcek"] = base64.b64encode(vcek).decode()
+        if cert_chain is not None:
+            body["cert_chain"] = cert_chain
+        doc = self._call("POST", "/v1/release", json=body)
+        out = {
+            n: (k["format"], runner_key.open(n, base64.b64decode(k["sealed"])))
+            for n, k in doc["keys"].items()
+        }
+        return ReleasedKeys(out, doc["audit_seq"], doc["tee"])
+
+    # -- admin side -----------------------------------------------------------------------------
+    def add_key(
+        self, name: str, fmt: str = "stream", key: bytes | None = None, *, replace: bool = False
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "format": fmt, "replace": replace}
+        if key is not None:
+            body["key"] = base64.b64encode(key).decode()
+        return dict(self._call("POST", "/v1/admin/keys", json=body))
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/admin/keys"))
+
+    def set_policy(self, name: str, toml: str) -> dict[str, Any]:
+        return dict(
+            self._call(
+                "PUT", f"/v1/admin/keys/{urllib.parse.quote(name)}/policy", json={"toml": toml}
+            )
+        )
+
+    def audit(self, after: int = 0, limit: int = 1000) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/admin/audit", params={"after": after, "limit": limit}))
+
+    def audit_all(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        records: list[dict[str, Any]] = []
+        head: dict[str, Any] = {}
+        while True:
+            doc = self.audit(after=records[-1]["seq"] if records else 0, limit=5000)
+            head = doc["head"]
+            records += doc["records"]
+            if not doc["records"] or records[-1]["seq"] >= head["seq"]:
+                return records, head

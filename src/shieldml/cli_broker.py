@@ -1,0 +1,333 @@
+"""``shieldml broker ...`` and ``shieldml audit ...``: run the key broker and administer it."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.markup import escape
+
+from shieldml.cli_attest import out
+from shieldml.errors import ShieldError
+
+DEFAULT_URL = "https://127.0.0.1:8443"
+
+
+def _state(state: str | None) -> Path:
+    if state:
+        return Path(state)
+    home = os.environ.get("SHIELDML_HOME")
+    return (Path(home) if home else Path.home() / ".shieldml") / "broker"
+
+
+def _client(
+    url: str, fingerprint: str | None, token_file: str | None, need_token: bool = True
+) -> Any:
+    from shieldml.broker.client import BrokerClient
+
+    token = os.environ.get("SHIELDML_BROKER_TOKEN")
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as e:
+            raise ShieldError(f"{token_file}: cannot read the admin token: {e.strerror}") from e
+    if need_token and not token:
+        raise ShieldError(
+            "admin operations need the broker's token",
+            hint="--token-file FILE or SHIELDML_BROKER_TOKEN",
+        )
+    if url.startswith("https://") and not fingerprint:
+        raise ShieldError(
+            "pin the broker's TLS certificate with --fingerprint (printed by `shieldml broker serve`)"
+        )
+    return BrokerClient(url, fingerprint=fingerprint, token=token)
+
+
+def _conn(f: Any) -> Any:
+    f = click.option(
+        "--token-file",
+        type=click.Path(dir_okay=False),
+        help="Admin token (or SHIELDML_BROKER_TOKEN).",
+    )(f)
+    f = click.option(
+        "--fingerprint",
+        envvar="SHIELDML_BROKER_FINGERPRINT",
+        help="SHA-256 of the broker's TLS certificate.",
+    )(f)
+    return click.option(
+        "--url", envvar="SHIELDML_BROKER_URL", default=DEFAULT_URL, show_default=True
+    )(f)
+
+
+@click.group()
+def broker() -> None:
+    """The key broker: holds keys, releases them to attested TEEs under owner policies."""
+
+
+@broker.command()
+@click.option(
+    "--database",
+    help="SQLAlchemy URL (default: SQLite in the state directory); postgresql+psycopg://… for replicas.",
+)
+@click.option(
+    "--state",
+    type=click.Path(file_okay=False),
+    help="State directory (KEK, TLS key); default ~/.shieldml/broker.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8443, show_default=True)
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False))
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False))
+@click.option("--insecure-no-tls", is_flag=True, help="Plain HTTP (tests only; logged).")
+@click.option(
+    "--trust-root",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Extra root for evidence.",
+)
+@click.option("--insecure-custom-root", is_flag=True)
+@click.option(
+    "--simulated-platform",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="Trust this simulated platform's roots (tests, demo).",
+)
+@click.option(
+    "--admin-token-file",
+    type=click.Path(dir_okay=False),
+    help="On first start, also write the admin token here (mode 0600).",
+)
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option(
+    "--nonce-ttl",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds a challenge stays valid.",
+)
+def serve(database: str | None, state: str | None, host: str, port: int, tls_cert: str | None, tls_key: str | None,
+          insecure_no_tls: bool, trust_root: tuple[str, ...], insecure_custom_root: bool, simulated_platform: tuple[str, ...],
+          admin_token_file: str | None, workers: int, nonce_ttl: float) -> None:  # fmt: skip
+    """Run the broker (HTTPS by default, with a self-signed certificate made on first start)."""
+    import uvicorn
+
+    from shieldml.broker.server import BrokerConfig, self_signed
+    from shieldml.broker.storage import Store
+
+    state_dir = _state(state)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    url = database or f"sqlite:///{state_dir / 'broker.db'}"
+    cfg = BrokerConfig(
+        url, str(state_dir), trust_root, insecure_custom_root, simulated_platform, nonce_ttl
+    )
+    cfg.trust()  # fail early on bad roots
+    store = Store(url, state_dir)
+    token = store.init_admin_token()
+    store.engine.dispose()
+    if token:
+        out.print(f"admin token (shown once, stored only as a hash): [bold]{token}[/bold]")
+        if admin_token_file:
+            fd = os.open(admin_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+    ssl_kw: dict[str, Any] = {}
+    scheme = "http"
+    if not insecure_no_tls:
+        if bool(tls_cert) != bool(tls_key):
+            raise ShieldError("--tls-cert and --tls-key go together")
+        files = (Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None
+        tls = self_signed(state_dir, [host]) if files is None else None
+        cert, key = files or (tls.cert, tls.key)  # type: ignore[union-attr]
+        from shieldml.broker.server import cert_fingerprint
+
+        out.print(
+            f"TLS certificate fingerprint (clients pin it): [bold]{cert_fingerprint(cert.read_bytes())}[/bold]"
+        )
+        ssl_kw = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+        scheme = "https"
+    else:
+        out.print("[yellow]insecure: serving plain HTTP[/yellow]")
+    out.print(
+        f"broker listening on {scheme}://{host}:{port}  (database: {escape(url.split('@')[-1])})"
+    )
+    sys.stdout.flush()
+    os.environ["SHIELDML_BROKER_CONFIG"] = cfg.to_env()
+    uvicorn.run("shieldml.broker.server:app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level="warning", access_log=False, **ssl_kw)  # fmt: skip
+
+
+@broker.command("rotate-kek")
+@click.option("--database")
+@click.option("--state", type=click.Path(file_okay=False))
+def rotate_kek(database: str | None, state: str | None) -> None:
+    """Re-wrap every stored key under a new key-encryption key (data is not re-encrypted)."""
+    from shieldml.broker.storage import Store
+
+    state_dir = _state(state)
+    store = Store(database or f"sqlite:///{state_dir / 'broker.db'}", state_dir)
+    n = store.rotate_kek()
+    store.audit("kek_rotated", {"keys": n, "kek_id": store.kek.id})
+    out.print(f"re-wrapped {n} key(s) under KEK {store.kek.id}")
+
+
+@broker.group("key")
+def key_group() -> None:
+    """Keys held by the broker."""
+
+
+@key_group.command("add")
+@click.argument("name")
+@_conn
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["stream", "gramine-pf"]),
+    default="stream",
+    show_default=True,
+)
+@click.option(
+    "--key",
+    "key_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Raw key file; generated by the broker when absent.",
+)
+@click.option("--replace", is_flag=True)
+def key_add(
+    name: str,
+    url: str,
+    fingerprint: str | None,
+    token_file: str | None,
+    fmt: str,
+    key_file: str | None,
+    replace: bool,
+) -> None:
+    """Add (or generate) the key NAME."""
+    from shieldml.files import Format, load_key
+
+    key = load_key(key_file, Format(fmt)) if key_file else None
+    with _client(url, fingerprint, token_file) as c:
+        doc = c.add_key(name, fmt, key, replace=replace)
+    out.print(f"key {escape(name)} ({fmt}) stored; audit record {doc['audit_seq']}")
+
+
+@key_group.command("list")
+@_conn
+@click.option("--json", "as_json", is_flag=True)
+def key_list(url: str, fingerprint: str | None, token_file: str | None, as_json: bool) -> None:
+    """List the keys (never their values)."""
+    with _client(url, fingerprint, token_file) as c:
+        rows = c.list_keys()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        out.print(
+            f"{escape(r['name'])}  {r['format']}  policy: {'yes' if r['has_policy'] else '[red]none (denied)[/red]'}"
+        )
+
+
+@broker.group("policy")
+def policy_group() -> None:
+    """Release policies on the broker."""
+
+
+@policy_group.command("set")
+@click.argument("name")
+@click.argument("policy_file", metavar="POLICY", type=click.Path(exists=True, dir_okay=False))
+@_conn
+def policy_set(
+    name: str, policy_file: str, url: str, fingerprint: str | None, token_file: str | None
+) -> None:
+    """Set the release policy of key NAME from a TOML file (validated first)."""
+    from shieldml.policy import Policy
+
+    text = Path(policy_file).read_text(encoding="utf-8")
+    Policy.from_toml(text, policy_file)
+    with _client(url, fingerprint, token_file) as c:
+        doc = c.set_policy(name, text)
+    out.print(
+        f"policy of {escape(name)}: {doc['profiles']} profile(s); audit record {doc['audit_seq']}"
+    )
+
+
+@click.group()
+def audit() -> None:
+    """The broker's append-only, hash-chained audit log."""
+
+
+@audit.command("show")
+@_conn
+@click.option("--after", type=int, default=0)
+@click.option("--json", "as_json", is_flag=True)
+def audit_show(
+    url: str, fingerprint: str | None, token_file: str | None, after: int, as_json: bool
+) -> None:
+    """Print audit records."""
+    with _client(url, fingerprint, token_file) as c:
+        records, head = c.audit_all()
+    records = [r for r in records if r["seq"] > after]
+    if as_json:
+        click.echo(json.dumps({"head": head, "records": records}, indent=2))
+        return
+    for r in records:
+        allowed = r["data"].get("allowed")
+        mark = (
+            ""
+            if allowed is None
+            else ("[green]allowed[/green] " if allowed else "[red]denied[/red] ")
+        )
+        reason = r["data"].get("reason", "")
+        out.print(f"{r['seq']:>6} {r['at']} {r['event']:<12} {mark}{escape(str(reason))}")
+
+
+@audit.command("verify")
+@_conn
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False),
+    help="File remembering the last verified head (detects truncation).",
+)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def audit_verify(
+    ctx: click.Context,
+    /,
+    url: str,
+    fingerprint: str | None,
+    token_file: str | None,
+    checkpoint: str | None,
+    as_json: bool,
+) -> None:
+    """Check the whole chain: no record edited, deleted or reordered. Exit 1 if broken."""
+    from shieldml.broker.storage import AuditRecord, verify_chain
+
+    with _client(url, fingerprint, token_file) as c:
+        raw, head = c.audit_all()
+    records = [
+        AuditRecord(r["seq"], r["at"], r["event"], r["data"], r["prev_hash"], r["hash"])
+        for r in raw
+    ]
+    ok, reason = verify_chain(records, (head["seq"], head["hash"]))
+    if ok and checkpoint and Path(checkpoint).exists():
+        seen = json.loads(Path(checkpoint).read_text())
+        ok, reason = (
+            verify_chain(records, (seen["seq"], seen["hash"]))
+            if seen["seq"] <= len(records)
+            else (False, "the log is shorter than at the last verification")
+        )
+        if ok:
+            reason = f"{len(records)} records, chain intact, extends the checkpoint at record {seen['seq']}"
+    if ok and checkpoint:
+        Path(checkpoint).write_text(json.dumps(head))
+    if as_json:
+        click.echo(json.dumps({"ok": ok, "reason": reason, "head": head}, indent=2))
+    else:
+        out.print(
+            ("[green]ok[/green] " if ok else "[bold red]broken:[/bold red] ") + escape(reason)
+        )
+    if not ok:
+        ctx.exit(1)

@@ -1,0 +1,142 @@
+"""Real broker processes: TLS pinning, the CLI, and two replicas on one PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from shieldml.attest.simulated import SimulatedPlatform
+from shieldml.broker import protocol
+from shieldml.broker.client import BrokerClient, BrokerError
+from shieldml.broker.storage import AuditRecord, verify_chain
+from shieldml.cli import main
+from shieldml.errors import PolicyDenied, ShieldError
+from tests.broker.conftest import MRENCLAVE, POLICY, WD
+from tests.broker.procs import BrokerProcess, start_broker
+
+
+@pytest.fixture(scope="module")
+def sim_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("simplatform")
+    SimulatedPlatform.open(d)
+    return d
+
+
+def admin(bp: BrokerProcess) -> BrokerClient:
+    return BrokerClient(bp.url, fingerprint=bp.fingerprint, token=bp.token_file.read_text().strip())
+
+
+def attest_and_release(
+    bp: BrokerProcess, sim: SimulatedPlatform, keys: list[str], mrenclave: bytes = MRENCLAVE
+) -> dict[str, tuple[str, bytes]]:
+    with BrokerClient(bp.url, fingerprint=bp.fingerprint) as c:
+        nonce = c.challenge()
+        rk = protocol.RunnerKey.generate()
+        rd = protocol.report_data(nonce, rk.kem_id, rk.public_bytes, WD)
+        quote, col = sim.sgx_quote(report_data=rd, mrenclave=mrenclave, now=datetime.now(UTC))
+        return c.release(nonce, rk, WD, keys, quote, collateral=json.loads(col.to_json())).keys
+
+
+@pytest.fixture
+def served(tmp_path: Path, sim_dir: Path) -> Iterator[BrokerProcess]:
+    bp = start_broker(tmp_path / "state", "--simulated-platform", str(sim_dir))
+    yield bp
+    bp.stop()
+
+
+def test_tls_pinned_release_and_cli(
+    served: BrokerProcess, sim_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    sim = SimulatedPlatform.open(sim_dir)
+    key = tmp_path / "model.key"
+    assert main(["key", "new", str(key)]) == 0
+    conn = [
+        "--url",
+        served.url,
+        "--fingerprint",
+        served.fingerprint,
+        "--token-file",
+        str(served.token_file),
+    ]
+    assert main(["broker", "key", "add", "model", "--key", str(key), *conn]) == 0
+    pol = tmp_path / "p.toml"
+    pol.write_text(POLICY)
+    assert main(["broker", "policy", "set", "model", str(pol), *conn]) == 0
+    got = attest_and_release(served, sim, ["model"])
+    assert got["model"] == ("stream", key.read_bytes())
+    with pytest.raises(PolicyDenied):
+        attest_and_release(served, sim, ["model"], mrenclave=b"\x00" * 32)
+    capsys.readouterr()
+    checkpoint = tmp_path / "audit.checkpoint"
+    assert main(["audit", "verify", *conn, "--checkpoint", str(checkpoint), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    assert main(["audit", "show", *conn, "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)["records"]
+    assert [r["data"].get("allowed") for r in records if r["event"] == "release"] == [True, False]
+    assert main(["broker", "key", "list", *conn, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["has_policy"] is True
+
+
+def test_wrong_fingerprint_is_refused_before_any_request(served: BrokerProcess):
+    with pytest.raises(ShieldError, match="not the pinned one"):
+        BrokerClient(served.url, fingerprint="00" * 32, token="secret")
+
+
+def test_admin_token_is_required(served: BrokerProcess):
+    with (
+        BrokerClient(served.url, fingerprint=served.fingerprint, token="wrong") as c,
+        pytest.raises(BrokerError) as e,
+    ):
+        c.list_keys()
+    assert e.value.status == 401
+
+
+def test_two_replicas_share_nonces_and_one_audit_chain(tmp_path: Path, sim_dir: Path, pg_url: str):
+    sim = SimulatedPlatform.open(sim_dir)
+    state = tmp_path / "state"
+    a = start_broker(state, "--simulated-platform", str(sim_dir), database=pg_url)
+    b = start_broker(state, "--simulated-platform", str(sim_dir), database=pg_url)
+    try:
+        with admin(a) as c:
+            c.add_key("model", "stream", bytes(32))
+            c.set_policy("model", POLICY)
+        # a nonce issued by one replica and used there is refused by the other
+        with (
+            BrokerClient(a.url, fingerprint=a.fingerprint) as ca,
+            BrokerClient(b.url, fingerprint=b.fingerprint) as cb,
+        ):
+            nonce = ca.challenge()
+            rk = protocol.RunnerKey.generate()
+            quote, col = sim.sgx_quote(
+                report_data=protocol.report_data(nonce, rk.kem_id, rk.public_bytes, WD),
+                mrenclave=MRENCLAVE,
+            )
+            assert ca.release(
+                nonce, rk, WD, ["model"], quote, collateral=json.loads(col.to_json())
+            ).keys
+            with pytest.raises(BrokerError) as e:
+                cb.release(nonce, rk, WD, ["model"], quote, collateral=json.loads(col.to_json()))
+            assert e.value.status == 409
+        # concurrent releases through both replicas append to one consistent chain
+        with ThreadPoolExecutor(8) as pool:
+            results = list(
+                pool.map(lambda i: attest_and_release(a if i % 2 else b, sim, ["model"]), range(24))
+            )
+        assert all(r["model"][1] == bytes(32) for r in results)
+        with admin(b) as c:
+            raw, head = c.audit_all()
+        records = [
+            AuditRecord(r["seq"], r["at"], r["event"], r["data"], r["prev_hash"], r["hash"])
+            for r in raw
+        ]
+        ok, reason = verify_chain(records, (head["seq"], head["hash"]))
+        assert ok, reason
+        assert sum(1 for r in records if r.event == "release" and r.data["allowed"]) == 25
+    finally:
+        a.stop()
+        b.stop()
