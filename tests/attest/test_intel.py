@@ -194,3 +194,21 @@ def test_truncated_and_oversized_quotes(att: Path):
             Quote.from_bytes(raw[:n])
     with pytest.raises(FormatError, match="too large"):
         Quote.from_bytes(raw + bytes(70000))
+
+
+def test_verification_cache_reuses_only_what_is_identical_and_current(att: Path):
+    from shieldml.attest import VerificationCache
+
+    raw, col, t = load(att, "sgx")
+    cache = VerificationCache()
+    first = verify_quote(raw, col, now=t, trust=TrustAnchors(), cache=cache)
+    second = verify_quote(raw, col, now=t, trust=TrustAnchors(), cache=cache)
+    assert cache.hits > 0 and first.tcb_status == second.tcb_status and first.report_data == second.report_data
+    assert any("[cached]" in c.detail for c in second.checks)
+    bad = (att / "negative" / "sgx_v3_isv_sig_flipped.bin").read_bytes()
+    with pytest.raises(AttestationError, match="quote signature"):  # per-quote checks never cached
+        verify_quote(bad, col, now=t, trust=TrustAnchors(), cache=cache)
+    with pytest.raises(ExpiredError):  # outside the validity window the cache is not used
+        verify_quote(raw, col, now=REAL_NOW, trust=TrustAnchors(), cache=cache)
+    with pytest.raises(UntrustedRootError):  # other anchors, other cache entries
+        verify_quote(raw, col, now=t, trust=TrustAnchors(vendor={}), cache=cache)

@@ -5,7 +5,7 @@ roots, collateral at an explicit time, TCB levels) for Intel SGX/TDX DCAP quotes
 reports. The result is :class:`Claims`; acceptability (debug, measurements) is the policy's job.
 """
 
-from shieldml.attest._checks import Check
+from shieldml.attest._checks import Check, VerificationCache
 from shieldml.attest._claims import (
     Claims,
     SgxMeasurements,
@@ -46,6 +46,7 @@ __all__ = [
     "TeeKind",
     "TrustAnchors",
     "Vendor",
+    "VerificationCache",
     "detect_tee",
     "extract",
     "verify_evidence",

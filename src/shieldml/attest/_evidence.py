@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from cryptography import x509
 
-from shieldml.attest._checks import Check, CheckLog
+from shieldml.attest._checks import Check, CheckLog, VerificationCache
 from shieldml.attest._claims import Claims
 from shieldml.attest._intel_collateral import IntelCollateral
 from shieldml.attest._intel_quote import TEE_TDX
@@ -58,6 +58,7 @@ def verify_evidence(
     cert_chain: list[x509.Certificate] | None = None,
     now: datetime | None = None,
     trust: TrustAnchors | None = None,
+    cache: VerificationCache | None = None,
 ) -> Claims:
     """Verify SGX/TDX quotes, SEV-SNP reports or RA-TLS certificates; raise the failing check.
 
@@ -83,7 +84,7 @@ def verify_evidence(
                 "an SEV-SNP report needs its VCEK/VLEK and the ASK/ARK chain",
                 hint="pass --vcek and --cert-chain (AMD's key distribution service serves both)",
             )
-        return verify_report(data, vcek, cert_chain, now=at, trust=anchors)
+        return verify_report(data, vcek, cert_chain, now=at, trust=anchors, cache=cache)
     quote, binding = data, None
     if kind == "ratls":
         log = CheckLog()
@@ -98,7 +99,7 @@ def verify_evidence(
             "a DCAP quote needs its collateral (PCK CRL, TCB info, QE identity)",
             hint="pass --collateral (JSON), or fetch it from a PCCS",
         )
-    claims = verify_quote(quote, collateral, now=at, trust=anchors)
+    claims = verify_quote(quote, collateral, now=at, trust=anchors, cache=cache)
     if binding is None:
         return claims
     return replace(claims, checks=(Check("RA-TLS binding", True, binding), *claims.checks))

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from shieldml.attest._checks import CheckLog
+from shieldml.attest._checks import CheckLog, VerificationCache
 from shieldml.attest._claims import Claims, SgxMeasurements, TcbStatus, TdxMeasurements, TeeKind
 from shieldml.attest._intel_collateral import (
     EnclaveIdentity,
@@ -43,7 +43,7 @@ from shieldml.attest._intel_quote import (
     TdReportBody,
 )
 from shieldml.attest._trust import RootKind, TrustAnchors, Vendor
-from shieldml.attest._x509 import check_crl, cn, verify_chain
+from shieldml.attest._x509 import cert_bytes, check_crl, cn, verify_chain
 from shieldml.errors import (
     AttestationError,
     CollateralError,
@@ -93,10 +93,19 @@ def _signing_key(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:
 
 
 def verify_quote(
-    raw: bytes, collateral: IntelCollateral, *, now: datetime, trust: TrustAnchors
+    raw: bytes,
+    collateral: IntelCollateral,
+    *,
+    now: datetime,
+    trust: TrustAnchors,
+    cache: VerificationCache | None = None,
 ) -> Claims:
-    """Verify a DCAP quote; return its :class:`Claims` or raise the failing check."""
-    log = CheckLog()
+    """Verify a DCAP quote; return its :class:`Claims` or raise the failing check.
+
+    ``cache`` reuses chain, CRL and collateral-signature results across calls (see
+    :class:`VerificationCache`); every per-quote signature is always checked.
+    """
+    log = CheckLog(cache=cache)
     try:  # 1
         quote = Quote.from_bytes(raw)
     except FormatError as e:
@@ -199,11 +208,21 @@ def _signed_json(
     verify_chain(chain, Vendor.INTEL, trust, now, log, f"{name} signing chain")
     if len(chain) > 1:
         check_crl(collateral.root_ca_crl, chain[-1], chain[:-1], now, log, "root CA CRL")
+    key = log.cache.key("signed", name, raw, sig, cert_bytes(chain[0])) if log.cache else None
+    hit = log.cache.get(key, now) if log.cache is not None and key is not None else None
+    if hit is not None:
+        log.ok(name, hit[0] + " [cached]")
+        return
     if len(sig) != 64 or not _ecdsa_ok(_signing_key(chain[0]), sig, raw):
         raise log.fail(
             CollateralError(name, f"{name} signature does not verify over its exact JSON bytes")
         )
-    log.ok(name, f"{name} signed by '{cn(chain[0].subject)}'")
+    detail = f"{name} signed by '{cn(chain[0].subject)}'"
+    log.ok(name, detail)
+    if log.cache is not None and key is not None:
+        log.cache.put(
+            key, chain[0].not_valid_before_utc, chain[0].not_valid_after_utc, detail, None
+        )
 
 
 def _fresh(name: str, issue: datetime, nxt: datetime, now: datetime, log: CheckLog) -> None:

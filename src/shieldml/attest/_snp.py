@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from shieldml.attest import _der
-from shieldml.attest._checks import CheckLog
+from shieldml.attest._checks import CheckLog, VerificationCache
 from shieldml.attest._claims import Claims, SnpMeasurements, TeeKind
 from shieldml.attest._trust import TrustAnchors, Vendor
 from shieldml.attest._x509 import cn, verify_chain
@@ -243,9 +243,10 @@ def verify_report(
     *,
     now: datetime,
     trust: TrustAnchors,
+    cache: VerificationCache | None = None,
 ) -> Claims:
     """Verify an SEV-SNP report with its VCEK/VLEK and the ASK/ASVK + ARK certificates."""
-    log = CheckLog()
+    log = CheckLog(cache=cache)
     try:  # 1
         report = SnpReport.from_bytes(raw)
         cert = load_certificate(endorsement_cert)

@@ -58,6 +58,15 @@ class TrustAnchors:
     simulated: frozenset[str] = frozenset()
     custom: frozenset[str] = frozenset()
 
+    def key(self) -> str:
+        """A stable identity of these anchors (part of every cached verification result)."""
+        parts = [f"{v}:{','.join(sorted(fps))}" for v, fps in sorted(self.vendor.items())]
+        parts += [
+            "sim:" + ",".join(sorted(self.simulated)),
+            "custom:" + ",".join(sorted(self.custom)),
+        ]
+        return ";".join(parts)
+
     def with_simulated(self, root: x509.Certificate) -> TrustAnchors:
         """Also trust a simulated platform's root (results say ``root: simulated``)."""
         return replace(self, simulated=self.simulated | {fingerprint(root)})

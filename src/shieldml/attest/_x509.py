@@ -68,6 +68,15 @@ def verify_chain(
         raise log.fail(
             AttestationError("certificate chain", f"{what}: bad chain length {len(chain)}")
         )
+    key = None
+    if log.cache is not None:
+        key = log.cache.key(
+            "chain", vendor.value, trust.key(), what, *(cert_bytes(c) for c in chain)
+        )
+        hit = log.cache.get(key, now)
+        if hit is not None and isinstance(hit[1], RootKind):
+            log.ok("certificate chain", hit[0] + " [cached]")
+            return hit[1]
     root = chain[-1]
     try:
         kind = trust.classify(root, vendor, what)
@@ -78,10 +87,17 @@ def verify_chain(
         check_signed_by(cert, issuer, log, what)
     for cert in chain:
         check_validity(cert, now, log, what)
-    log.ok(
-        "certificate chain", f"{what}: {' <- '.join(cn(c.subject) for c in chain)} ({kind} root)"
-    )
+    detail = f"{what}: {' <- '.join(cn(c.subject) for c in chain)} ({kind} root)"
+    log.ok("certificate chain", detail)
+    if log.cache is not None and key is not None:
+        start = max(c.not_valid_before_utc for c in chain)
+        end = min(c.not_valid_after_utc for c in chain)
+        log.cache.put(key, start, end, detail, kind)
     return kind
+
+
+def cert_bytes(cert: x509.Certificate) -> bytes:
+    return cert.tbs_certificate_bytes + cert.signature
 
 
 def check_crl(
@@ -93,6 +109,16 @@ def check_crl(
     what: str,
 ) -> None:
     """The CRL is signed by ``issuer``, current at ``now``, and lists none of ``subjects``."""
+    key = None
+    if log.cache is not None:
+        serials = ",".join(str(c.serial_number) for c in subjects)
+        key = log.cache.key(
+            "crl", what, crl.tbs_certlist_bytes, crl.signature, cert_bytes(issuer), serials
+        )
+        hit = log.cache.get(key, now)
+        if hit is not None:
+            log.ok("revocation list", hit[0] + " [cached]")
+            return
     if crl.issuer != issuer.subject or not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
         raise log.fail(
             AttestationError(
@@ -121,4 +147,7 @@ def check_crl(
                     hint="the platform's keys were revoked by the vendor",
                 )
             )
-    log.ok("revocation list", f"{what} from '{cn(crl.issuer)}': not revoked")
+    detail = f"{what} from '{cn(crl.issuer)}': not revoked"
+    log.ok("revocation list", detail)
+    if log.cache is not None and key is not None and nxt is not None:
+        log.cache.put(key, crl.last_update_utc, nxt, detail, None)

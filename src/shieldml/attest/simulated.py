@@ -370,7 +370,17 @@ class SimulatedPlatform:
         body[128:160] = mrsigner
         struct.pack_into("<HH", body, 256, isv_prod_id, isv_svn)
         body[320:384] = report_data.ljust(64, b"\0")
-        return self._quote(3, TEE_SGX, bytes(body)), self._collateral("SGX", tcb_status, now)
+        return self._quote(3, TEE_SGX, bytes(body)), self.collateral("sgx", tcb_status, now)
+
+    def collateral(
+        self, tee: str, tcb_status: str = "UpToDate", now: datetime | None = None
+    ) -> IntelCollateral:
+        """Fresh collateral for this platform's ``sgx`` or ``tdx`` quotes (valid 30 days from ``now``).
+
+        Quotes from one platform share collateral, so a caller making many quotes can fetch it once
+        (as a PCCS cache would) and take only the quote from :meth:`sgx_quote` / :meth:`tdx_quote`.
+        """
+        return self._collateral(tee.upper(), tcb_status, now or datetime.now(UTC))
 
     def tdx_quote(
         self,
@@ -396,7 +406,7 @@ class SimulatedPlatform:
         for i, r in enumerate(rtmrs):
             body[328 + 48 * i : 376 + 48 * i] = r
         body[520:584] = report_data.ljust(64, b"\0")
-        return self._quote(4, TEE_TDX, bytes(body)), self._collateral("TDX", tcb_status, now)
+        return self._quote(4, TEE_TDX, bytes(body)), self.collateral("tdx", tcb_status, now)
 
     # -- AMD --------------------------------------------------------------------------------
     def snp_report(

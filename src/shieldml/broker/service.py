@@ -25,7 +25,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from shieldml import __version__
-from shieldml.attest import Claims, IntelCollateral, TrustAnchors, verify_evidence
+from shieldml.attest import (
+    Claims,
+    IntelCollateral,
+    TrustAnchors,
+    VerificationCache,
+    verify_evidence,
+)
 from shieldml.attest._intel_collateral import load_pem_chain
 from shieldml.broker import protocol
 from shieldml.broker.storage import Store
@@ -44,6 +50,7 @@ class Settings:
     trust: TrustAnchors = field(default_factory=TrustAnchors)
     max_body: int = MAX_BODY
     now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    cache: VerificationCache = field(default_factory=VerificationCache)
 
 
 class ChallengeResponse(BaseModel):
@@ -164,7 +171,7 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
                 evidence, tee=req.tee, collateral=_collateral(req.collateral),
                 vcek=_b64(req.vcek, "vcek") if req.vcek else None,
                 cert_chain=load_pem_chain(req.cert_chain, "cert_chain") if req.cert_chain else None,
-                now=cfg.now(), trust=cfg.trust,
+                now=cfg.now(), trust=cfg.trust, cache=cfg.cache,
             )  # fmt: skip
         except (AttestationError, FormatError) as e:
             seq = store.audit("release", {**base, "allowed": False, "reason": e.diagnostics()})
