@@ -42,13 +42,24 @@ insecure_allow_simulated = true
 """
 
 
-def run(db: str, database: str | None, clients: int, seconds: float, workers: int) -> dict[str, object]:
+def run(
+    db: str, database: str | None, clients: int, seconds: float, workers: int
+) -> dict[str, object]:
     work = Path(mkdtemp(prefix=f"shieldml-bench-{db}-"))
     SimulatedPlatform.open(work / "sim")
-    bp = start_broker(work / "state", "--simulated-platform", str(work / "sim"), "--workers", str(workers), database=database)
+    bp = start_broker(
+        work / "state",
+        "--simulated-platform",
+        str(work / "sim"),
+        "--workers",
+        str(workers),
+        database=database,
+    )
     try:
         time.sleep(1.0)  # let every worker come up
-        with BrokerClient(bp.url, fingerprint=bp.fingerprint, token=bp.token_file.read_text().strip()) as admin:
+        with BrokerClient(
+            bp.url, fingerprint=bp.fingerprint, token=bp.token_file.read_text().strip()
+        ) as admin:
             admin.add_key("model", "stream", bytes(32))
             admin.set_policy("model", POLICY)
         sim = SimulatedPlatform.open(work / "sim")
@@ -111,7 +122,15 @@ def main() -> int:
     if pg.available is None:
         pg.start()
         try:
-            rows.append(run("postgresql", pg.create_database("bench"), args.clients, args.seconds, args.workers))
+            rows.append(
+                run(
+                    "postgresql",
+                    pg.create_database("bench"),
+                    args.clients,
+                    args.seconds,
+                    args.workers,
+                )
+            )
         finally:
             pg.stop()
     else:
@@ -124,7 +143,9 @@ def main() -> int:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['database']} | {r['releases']} | {r['errors']} | {r['releases_per_s']} | {r['p50_ms']} | {r['p99_ms']} |")
+        lines.append(
+            f"| {r['database']} | {r['releases']} | {r['errors']} | {r['releases_per_s']} | {r['p50_ms']} | {r['p99_ms']} |"
+        )
     table = "\n".join(lines)
     print(table)
     if args.markdown:

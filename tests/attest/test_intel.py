@@ -203,7 +203,11 @@ def test_verification_cache_reuses_only_what_is_identical_and_current(att: Path)
     cache = VerificationCache()
     first = verify_quote(raw, col, now=t, trust=TrustAnchors(), cache=cache)
     second = verify_quote(raw, col, now=t, trust=TrustAnchors(), cache=cache)
-    assert cache.hits > 0 and first.tcb_status == second.tcb_status and first.report_data == second.report_data
+    assert (
+        cache.hits > 0
+        and first.tcb_status == second.tcb_status
+        and first.report_data == second.report_data
+    )
     assert any("[cached]" in c.detail for c in second.checks)
     bad = (att / "negative" / "sgx_v3_isv_sig_flipped.bin").read_bytes()
     with pytest.raises(AttestationError, match="quote signature"):  # per-quote checks never cached
