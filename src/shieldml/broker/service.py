@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import logging
@@ -137,10 +138,7 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
 
     @app.post("/v1/challenge", response_model=ChallengeResponse)
     def challenge() -> ChallengeResponse:
-        nonce, expires = store.new_nonce(cfg.nonce_ttl)
-        store.audit(
-            "challenge", {"nonce_sha256": protocol_hash(nonce), "expires_at": expires.isoformat()}
-        )
+        nonce, expires = store.new_nonce(cfg.nonce_ttl, audit=("challenge", {}))
         return ChallengeResponse(nonce=nonce.hex(), expires_at=expires.isoformat())
 
     @app.post("/v1/release", response_model=ReleaseResponse, responses={403: {}, 404: {}, 409: {}})
@@ -210,8 +208,8 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
         denied: dict[str, Any] = {}
         secrets_: dict[str, tuple[str, bytes]] = {}
         for name in dict.fromkeys(req.keys):
-            key = store.get_key(name)
-            if key is None:
+            entry = store.key_with_policy(name)
+            if entry is None:
                 seq = store.audit(
                     "release",
                     {
@@ -222,16 +220,14 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
                     },
                 )
                 raise HTTPException(404, {"reason": f"unknown key {name!r}", "audit_seq": seq})
-            text = store.get_policy(name)
+            fmt, secret, text = entry
             if text is None:
                 denied[name] = {"reason": "no policy set for this key: denied by default"}
                 continue
-            verdicts[name] = v = evaluate(
-                Policy.from_toml(text, f"policy of {name}"), claims, req.workload_digest
-            )
+            verdicts[name] = v = evaluate(_parse_policy(text, name), claims, req.workload_digest)
             if not v.allowed:
                 denied[name] = v.to_dict()
-            secrets_[name] = key
+            secrets_[name] = (fmt, secret)
         summary = _claims_summary(claims)
         if denied:
             seq = store.audit(
@@ -319,6 +315,13 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
         return {"status": "ok", "version": __version__}
 
     return app
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_policy(text: str, name: str) -> Policy:
+    """Policies are re-read from the store on every release, so replicas see changes at once;
+    parsing the same text again is what this cache saves."""
+    return Policy.from_toml(text, f"policy of {name}")
 
 
 def protocol_hash(data: bytes) -> str:

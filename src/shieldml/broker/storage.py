@@ -67,6 +67,7 @@ meta_t = sa.Table(
     sa.Column("v", sa.Text, nullable=False),
 )
 GENESIS = "0" * 64
+_HEAD_FOR_UPDATE = sa.select(meta_t.c.v).where(meta_t.c.k == "audit_head").with_for_update()
 NAME_MAX = 128
 
 
@@ -154,6 +155,7 @@ class Store:
             )
         self._lock = threading.Lock()  # SQLite writers in one process
         md.create_all(self.engine)
+        self._ensure_head()
         self.keks = self._load_keks()
 
     # -- keys ---------------------------------------------------------------------------------
@@ -193,6 +195,24 @@ class Store:
                 c.execute(keys_t.update().where(keys_t.c.name == name).values(**row))
             else:
                 c.execute(keys_t.insert().values(**row))
+
+    def key_with_policy(self, name: str) -> tuple[str, bytes, str | None] | None:
+        """``(format, key, policy TOML or None)`` in one query, or None for an unknown key."""
+        q = (
+            sa.select(keys_t, policies_t.c.toml)
+            .select_from(keys_t.outerjoin(policies_t, policies_t.c.key_name == keys_t.c.name))
+            .where(keys_t.c.name == name)
+        )
+        with self.engine.connect() as c:
+            r = c.execute(q).first()
+        if r is None:
+            return None
+        kek = self.keks.get(r.kek_id)
+        if kek is None:
+            raise ShieldError(
+                f"key {name!r} is wrapped under an unknown key-encryption key {r.kek_id}"
+            )
+        return r.format, kek.unwrap(name, r.format, r.wrapped), r.toml
 
     def get_key(self, name: str) -> tuple[str, bytes] | None:
         with self.engine.connect() as c:
@@ -262,11 +282,24 @@ class Store:
         return None if r is None else str(r.toml)
 
     # -- nonces -------------------------------------------------------------------------------
-    def new_nonce(self, ttl: timedelta) -> tuple[bytes, datetime]:
+    def new_nonce(
+        self, ttl: timedelta, audit: tuple[str, dict[str, Any]] | None = None
+    ) -> tuple[bytes, datetime]:
+        """A fresh nonce, stored (and, with ``audit``, its audit record) in one transaction."""
         nonce, expires = secrets.token_bytes(32), _now() + ttl
         with self.tx() as c:
             c.execute(nonces_t.insert().values(nonce=nonce.hex(), expires_at=expires, used=False))
-            c.execute(nonces_t.delete().where(nonces_t.c.expires_at < _now() - timedelta(hours=1)))
+            if secrets.randbelow(64) == 0:  # prune long-expired nonces now and then
+                c.execute(
+                    nonces_t.delete().where(nonces_t.c.expires_at < _now() - timedelta(hours=1))
+                )
+            if audit is not None:
+                nonce_hash = hashlib.sha256(nonce).hexdigest()
+                self._append(
+                    c,
+                    audit[0],
+                    {**audit[1], "nonce_sha256": nonce_hash, "expires_at": expires.isoformat()},
+                )
         return nonce, expires
 
     def consume_nonce(self, nonce: bytes) -> bool:
@@ -286,27 +319,33 @@ class Store:
     # -- audit --------------------------------------------------------------------------------
     def audit(self, event: str, data: dict[str, Any]) -> int:
         """Append a record to the hash chain; returns its sequence number."""
-        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
         with self.tx() as c:
-            head = c.execute(
-                sa.select(meta_t.c.v).where(meta_t.c.k == "audit_head").with_for_update()
-            ).first()
-            if head is None:
-                c.execute(meta_t.insert().values(k="audit_head", v=f"0:{GENESIS}"))
-                head_v = f"0:{GENESIS}"
-            else:
-                head_v = head.v
-            last, prev = head_v.split(":")
-            seq = int(last) + 1
-            at = _now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-            h = record_hash(prev, seq, at, event, text)
-            c.execute(
-                audit_t.insert().values(
-                    seq=seq, at=at, event=event, data=text, prev_hash=prev, hash=h
-                )
-            )
-            c.execute(meta_t.update().where(meta_t.c.k == "audit_head").values(v=f"{seq}:{h}"))
+            return self._append(c, event, data)
+
+    def _append(self, c: sa.Connection, event: str, data: dict[str, Any]) -> int:
+        """Append inside an open transaction, holding the head row's lock (replica-safe)."""
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        head = c.execute(_HEAD_FOR_UPDATE).scalar_one()
+        last, prev = str(head).split(":")
+        seq = int(last) + 1
+        at = _now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        h = record_hash(prev, seq, at, event, text)
+        c.execute(
+            audit_t.insert().values(seq=seq, at=at, event=event, data=text, prev_hash=prev, hash=h)
+        )
+        c.execute(meta_t.update().where(meta_t.c.k == "audit_head").values(v=f"{seq}:{h}"))
         return seq
+
+    def _ensure_head(self) -> None:
+        try:
+            with self.tx() as c:
+                if (
+                    c.execute(sa.select(meta_t.c.k).where(meta_t.c.k == "audit_head")).first()
+                    is None
+                ):
+                    c.execute(meta_t.insert().values(k="audit_head", v=f"0:{GENESIS}"))
+        except sa.exc.IntegrityError:
+            pass  # another replica created it first
 
     def audit_head(self) -> tuple[int, str]:
         with self.engine.connect() as c:
