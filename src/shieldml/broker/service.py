@@ -16,14 +16,15 @@ import functools
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shieldml import __version__
 from shieldml.attest import (
@@ -111,17 +112,7 @@ def _b64(value: str, what: str) -> bytes:
 def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
     cfg = settings or Settings()
     app = FastAPI(title="shieldml key broker", version=__version__, description=__doc__)
-
-    @app.middleware("http")
-    async def limit_body(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > cfg.max_body):
-            return JSONResponse(
-                {"detail": f"request body larger than {cfg.max_body} bytes"}, status_code=413
-            )
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_body=cfg.max_body)
 
     @app.exception_handler(ShieldError)
     async def shield_error(_request: Request, exc: ShieldError) -> JSONResponse:
@@ -315,6 +306,37 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
         return {"status": "ok", "version": __version__}
 
     return app
+
+
+class BodyLimit:
+    """Pure ASGI middleware: 413 for bodies over ``max_body``, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, max_body: int) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = JSONResponse(
+            {"detail": f"request body larger than {self.max_body} bytes"}, status_code=413
+        )
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            await too_large(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise HTTPException(413, f"request body larger than {self.max_body} bytes")
+            return message
+
+        await self.app(scope, counted, send)
 
 
 @functools.lru_cache(maxsize=256)
