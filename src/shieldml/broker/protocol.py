@@ -22,10 +22,11 @@ import hmac
 import struct
 from dataclasses import dataclass
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
-from shieldml.errors import FormatError
+from shieldml.errors import FormatError, IntegrityError
 
 DOMAIN = b"shieldml/v1\0"
 NONCE_SIZE = 32
@@ -93,8 +94,11 @@ class RunnerKey:
         return next(k for k, v in KEMS.items() if v == self.kem_id)
 
     def open(self, key_name: str, sealed: bytes) -> bytes:
-        """Unseal a key the broker released to this runner."""
-        return _SUITES[self.kem_id].decrypt(sealed, self.private, info=_info(key_name))
+        """Unseal a key the broker released to this runner (IntegrityError if it does not open)."""
+        try:
+            return _SUITES[self.kem_id].decrypt(sealed, self.private, info=_info(key_name))
+        except (InvalidTag, ValueError):
+            raise IntegrityError(f"sealed key {key_name!r}", "HPKE") from None
 
 
 def _info(key_name: str) -> bytes:

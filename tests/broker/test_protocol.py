@@ -1,0 +1,67 @@
+"""The byte-level test vectors of docs/protocol.md."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import x25519
+
+from shieldml.broker import protocol
+from shieldml.broker.storage import GENESIS, record_hash
+from shieldml.errors import FormatError, IntegrityError
+
+DOC = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+
+
+def vector(label: str) -> str:
+    row = next(line for line in DOC.splitlines() if line.startswith(f"| {label}"))
+    return re.findall(r"`([^`]*)`", row)[-1]
+
+
+def test_binding_vector():
+    sk = x25519.X25519PrivateKey.from_private_bytes(b"\x11" * 32)
+    pk = sk.public_key().public_bytes_raw()
+    assert pk.hex() == vector("X25519 public key")
+    wd = "sha256:" + hashlib.sha256(b"shieldml example workload").hexdigest()
+    assert wd == vector("workload digest")
+    assert hashlib.sha512(bytes.fromhex(vector("binding preimage"))).hexdigest() == vector(
+        "REPORTDATA"
+    )
+    assert protocol.report_data(bytes(range(32)), protocol.KEM_X25519, pk, wd).hex() == vector(
+        "REPORTDATA"
+    )
+
+
+def test_sealed_vector_opens():
+    sk = x25519.X25519PrivateKey.from_private_bytes(b"\x11" * 32)
+    rk = protocol.RunnerKey(protocol.KEM_X25519, sk, sk.public_key().public_bytes_raw())
+    assert rk.open("model", bytes.fromhex(vector("sealed key"))) == bytes(range(32))
+    with pytest.raises(IntegrityError):  # bound to the key name
+        rk.open("data", bytes.fromhex(vector("sealed key")))
+
+
+def test_audit_vector():
+    row = next(line for line in DOC.splitlines() if line.startswith("| audit record 1"))
+    data = re.findall(r"`([^`]*)`", row)[2]
+    assert record_hash(GENESIS, 1, "2026-01-01T00:00:00.000000Z", "challenge", data) == vector(
+        "audit record 1"
+    )
+
+
+@pytest.mark.parametrize("kem", ["X25519", "MLKEM768-X25519"])
+def test_seal_roundtrip_and_binding_differs_per_kem(kem: str):
+    rk = protocol.RunnerKey.generate(kem)
+    assert rk.open("k", protocol.seal(rk.kem_id, rk.public_bytes, "k", b"secret")) == b"secret"
+    wd = "sha256:" + "00" * 32
+    a = protocol.report_data(bytes(32), rk.kem_id, rk.public_bytes, wd)
+    b = protocol.report_data(bytes(32), rk.kem_id, rk.public_bytes, "sha256:" + "01" * 32)
+    assert a != b and len(a) == 64
+
+
+@pytest.mark.parametrize("bad", ["sha256:00", "md5:" + "00" * 32, "sha256:" + "zz" * 32, ""])
+def test_bad_workload_digest(bad: str):
+    with pytest.raises(FormatError):
+        protocol.report_data(bytes(32), protocol.KEM_X25519, bytes(32), bad)
