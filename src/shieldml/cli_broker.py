@@ -109,9 +109,15 @@ def broker() -> None:
     show_default=True,
     help="Seconds a challenge stays valid.",
 )
+@click.option(
+    "--pccs", "pccs_url", help="PCCS or Intel PCS URL for collateral runners do not send."
+)
+@click.option("--secret-prov-port", type=int, help="Also serve Gramine's secret provisioning here.")
+@click.option("--secret-prov-key", help="The gramine-pf key released over secret provisioning.")
 def serve(database: str | None, state: str | None, host: str, port: int, tls_cert: str | None, tls_key: str | None,
           insecure_no_tls: bool, trust_root: tuple[str, ...], insecure_custom_root: bool, simulated_platform: tuple[str, ...],
-          admin_token_file: str | None, workers: int, nonce_ttl: float) -> None:  # fmt: skip
+          admin_token_file: str | None, workers: int, nonce_ttl: float, pccs_url: str | None,
+          secret_prov_port: int | None, secret_prov_key: str | None) -> None:  # fmt: skip
     """Run the broker (HTTPS by default, with a self-signed certificate made on first start)."""
     import uvicorn
 
@@ -121,9 +127,10 @@ def serve(database: str | None, state: str | None, host: str, port: int, tls_cer
     state_dir = _state(state)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     url = database or f"sqlite:///{state_dir / 'broker.db'}"
-    cfg = BrokerConfig(
-        url, str(state_dir), trust_root, insecure_custom_root, simulated_platform, nonce_ttl
-    )
+    if (secret_prov_port is None) != (secret_prov_key is None):
+        raise ShieldError("--secret-prov-port and --secret-prov-key go together")
+    cfg = BrokerConfig(url, str(state_dir), trust_root, insecure_custom_root, simulated_platform,
+                       nonce_ttl, pccs_url, secret_prov_port, secret_prov_key)  # fmt: skip
     cfg.trust()  # fail early on bad roots
     store = Store(url, state_dir)
     token = store.init_admin_token()
@@ -149,7 +156,19 @@ def serve(database: str | None, state: str | None, host: str, port: int, tls_cer
         )
         ssl_kw = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
         scheme = "https"
+        if secret_prov_port is not None and secret_prov_key is not None:
+            from shieldml.broker.secret_prov import SecretProvServer
+
+            settings = cfg.settings()
+            sp = SecretProvServer(Store(url, state_dir), settings, secret_prov_key, str(cert), str(key),
+                                  cfg.collateral_source(), host, secret_prov_port)  # fmt: skip
+            sp.start()
+            out.print(
+                f"Gramine secret provisioning on {host}:{sp.port} (key {escape(secret_prov_key)})"
+            )
     else:
+        if secret_prov_port is not None:
+            raise ShieldError("Gramine secret provisioning needs TLS")
         out.print("[yellow]insecure: serving plain HTTP[/yellow]")
     out.print(
         f"broker listening on {scheme}://{host}:{port}  (database: {escape(url.split('@')[-1])})"

@@ -140,3 +140,35 @@ def test_two_replicas_share_nonces_and_one_audit_chain(tmp_path: Path, sim_dir: 
     finally:
         a.stop()
         b.stop()
+
+
+def test_served_secret_provisioning_and_release_without_collateral(tmp_path: Path, sim_dir: Path):
+    from tests.broker.procs import free_port
+    from tests.broker.test_secret_prov import MRENCLAVE as SP_MRENCLAVE
+    from tests.broker.test_secret_prov import POLICY as SP_POLICY
+    from tests.broker.test_secret_prov import RESPONSE, enclave_request
+
+    sim = SimulatedPlatform.open(sim_dir)
+    sp_port = free_port()
+    bp = start_broker(tmp_path / "state", "--simulated-platform", str(sim_dir),
+                      "--secret-prov-port", str(sp_port), "--secret-prov-key", "wrap")  # fmt: skip
+    try:
+        with admin(bp) as c:
+            c.add_key("wrap", "gramine-pf", bytes(range(16)))
+            c.set_policy("wrap", SP_POLICY)
+            c.add_key("model", "stream", bytes(32))
+            c.set_policy("model", POLICY)
+        cert, key = sim.ratls_certificate(mrenclave=SP_MRENCLAVE)
+        data = enclave_request(sp_port, cert, key, tmp_path)
+        assert data.startswith(RESPONSE) and data.endswith(bytes(range(16)))
+        # a runner may leave collateral to the broker (here: the simulated platform's own)
+        with BrokerClient(bp.url, fingerprint=bp.fingerprint) as c:
+            nonce = c.challenge()
+            rk = protocol.RunnerKey.generate()
+            quote, _ = sim.sgx_quote(
+                report_data=protocol.report_data(nonce, rk.kem_id, rk.public_bytes, WD),
+                mrenclave=MRENCLAVE,
+            )
+            assert c.release(nonce, rk, WD, ["model"], quote).keys["model"] == ("stream", bytes(32))
+    finally:
+        bp.stop()

@@ -408,6 +408,60 @@ class SimulatedPlatform:
         body[520:584] = report_data.ljust(64, b"\0")
         return self._quote(4, TEE_TDX, bytes(body)), self.collateral("tdx", tcb_status, now)
 
+    def ratls_certificate(
+        self,
+        *,
+        mrenclave: bytes = bytes(32),
+        mrsigner: bytes = bytes(32),
+        debug: bool = False,
+        now: datetime | None = None,
+    ) -> tuple[bytes, bytes]:
+        """A Gramine-style RA-TLS certificate (P-384 key, legacy quote extension) and its key (PEM).
+
+        As Gramine's ``ra_tls_create_key_and_crt``: the quote's REPORTDATA starts with SHA-256 of
+        the certificate's SubjectPublicKeyInfo.
+        """
+        now = now or datetime.now(UTC)
+        key = ec.generate_private_key(ec.SECP384R1())
+        spki = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        quote, _ = self.sgx_quote(
+            report_data=hashlib.sha256(spki).digest(),
+            mrenclave=mrenclave,
+            mrsigner=mrsigner,
+            debug=debug,
+            now=now,
+        )
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.COMMON_NAME, "RATLS"),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "GramineDevelopers"),
+            ]
+        )
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(1)
+            .not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=365))
+            .add_extension(
+                x509.UnrecognizedExtension(
+                    x509.ObjectIdentifier("0.6.9.42.840.113741.1337.6"), quote
+                ),
+                critical=False,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        pem_key = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return cert.public_bytes(serialization.Encoding.PEM), pem_key
+
     # -- AMD --------------------------------------------------------------------------------
     def snp_report(
         self,

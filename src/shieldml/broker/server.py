@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fastapi import FastAPI
 
-from shieldml.attest import TrustAnchors
+from shieldml.attest import IntelCollateral, Quote, TrustAnchors
 from shieldml.broker.service import Settings, create_app
 from shieldml.broker.storage import Store
 
@@ -94,6 +95,9 @@ class BrokerConfig:
     insecure_custom_root: bool = False
     simulated_platforms: tuple[str, ...] = ()
     nonce_ttl_s: float = 60.0
+    pccs_url: str | None = None
+    secret_prov_port: int | None = None
+    secret_prov_key: str | None = None
 
     def to_env(self) -> str:
         return json.dumps(self.__dict__)
@@ -115,11 +119,40 @@ class BrokerConfig:
             anchors = SimulatedPlatform.open(d).trust(anchors)
         return anchors
 
-    def app(self) -> FastAPI:
-        store = Store(self.database, Path(self.state_dir))
-        return create_app(
-            store, Settings(nonce_ttl=dt.timedelta(seconds=self.nonce_ttl_s), trust=self.trust())
+    def settings(self) -> Settings:
+        return Settings(
+            nonce_ttl=dt.timedelta(seconds=self.nonce_ttl_s),
+            trust=self.trust(),
+            collateral_for=self.collateral_source(),
         )
+
+    def collateral_source(self) -> Callable[[bytes], IntelCollateral]:
+        """Collateral for a quote: a trusted simulated platform's own, else the on-disk cache,
+        refreshed from the PCCS/PCS at ``pccs_url`` when configured."""
+        from shieldml.attest._fetch import CollateralCache, http_fetcher
+        from shieldml.attest._intel_collateral import load_pem_chain
+        from shieldml.attest._trust import fingerprint
+        from shieldml.attest.simulated import SimulatedPlatform
+
+        sims = [SimulatedPlatform.open(d) for d in self.simulated_platforms]
+        cache = CollateralCache(Path(self.state_dir) / "collateral")
+        fetch = http_fetcher() if self.pccs_url else None
+
+        def source(quote_bytes: bytes) -> IntelCollateral:
+            q = Quote.from_bytes(quote_bytes)
+            root = load_pem_chain(q.certification.cert_data, "PCK chain")[-1]
+            for sim in sims:
+                if fingerprint(sim.intel_root) == fingerprint(root):
+                    return sim.collateral("tdx" if q.is_tdx else "sgx")
+            now = dt.datetime.now(dt.UTC)
+            if self.pccs_url:
+                return cache.intel(quote_bytes, now=now, fetch=fetch, base_url=self.pccs_url)
+            return cache.intel(quote_bytes, now=now)
+
+        return source
+
+    def app(self) -> FastAPI:
+        return create_app(Store(self.database, Path(self.state_dir)), self.settings())
 
 
 def app_from_env() -> FastAPI:

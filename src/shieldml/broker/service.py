@@ -32,6 +32,8 @@ from shieldml.attest import (
     IntelCollateral,
     TrustAnchors,
     VerificationCache,
+    detect_tee,
+    extract,
     verify_evidence,
 )
 from shieldml.attest._intel_collateral import load_pem_chain
@@ -53,6 +55,8 @@ class Settings:
     max_body: int = MAX_BODY
     now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     cache: VerificationCache = field(default_factory=VerificationCache)
+    #: collateral for a DCAP quote the runner sent without it (e.g. from a PCCS cache)
+    collateral_for: Callable[[bytes], IntelCollateral] | None = None
 
 
 class ChallengeResponse(BaseModel):
@@ -157,7 +161,7 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
             )
         try:  # 2
             claims = verify_evidence(
-                evidence, tee=req.tee, collateral=_collateral(req.collateral),
+                evidence, tee=req.tee, collateral=_collateral(req.collateral) or _lookup(cfg, evidence, req.tee),
                 vcek=_b64(req.vcek, "vcek") if req.vcek else None,
                 cert_chain=load_pem_chain(req.cert_chain, "cert_chain") if req.cert_chain else None,
                 now=cfg.now(), trust=cfg.trust, cache=cfg.cache,
@@ -348,6 +352,16 @@ def _parse_policy(text: str, name: str) -> Policy:
 
 def protocol_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _lookup(cfg: Settings, evidence: bytes, tee: str) -> IntelCollateral | None:
+    """The broker's own collateral source, for Intel evidence that came without collateral."""
+    if cfg.collateral_for is None:
+        return None
+    kind = detect_tee(evidence) if tee == "auto" else tee
+    if kind == "snp":
+        return None
+    return cfg.collateral_for(extract(evidence).quote if kind == "ratls" else evidence)
 
 
 def _collateral(doc: dict[str, str] | None) -> IntelCollateral | None:

@@ -1,0 +1,144 @@
+"""Gramine's secret provisioning protocol, served by the broker (``--secret-prov-port``).
+
+An unmodified Gramine enclave (``SECRET_PROVISION_*`` variables, ``secret_prov`` library) connects
+with mutual TLS, presenting its RA-TLS certificate as client certificate, and sends
+``"SECRET_PROVISION_RA_TLS_REQUEST_V1\\0"`` (35 bytes). The broker verifies the quote inside the
+certificate (and its binding to the certificate key) exactly like ``/v1/release`` evidence,
+evaluates the policy of the configured ``gramine-pf`` key, and answers
+``"SECRET_PROVISION_RA_TLS_RESPONSE_V1:\\0"`` + ``u32be(len)`` (41 bytes) followed by the 16-byte
+key, which Gramine writes to ``/dev/attestation/keys/<name>`` (``SECRET_PROVISION_SET_KEY``).
+Spec: ``shared/docs/specs/gramine-formats.md`` §4.3. On refusal the connection is closed without
+a response, as Gramine's server does, and the decision is audited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from OpenSSL import SSL, crypto
+
+from shieldml.attest import IntelCollateral, verify_evidence
+from shieldml.attest._ratls import extract
+from shieldml.broker.service import Settings
+from shieldml.broker.storage import Store
+from shieldml.errors import AttestationError, FormatError, ShieldError
+from shieldml.files import Format
+from shieldml.policy import Policy, evaluate
+
+log = logging.getLogger("shieldml.broker.secret_prov")
+REQUEST = b"SECRET_PROVISION_RA_TLS_REQUEST_V1\0"
+RESPONSE = b"SECRET_PROVISION_RA_TLS_RESPONSE_V1:\0"
+TIMEOUT = 30.0
+
+
+@dataclass
+class SecretProvServer:
+    """A threaded TLS server; :meth:`start` returns once it listens."""
+
+    store: Store
+    settings: Settings
+    key_name: str
+    cert_file: str
+    key_file: str
+    collateral_for: Callable[[bytes], IntelCollateral]
+    host: str = "127.0.0.1"
+    port: int = 4433
+
+    def start(self) -> None:
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.use_certificate_file(self.cert_file)
+        ctx.use_privatekey_file(self.key_file)
+        # Demand a client certificate; its trust comes from the RA-TLS check after the handshake
+        # (OpenSSL still verifies the client's proof of possession of the certificate key).
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda *_: True)
+        self._ctx = ctx
+        self._sock = socket.create_server((self.host, self.port))
+        self.port = self._sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, name="secret-prov", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._sock.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, raw: socket.socket) -> None:
+        # pyOpenSSL needs a blocking socket; bound slow peers with kernel-level timeouts instead
+        raw.settimeout(None)
+        tv = struct.pack("ll", int(TIMEOUT), 0)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        conn = SSL.Connection(self._ctx, raw)
+        conn.set_accept_state()
+        try:
+            conn.do_handshake()
+            request = _read_exact(conn, len(REQUEST))
+            if request != REQUEST:
+                self.store.audit(
+                    "secret_prov", {"allowed": False, "reason": "not a secret-provisioning request"}
+                )
+                return
+            peer = conn.get_peer_certificate()
+            if peer is None:
+                return
+            secret = self.decide(crypto.dump_certificate(crypto.FILETYPE_ASN1, peer))
+            if secret is not None:
+                conn.sendall(RESPONSE + struct.pack(">I", len(secret)) + secret)
+        except (SSL.Error, OSError, ShieldError) as e:
+            log.warning("secret provisioning connection failed: %r", e)
+        finally:
+            with contextlib.suppress(SSL.Error):
+                conn.shutdown()
+            raw.close()
+
+    def decide(self, cert_der: bytes) -> bytes | None:
+        """The key for an RA-TLS certificate, or None (audited either way)."""
+        base = {"key": self.key_name, "channel": "gramine secret provisioning"}
+        try:
+            ev = extract(cert_der)
+            claims = verify_evidence(
+                cert_der, tee="ratls", collateral=self.collateral_for(ev.quote),
+                now=self.settings.now(), trust=self.settings.trust, cache=self.settings.cache,
+            )  # fmt: skip
+        except (AttestationError, FormatError) as e:
+            self.store.audit("secret_prov", {**base, "allowed": False, "reason": e.diagnostics()})
+            return None
+        entry = self.store.key_with_policy(self.key_name)
+        if entry is None or entry[0] != Format.GRAMINE_PF.value or entry[2] is None:
+            reason = "the secret-provisioning key is missing, not gramine-pf, or has no policy"
+            self.store.audit("secret_prov", {**base, "allowed": False, "reason": reason})
+            return None
+        verdict = evaluate(Policy.from_toml(entry[2], f"policy of {self.key_name}"), claims, None)
+        self.store.audit(
+            "secret_prov",
+            {
+                **base,
+                "allowed": verdict.allowed,
+                "tee": claims.tee.value,
+                "reasons": verdict.failures(),
+            },
+        )
+        return entry[1] if verdict.allowed else None
+
+
+def _read_exact(conn: SSL.Connection, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
