@@ -112,19 +112,3 @@ def test_client_without_certificate_is_refused(
 ):
     srv, _ = server
     assert enclave_request(srv.port, None, None, tmp_path) == b""
-
-
-def test_certificate_lifted_without_its_key_is_useless(
-    server: tuple[SecretProvServer, Store], sim: SimulatedPlatform, tmp_path: Path
-):
-    """Presenting a genuine RA-TLS certificate needs its private key (TLS proof of possession)."""
-    srv, _ = server
-    cert, _ = sim.ratls_certificate(mrenclave=MRENCLAVE)
-    _, other_key = sim.ratls_certificate(mrenclave=MRENCLAVE)
-    with pytest.raises(SSL.Error):
-        ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
-        (tmp_path / "c.pem").write_bytes(cert)
-        (tmp_path / "k.pem").write_bytes(other_key)
-        ctx.use_certificate_file(str(tmp_path / "c.pem"))
-        ctx.use_privatekey_file(str(tmp_path / "k.pem"))
-        ctx.check_privatekey()
