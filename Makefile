@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint bench fmt clean setup
+.PHONY: demo test lint bench fuzz fmt clean setup
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ fmt: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_files.py --markdown docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_attest.py --markdown docs/benchmarks.md
+	$(BIN)/python benchmarks/bench_broker.py --markdown docs/benchmarks.md
+
+fuzz: $(STAMP)
+	SHIELDML_FUZZ_EXAMPLES=2000 $(BIN)/pytest -q tests/broker/test_fuzz_api.py
+	$(BIN)/pytest -q --hypothesis-seed=random -k "parser or fuzz or flipped" tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -300,8 +300,10 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
         return {"name": name, "profiles": len(pol.profiles), "audit_seq": seq}
 
     @app.get("/v1/admin/audit", dependencies=[Depends(admin)])
-    def audit(after: int = 0, limit: int = 1000) -> dict[str, Any]:
-        records = store.audit_records(max(0, after), min(max(1, limit), 10_000))
+    def audit(
+        after: int = Query(0, ge=0, le=2**62), limit: int = Query(1000, ge=1, le=10_000)
+    ) -> dict[str, Any]:
+        records = store.audit_records(after, limit)
         seq, h = store.audit_head()
         return {"head": {"seq": seq, "hash": h}, "records": [r.to_dict() for r in records]}
 
