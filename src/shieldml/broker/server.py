@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import hashlib
 import ipaddress
 import json
@@ -157,4 +158,9 @@ class BrokerConfig:
 
 def app_from_env() -> FastAPI:
     """uvicorn factory for worker processes (``--workers``)."""
-    return BrokerConfig.from_env().app()
+    app = BrokerConfig.from_env().app()
+    # The long-lived objects made at start-up never become garbage: keep the cyclic collector
+    # from re-scanning them (fewer, shorter pauses under load).
+    gc.collect()
+    gc.freeze()
+    return app

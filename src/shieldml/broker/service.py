@@ -132,12 +132,12 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
             )
 
     @app.post("/v1/challenge", response_model=ChallengeResponse)
-    def challenge() -> ChallengeResponse:
+    async def challenge() -> ChallengeResponse:
         nonce, expires = store.new_nonce(cfg.nonce_ttl, audit=("challenge", {}))
         return ChallengeResponse(nonce=nonce.hex(), expires_at=expires.isoformat())
 
     @app.post("/v1/release", response_model=ReleaseResponse, responses={403: {}, 404: {}, 409: {}})
-    def release(req: ReleaseRequest) -> ReleaseResponse:
+    async def release(req: ReleaseRequest) -> ReleaseResponse:
         nonce = bytes.fromhex(req.nonce)
         base = {
             "nonce_sha256": protocol_hash(nonce),
