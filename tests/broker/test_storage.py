@@ -1,0 +1,93 @@
+"""Storage: KEK rotation, wrapped keys, and audit-chain tamper detection on both databases."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from shieldml.broker.storage import Store, audit_t, keys_t, verify_chain
+from shieldml.errors import IntegrityError
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    url = (
+        f"sqlite:///{tmp_path}/s.db"
+        if request.param == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    s = Store(url, tmp_path / "state")
+    yield s
+    s.engine.dispose()
+
+
+def test_keys_are_wrapped_and_rotation_rewraps(store: Store):
+    store.put_key("a", "stream", b"A" * 32)
+    store.put_key("b", "gramine-pf", b"B" * 16)
+    with store.engine.connect() as c:
+        raw = {r.name: r.wrapped for r in c.execute(sa.select(keys_t))}
+    assert b"A" * 32 not in raw["a"] and b"B" * 16 not in raw["b"]
+    old = (store.state_dir / "kek").read_bytes()
+    assert store.rotate_kek() == 2
+    assert (store.state_dir / "kek").read_bytes() != old and not (
+        store.state_dir / "kek.new"
+    ).exists()
+    assert store.get_key("a") == ("stream", b"A" * 32) and store.get_key("b") == (
+        "gramine-pf",
+        b"B" * 16,
+    )
+    again = Store(store.url, store.state_dir)  # a restarted broker reads them with the new KEK
+    assert again.get_key("a") == ("stream", b"A" * 32)
+    again.engine.dispose()
+
+
+def test_tampered_wrapped_key_is_detected(store: Store):
+    store.put_key("a", "stream", b"A" * 32)
+    with store.tx() as c:
+        w = bytearray(c.execute(sa.select(keys_t.c.wrapped)).scalar_one())
+        w[20] ^= 1
+        c.execute(keys_t.update().values(wrapped=bytes(w)))
+    with pytest.raises(IntegrityError):
+        store.get_key("a")
+
+
+def test_nonce_single_use_and_expiry(store: Store):
+    nonce, _ = store.new_nonce(timedelta(seconds=60))
+    assert store.consume_nonce(nonce) and not store.consume_nonce(nonce)
+    stale, _ = store.new_nonce(timedelta(seconds=-1))
+    assert not store.consume_nonce(stale)
+
+
+def _chain(store: Store) -> tuple[bool, str]:
+    return verify_chain(store.audit_records(), store.audit_head())
+
+
+def test_audit_chain_detects_edit_delete_reorder(store: Store):
+    for i in range(5):
+        store.audit("release", {"allowed": i % 2 == 0, "i": i})
+    assert _chain(store)[0]
+    with store.tx() as c:  # edit
+        c.execute(
+            audit_t.update()
+            .where(audit_t.c.seq == 3)
+            .values(data=json.dumps({"allowed": True, "i": 2}))
+        )
+    ok, why = _chain(store)
+    assert not ok and "record 3 was modified" in why
+
+
+def test_audit_chain_detects_deletion_and_reordering(store: Store):
+    for i in range(5):
+        store.audit("release", {"i": i})
+    records = store.audit_records()
+    ok, why = verify_chain(records[:2] + records[3:], store.audit_head())
+    assert not ok and "missing" in why
+    swapped = [records[0], records[2], records[1], *records[3:]]
+    assert not verify_chain(swapped)[0]
+    ok, why = verify_chain(records[:-1], store.audit_head())  # the newest record removed
+    assert not ok and "removed" in why
