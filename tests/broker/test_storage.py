@@ -75,7 +75,7 @@ def test_audit_chain_detects_edit_delete_reorder(store: Store):
         c.execute(
             audit_t.update()
             .where(audit_t.c.seq == 3)
-            .values(data=json.dumps({"allowed": True, "i": 2}))
+            .values(data=json.dumps({"allowed": False, "i": 2}))
         )
     ok, why = _chain(store)
     assert not ok and "record 3 was modified" in why
