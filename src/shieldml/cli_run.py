@@ -1,0 +1,175 @@
+"""``shieldml run``, ``shieldml job init|measure``, ``shieldml receipt verify``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.markup import escape
+
+from shieldml.cli_attest import _time, _trust, out
+from shieldml.errors import OutputExistsError, ShieldError
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.option(
+    "-m", "--manifest", required=True, type=click.Path(exists=True, dir_okay=False), help="job.toml"
+)
+@click.option("--receipt", type=click.Path(dir_okay=False), help="Write a run receipt here.")
+@click.option("--hash-cache", type=click.Path(dir_okay=False), help="Cache of trusted-file hashes.")
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def run(
+    ctx: click.Context,
+    /,
+    manifest: str,
+    receipt: str | None,
+    hash_cache: str | None,
+    extra: tuple[str, ...],
+) -> None:
+    """Run the job of MANIFEST inside this TEE on its protected files; exit with its exit code."""
+    from shieldml.runner.run import run_job
+
+    status = run_job(
+        manifest,
+        extra_args=extra,
+        receipt=receipt,
+        hash_cache=hash_cache,
+        log=lambda s: out.print(f"[dim]shieldml:[/dim] {escape(s)}"),
+    )
+    ctx.exit(status)
+
+
+@click.group()
+def job() -> None:
+    """Job manifests and their workload digest."""
+
+
+@job.command("init")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "-o", "--output", default="job.toml", show_default=True, type=click.Path(dir_okay=False)
+)
+@click.option(
+    "--tee",
+    type=click.Choice(["auto", "simulated", "tdx", "snp", "gramine"]),
+    default="auto",
+    show_default=True,
+)
+def job_init(files: tuple[str, ...], output: str, tee: str) -> None:
+    """Scaffold a manifest that runs the first FILE with python; every FILE becomes trusted."""
+    if Path(output).exists():
+        raise OutputExistsError(f"{output}: already exists")
+    base = Path(output).resolve().parent
+    lines = [
+        "version = 1",
+        f'tee = "{tee}"',
+        "",
+        "[command]",
+        f'argv = ["python3", "{Path(files[0]).name}"]',
+        'cwd = "."',
+        "",
+        "[env]",
+        'allow = ["PATH", "HOME", "LANG"]',
+        "",
+    ]
+    for f in files:
+        digest = hashlib.sha256(Path(f).read_bytes()).hexdigest()
+        lines += [
+            "[[trusted]]",
+            f'path = "{Path(f).resolve().relative_to(base) if Path(f).resolve().is_relative_to(base) else Path(f).resolve()}"',
+            f'sha256 = "{digest}"',
+            "",
+        ]
+    lines += [
+        "# [[broker]]", '# name = "model-owner"', '# url = "https://127.0.0.1:8443"', '# fingerprint = "…"', "",
+        "# [[input]]", '# path = "model.pt"', '# ciphertext = "enc/model.pt.enc"', '# key = "model"', '# broker = "model-owner"', "",
+        "# [[output]]", '# path = "result.txt"', '# ciphertext = "out/result.txt.enc"', '# key = "results"', '# broker = "model-owner"',
+    ]  # fmt: skip
+    if tee == "simulated":
+        lines += ["", "[simulated]", 'platform = "sim-platform"', 'kind = "sgx"']
+    Path(output).write_text("\n".join(lines) + "\n")
+    out.print(
+        f"wrote {escape(output)}; fill in brokers, inputs and outputs, then `shieldml job measure {escape(output)}`"
+    )
+
+
+@job.command("measure")
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.option("--hash-cache", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def job_measure(manifest: str, hash_cache: str | None, as_json: bool) -> None:
+    """Print the workload digest owners put in their policies."""
+    from shieldml.runner.manifest import HashCache, JobManifest
+
+    m = JobManifest.load(manifest)
+    cache = HashCache(hash_cache)
+    files = m.trusted_files(cache)
+    digest = m.workload_digest(cache)
+    cache.save()
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "workload_digest": digest,
+                    "trusted_files": [{"path": p, "sha256": h} for p, h in files],
+                },
+                indent=2,
+            )
+        )
+    else:
+        out.print(digest)
+
+
+@click.group()
+def receipt() -> None:
+    """Run receipts."""
+
+
+@receipt.command("verify")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--at", help="Verification time (ISO 8601).")
+@click.option("--trust-root", multiple=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--insecure-custom-root", is_flag=True)
+@click.option(
+    "--simulated-platform",
+    type=click.Path(file_okay=False),
+    help="Trust this simulated platform (tests, demo).",
+)
+@click.option(
+    "--no-files", is_flag=True, help="Do not compare the ciphertext files with the receipt."
+)
+@click.option("--json", "as_json", is_flag=True)
+def receipt_verify(
+    file: str,
+    at: str | None,
+    trust_root: tuple[str, ...],
+    insecure_custom_root: bool,
+    simulated_platform: str | None,
+    no_files: bool,
+    as_json: bool,
+) -> None:
+    """Check that a receipt was produced by the TEE that ran the job, and (by default) the files."""
+    from shieldml.attest.simulated import SimulatedPlatform
+    from shieldml.runner.run import verify_receipt
+
+    anchors = _trust(trust_root, insecure_custom_root)
+    if simulated_platform:
+        anchors = SimulatedPlatform.open(simulated_platform).trust(anchors)
+    result: dict[str, Any] = verify_receipt(
+        file, now=_time(at), trust=anchors, check_files=not no_files
+    )
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        r = result["receipt"]
+        out.print(
+            f"receipt of workload {r['workload_digest']}, exit code {r['exit_code']}, evidence genuine ({result['claims']['tee']}, root {result['claims']['root']})"
+        )
+        for p in result["problems"]:
+            out.print(f"[red]{escape(p)}[/red]")
+    if not result["ok"]:
+        raise ShieldError("the files no longer match the receipt")

@@ -1,0 +1,363 @@
+"""The job manifest (``job.toml``) and the workload digest derived from it.
+
+```toml
+version = 1
+tee = "auto"                       # auto | simulated | tdx | snp | gramine
+
+[command]
+argv = ["python", "infer.py"]
+cwd = "."                          # relative to the manifest's directory
+insecure_allow_extra_args = false  # extra arguments on the `shieldml run` line
+
+[env]
+allow = ["PATH", "HOME", "LANG"]   # passed through from the runner's environment
+set = { OMP_NUM_THREADS = "2" }    # fixed values (part of the digest)
+
+[[trusted]]                        # code and configuration the job runs: path + SHA-256
+path = "infer.py"
+sha256 = "…"
+[[trusted]]
+glob = "lib/**/*.py"               # every match is hashed into the digest (cached by size+mtime)
+
+[[broker]]
+name = "model-owner"
+url = "https://127.0.0.1:8443"
+fingerprint = "…"                  # SHA-256 of the broker's TLS certificate
+
+[[input]]
+path = "model.pt"                  # what the program opens (relative to cwd, or absolute)
+ciphertext = "enc/model.pt.enc"    # where the ciphertext lies on the host
+key = "model"
+broker = "model-owner"
+format = "stream"                  # stream | gramine-pf
+
+[[output]]
+path = "result.txt"                # a file, or a directory if it ends with "/"
+ciphertext = "out/result.txt.enc"
+key = "results"
+broker = "data-owner"
+```
+
+The **workload digest** is ``sha256:`` + SHA-256 over the canonical JSON of the manifest's content
+(paths resolved relative to its directory, trusted files listed with their hashes). Changing the
+script, the manifest, or any trusted file changes it.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shieldml.errors import ShieldError
+
+TEES = ("auto", "simulated", "tdx", "snp", "gramine")
+FORMATS = ("stream", "gramine-pf")
+MAX_MANIFEST = 1 << 20
+
+
+class ManifestError(ShieldError):
+    """A job manifest that is malformed or inconsistent."""
+
+
+class TrustedFileError(ShieldError):
+    """A trusted file differs from the hash in the manifest (the job must not run)."""
+
+
+@dataclass(frozen=True)
+class Broker:
+    name: str
+    url: str
+    fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class Protected:
+    path: str  # in-TEE path, absolute after loading
+    ciphertext: str  # host path, absolute after loading
+    key: str
+    broker: str
+    format: str = "stream"
+
+    @property
+    def is_dir(self) -> bool:
+        return self.path.endswith("/")
+
+
+@dataclass(frozen=True)
+class Trusted:
+    path: str | None
+    glob: str | None
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class JobManifest:
+    source: Path
+    tee: str
+    argv: tuple[str, ...]
+    cwd: str
+    insecure_allow_extra_args: bool
+    env_allow: tuple[str, ...]
+    env_set: dict[str, str]
+    trusted: tuple[Trusted, ...]
+    brokers: tuple[Broker, ...]
+    inputs: tuple[Protected, ...]
+    outputs: tuple[Protected, ...]
+    simulated: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base(self) -> Path:
+        return self.source.parent
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> JobManifest:
+        p = Path(path).resolve()
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ManifestError(f"{path}: cannot read the job manifest: {e}") from e
+        if len(text) > MAX_MANIFEST:
+            raise ManifestError(f"{path}: manifest too large")
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ManifestError(f"{path}: not valid TOML: {e}") from e
+        return cls.from_dict(doc, p)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: Path) -> JobManifest:
+        where = str(source)
+        _only(
+            d,
+            {
+                "version",
+                "tee",
+                "command",
+                "env",
+                "trusted",
+                "broker",
+                "input",
+                "output",
+                "simulated",
+            },
+            where,
+        )
+        if d.get("version", 1) != 1:
+            raise ManifestError(f"{where}: unsupported manifest version {d.get('version')!r}")
+        tee = d.get("tee", "auto")
+        if tee not in TEES:
+            raise ManifestError(f"{where}: tee must be one of {', '.join(TEES)}")
+        cmd = d.get("command")
+        if not isinstance(cmd, dict):
+            raise ManifestError(f"{where}: [command] with argv is required")
+        _only(cmd, {"argv", "cwd", "insecure_allow_extra_args"}, f"{where}: [command]")
+        argv = cmd.get("argv")
+        if (
+            not isinstance(argv, list)
+            or not argv
+            or not all(isinstance(a, str) and a for a in argv)
+        ):
+            raise ManifestError(f"{where}: command.argv must be a non-empty list of strings")
+        base = source.parent
+        cwd = str((base / str(cmd.get("cwd", "."))).resolve())
+        env = d.get("env", {})
+        _only(env, {"allow", "set"}, f"{where}: [env]")
+        allow = env.get("allow", [])
+        env_set = env.get("set", {})
+        if not all(isinstance(x, str) for x in allow) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env_set.items()
+        ):
+            raise ManifestError(f"{where}: env.allow must list names, env.set map names to strings")
+        trusted = tuple(
+            _trusted(t, f"{where}: trusted {i + 1}") for i, t in enumerate(d.get("trusted", []))
+        )
+        brokers = tuple(
+            _broker(b, f"{where}: broker {i + 1}") for i, b in enumerate(d.get("broker", []))
+        )
+        names = {b.name for b in brokers}
+        if len(names) != len(brokers):
+            raise ManifestError(f"{where}: broker names must be unique")
+        ins = tuple(
+            _protected(x, cwd, base, names, f"{where}: input {i + 1}")
+            for i, x in enumerate(d.get("input", []))
+        )
+        outs = tuple(
+            _protected(x, cwd, base, names, f"{where}: output {i + 1}")
+            for i, x in enumerate(d.get("output", []))
+        )
+        paths = [p.path.rstrip("/") for p in ins + outs]
+        if len(set(paths)) != len(paths):
+            raise ManifestError(f"{where}: a protected path appears twice")
+        sim = d.get("simulated", {})
+        if not isinstance(sim, dict) or not all(isinstance(v, str) for v in sim.values()):
+            raise ManifestError(f"{where}: [simulated] maps names to strings")
+        return cls(
+            source,
+            tee,
+            tuple(argv),
+            cwd,
+            bool(cmd.get("insecure_allow_extra_args", False)),
+            tuple(allow),
+            dict(env_set),
+            trusted,
+            brokers,
+            ins,
+            outs,
+            dict(sim),
+        )
+
+    # -- trusted files and the workload digest ---------------------------------------------------
+    def trusted_files(self, cache: HashCache | None = None) -> list[tuple[str, str]]:
+        """``(absolute path, sha256)`` of every trusted file; raises on any mismatch or absence."""
+        out: dict[str, str] = {}
+        problems: list[str] = []
+        for t in self.trusted:
+            if t.path is not None:
+                p = str((self.base / t.path).resolve())
+                try:
+                    digest = _sha256(p, cache)
+                except OSError as e:
+                    problems.append(f"{t.path}: {e.strerror}")
+                    continue
+                if t.sha256 is not None and digest != t.sha256.lower():
+                    problems.append(f"{t.path}: SHA-256 is {digest}, the manifest says {t.sha256}")
+                out[p] = digest
+            else:
+                matches = sorted(glob.glob(str(self.base / (t.glob or "")), recursive=True))
+                files = [m for m in matches if os.path.isfile(m)]
+                if not files:
+                    problems.append(f"{t.glob}: matches no file")
+                for m in files:
+                    out[str(Path(m).resolve())] = _sha256(m, cache)
+        if problems:
+            raise TrustedFileError(
+                "trusted files do not match the manifest: " + "; ".join(problems),
+                hint="the job was changed; the owners' policies pin its digest (`shieldml job measure`)",
+            )
+        return sorted(out.items())
+
+    def canonical(self, files: list[tuple[str, str]]) -> dict[str, Any]:
+        base = str(self.base)
+
+        def rel(p: str) -> str:
+            return os.path.relpath(p, base) if p.startswith(base + os.sep) or p == base else p
+
+        return {
+            "shieldml_job": 1,
+            "tee": self.tee,
+            "argv": list(self.argv),
+            "cwd": rel(self.cwd),
+            "insecure_allow_extra_args": self.insecure_allow_extra_args,
+            "env_allow": sorted(self.env_allow),
+            "env_set": dict(sorted(self.env_set.items())),
+            "trusted_files": [[rel(p), h] for p, h in files],
+            "brokers": [asdict(b) for b in sorted(self.brokers, key=lambda b: b.name)],
+            "inputs": [
+                {**asdict(x), "path": x.path, "ciphertext": rel(x.ciphertext)} for x in self.inputs
+            ],
+            "outputs": [
+                {**asdict(x), "path": x.path, "ciphertext": rel(x.ciphertext)} for x in self.outputs
+            ],
+            "simulated": dict(sorted(self.simulated.items())),
+        }
+
+    def workload_digest(self, cache: HashCache | None = None) -> str:
+        doc = self.canonical(self.trusted_files(cache))
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+class HashCache:
+    """SHA-256 of files keyed by (path, size, mtime_ns, inode), kept in a JSON file."""
+
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+        self.path = Path(path) if path else None
+        self.entries: dict[str, list[Any]] = {}
+        if self.path and self.path.exists():
+            try:
+                self.entries = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self.entries = {}
+
+    def get(self, p: str, st: os.stat_result) -> str | None:
+        e = self.entries.get(p)
+        return e[3] if e and e[:3] == [st.st_size, st.st_mtime_ns, st.st_ino] else None
+
+    def put(self, p: str, st: os.stat_result, digest: str) -> None:
+        self.entries[p] = [st.st_size, st.st_mtime_ns, st.st_ino, digest]
+
+    def save(self) -> None:
+        if self.path:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.entries))
+            tmp.replace(self.path)
+
+
+def _sha256(path: str, cache: HashCache | None) -> str:
+    st = os.stat(path)
+    if cache is not None and (hit := cache.get(path, st)) is not None:
+        return hit
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if cache is not None:
+        cache.put(path, st, digest)
+    return digest
+
+
+def _only(d: Any, allowed: set[str], where: str) -> None:
+    if not isinstance(d, dict):
+        raise ManifestError(f"{where}: must be a table")
+    unknown = set(d) - allowed
+    if unknown:
+        raise ManifestError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+
+
+def _trusted(t: Any, where: str) -> Trusted:
+    _only(t, {"path", "glob", "sha256"}, where)
+    if ("path" in t) == ("glob" in t):
+        raise ManifestError(f"{where}: give exactly one of path or glob")
+    sha = t.get("sha256")
+    if "path" in t and (
+        not isinstance(sha, str)
+        or len(sha) != 64
+        or not all(c in "0123456789abcdefABCDEF" for c in sha)
+    ):
+        raise ManifestError(
+            f"{where}: a trusted path needs its sha256 (64 hex digits); `shieldml job init` fills it"
+        )
+    if "glob" in t and any(ch in str(t["glob"]) for ch in "\0"):
+        raise ManifestError(f"{where}: bad glob")
+    return Trusted(t.get("path"), t.get("glob"), sha)
+
+
+def _broker(b: Any, where: str) -> Broker:
+    _only(b, {"name", "url", "fingerprint"}, where)
+    if not isinstance(b.get("name"), str) or not isinstance(b.get("url"), str):
+        raise ManifestError(f"{where}: name and url are required")
+    if b["url"].startswith("https://") and not b.get("fingerprint"):
+        raise ManifestError(f"{where}: an https broker needs its TLS fingerprint")
+    return Broker(b["name"], b["url"], b.get("fingerprint"))
+
+
+def _protected(x: Any, cwd: str, base: Path, brokers: set[str], where: str) -> Protected:
+    _only(x, {"path", "ciphertext", "key", "broker", "format"}, where)
+    for k in ("path", "ciphertext", "key", "broker"):
+        if not isinstance(x.get(k), str) or not x[k]:
+            raise ManifestError(f"{where}: {k} is required")
+    if x["broker"] not in brokers:
+        raise ManifestError(f"{where}: unknown broker {x['broker']!r}")
+    fmt = x.get("format", "stream")
+    if fmt not in FORMATS:
+        raise ManifestError(f"{where}: format must be stream or gramine-pf")
+    is_dir = x["path"].endswith("/")
+    path = str((Path(cwd) / x["path"]).resolve()) + ("/" if is_dir else "")
+    return Protected(path, str((base / x["ciphertext"]).resolve()), x["key"], x["broker"], fmt)

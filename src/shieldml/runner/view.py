@@ -1,0 +1,224 @@
+"""The decrypted view: a private mount namespace where protected paths are memory-backed.
+
+Runs as its own process (``python -m shieldml.runner.view``), started by the runner with the job's
+plan and keys on a pipe (never on disk). It
+
+ 1. leaves the host's mount namespace (``unshare``; as root, or in an unprivileged user namespace
+    where the kernel allows it) and makes every mount private, so nothing propagates back;
+ 2. mounts tmpfs for every protected path (a directory, or a file bind-mounted from a tmpfs
+    staging area), decrypts the inputs into them in parallel and remounts them read-only;
+ 3. starts the program, forwards signals to it, waits;
+ 4. seals every output into its ciphertext location (atomically) and reports their digests.
+
+If the runner dies, this process and the program die with it (``PR_SET_PDEATHSIG``), the
+namespace goes away, and with it every tmpfs: plaintext never reaches a disk.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from shieldml.errors import ShieldError
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+PR_SET_PDEATHSIG = 1
+EXIT_VIEW_FAILED = 70
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class ViewError(ShieldError):
+    """The decrypted view could not be set up."""
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise ViewError(
+            f"{what}: {os.strerror(err)}",
+            hint="the runner needs root, or unprivileged user namespaces (kernel.unprivileged_userns_clone=1)",
+        )
+
+
+def die_with_parent() -> None:
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+def enter_private_namespace() -> None:
+    """A mount namespace of our own, with no propagation to the host."""
+    if os.geteuid() == 0:
+        _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    else:
+        uid, gid = os.getuid(), os.getgid()
+        _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS), "unshare(CLONE_NEWUSER|CLONE_NEWNS)")
+        Path("/proc/self/setgroups").write_text("deny")
+        Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
+        Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
+    _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
+
+
+def _mount(
+    src: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
+) -> None:
+    _check(
+        _libc.mount(
+            src.encode() if src else None,
+            target.encode(),
+            fstype.encode() if fstype else None,
+            flags,
+            data.encode() if data else None,
+        ),
+        f"mount {target}",
+    )
+
+
+def tmpfs(target: str) -> None:
+    _mount("shieldml", target, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700")
+
+
+def bind(src: str, target: str, *, readonly: bool) -> None:
+    _mount(src, target, None, MS_BIND)
+    if readonly:
+        _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+
+
+def remount_readonly(target: str) -> None:
+    _mount(None, target, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def _placeholder(path: str, is_dir: bool) -> None:
+    """The mount point must exist; it stays empty on the host (no plaintext ever lands in it)."""
+    p = Path(path)
+    if is_dir:
+        p.mkdir(parents=True, exist_ok=True)
+    else:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if not p.exists():
+            p.touch()
+
+
+def _digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_view(plan: dict[str, Any], result_fd: int) -> int:
+    """Everything inside the namespace; returns the program's exit status."""
+    from shieldml.files import Format, decrypt_path, encrypt_path
+
+    die_with_parent()
+    enter_private_namespace()
+    stage = tempfile.mkdtemp(prefix="shieldml-view-")
+    tmpfs(stage)
+    keys = {k: base64.b64decode(v) for k, v in plan["keys"].items()}
+    files: list[tuple[dict[str, Any], str]] = []
+    for i, item in enumerate(plan["inputs"] + plan["outputs"]):
+        is_dir = item["path"].endswith("/")
+        target = item["path"].rstrip("/")
+        _placeholder(target, is_dir)
+        if is_dir:
+            tmpfs(target)
+            files.append((item, target))
+        else:
+            staged = os.path.join(stage, f"f{i}")
+            Path(staged).touch()
+            bind(staged, target, readonly=False)
+            files.append((item, staged))
+    inputs = files[: len(plan["inputs"])]
+
+    def decrypt(entry: tuple[dict[str, Any], str]) -> None:
+        item, where = entry
+        if item["path"].endswith("/"):
+            decrypt_path(
+                item["ciphertext"],
+                where,
+                keys[item["key"]],
+                bind=item["path"].rstrip("/"),
+                overwrite=True,
+            )
+        else:
+            decrypt_path(
+                item["ciphertext"], where, keys[item["key"]], bind=item["path"], overwrite=True
+            )
+
+    with ThreadPoolExecutor(max(1, min(8, len(inputs)))) as pool:
+        list(pool.map(decrypt, inputs))  # the first failure (named file) propagates
+    for item, _ in inputs:
+        target = item["path"].rstrip("/")
+        if item["path"].endswith("/"):
+            remount_readonly(target)
+        else:
+            _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+    status = _run_program(plan)
+    sealed = []
+    for item, where in files[len(plan["inputs"]) :]:
+        fmt = item.get("format", "stream")
+        encrypt_path(
+            where,
+            item["ciphertext"],
+            keys[item["key"]],
+            bind=item["path"].rstrip("/"),
+            fmt=Format(fmt),
+            overwrite=True,
+        )
+        out = Path(item["ciphertext"])
+        digests = (
+            {
+                str(p.relative_to(out)): _digest(str(p))
+                for p in sorted(out.rglob("*"))
+                if p.is_file()
+            }
+            if out.is_dir()
+            else {"": _digest(str(out))}
+        )
+        sealed.append({"path": item["path"], "ciphertext": item["ciphertext"], "sha256": digests})
+    os.write(result_fd, json.dumps({"status": status, "outputs": sealed}).encode())
+    return status
+
+
+def _run_program(plan: dict[str, Any]) -> int:
+    # argv comes from the measured manifest: it is what the owners approved
+    proc = subprocess.Popen(
+        plan["argv"], cwd=plan["cwd"], env=plan["env"], preexec_fn=die_with_parent
+    )
+
+    def forward(signum: int, _frame: object) -> None:
+        proc.send_signal(signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, forward)
+    rc = proc.wait()
+    return rc if rc >= 0 else 128 - rc
+
+
+def main() -> int:
+    plan = json.loads(sys.stdin.buffer.read())
+    result_fd = int(plan["result_fd"])
+    try:
+        return run_view(plan, result_fd)
+    except ShieldError as e:
+        os.write(
+            result_fd, json.dumps({"error": e.diagnostics(), "kind": type(e).__name__}).encode()
+        )
+        return EXIT_VIEW_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
