@@ -128,7 +128,8 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
     stage = tempfile.mkdtemp(prefix="shieldml-view-")
     tmpfs(stage)
     keys = {k: base64.b64decode(v) for k, v in plan["keys"].items()}
-    files: list[tuple[dict[str, Any], str]] = []
+    n_in = len(plan["inputs"])
+    files: list[tuple[dict[str, Any], str]] = []  # (item, where its plaintext lives)
     for i, item in enumerate(plan["inputs"] + plan["outputs"]):
         is_dir = item["path"].endswith("/")
         target = item["path"].rstrip("/")
@@ -139,36 +140,28 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
         else:
             staged = os.path.join(stage, f"f{i}")
             Path(staged).touch()
-            bind(staged, target, readonly=False)
             files.append((item, staged))
-    inputs = files[: len(plan["inputs"])]
 
     def decrypt(entry: tuple[dict[str, Any], str]) -> None:
         item, where = entry
-        if item["path"].endswith("/"):
-            decrypt_path(
-                item["ciphertext"],
-                where,
-                keys[item["key"]],
-                bind=item["path"].rstrip("/"),
-                overwrite=True,
-            )
-        else:
-            decrypt_path(
-                item["ciphertext"], where, keys[item["key"]], bind=item["path"], overwrite=True
-            )
+        bound = item["path"].rstrip("/")
+        decrypt_path(item["ciphertext"], where, keys[item["key"]], bind=bound, overwrite=True)
 
-    with ThreadPoolExecutor(max(1, min(8, len(inputs)))) as pool:
-        list(pool.map(decrypt, inputs))  # the first failure (named file) propagates
-    for item, _ in inputs:
+    # Decrypt before bind-mounting: a bind mount pins the inode, and decryption replaces the
+    # staged file atomically (new inode).
+    with ThreadPoolExecutor(max(1, min(8, n_in))) as pool:
+        list(pool.map(decrypt, files[:n_in]))  # the first failure (named file) propagates
+    for k, (item, where) in enumerate(files):
         target = item["path"].rstrip("/")
+        readonly = k < n_in
         if item["path"].endswith("/"):
-            remount_readonly(target)
+            if readonly:
+                remount_readonly(target)
         else:
-            _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+            bind(where, target, readonly=readonly)
     status = _run_program(plan)
     sealed = []
-    for item, where in files[len(plan["inputs"]) :]:
+    for item, where in files[n_in:]:
         fmt = item.get("format", "stream")
         encrypt_path(
             where,

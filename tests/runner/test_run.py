@@ -1,0 +1,98 @@
+"""The runner end to end: simulated TEE, broker on loopback, a private mount namespace."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from shieldml.errors import PolicyDenied, ShieldError
+from shieldml.files import open_protected
+from shieldml.runner.manifest import TrustedFileError
+from shieldml.runner.run import run_job, verify_receipt
+from tests.runner.conftest import Job
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="the decrypted view needs root (or user namespaces) here"
+)
+
+
+def test_run_decrypts_runs_and_seals(job: Job):
+    job.authorize()
+    receipt = job.dir / "receipt.json"
+    assert run_job(job.manifest, receipt=str(receipt)) == 0
+    work = job.dir / "work"
+    out = job.dir / "out" / "result.txt.enc"
+    with open_protected(out, job.result_key, bind=str((work / "result.txt").resolve())) as f:
+        assert (
+            f.read().decode()
+            == f"16401 {sum(bytes(range(256)) * 64 + b'MODEL-MARKER-1234') % 9973} HELLO SHIELDED WORLD INPUT-MARKER"
+        )
+    # the host sees empty mount points, never plaintext
+    for name in ("model.bin", "input.txt", "result.txt"):
+        assert (work / name).read_bytes() == b""
+    for p in job.dir.rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            assert (
+                b"MODEL-MARKER" not in data
+                and b"INPUT-MARKER" not in data
+                and b"HELLO SHIELDED" not in data
+            ), p
+    from shieldml.attest.simulated import SimulatedPlatform
+
+    result = verify_receipt(str(receipt), trust=SimulatedPlatform.open(job.sim_dir).trust())
+    assert result["ok"] and result["receipt"]["exit_code"] == 0
+
+
+def test_exit_code_passes_through(job: Job):
+    # the job's input says "fail": the script exits 3
+    from tests.runner.conftest import encrypt_file_plain
+
+    work = (job.dir / "work").resolve()
+    encrypt_file_plain(
+        job.dir / "x",
+        b"fail",
+        job.dir / "enc" / "input.txt.enc",
+        job.model_key,
+        str(work / "input.txt"),
+    )
+    job.authorize()
+    assert run_job(job.manifest) == 3
+
+
+def test_changed_script_is_refused_before_anything(job: Job):
+    job.authorize()
+    (job.dir / "work" / "app.py").write_text("print('evil')\n")
+    with pytest.raises(TrustedFileError, match="app.py"):
+        run_job(job.manifest)
+    assert not (job.dir / "out").exists()
+
+
+def test_policy_for_another_digest_is_refused_with_verdict(job: Job):
+    with job.admin() as c:
+        c.set_policy("model", job.policy("sha256:" + "00" * 32))
+        c.set_policy("results", job.policy("sha256:" + "00" * 32))
+    with pytest.raises(PolicyDenied) as e:
+        run_job(job.manifest)
+    assert "workload_digest" in str(e.value.verdict)
+    assert not (job.dir / "out").exists()
+
+
+def test_tampered_model_stops_before_the_program(job: Job):
+    job.authorize()
+    enc = job.dir / "enc" / "model.bin.enc"
+    raw = bytearray(enc.read_bytes())
+    raw[500] ^= 1
+    enc.write_bytes(bytes(raw))
+    with pytest.raises(ShieldError, match=r"not started.*model.bin.enc"):
+        run_job(job.manifest)
+    assert not (job.dir / "out").exists()
+
+
+def test_unreachable_broker(job: Job):
+    job.authorize()
+    job.broker.stop()
+    with pytest.raises(ShieldError, match="cannot reach"):
+        run_job(job.manifest)
