@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -65,7 +64,7 @@ def test_exit_code_passes_through(job: Job):
 def test_changed_script_is_refused_before_anything(job: Job):
     job.authorize()
     (job.dir / "work" / "app.py").write_text("print('evil')\n")
-    with pytest.raises(TrustedFileError, match="app.py"):
+    with pytest.raises(TrustedFileError, match=r"app\.py"):
         run_job(job.manifest)
     assert not (job.dir / "out").exists()
 
@@ -96,3 +95,72 @@ def test_unreachable_broker(job: Job):
     job.broker.stop()
     with pytest.raises(ShieldError, match="cannot reach"):
         run_job(job.manifest)
+
+
+def test_debug_tee_is_refused(job: Job):
+    text = job.manifest.read_text().replace('debug = "false"', 'debug = "true"')
+    job.manifest.write_text(text)
+    job.authorize()
+    with pytest.raises(PolicyDenied) as e:
+        run_job(job.manifest)
+    assert '"name": "debug"' in json_dump(e.value.verdict) and not (job.dir / "out").exists()
+
+
+def test_simulated_root_needs_the_insecure_switch(job: Job):
+    digest = job.authorize()
+    with job.admin() as c:
+        c.set_policy("model", job.policy(digest).replace("insecure_allow_simulated = true\n", ""))
+    with pytest.raises(PolicyDenied) as e:
+        run_job(job.manifest)
+    assert '"name": "root"' in json_dump(e.value.verdict)
+
+
+def test_sigkill_of_the_runner_leaves_no_plaintext_and_no_partial_output(job: Job):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (job.dir / "work" / "app.py").write_text(
+        "import time\nopen('result.txt','w').write(open('input.txt').read() * 1000)\ntime.sleep(60)\n"
+    )
+    text = job.manifest.read_text()
+    import hashlib
+
+    old = text.split('sha256 = "')[1].split('"')[0]
+    job.manifest.write_text(
+        text.replace(old, hashlib.sha256((job.dir / "work" / "app.py").read_bytes()).hexdigest())
+    )
+    job.authorize()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shieldml.cli", "run", "-m", str(job.manifest)],
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not _program_running(proc.pid):
+        time.sleep(0.2)
+    assert _program_running(proc.pid), "the program never started"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.0)
+    assert not _program_running(proc.pid)
+    assert not (job.dir / "out").exists()  # nothing sealed, nothing half-written
+    for p in job.dir.rglob("*"):
+        if p.is_file():
+            assert b"INPUT-MARKER" not in p.read_bytes(), p
+
+
+def _program_running(runner_pid: int) -> bool:
+    import subprocess
+
+    out = subprocess.run(
+        ["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True
+    ).stdout
+    return any("app.py" in line and "shieldml" not in line for line in out.splitlines())
+
+
+def json_dump(x: object) -> str:
+    import json
+
+    return json.dumps(x)
