@@ -30,7 +30,7 @@ from shieldml import __version__
 from shieldml.cli_attest import attest, trust
 from shieldml.cli_broker import audit, broker
 from shieldml.cli_policy import policy
-from shieldml.cli_run import job, receipt, run
+from shieldml.cli_run import gramine, job, receipt, run
 from shieldml.errors import IntegrityError, ShieldError
 from shieldml.files import Format, _tree, generate_key, inspect_file, load_key, write_key_file
 from shieldml.files._common import ProgressCallback
@@ -228,6 +228,7 @@ cli.add_command(audit)
 cli.add_command(run)
 cli.add_command(job)
 cli.add_command(receipt)
+cli.add_command(gramine)
 
 
 @cli.command()
