@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_files.py --markdown docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_attest.py --markdown docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_broker.py --markdown docs/benchmarks.md
+	$(BIN)/python benchmarks/bench_runner.py --markdown docs/benchmarks.md
 
 fuzz: $(STAMP)
 	SHIELDML_FUZZ_EXAMPLES=2000 $(BIN)/pytest -q tests/broker/test_fuzz_api.py

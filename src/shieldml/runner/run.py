@@ -93,6 +93,7 @@ def run_job(
     receipt: str | None = None,
     hash_cache: str | None = None,
     log: Callable[[str], None] | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> int:
     say: Callable[[str], None] = log or _quiet
     times = RunTimes()
@@ -116,6 +117,15 @@ def run_job(
     result = _view(m, keys, extra_args)  # 3-5
     times.view_s = time.perf_counter() - t2
     status = int(result["status"])
+    if stats is not None:
+        stats.update(
+            {
+                "measure_s": times.measure_s,
+                "attest_release_s": times.attest_s,
+                "view_s": times.view_s,
+                **result.get("times", {}),
+            }
+        )
     if receipt:
         write_receipt(receipt, m, digest, audit, result, status, started, provider)  # 6
         say(f"receipt written to {receipt}")

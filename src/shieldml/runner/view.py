@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,15 @@ def _placeholder(path: str, is_dir: bool) -> None:
             p.touch()
 
 
+def _tree_size(path: str) -> int:
+    p = Path(path)
+    return (
+        sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        if p.is_dir()
+        else p.stat().st_size
+    )
+
+
 def _digest(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -149,8 +159,11 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
 
     # Decrypt before bind-mounting: a bind mount pins the inode, and decryption replaces the
     # staged file atomically (new inode).
+    t0 = time.perf_counter()
     with ThreadPoolExecutor(max(1, min(8, n_in))) as pool:
         list(pool.map(decrypt, files[:n_in]))  # the first failure (named file) propagates
+    decrypt_s = time.perf_counter() - t0
+    decrypted = sum(_tree_size(where) for _, where in files[:n_in])
     for k, (item, where) in enumerate(files):
         target = item["path"].rstrip("/")
         readonly = k < n_in
@@ -159,7 +172,10 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
                 remount_readonly(target)
         else:
             bind(where, target, readonly=readonly)
+    t1 = time.perf_counter()
     status = _run_program(plan)
+    program_s = time.perf_counter() - t1
+    t2 = time.perf_counter()
     sealed = []
     for item, where in files[n_in:]:
         fmt = item.get("format", "stream")
@@ -182,7 +198,13 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
             else {"": _digest(str(out))}
         )
         sealed.append({"path": item["path"], "ciphertext": item["ciphertext"], "sha256": digests})
-    os.write(result_fd, json.dumps({"status": status, "outputs": sealed}).encode())
+    times = {
+        "decrypt_s": decrypt_s,
+        "decrypted_bytes": decrypted,
+        "program_s": program_s,
+        "seal_s": time.perf_counter() - t2,
+    }
+    os.write(result_fd, json.dumps({"status": status, "outputs": sealed, "times": times}).encode())
     return status
 
 
