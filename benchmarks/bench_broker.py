@@ -21,6 +21,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.broker.conftest import MRENCLAVE, POLICY, WD  # noqa: E402
 from tests.broker.procs import start_broker  # noqa: E402
 from tests.pg import PgCluster  # noqa: E402
 
@@ -28,19 +29,6 @@ from bench_files import write_page  # noqa: E402
 from shieldml.attest.simulated import SimulatedPlatform  # noqa: E402
 from shieldml.broker import protocol  # noqa: E402
 from shieldml.broker.client import BrokerClient  # noqa: E402
-
-MRENCLAVE = b"\x5a" * 32
-WD = "sha256:" + "cd" * 32
-POLICY = f"""
-[[profile]]
-tee = "sgx"
-mrenclave = ["{MRENCLAVE.hex()}"]
-mrsigner = "any"
-isv_prod_id = 0
-min_isv_svn = 0
-workload_digest = ["{WD}"]
-insecure_allow_simulated = true
-"""
 
 
 def _load(url: str, fingerprint: str, sim_dir: str, threads: int, stop: float, queue: Any) -> None:

@@ -221,7 +221,7 @@ class JobManifest:
             if t.path is not None:
                 p = str((self.base / t.path).resolve())
                 try:
-                    digest = _sha256(p, cache)
+                    digest = sha256_file(p, cache)
                 except OSError as e:
                     problems.append(f"{t.path}: {e.strerror}")
                     continue
@@ -234,7 +234,7 @@ class JobManifest:
                 if not files:
                     problems.append(f"{t.glob}: matches no file")
                 for m in files:
-                    out[str(Path(m).resolve())] = _sha256(m, cache)
+                    out[str(Path(m).resolve())] = sha256_file(m, cache)
         if problems:
             raise TrustedFileError(
                 "trusted files do not match the manifest: " + "; ".join(problems),
@@ -299,7 +299,17 @@ class HashCache:
             tmp.replace(self.path)
 
 
-def _sha256(path: str, cache: HashCache | None) -> str:
+def tree_sha256(path: str | os.PathLike[str]) -> dict[str, str]:
+    """SHA-256 of a file (key ``""``) or of every file under a directory (keys: relative paths)."""
+    p = Path(path)
+    if p.is_dir():
+        return {
+            str(f.relative_to(p)): sha256_file(str(f)) for f in sorted(p.rglob("*")) if f.is_file()
+        }
+    return {"": sha256_file(str(p))}
+
+
+def sha256_file(path: str, cache: HashCache | None = None) -> str:
     st = os.stat(path)
     if cache is not None and (hit := cache.get(path, st)) is not None:
         return hit

@@ -29,7 +29,7 @@ from shieldml.broker import protocol
 from shieldml.broker.client import BrokerClient
 from shieldml.errors import ShieldError
 from shieldml.runner.evidence import Evidence, Provider, provider_for
-from shieldml.runner.manifest import HashCache, JobManifest, ManifestError
+from shieldml.runner.manifest import HashCache, JobManifest, ManifestError, sha256_file, tree_sha256
 
 RECEIPT_DOMAIN = b"shieldml/v1 receipt\0"
 
@@ -191,14 +191,6 @@ def receipt_report_data(body: dict[str, Any]) -> bytes:
     return hashlib.sha512(RECEIPT_DOMAIN + hashlib.sha256(text).digest()).digest()
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_receipt(
     path: str,
     m: JobManifest,
@@ -212,11 +204,7 @@ def write_receipt(
     inputs = []
     for i in m.inputs:
         p = Path(i.ciphertext)
-        files = (
-            {str(f.relative_to(p)): _sha256(str(f)) for f in sorted(p.rglob("*")) if f.is_file()}
-            if p.is_dir()
-            else {"": _sha256(str(p))}
-        )
+        files = tree_sha256(p)
         inputs.append({"path": i.path, "ciphertext": i.ciphertext, "sha256": files})
     body = {
         "shieldml_receipt": 1,
@@ -270,6 +258,6 @@ def verify_receipt(
             p = Path(item["ciphertext"])
             for rel, h in item["sha256"].items():
                 f = p / rel if rel else p
-                if not f.exists() or _sha256(str(f)) != h:
+                if not f.exists() or sha256_file(str(f)) != h:
                     problems.append(f"{f}: differs from the receipt")
     return {"ok": not problems, "problems": problems, "claims": claims.to_dict(), "receipt": body}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import ctypes
-import hashlib
 import json
 import os
 import signal
@@ -121,17 +120,10 @@ def _tree_size(path: str) -> int:
     )
 
 
-def _digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def run_view(plan: dict[str, Any], result_fd: int) -> int:
     """Everything inside the namespace; returns the program's exit status."""
     from shieldml.files import Format, decrypt_path, encrypt_path
+    from shieldml.runner.manifest import tree_sha256
 
     die_with_parent()
     enter_private_namespace()
@@ -188,15 +180,7 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
             overwrite=True,
         )
         out = Path(item["ciphertext"])
-        digests = (
-            {
-                str(p.relative_to(out)): _digest(str(p))
-                for p in sorted(out.rglob("*"))
-                if p.is_file()
-            }
-            if out.is_dir()
-            else {"": _digest(str(out))}
-        )
+        digests = tree_sha256(out)
         sealed.append({"path": item["path"], "ciphertext": item["ciphertext"], "sha256": digests})
     times = {
         "decrypt_s": decrypt_s,
