@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -164,3 +165,110 @@ def json_dump(x: object) -> str:
     import json
 
     return json.dumps(x)
+
+
+def test_two_owners_directories_and_signals(tmp_path: Path, sim_dir: Path):
+    """A model owner and a data owner, each with their own broker and key; directory input and
+    output; SIGTERM to the runner reaches the program and its outputs are still sealed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from shieldml.broker.client import BrokerClient
+    from shieldml.files import encrypt_path, generate_key
+    from shieldml.runner.manifest import JobManifest
+    from tests.broker.procs import start_broker
+
+    owners = {
+        name: start_broker(tmp_path / name, "--simulated-platform", str(sim_dir))
+        for name in ("model", "data")
+    }
+    try:
+        d = tmp_path / "job"
+        (d / "work").mkdir(parents=True)
+        (d / "plain" / "images").mkdir(parents=True)
+        for i in range(3):
+            (d / "plain" / "images" / f"{i}.txt").write_text(f"image {i} DATA-MARKER")
+        (d / "plain" / "weights.bin").write_bytes(b"W" * 1000)
+        keys = {"model": generate_key(), "data": generate_key(), "preds": generate_key()}
+        work = (d / "work").resolve()
+        encrypt_path(
+            d / "plain" / "images", d / "enc" / "images", keys["data"], bind=str(work / "images")
+        )
+        encrypt_path(
+            d / "plain" / "weights.bin",
+            d / "enc" / "weights.bin.enc",
+            keys["model"],
+            bind=str(work / "weights.bin"),
+        )
+        (d / "work" / "app.py").write_text(
+            "import os, signal, sys, time\n"
+            "def stop(*_):\n"
+            "    open('preds/summary.txt', 'w').write('stopped ' + str(len(open('weights.bin','rb').read())))\n"
+            "    sys.exit(0)\n"
+            "signal.signal(signal.SIGTERM, stop)\n"
+            "for n in sorted(os.listdir('images')):\n"
+            "    open(f'preds/{n}', 'w').write(open(f'images/{n}').read().upper())\n"
+            "open('ready', 'w').close() if False else None\n"
+            "time.sleep(60)\n"
+        )
+        import hashlib
+
+        def broker_block(name: str) -> str:
+            b = owners[name]
+            return (
+                f'[[broker]]\nname = "{name}"\nurl = "{b.url}"\nfingerprint = "{b.fingerprint}"\n'
+            )
+
+        m = d / "job.toml"
+        m.write_text(
+            f'tee = "simulated"\n[command]\nargv = ["{sys.executable}", "app.py"]\ncwd = "work"\n'
+            f'[[trusted]]\npath = "work/app.py"\nsha256 = "{hashlib.sha256((d / "work" / "app.py").read_bytes()).hexdigest()}"\n'
+            + broker_block("model") + broker_block("data")
+            + '[[input]]\npath = "weights.bin"\nciphertext = "enc/weights.bin.enc"\nkey = "model"\nbroker = "model"\n'
+            + '[[input]]\npath = "images/"\nciphertext = "enc/images"\nkey = "data"\nbroker = "data"\n'
+            + '[[output]]\npath = "preds/"\nciphertext = "out/preds"\nkey = "preds"\nbroker = "data"\n'
+            + f'[simulated]\nplatform = "{sim_dir}"\nkind = "sgx"\nmrenclave = "{"7e" * 32}"\n'
+        )  # fmt: skip
+        digest = JobManifest.load(m).workload_digest()
+        from tests.runner.conftest import Job
+
+        policy = Job.policy(None, digest)  # type: ignore[arg-type]
+        for owner, names in (("model", ["model"]), ("data", ["data", "preds"])):
+            b = owners[owner]
+            with BrokerClient(
+                b.url, fingerprint=b.fingerprint, token=b.token_file.read_text().strip()
+            ) as c:
+                for n in names:
+                    c.add_key(n, "stream", keys[n])
+                    c.set_policy(n, policy)
+        proc = subprocess.Popen([sys.executable, "-m", "shieldml.cli", "run", "-m", str(m)])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _program_running(proc.pid):
+            time.sleep(0.2)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        from shieldml.files import decrypt_path
+
+        decrypt_path(
+            d / "out" / "preds", tmp_path / "preds", keys["preds"], bind=str(work / "preds")
+        )
+        got = {p.name: p.read_text() for p in (tmp_path / "preds").iterdir()}
+        assert got["summary.txt"] == "stopped 1000"
+        assert got["0.txt"] == "IMAGE 0 DATA-MARKER"
+        for p in d.rglob("*"):
+            if p.is_file() and "plain" not in p.parts:
+                assert b"DATA-MARKER" not in p.read_bytes(), p
+        # each owner's audit shows only its own keys
+        with BrokerClient(
+            owners["model"].url,
+            fingerprint=owners["model"].fingerprint,
+            token=owners["model"].token_file.read_text().strip(),
+        ) as c:
+            releases = [r for r in c.audit_all()[0] if r["event"] == "release"]
+        assert [r["data"]["keys"] for r in releases] == [["model"]]
+    finally:
+        for b in owners.values():
+            b.stop()
