@@ -43,12 +43,7 @@ class Job:
         )
 
     def policy(self, digest: str, **extra: str) -> str:
-        lines = [
-            "[[profile]]", 'tee = "sgx"', f'mrenclave = ["{MRENCLAVE}"]', 'mrsigner = "any"',
-            "isv_prod_id = 0", "min_isv_svn = 0", f'workload_digest = ["{digest}"]', "insecure_allow_simulated = true",
-        ]  # fmt: skip
-        lines += [f"{k} = {v}" for k, v in extra.items()]
-        return "\n".join(lines) + "\n"
+        return policy_for(digest, **extra)
 
     def authorize(self) -> str:
         digest = JobManifest.load(self.manifest).workload_digest()
@@ -56,6 +51,16 @@ class Job:
             for name in ("model", "results"):
                 c.set_policy(name, self.policy(digest))
         return digest
+
+
+def policy_for(digest: str, **extra: str) -> str:
+    """A policy accepting the simulated enclave MRENCLAVE running the job with ``digest``."""
+    lines = [
+        "[[profile]]", 'tee = "sgx"', f'mrenclave = ["{MRENCLAVE}"]', 'mrsigner = "any"',
+        "isv_prod_id = 0", "min_isv_svn = 0", f'workload_digest = ["{digest}"]', "insecure_allow_simulated = true",
+    ]  # fmt: skip
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
 
 
 def write_manifest(

@@ -232,9 +232,9 @@ def test_two_owners_directories_and_signals(tmp_path: Path, sim_dir: Path):
             + f'[simulated]\nplatform = "{sim_dir}"\nkind = "sgx"\nmrenclave = "{"7e" * 32}"\n'
         )  # fmt: skip
         digest = JobManifest.load(m).workload_digest()
-        from tests.runner.conftest import Job
+        from tests.runner.conftest import policy_for
 
-        policy = Job.policy(None, digest)  # type: ignore[arg-type]
+        policy = policy_for(digest)
         for owner, names in (("model", ["model"]), ("data", ["data", "preds"])):
             b = owners[owner]
             with BrokerClient(
