@@ -97,6 +97,16 @@ def key() -> None:
     """Create keys for protected files."""
 
 
+@key.command("recipient")
+@click.argument("out_path", metavar="OUT", type=click.Path(dir_okay=False))
+def key_recipient(out_path: str) -> None:
+    """Write an X25519 recipient key pair: OUT (private, 0600) and OUT.pub (for job manifests)."""
+    from shieldml.runner.recipient import new_recipient
+
+    pub = new_recipient(out_path)
+    out.print(f"wrote {escape(out_path)} (private, mode 0600) and {escape(str(pub))}")
+
+
 @key.command("new")
 @click.argument("out_path", metavar="OUT", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=FORMAT_CHOICE, default="stream", show_default=True)
@@ -159,7 +169,12 @@ def encrypt(
 @cli.command()
 @click.argument("src", metavar="IN", type=click.Path(exists=True))
 @click.argument("dst", metavar="OUT", type=click.Path())
-@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="Key file.")
+@click.option("--key", "key_path", type=click.Path(dir_okay=False), help="Key file.")
+@click.option(
+    "--recipient-key",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Private recipient key, for outputs a runner sealed to its public key.",
+)
 @click.option("--bind", help="Path the file was bound to at encryption. Default: IN as given.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True)
 @click.option("--force", is_flag=True, help="Replace existing output files.")
@@ -167,7 +182,8 @@ def encrypt(
 def decrypt(
     src: str,
     dst: str,
-    key_path: str,
+    key_path: str | None,
+    recipient_key: str | None,
     bind: str | None,
     workers: int,
     force: bool,
@@ -177,7 +193,19 @@ def decrypt(
 
     Nothing is written at OUT unless all of it verifies.
     """
-    k = load_key(key_path)
+    if (key_path is None) == (recipient_key is None):
+        raise click.UsageError("give exactly one of --key and --recipient-key")
+    if recipient_key is not None:
+        from shieldml.runner.recipient import open_key, sealed_key_path
+
+        sealed = sealed_key_path(src)
+        try:
+            blob = sealed.read_bytes()
+        except OSError as e:
+            raise ShieldError(f"{sealed}: cannot read the sealed key: {e.strerror}") from e
+        k = open_key(recipient_key, bind if bind is not None else src.rstrip("/"), blob)
+    else:
+        k = load_key(key_path or "")
     items = _tree.plan_decrypt(src, dst, bind)
     with progress_bar(sum(i.size for i in items), "decrypting") as tick:
         _tree.decrypt_path(

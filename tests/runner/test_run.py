@@ -272,3 +272,45 @@ def test_two_owners_directories_and_signals(tmp_path: Path, sim_dir: Path):
     finally:
         for b in owners.values():
             b.stop()
+
+
+def test_output_sealed_to_a_recipient(job: Job, capsys: pytest.CaptureFixture[str]):
+    from shieldml.cli import main
+
+    rec = job.dir / "recipient.key"
+    assert main(["key", "recipient", str(rec)]) == 0
+    text = job.manifest.read_text().replace(
+        'ciphertext = "out/result.txt.enc"\nkey = "results"\nbroker = "owner"',
+        'ciphertext = "out/result.txt.enc"\nrecipient = "recipient.key.pub"',
+    )
+    assert "recipient.key.pub" in text
+    job.manifest.write_text(text)
+    job.authorize()
+    assert run_job(job.manifest) == 0
+    work = (job.dir / "work").resolve()
+    out = job.dir / "out" / "result.txt.enc"
+    assert (job.dir / "out" / "result.txt.enc.sealed-key").exists()
+    plain = job.dir / "result.txt"
+    args = [
+        "decrypt",
+        str(out),
+        str(plain),
+        "--recipient-key",
+        str(rec),
+        "--bind",
+        str(work / "result.txt"),
+    ]
+    assert main(args) == 0
+    assert plain.read_text().endswith("HELLO SHIELDED WORLD INPUT-MARKER")
+    capsys.readouterr()
+    other = job.dir / "other.key"
+    main(["key", "recipient", str(other)])
+    assert (
+        main([*args[:4], str(other), *args[5:], "--force"]) == 3
+    )  # another recipient: integrity error
+    # swapping the recipient key in the manifest changes the workload digest
+    from shieldml.runner.manifest import JobManifest
+
+    before = JobManifest.load(job.manifest).workload_digest()
+    job.manifest.write_text(job.manifest.read_text().replace("recipient.key.pub", "other.key.pub"))
+    assert JobManifest.load(job.manifest).workload_digest() != before

@@ -80,9 +80,11 @@ class Broker:
 class Protected:
     path: str  # in-TEE path, absolute after loading
     ciphertext: str  # host path, absolute after loading
-    key: str
-    broker: str
+    key: str  # "" for an output sealed to a recipient
+    broker: str  # "" likewise
     format: str = "stream"
+    recipient: str | None = None  # X25519 public key file (outputs only): seal to it with HPKE
+    recipient_key: bytes | None = None  # its 32 bytes, read once at load (measured, then used)
 
     @property
     def is_dir(self) -> bool:
@@ -188,7 +190,7 @@ class JobManifest:
             for i, x in enumerate(d.get("input", []))
         )
         outs = tuple(
-            _protected(x, cwd, base, names, f"{where}: output {i + 1}")
+            _protected(x, cwd, base, names, f"{where}: output {i + 1}", output=True)
             for i, x in enumerate(d.get("output", []))
         )
         paths = [p.path.rstrip("/") for p in ins + outs]
@@ -258,12 +260,8 @@ class JobManifest:
             "env_set": dict(sorted(self.env_set.items())),
             "trusted_files": [[rel(p), h] for p, h in files],
             "brokers": [asdict(b) for b in sorted(self.brokers, key=lambda b: b.name)],
-            "inputs": [
-                {**asdict(x), "path": x.path, "ciphertext": rel(x.ciphertext)} for x in self.inputs
-            ],
-            "outputs": [
-                {**asdict(x), "path": x.path, "ciphertext": rel(x.ciphertext)} for x in self.outputs
-            ],
+            "inputs": [_protected_doc(x, rel) for x in self.inputs],
+            "outputs": [_protected_doc(x, rel) for x in self.outputs],
             "simulated": dict(sorted(self.simulated.items())),
         }
 
@@ -271,6 +269,20 @@ class JobManifest:
         doc = self.canonical(self.trusted_files(cache))
         text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _protected_doc(x: Protected, rel: Any) -> dict[str, Any]:
+    """A protected path in the digest; a recipient is measured by its key, not its file name."""
+    doc = {
+        "path": x.path,
+        "ciphertext": rel(x.ciphertext),
+        "key": x.key,
+        "broker": x.broker,
+        "format": x.format,
+    }
+    if x.recipient_key is not None:
+        doc["recipient_sha256"] = hashlib.sha256(x.recipient_key).hexdigest()
+    return doc
 
 
 class HashCache:
@@ -358,16 +370,45 @@ def _broker(b: Any, where: str) -> Broker:
     return Broker(b["name"], b["url"], b.get("fingerprint"))
 
 
-def _protected(x: Any, cwd: str, base: Path, brokers: set[str], where: str) -> Protected:
-    _only(x, {"path", "ciphertext", "key", "broker", "format"}, where)
-    for k in ("path", "ciphertext", "key", "broker"):
+def _protected(
+    x: Any, cwd: str, base: Path, brokers: set[str], where: str, *, output: bool = False
+) -> Protected:
+    _only(
+        x,
+        {"path", "ciphertext", "key", "broker", "format", *(("recipient",) if output else ())},
+        where,
+    )
+    recipient = x.get("recipient")
+    needed = ("path", "ciphertext") if recipient else ("path", "ciphertext", "key", "broker")
+    for k in needed:
         if not isinstance(x.get(k), str) or not x[k]:
             raise ManifestError(f"{where}: {k} is required")
-    if x["broker"] not in brokers:
+    if recipient is not None:
+        if not isinstance(recipient, str) or "key" in x or "broker" in x:
+            raise ManifestError(
+                f"{where}: an output goes either to a recipient or to a key on a broker"
+            )
+        x = {**x, "key": "", "broker": ""}
+    elif x["broker"] not in brokers:
         raise ManifestError(f"{where}: unknown broker {x['broker']!r}")
     fmt = x.get("format", "stream")
     if fmt not in FORMATS:
         raise ManifestError(f"{where}: format must be stream or gramine-pf")
     is_dir = x["path"].endswith("/")
     path = str((Path(cwd) / x["path"]).resolve()) + ("/" if is_dir else "")
-    return Protected(path, str((base / x["ciphertext"]).resolve()), x["key"], x["broker"], fmt)
+    rec = str((base / recipient).resolve()) if recipient else None
+    rec_key = None
+    if rec is not None:
+        try:
+            rec_key = Path(rec).read_bytes()
+        except OSError as e:
+            raise ManifestError(
+                f"{where}: cannot read recipient key {recipient}: {e.strerror}"
+            ) from e
+        if len(rec_key) != 32:
+            raise ManifestError(
+                f"{where}: {recipient} is not a 32-byte X25519 public key (`shieldml key recipient`)"
+            )
+    return Protected(
+        path, str((base / x["ciphertext"]).resolve()), x["key"], x["broker"], fmt, rec, rec_key
+    )

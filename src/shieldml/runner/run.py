@@ -47,7 +47,8 @@ def release_keys(
     """Every key the job needs, each from its own broker; ``(keys, audit sequence per broker)``."""
     need: dict[str, set[str]] = {}
     for item in m.inputs + m.outputs:
-        need.setdefault(item.broker, set()).add(item.key)
+        if item.recipient_key is None:
+            need.setdefault(item.broker, set()).add(item.key)
     keys: dict[str, tuple[str, bytes]] = {}
     audit: dict[str, int] = {}
     for b in m.brokers:
@@ -150,7 +151,15 @@ def _view(
             for i in m.inputs
         ],
         "outputs": [
-            {"path": o.path, "ciphertext": o.ciphertext, "key": o.key, "format": o.format}
+            {
+                "path": o.path,
+                "ciphertext": o.ciphertext,
+                "key": o.key,
+                "format": o.format,
+                "recipient": base64.b64encode(o.recipient_key).decode()
+                if o.recipient_key
+                else None,
+            }
             for o in m.outputs
         ],
     }

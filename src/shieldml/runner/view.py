@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import hashlib
 import json
 import os
 import signal
@@ -122,8 +123,9 @@ def _tree_size(path: str) -> int:
 
 def run_view(plan: dict[str, Any], result_fd: int) -> int:
     """Everything inside the namespace; returns the program's exit status."""
-    from shieldml.files import Format, decrypt_path, encrypt_path
+    from shieldml.files import Format, atomic_output, decrypt_path, encrypt_path, generate_key
     from shieldml.runner.manifest import tree_sha256
+    from shieldml.runner.recipient import seal_key, sealed_key_path
 
     die_with_parent()
     enter_private_namespace()
@@ -171,17 +173,31 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
     sealed = []
     for item, where in files[n_in:]:
         fmt = item.get("format", "stream")
+        key = keys.get(item["key"])
+        entry: dict[str, Any] = {}
+        if item.get("recipient"):  # a fresh key, sealed to the recipient, written first
+            key = generate_key(Format(fmt))
+            sealed_key = seal_key(
+                base64.b64decode(item["recipient"]), item["path"].rstrip("/"), key
+            )
+            with atomic_output(sealed_key_path(item["ciphertext"]), overwrite=True) as f:
+                f.write(sealed_key)
+            entry["sealed_key_sha256"] = hashlib.sha256(sealed_key).hexdigest()
+        if key is None:
+            raise ViewError(f"no key for output {item['path']}")
         encrypt_path(
             where,
             item["ciphertext"],
-            keys[item["key"]],
+            key,
             bind=item["path"].rstrip("/"),
             fmt=Format(fmt),
             overwrite=True,
         )
         out = Path(item["ciphertext"])
         digests = tree_sha256(out)
-        sealed.append({"path": item["path"], "ciphertext": item["ciphertext"], "sha256": digests})
+        sealed.append(
+            {"path": item["path"], "ciphertext": item["ciphertext"], "sha256": digests, **entry}
+        )
     times = {
         "decrypt_s": decrypt_s,
         "decrypted_bytes": decrypted,
