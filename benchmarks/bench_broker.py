@@ -22,13 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.broker.conftest import MRENCLAVE, POLICY, WD  # noqa: E402
-from tests.broker.procs import start_broker  # noqa: E402
 from tests.pg import PgCluster  # noqa: E402
 
 from bench_files import write_page  # noqa: E402
 from shieldml.attest.simulated import SimulatedPlatform  # noqa: E402
 from shieldml.broker import protocol  # noqa: E402
 from shieldml.broker.client import BrokerClient  # noqa: E402
+from shieldml.broker.local import start_broker  # noqa: E402
 
 
 def _load(url: str, fingerprint: str, sim_dir: str, threads: int, stop: float, queue: Any) -> None:

@@ -23,12 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tests.broker.procs import start_broker  # noqa: E402
 from tests.runner.conftest import MRENCLAVE, write_manifest  # noqa: E402
 
 from bench_files import write_page  # noqa: E402
 from shieldml.attest.simulated import SimulatedPlatform  # noqa: E402
 from shieldml.broker.client import BrokerClient  # noqa: E402
+from shieldml.broker.local import start_broker  # noqa: E402
 from shieldml.files import encrypt_file, generate_key  # noqa: E402
 from shieldml.runner.manifest import JobManifest  # noqa: E402
 from shieldml.runner.run import run_job  # noqa: E402

@@ -13,11 +13,11 @@ import pytest
 from shieldml.attest.simulated import SimulatedPlatform
 from shieldml.broker import protocol
 from shieldml.broker.client import BrokerClient, BrokerError
+from shieldml.broker.local import BrokerProcess, start_broker
 from shieldml.broker.storage import AuditRecord, verify_chain
 from shieldml.cli import main
 from shieldml.errors import PolicyDenied, ShieldError
 from tests.broker.conftest import MRENCLAVE, POLICY, WD
-from tests.broker.procs import BrokerProcess, start_broker
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_two_replicas_share_nonces_and_one_audit_chain(tmp_path: Path, sim_dir: 
 
 
 def test_served_secret_provisioning_and_release_without_collateral(tmp_path: Path, sim_dir: Path):
-    from tests.broker.procs import free_port
+    from shieldml.broker.local import free_port
     from tests.broker.test_secret_prov import MRENCLAVE as SP_MRENCLAVE
     from tests.broker.test_secret_prov import POLICY as SP_POLICY
     from tests.broker.test_secret_prov import RESPONSE, enclave_request

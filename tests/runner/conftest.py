@@ -10,9 +10,9 @@ import pytest
 
 from shieldml.attest.simulated import SimulatedPlatform
 from shieldml.broker.client import BrokerClient
+from shieldml.broker.local import BrokerProcess, start_broker
 from shieldml.files import encrypt_file, generate_key
 from shieldml.runner.manifest import JobManifest
-from tests.broker.procs import BrokerProcess, start_broker
 
 MRENCLAVE = "7e" * 32
 

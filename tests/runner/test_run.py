@@ -176,9 +176,9 @@ def test_two_owners_directories_and_signals(tmp_path: Path, sim_dir: Path):
     import time
 
     from shieldml.broker.client import BrokerClient
+    from shieldml.broker.local import start_broker
     from shieldml.files import encrypt_path, generate_key
     from shieldml.runner.manifest import JobManifest
-    from tests.broker.procs import start_broker
 
     owners = {
         name: start_broker(tmp_path / name, "--simulated-platform", str(sim_dir))

@@ -262,8 +262,7 @@ class JobManifest:
             "brokers": [asdict(b) for b in sorted(self.brokers, key=lambda b: b.name)],
             "inputs": [_protected_doc(x, rel) for x in self.inputs],
             "outputs": [_protected_doc(x, rel) for x in self.outputs],
-            "simulated": dict(sorted(self.simulated.items())),
-        }
+        }  # [simulated] describes the stand-in hardware, not the workload: it is not measured
 
     def workload_digest(self, cache: HashCache | None = None) -> str:
         doc = self.canonical(self.trusted_files(cache))

@@ -1,4 +1,4 @@
-"""Real broker processes on loopback for end-to-end tests."""
+"""Broker processes on loopback: for the demo, the examples and the tests (not production)."""
 
 from __future__ import annotations
 
