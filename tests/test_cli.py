@@ -140,11 +140,28 @@ def test_console_script_prints_no_traceback(tmp_path: Path):
     assert "Traceback" not in proc.stderr and "not a protected file" in proc.stderr
 
 
-def test_demo_runs(capsys: pytest.CaptureFixture[str]):
-    rc, out, _ = run(capsys, "demo")
+def test_files_tour_runs(capsys: pytest.CaptureFixture[str]):
+    rc, out, _ = run(capsys, "demo", "--files-only")
     assert rc == 0
     assert "NOT detected" not in out and "Every attack was detected" in out
     assert out.count("✓") == 5
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="the demo's decrypted view needs root (or user namespaces) here"
+)
+def test_demo_tells_the_whole_story(capsys: pytest.CaptureFixture[str]):
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    rc, out, _ = run(capsys, "demo")
+    assert rc == 0
+    assert out.count("✓ refused") == 3 and "NOT refused" not in out
+    assert "verdict fails workload_digest" in out and "verdict fails debug\n" in out.replace(
+        " \n", "\n"
+    )
+    accuracy = float(out.split("accuracy ")[1].split("%")[0])
+    assert accuracy >= 95.0
+    assert "none found" in out and out.count("chain intact") == 2
 
 
 def test_format_enum_values_are_the_cli_choices():

@@ -261,11 +261,12 @@ cli.add_command(gramine)
 
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep the files here.")
-def demo(workdir: str | None) -> None:
-    """Demonstrate protected files: encrypt, inspect, decrypt, detect tampering."""
-    from shieldml._demo import run_demo
+@click.option("--files-only", is_flag=True, help="Only the short tour of protected files.")
+def demo(workdir: str | None, files_only: bool) -> None:
+    """Two owners, two brokers, confidential training and inference on a simulated TEE."""
+    from shieldml.demo import run_demo
 
-    run_demo(out, workdir)
+    run_demo(out, workdir, files_only=files_only)
 
 
 def _print_error(kind: str, e: ShieldError) -> None:

@@ -1,0 +1,429 @@
+"""``shieldml demo``: the whole story on one machine, with a simulated TEE standing in for hardware.
+
+A model owner and a data owner each run their own key broker (SQLite, loopback, TLS). The data
+owner encrypts scikit-learn's bundled digits images; a shielded job trains a small CNN on them and
+seals the model to the model owner; a second shielded job classifies the encrypted test images
+with the encrypted model and seals the predictions to the data owner, who decrypts them and
+scores them. Then the cloud's view (ciphertext, audit logs), three attacks refused, and native vs
+shielded times. Everything uses the same commands and code paths as a real deployment, except
+that evidence comes from :mod:`shieldml.attest.simulated`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from shieldml.broker.client import BrokerClient
+from shieldml.broker.local import BrokerProcess, start_broker
+from shieldml.errors import PolicyDenied, ShieldError
+from shieldml.files import decrypt_path, encrypt_file, generate_key
+from shieldml.runner.manifest import JobManifest
+from shieldml.runner.run import run_job
+
+MRENCLAVE = "5e" * 32  # the simulated TEE's measurement of the runner image
+SCRIPTS = ("digits_net.py", "train.py", "infer.py")
+
+
+@dataclass
+class Owner:
+    name: str
+    broker: BrokerProcess
+
+    def client(self) -> BrokerClient:
+        return BrokerClient(
+            self.broker.url,
+            fingerprint=self.broker.fingerprint,
+            token=self.broker.token_file.read_text().strip(),
+        )
+
+
+def run_demo(console: Console, workdir: str | None = None, *, files_only: bool = False) -> None:
+    """Play the demo; files go to ``workdir`` (kept) or a temporary directory (removed)."""
+    if files_only:
+        from shieldml.demo.files_tour import run_demo as files_tour
+
+        files_tour(console, workdir)
+        return
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="shieldml-demo-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        Demo(console, root.resolve()).play()
+    finally:
+        if workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+class Demo:
+    def __init__(self, console: Console, root: Path) -> None:
+        self.c = console
+        self.root = root
+        self.cloud = root / "cloud"  # what the untrusted host stores and runs
+        self.work = self.cloud / "work"
+        self.times: dict[str, float] = {}
+        self.owners: dict[str, Owner] = {}
+
+    def step(self, title: str) -> None:
+        self.c.print()
+        self.c.rule(f"[bold]{title}")
+
+    def say(self, text: str) -> None:
+        self.c.print(text)
+
+    def play(self) -> None:
+        self.c.print(Panel(
+            "A model owner and a data owner let an untrusted cloud train and run a model on\n"
+            "their encrypted data. Keys go only to a TEE that proves it runs the approved job.\n"
+            "[dim]No TEE here: a simulated platform issues the evidence, and the brokers trust it\n"
+            "only because this demo says so (insecure_allow_simulated).[/dim]",
+            title="shieldml demo",
+        ))  # fmt: skip
+        try:
+            self.setup()
+            self.train()
+            self.infer()
+            self.cloud_view()
+            self.attacks()
+            self.summary()
+        finally:
+            for o in self.owners.values():
+                o.broker.stop()
+
+    # 1 --------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        self.step("1. Two owners, two key brokers")
+        from shieldml.attest.simulated import SimulatedPlatform
+
+        self.sim_dir = self.root / "simulated-tee"
+        SimulatedPlatform.open(self.sim_dir)
+        for name in ("model-owner", "data-owner"):
+            bp = start_broker(self.root / name, "--simulated-platform", str(self.sim_dir))
+            self.owners[name] = Owner(name, bp)
+            self.say(f"{name}: broker on {bp.url} (TLS fingerprint {bp.fingerprint[:16]}…)")
+        (self.work / "data").mkdir(parents=True)
+        for s in SCRIPTS:
+            (self.work / s).write_text(
+                resources.files("shieldml.demo").joinpath(f"digits/{s}").read_text()
+            )
+        self.keys = {"data": generate_key(), "predictions": generate_key(), "model": generate_key()}
+        with self.owners["data-owner"].client() as c:
+            c.add_key("data", "stream", self.keys["data"])
+            c.add_key("predictions", "stream", self.keys["predictions"])
+        with self.owners["model-owner"].client() as c:
+            c.add_key("model", "stream", self.keys["model"])
+        self.say("keys registered: data owner \\[data, predictions], model owner \\[model]")
+        self.prepare_data()
+        self.write_jobs()
+        self.authorize()
+
+    def prepare_data(self) -> None:
+        import torch
+        from sklearn.datasets import load_digits  # type: ignore[import-untyped]
+
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        labels = torch.tensor(digits.target)
+        g = torch.Generator().manual_seed(0)
+        order = torch.randperm(len(images), generator=g)
+        cut = int(len(images) * 0.8)
+        self.plain = self.root / "data-owner" / "plain"
+        self.plain.mkdir(parents=True)
+        torch.save(
+            {"images": images[order[:cut]], "labels": labels[order[:cut]]}, self.plain / "train.pt"
+        )
+        torch.save(images[order[cut:]], self.plain / "test_images.pt")
+        self.test_labels = labels[order[cut:]]
+        enc = self.cloud / "enc"
+        for name in ("train.pt", "test_images.pt"):
+            encrypt_file(
+                self.plain / name,
+                enc / "data" / f"{name}.enc",
+                self.keys["data"],
+                bind=str(self.work / "data" / name),
+            )
+        self.say(f"data owner encrypted {cut} training and {len(images) - cut} test images (scikit-learn digits) "
+                 "with its key, bound to the paths the job opens")  # fmt: skip
+
+    def manifest(
+        self,
+        name: str,
+        script: str,
+        inputs: list[tuple[str, str, str, str]],
+        outputs: list[tuple[str, str, str, str]],
+        debug: bool = False,
+    ) -> Path:
+        sha = {
+            s: hashlib.sha256((self.work / s).read_bytes()).hexdigest()
+            for s in ("digits_net.py", script)
+        }
+        lines = ["version = 1", 'tee = "simulated"', "", "[command]", f'argv = ["{sys.executable}", "{script}"]', 'cwd = "work"', "",
+                 "[env]", 'allow = ["PATH", "HOME", "LANG"]', 'set = { OMP_NUM_THREADS = "2" }', ""]  # fmt: skip
+        for s, h in sha.items():
+            lines += ["[[trusted]]", f'path = "work/{s}"', f'sha256 = "{h}"', ""]
+        for o in self.owners.values():
+            lines += [
+                "[[broker]]",
+                f'name = "{o.name}"',
+                f'url = "{o.broker.url}"',
+                f'fingerprint = "{o.broker.fingerprint}"',
+                "",
+            ]
+        for kind, items in (("input", inputs), ("output", outputs)):
+            for path, ct, key, broker in items:
+                lines += [
+                    f"[[{kind}]]",
+                    f'path = "{path}"',
+                    f'ciphertext = "{ct}"',
+                    f'key = "{key}"',
+                    f'broker = "{broker}"',
+                    "",
+                ]
+        lines += [
+            "[simulated]",
+            f'platform = "{self.sim_dir}"',
+            'kind = "sgx"',
+            f'mrenclave = "{MRENCLAVE}"',
+            f'debug = "{str(debug).lower()}"',
+        ]
+        target = self.cloud / f"{name}.toml"
+        target.write_text("\n".join(lines) + "\n")
+        return target
+
+    def write_jobs(self) -> None:
+        self.train_job = self.manifest("train", "train.py",
+            inputs=[("data/train.pt", "enc/data/train.pt.enc", "data", "data-owner")],
+            outputs=[("model/", "enc/model", "model", "model-owner")])  # fmt: skip
+        self.infer_job = self.manifest("infer", "infer.py",
+            inputs=[("model/", "enc/model", "model", "model-owner"), ("data/test_images.pt", "enc/data/test_images.pt.enc", "data", "data-owner")],
+            outputs=[("predictions/", "enc/predictions", "predictions", "data-owner")])  # fmt: skip
+
+    def policy(self, digests: list[str]) -> str:
+        profiles = []
+        for d in digests:
+            profiles.append("\n".join([
+                "[[profile]]", 'tee = "sgx"', f'mrenclave = ["{MRENCLAVE}"]', 'mrsigner = "any"', "isv_prod_id = 0",
+                "min_isv_svn = 0", f'workload_digest = ["{d}"]', "insecure_allow_simulated = true  # demo only",
+            ]))  # fmt: skip
+        return "\n\n".join(profiles) + "\n"
+
+    def authorize(self) -> None:
+        train_d = JobManifest.load(self.train_job).workload_digest()
+        infer_d = JobManifest.load(self.infer_job).workload_digest()
+        self.say(f"workload digests: training {train_d[:23]}…, inference {infer_d[:23]}…")
+        with self.owners["data-owner"].client() as c:
+            c.set_policy("data", self.policy([train_d, infer_d]))
+            c.set_policy("predictions", self.policy([infer_d]))
+        with self.owners["model-owner"].client() as c:
+            c.set_policy("model", self.policy([train_d, infer_d]))
+        self.say("policies set: each key only for the approved job(s), on a non-debug TEE")
+
+    # 2, 3 -------------------------------------------------------------------------------------
+    def shielded(self, manifest: Path, label: str) -> int:
+        stats: dict[str, Any] = {}
+        t = time.perf_counter()
+        status = run_job(
+            manifest, stats=stats, log=lambda s: self.c.print(f"  [dim]runner:[/dim] {s}")
+        )
+        self.times[f"{label} shielded"] = time.perf_counter() - t
+        return status
+
+    def native(self, script: str, label: str, inputs: dict[str, Path]) -> None:
+        d = self.root / "native" / label
+        if d.exists():
+            shutil.rmtree(d)
+        for s in SCRIPTS:
+            (d / s).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(self.work / s, d / s)
+        for rel, src in inputs.items():
+            (d / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, d / rel)
+        for out in ("model", "predictions"):
+            (d / out).mkdir(exist_ok=True)
+        t = time.perf_counter()
+        subprocess.run([sys.executable, script], cwd=d, check=True, capture_output=True)
+        self.times[f"{label} native"] = time.perf_counter() - t
+        self.native_dirs = getattr(self, "native_dirs", {})
+        self.native_dirs[label] = d
+
+    def train(self) -> None:
+        self.step("2. Confidential training in the cloud")
+        self.say("$ shieldml run -m train.toml")
+        assert_ok(self.shielded(self.train_job, "training"))
+        self.say(
+            "the trained model left the TEE sealed to the model owner's key: cloud/enc/model/model.pt"
+        )
+        self.native("train.py", "training", {"data/train.pt": self.plain / "train.pt"})
+
+    def infer(self) -> None:
+        import torch
+
+        self.step("3. Confidential inference")
+        self.say("$ shieldml run -m infer.toml")
+        assert_ok(self.shielded(self.infer_job, "inference"))
+        out = self.root / "data-owner" / "results"
+        decrypt_path(
+            self.cloud / "enc" / "predictions",
+            out,
+            self.keys["predictions"],
+            bind=str(self.work / "predictions"),
+            overwrite=True,
+        )
+        preds = torch.load(out / "predictions.pt", weights_only=True)
+        self.accuracy = float((preds == self.test_labels).float().mean())
+        self.say(
+            f"data owner decrypts the predictions: accuracy [bold]{self.accuracy:.1%}[/bold] on {len(preds)} test images"
+        )
+        model_plain = self.root / "model-owner" / "model"
+        decrypt_path(
+            self.cloud / "enc" / "model",
+            model_plain,
+            self.keys["model"],
+            bind=str(self.work / "model"),
+            overwrite=True,
+        )
+        self.native(
+            "infer.py",
+            "inference",
+            {
+                "model/model.pt": model_plain / "model.pt",
+                "data/test_images.pt": self.plain / "test_images.pt",
+            },
+        )
+
+    # 4 --------------------------------------------------------------------------------------
+    def cloud_view(self) -> None:
+        self.step("4. What the cloud sees")
+        table = Table("file on the host", "bytes", "first bytes")
+        for p in sorted(self.cloud.rglob("*")):
+            if (
+                p.is_file()
+                and p.suffix != ".toml"
+                and "work" not in p.relative_to(self.cloud).parts[:1]
+            ):
+                table.add_row(
+                    str(p.relative_to(self.cloud)), str(p.stat().st_size), p.read_bytes()[:16].hex()
+                )
+        self.c.print(table)
+        empty = [
+            str(p.relative_to(self.cloud)) for p in (self.work / "data").rglob("*") if p.is_file()
+        ]
+        self.say(
+            f"mount points left on the host are empty: {', '.join(empty)} (plaintext lived only in the TEE's tmpfs)"
+        )
+        markers = [bytes(self.plain.joinpath("train.pt").read_bytes()[-64:])]
+        leaked = [
+            p
+            for p in self.cloud.rglob("*")
+            if p.is_file() and any(m in p.read_bytes() for m in markers)
+        ]
+        self.say(
+            "scan of every host file for plaintext: "
+            + ("[green]none found[/green]" if not leaked else f"[red]{leaked}[/red]")
+        )
+        from shieldml.broker.storage import AuditRecord, verify_chain
+
+        for o in self.owners.values():
+            with o.client() as c:
+                raw, head = c.audit_all()
+            ok, why = verify_chain(
+                [
+                    AuditRecord(r["seq"], r["at"], r["event"], r["data"], r["prev_hash"], r["hash"])
+                    for r in raw
+                ],
+                (head["seq"], head["hash"]),
+            )
+            released = sum(1 for r in raw if r["event"] == "release" and r["data"].get("allowed"))
+            self.say(
+                f"{o.name} audit log: {len(raw)} records, {released} releases, chain {'[green]intact[/green]' if ok else '[red]BROKEN: ' + why + '[/red]'}"
+            )
+
+    # 5 --------------------------------------------------------------------------------------
+    def attacks(self) -> None:
+        self.step("5. Three attacks")
+        script = self.work / "train.py"
+        original = script.read_text()
+        try:  # a) the operator edits the training script and the manifest to match
+            script.write_text(
+                original + "\nopen('/tmp/stolen', 'wb').write(open('data/train.pt', 'rb').read())\n"
+            )
+            evil = self.manifest(
+                "train-evil",
+                "train.py",
+                inputs=[("data/train.pt", "enc/data/train.pt.enc", "data", "data-owner")],
+                outputs=[("model/", "enc/model", "model", "model-owner")],
+            )
+            self.attack("a modified training script", lambda: run_job(evil))
+        finally:
+            script.write_text(original)
+        model = self.cloud / "enc" / "model" / "model.pt"
+        backup = model.read_bytes()
+        try:  # b) the host flips one bit of the encrypted model
+            raw = bytearray(backup)
+            raw[len(raw) // 2] ^= 1
+            model.write_bytes(bytes(raw))
+            self.attack("a tampered model file", lambda: run_job(self.infer_job))
+        finally:
+            model.write_bytes(backup)
+        debug = self.cloud / "infer-debug.toml"  # the approved job, on a TEE launched in debug mode
+        debug.write_text(self.infer_job.read_text().replace('debug = "false"', 'debug = "true"'))
+        self.attack("a debug TEE (its memory readable by the host)", lambda: run_job(debug))
+
+    def attack(self, what: str, action: Any) -> None:
+        try:
+            action()
+        except PolicyDenied as e:
+            detail: dict[str, Any] = e.verdict if isinstance(e.verdict, dict) else {}
+            names: set[str] = set()
+            for v in detail.get("verdicts", {}).values():  # per key, the closest profile
+                fails: list[list[str]] = [
+                    [str(c["name"]) for c in p.get("checks", []) if not c.get("passed")]
+                    for p in v.get("profiles", [])
+                ]
+                if fails:
+                    fewest = min(len(f) for f in fails)
+                    names.update(next(f for f in fails if len(f) == fewest))
+            self.say(
+                f"[green]✓ refused[/green] {what}: the broker's verdict fails [bold]{', '.join(sorted(names))}[/bold]"
+            )
+            return
+        except ShieldError as e:
+            self.say(f"[green]✓ refused[/green] {what}: {e.message.splitlines()[0]}")
+            return
+        self.say(f"[red]✗ {what}: NOT refused[/red]")
+
+    # 6 --------------------------------------------------------------------------------------
+    def summary(self) -> None:
+        self.step("6. Native vs shielded")
+        table = Table("job", "native (s)", "shielded (s)", "overhead")
+        for job in ("training", "inference"):
+            n, s = self.times[f"{job} native"], self.times[f"{job} shielded"]
+            table.add_row(
+                job,
+                f"{n:.2f}",
+                f"{s:.2f}",
+                f"+{s - n:.2f} s (attestation, key release, decryption, sealing, process start)",
+            )
+        self.c.print(table)
+        self.c.print(
+            Panel(
+                f"accuracy {self.accuracy:.1%}; every attack refused; no plaintext outside the TEE",
+                title="done",
+            )
+        )
+
+
+def assert_ok(status: int) -> None:
+    if status != 0:
+        raise ShieldError(f"the shielded job exited with {status}")
