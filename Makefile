@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint bench fuzz fmt clean setup
+.PHONY: demo test lint bench fuzz docs fmt clean setup
 
 setup: $(STAMP)
 
@@ -22,8 +22,8 @@ test: $(STAMP)
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff format --check src tests benchmarks
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks scripts
+	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/mypy --strict src
 
 fmt: $(STAMP)
@@ -35,6 +35,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_attest.py --markdown docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_broker.py --markdown docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_runner.py --markdown docs/benchmarks.md
+
+docs: $(STAMP)
+	$(BIN)/python scripts/gen_cli_docs.py
 
 fuzz: $(STAMP)
 	SHIELDML_FUZZ_EXAMPLES=2000 $(BIN)/pytest -q tests/broker/test_fuzz_api.py
