@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -167,9 +168,12 @@ def _view(
         [sys.executable, "-m", "shieldml.runner.view"], stdin=subprocess.PIPE, pass_fds=(w,)
     )
     os.close(w)
+    # Forward the operator's signals to the program (only the main thread may set handlers;
+    # a library caller in another thread keeps its own handling).
+    forwarding = threading.current_thread() is threading.main_thread()
     previous = {
         s: signal.signal(s, lambda signum, _f: proc.send_signal(signum))
-        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        for s in ((signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if forwarding else ())
     }
     try:
         if proc.stdin is None:
