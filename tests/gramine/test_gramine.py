@@ -159,3 +159,29 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
         == 0
     )
     assert 'sgx.remote_attestation = "dcap"' in (tmp_path / "app.manifest.template").read_text()
+
+
+def test_digits_sgx_example(tmp_path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_job", Path(__file__).resolve().parents[2] / "examples" / "digits-sgx" / "make_job.py"
+    )
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    job_path = mod.make_job(tmp_path / "sgx-job", "https://broker.example:8443", "ab" * 32)
+    ca = tmp_path / "broker-cert.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    text = gramine_manifest(JobManifest.load(job_path), broker_ca=ca)
+    doc = tomllib.loads(
+        text.replace("{{ gramine.libos }}", "/l")
+        .replace("{{ gramine.runtimedir() }}", "/r")
+        .replace("{{ arch_libdir }}", "/a")
+    )
+    enc = {m["path"]: m["uri"] for m in doc["fs"]["mounts"] if m.get("type") == "encrypted"}
+    assert set(enc) == {"/workload/model", "/workload/data/test_images.pt", "/workload/predictions"}
+    assert doc["loader"]["env"]["SECRET_PROVISION_SET_KEY"] == "wrap"
+    assert (
+        sum(1 for t in doc["sgx"]["trusted_files"] if isinstance(t, dict)) == 3
+    )  # two scripts + the CA
