@@ -21,8 +21,7 @@ from shieldml.attest import (
     TrustAnchors,
     verify_evidence,
 )
-from shieldml.attest._snp import load_certificate
-from shieldml.attest._trust import fingerprint
+from shieldml.attest._trust import anchors_from_files, fingerprint
 from shieldml.attest._truststore import TrustStore, default_store
 from shieldml.errors import AttestationError, FormatError, ShieldError
 
@@ -49,31 +48,7 @@ def _time(value: str | None) -> datetime:
 
 
 def _trust(roots: tuple[str, ...], insecure: bool) -> TrustAnchors:
-    anchors = TrustAnchors()
-    for path in roots:
-        data = _read(path, "trust root") or b""
-        try:
-            certs = (
-                x509.load_pem_x509_certificates(data)
-                if b"-----BEGIN" in data
-                else [load_certificate(data)]
-            )
-        except (ValueError, FormatError) as e:
-            raise ShieldError(f"{path}: not a certificate") from e
-        for cert in certs:
-            org = cert.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)
-            if org and org[0].value == "shieldml simulated":
-                anchors = anchors.with_simulated(cert)
-            elif any(fingerprint(cert) in fps for fps in anchors.vendor.values()):
-                continue  # a pinned vendor root is trusted anyway
-            elif not insecure:
-                raise ShieldError(
-                    f"{path}: '{cert.subject.rfc4514_string()}' is not a pinned vendor root",
-                    hint="a custom root needs --insecure-custom-root (and is reported in every result)",
-                )
-            else:
-                anchors = anchors.with_custom(cert, insecure=True)
-    return anchors
+    return anchors_from_files(roots, insecure_custom_root=insecure)
 
 
 def _verify(

@@ -99,3 +99,44 @@ class TrustAnchors:
             if simulated
             else "evidence must chain to the genuine vendor root; a custom root needs --insecure-custom-root",
         )
+
+
+def anchors_from_files(
+    paths: tuple[str, ...] | list[str], *, insecure_custom_root: bool = False
+) -> TrustAnchors:
+    """The pinned anchors plus the roots in ``paths`` (PEM or DER files).
+
+    A pinned vendor root adds nothing; a simulated platform's root (``O=shieldml simulated``) is
+    trusted as simulated; any other root only with ``insecure_custom_root`` (and logged).
+    """
+    from shieldml.attest._snp import load_certificate
+    from shieldml.errors import FormatError, ShieldError
+
+    anchors = TrustAnchors()
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(1 << 20)
+            certs = (
+                x509.load_pem_x509_certificates(data)
+                if b"-----BEGIN" in data
+                else [load_certificate(data)]
+            )
+        except OSError as e:
+            raise ShieldError(f"{path}: cannot read trust root: {e.strerror}") from e
+        except (ValueError, FormatError) as e:
+            raise ShieldError(f"{path}: not a certificate") from e
+        for cert in certs:
+            org = cert.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)
+            if org and org[0].value == "shieldml simulated":
+                anchors = anchors.with_simulated(cert)
+            elif any(fingerprint(cert) in fps for fps in anchors.vendor.values()):
+                continue  # a pinned vendor root is trusted anyway
+            elif not insecure_custom_root:
+                raise ShieldError(
+                    f"{path}: '{cert.subject.rfc4514_string()}' is not a pinned vendor root",
+                    hint="a custom root needs --insecure-custom-root (and is reported in every result)",
+                )
+            else:
+                anchors = anchors.with_custom(cert, insecure=True)
+    return anchors

@@ -111,10 +111,12 @@ class BrokerConfig:
         return cls(**d)
 
     def trust(self) -> TrustAnchors:
+        from shieldml.attest._trust import anchors_from_files
         from shieldml.attest.simulated import SimulatedPlatform
-        from shieldml.cli_attest import _trust
 
-        anchors = _trust(self.trust_roots, self.insecure_custom_root)
+        anchors = anchors_from_files(
+            self.trust_roots, insecure_custom_root=self.insecure_custom_root
+        )
         for d in self.simulated_platforms:
             log.warning("insecure: trusting the simulated platform in %s", d)
             anchors = SimulatedPlatform.open(d).trust(anchors)
