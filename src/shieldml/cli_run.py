@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ def job_init(files: tuple[str, ...], output: str, tee: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def job_measure(manifest: str, hash_cache: str | None, as_json: bool) -> None:
     """Print the workload digest owners put in their policies."""
-    from shieldml.runner.manifest import HashCache, JobManifest
+    from shieldml.runner.manifest import HashCache, JobManifest, ciphertext_digest
 
     m = JobManifest.load(manifest)
     cache = HashCache(hash_cache)
@@ -111,11 +112,17 @@ def job_measure(manifest: str, hash_cache: str | None, as_json: bool) -> None:
     digest = m.workload_digest(cache)
     cache.save()
     if as_json:
+        inputs = [
+            {"path": i.path, "ciphertext": i.ciphertext, "sha256": ciphertext_digest(i.ciphertext)}
+            for i in m.inputs
+            if os.path.exists(i.ciphertext)
+        ]
         click.echo(
             json.dumps(
                 {
                     "workload_digest": digest,
                     "trusted_files": [{"path": p, "sha256": h} for p, h in files],
+                    "inputs": inputs,
                 },
                 indent=2,
             )

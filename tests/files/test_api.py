@@ -146,3 +146,38 @@ def test_parallel_decrypt_detects_tampering(
         decrypt_file(tmp_path / "c", tmp_path / "d", key, bind="f", workers=2)
     assert not (tmp_path / "d").exists()
     assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_rekey_in_place(tmp_path: Path, tree: Path, fmt: Format):
+    from shieldml.cli import main
+    from shieldml.files import rekey_path, write_key_file
+
+    old, new = generate_key(fmt), generate_key(fmt)
+    enc = tmp_path / "enc"
+    encrypt_path(tree, enc, old, bind="/data", fmt=fmt)
+    rekey_path(enc, old, new, bind="/data")
+    with pytest.raises(IntegrityError):
+        decrypt_path(enc, tmp_path / "x", old, bind="/data")
+    decrypt_path(enc, tmp_path / "dec", new, bind="/data")
+    assert files_of(tmp_path / "dec") == files_of(tree)
+    assert not list(enc.rglob("*.partial"))
+    newer = generate_key(fmt)
+    write_key_file(tmp_path / "k1", new)
+    write_key_file(tmp_path / "k2", newer)
+    assert (
+        main(
+            [
+                "rekey",
+                str(enc),
+                "--key",
+                str(tmp_path / "k1"),
+                "--new-key",
+                str(tmp_path / "k2"),
+                "--bind",
+                "/data",
+            ]
+        )
+        == 0
+    )
+    decrypt_path(enc, tmp_path / "dec2", newer, bind="/data")

@@ -314,3 +314,28 @@ def test_output_sealed_to_a_recipient(job: Job, capsys: pytest.CaptureFixture[st
     before = JobManifest.load(job.manifest).workload_digest()
     job.manifest.write_text(job.manifest.read_text().replace("recipient.key.pub", "other.key.pub"))
     assert JobManifest.load(job.manifest).workload_digest() != before
+
+
+def test_pinned_input_refuses_an_older_version(job: Job):
+    """Rollback protection: the manifest (and so the digest the policy pins) names the ciphertext."""
+    from shieldml.runner.manifest import ciphertext_digest
+    from tests.runner.conftest import encrypt_file_plain
+
+    enc = job.dir / "enc" / "input.txt.enc"
+    old = enc.read_bytes()  # version 1, validly encrypted
+    work = (job.dir / "work").resolve()
+    encrypt_file_plain(
+        job.dir / "x", b"version 2 INPUT-MARKER", enc, job.model_key, str(work / "input.txt")
+    )
+    pin = ciphertext_digest(enc)
+    job.manifest.write_text(
+        job.manifest.read_text().replace(
+            'ciphertext = "enc/input.txt.enc"',
+            f'ciphertext = "enc/input.txt.enc"\nsha256 = "{pin}"',
+        )
+    )
+    job.authorize()
+    assert run_job(job.manifest) == 0
+    enc.write_bytes(old)  # the host substitutes the older, still valid ciphertext
+    with pytest.raises(ShieldError, match="not the ciphertext the job pins"):
+        run_job(job.manifest)

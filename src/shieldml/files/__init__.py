@@ -22,7 +22,7 @@ from shieldml.files._api import (
 from shieldml.files._common import Format, check_key, generate_key, key_id, load_key, write_key_file
 from shieldml.files._gramine import gramine_norm_path
 from shieldml.files._reader import ProtectedFile
-from shieldml.files._tree import decrypt_path, encrypt_path
+from shieldml.files._tree import decrypt_path, encrypt_path, rekey_path
 
 __all__ = [
     "FileInfo",
@@ -42,5 +42,6 @@ __all__ = [
     "key_id",
     "load_key",
     "open_protected",
+    "rekey_path",
     "write_key_file",
 ]

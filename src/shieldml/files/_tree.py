@@ -139,3 +139,34 @@ def _refuse_existing(items: list[Planned], overwrite: bool) -> None:
         raise OutputExistsError(
             f"{existing[0]}: already exists{more}", hint="pass --force to replace"
         )
+
+
+def rekey_path(
+    src: StrPath,
+    old_key: bytes,
+    new_key: bytes,
+    *,
+    bind: str | None = None,
+    progress: ProgressCallback | None = None,
+) -> list[Planned]:
+    """Re-encrypt a protected file or tree in place under ``new_key`` (same format and binding).
+
+    Each file is replaced atomically, only after all of it was authenticated under ``old_key``.
+    """
+    from shieldml.files._api import CHUNK, atomic_output, create_writer, open_protected
+
+    items = plan_decrypt(src, src, bind)
+    for it in items:
+        fmt = detect_format(it.src)
+        with open_protected(it.src, old_key, bind=it.bind) as r:
+            stored = getattr(r, "stored_path", it.bind)
+            with (
+                atomic_output(it.src, overwrite=True) as out,
+                create_writer(out, new_key, stored, fmt=fmt) as w,
+            ):
+                buf = bytearray(CHUNK)
+                while n := r.readinto(buf):
+                    w.write(memoryview(buf)[:n])
+                    if progress:
+                        progress(n)
+    return items

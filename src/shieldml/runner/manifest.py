@@ -85,6 +85,9 @@ class Protected:
     format: str = "stream"
     recipient: str | None = None  # X25519 public key file (outputs only): seal to it with HPKE
     recipient_key: bytes | None = None  # its 32 bytes, read once at load (measured, then used)
+    sha256: str | None = (
+        None  # inputs only: the ciphertext this job must read (rollback protection)
+    )
 
     @property
     def is_dir(self) -> bool:
@@ -281,6 +284,8 @@ def _protected_doc(x: Protected, rel: Any) -> dict[str, Any]:
     }
     if x.recipient_key is not None:
         doc["recipient_sha256"] = hashlib.sha256(x.recipient_key).hexdigest()
+    if x.sha256 is not None:
+        doc["ciphertext_sha256"] = x.sha256
     return doc
 
 
@@ -308,6 +313,17 @@ class HashCache:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.entries))
             tmp.replace(self.path)
+
+
+def ciphertext_digest(path: str | os.PathLike[str]) -> str:
+    """What an input's ``sha256`` pins: the file's SHA-256, or for a directory the SHA-256 of the
+    canonical JSON map of its files' SHA-256s."""
+    tree = tree_sha256(path)
+    if list(tree) == [""]:
+        return tree[""]
+    return hashlib.sha256(
+        json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def tree_sha256(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -374,7 +390,14 @@ def _protected(
 ) -> Protected:
     _only(
         x,
-        {"path", "ciphertext", "key", "broker", "format", *(("recipient",) if output else ())},
+        {
+            "path",
+            "ciphertext",
+            "key",
+            "broker",
+            "format",
+            *(("recipient",) if output else ("sha256",)),
+        },
         where,
     )
     recipient = x.get("recipient")
@@ -408,6 +431,22 @@ def _protected(
             raise ManifestError(
                 f"{where}: {recipient} is not a 32-byte X25519 public key (`shieldml key recipient`)"
             )
+    pin = x.get("sha256")
+    if pin is not None and (
+        not isinstance(pin, str)
+        or len(pin) != 64
+        or any(c not in "0123456789abcdef" for c in pin.lower())
+    ):
+        raise ManifestError(
+            f"{where}: sha256 pins the input's ciphertext: 64 hex digits (`shieldml job measure --json`)"
+        )
     return Protected(
-        path, str((base / x["ciphertext"]).resolve()), x["key"], x["broker"], fmt, rec, rec_key
+        path,
+        str((base / x["ciphertext"]).resolve()),
+        x["key"],
+        x["broker"],
+        fmt,
+        rec,
+        rec_key,
+        pin.lower() if pin else None,
     )

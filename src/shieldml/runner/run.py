@@ -148,7 +148,13 @@ def _view(
         "env": _env(m),
         "keys": {n: base64.b64encode(k).decode() for n, (_f, k) in keys.items()},
         "inputs": [
-            {"path": i.path, "ciphertext": i.ciphertext, "key": i.key, "format": i.format}
+            {
+                "path": i.path,
+                "ciphertext": i.ciphertext,
+                "key": i.key,
+                "format": i.format,
+                "sha256": i.sha256,
+            }
             for i in m.inputs
         ],
         "outputs": [

@@ -46,6 +46,16 @@ class ViewError(ShieldError):
     """The decrypted view could not be set up."""
 
 
+class RollbackError(ShieldError):
+    """An input is not the ciphertext the job pins: an older or substituted version."""
+
+    def __init__(self, path: str, pin: str) -> None:
+        super().__init__(
+            f"{path}: not the ciphertext the job pins (sha256 {pin[:16]}…): an older or substituted version",
+            hint="the owner pinned this input's version in the measured manifest",
+        )
+
+
 def _check(rc: int, what: str) -> None:
     if rc != 0:
         err = ctypes.get_errno()
@@ -124,7 +134,7 @@ def _tree_size(path: str) -> int:
 def run_view(plan: dict[str, Any], result_fd: int) -> int:
     """Everything inside the namespace; returns the program's exit status."""
     from shieldml.files import Format, atomic_output, decrypt_path, encrypt_path, generate_key
-    from shieldml.runner.manifest import tree_sha256
+    from shieldml.runner.manifest import ciphertext_digest, tree_sha256
     from shieldml.runner.recipient import seal_key, sealed_key_path
 
     die_with_parent()
@@ -149,7 +159,25 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
     def decrypt(entry: tuple[dict[str, Any], str]) -> None:
         item, where = entry
         bound = item["path"].rstrip("/")
-        decrypt_path(item["ciphertext"], where, keys[item["key"]], bind=bound, overwrite=True)
+        pin = item.get("sha256")
+        if pin is None or os.path.isdir(item["ciphertext"]):
+            if pin is not None and ciphertext_digest(item["ciphertext"]) != pin:
+                raise RollbackError(item["ciphertext"], pin)
+            decrypt_path(item["ciphertext"], where, keys[item["key"]], bind=bound, overwrite=True)
+            return
+        # hash and decrypt the same open file, so nothing can be swapped in between
+        fd = os.open(item["ciphertext"], os.O_RDONLY)
+        try:
+            h = hashlib.sha256()
+            while chunk := os.read(fd, 1 << 20):
+                h.update(chunk)
+            if h.hexdigest() != pin:
+                raise RollbackError(item["ciphertext"], pin)
+            decrypt_path(
+                f"/proc/self/fd/{fd}", where, keys[item["key"]], bind=bound, overwrite=True
+            )
+        finally:
+            os.close(fd)
 
     # Decrypt before bind-mounting: a bind mount pins the inode, and decryption replaces the
     # staged file atomically (new inode).
