@@ -122,6 +122,16 @@ def _placeholder(path: str, is_dir: bool) -> None:
             p.touch()
 
 
+def _clear_stale_partials(ciphertext: str) -> None:
+    """Temporary files of earlier runs that were killed while sealing (never valid outputs)."""
+    target = Path(ciphertext.rstrip("/"))
+    candidates = list(target.parent.glob(f".{target.name}.*.partial"))
+    if target.is_dir():
+        candidates += list(target.rglob(".*.partial"))
+    for p in candidates:
+        p.unlink(missing_ok=True)
+
+
 def _tree_size(path: str) -> int:
     p = Path(path)
     return (
@@ -200,6 +210,7 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
     t2 = time.perf_counter()
     sealed = []
     for item, where in files[n_in:]:
+        _clear_stale_partials(item["ciphertext"])
         fmt = item.get("format", "stream")
         key = keys.get(item["key"])
         entry: dict[str, Any] = {}
