@@ -40,8 +40,11 @@ docs: $(STAMP)
 	$(BIN)/python scripts/gen_cli_docs.py
 
 fuzz: $(STAMP)
-	SHIELDML_FUZZ_EXAMPLES=2000 $(BIN)/pytest -q tests/broker/test_fuzz_api.py
-	$(BIN)/pytest -q --hypothesis-seed=random -k "parser or fuzz or flipped" tests
+	SHIELDML_FUZZ_EXAMPLES=2000 $(BIN)/pytest -q -p no:cacheprovider tests/broker/test_fuzz_api.py
+	SHIELDML_FUZZ_EXAMPLES=20000 $(BIN)/pytest -q -p no:cacheprovider --hypothesis-show-statistics \
+		tests/test_fuzz_parsers.py tests/attest/test_intel.py tests/attest/test_snp.py \
+		tests/attest/test_ratls.py tests/files/test_stream.py \
+		-k "parser or mutated or flipped or random_access or headers or text or structures or json"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -15,6 +15,12 @@ from tests.pg import PgCluster
 REPO = Path(__file__).resolve().parent.parent
 
 
+def fuzz_examples(default: int) -> int:
+    """Examples per property test: small in `make test`, large under `make fuzz`."""
+    scale = os.environ.get("SHIELDML_FUZZ_EXAMPLES")
+    return max(default, int(scale)) if scale else default
+
+
 def vectors_dir() -> Path | None:
     env = os.environ.get("SHIELDML_VECTORS")
     path = Path(env) if env else REPO.parent / "shared" / "vectors"

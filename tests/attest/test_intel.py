@@ -22,6 +22,7 @@ from shieldml.errors import (
     UntrustedRootError,
 )
 from tests.attest.conftest import INTEL_CASES, REAL_NOW
+from tests.conftest import fuzz_examples
 
 
 def load(att: Path, case: str) -> tuple[bytes, IntelCollateral, datetime]:
@@ -170,14 +171,14 @@ def test_agrees_with_dcap_qvl(att: Path, case: str):
     assert sorted(ours.advisory_ids) == sorted(theirs.advisory_ids)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=fuzz_examples(300), deadline=None)
 @given(st.binary(max_size=6000))
 def test_parser_raises_only_format_errors(data: bytes):
     with contextlib.suppress(FormatError):
         Quote.from_bytes(data)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=fuzz_examples(200), deadline=None)
 @given(st.integers(0, 5005), st.integers(1, 255), st.sampled_from(["sgx", "tdx"]))
 def test_mutated_real_quotes_never_crash(vectors: Path, pos: int, xor: int, which: str):
     name = "sgx_quote.bin" if which == "sgx" else "tdx_quote_v4.bin"

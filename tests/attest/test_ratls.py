@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from shieldml.attest import Quote, extract
 from shieldml.attest._ratls import TCG_OID, parse_certificate
 from shieldml.errors import AttestationError, FormatError
+from tests.conftest import fuzz_examples
 
 GRAMINE = {
     "konvera_legacy_ratls_cert_rsa.pem": "legacy",  # Gramine <= 1.3, RSA
@@ -69,7 +70,7 @@ def test_not_an_ratls_certificate(att: Path):
         extract(pem)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=fuzz_examples(200), deadline=None)
 @given(st.binary(max_size=3000))
 def test_parser_raises_only_format_errors(data: bytes):
     with contextlib.suppress(FormatError):

@@ -15,6 +15,7 @@ from shieldml.attest import SnpReport, TeeKind, TrustAnchors, verify_report
 from shieldml.attest._snp import Endorsement, load_certificate
 from shieldml.errors import AttestationError, ExpiredError, FormatError, UntrustedRootError
 from tests.attest.conftest import SNP_AT
+from tests.conftest import fuzz_examples
 
 CASES = {
     "virtee_milan": ("virtee/report_milan.bin", "virtee/vcek_milan.der", "virtee/cert_chain_milan.pem"),
@@ -111,7 +112,7 @@ def test_tcb_mismatch_is_refused(att: Path):
         )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=fuzz_examples(200), deadline=None)
 @given(st.binary(max_size=1300))
 def test_parser_raises_only_format_errors(data: bytes):
     with contextlib.suppress(FormatError):

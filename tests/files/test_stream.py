@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from shieldml.errors import FormatError, IntegrityError, UnsupportedVersionError, WrongKeyError
 from shieldml.files import Format, encrypt_file, generate_key, key_id, open_protected
 from shieldml.files import _stream as s
+from tests.conftest import fuzz_examples
 
 SEG = 4096  # small segments make every boundary cheap to reach
 FIRST = SEG - 56
@@ -61,7 +62,9 @@ def test_header_layout(tmp_path: Path, key: bytes):
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=fuzz_examples(60),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     data=st.binary(max_size=5 * SEG),
@@ -148,7 +151,9 @@ def test_reordered_segments_are_detected(tmp_path: Path, key: bytes):
 
 
 @settings(
-    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=fuzz_examples(80),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(pos=st.integers(min_value=0), bit=st.integers(0, 7))
 def test_any_flipped_bit_is_detected(tmp_path: Path, pos: int, bit: int):
