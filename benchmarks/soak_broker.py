@@ -1,0 +1,237 @@
+"""Broker under load and faults (loopback only, bounded in time, stops by itself).
+
+Two broker replicas on one throw-away PostgreSQL cluster; N concurrent clients (in several
+processes) releasing keys with simulated SGX evidence for D seconds, while: PostgreSQL is
+restarted (at D/4), one replica is SIGKILLed and restarted (at D/2), clients replay used nonces,
+use nonces after they expired, and send oversized bodies. Reports requests served, errors by
+kind, p99 latency, audit records lost or duplicated (must be 0) and nonces accepted twice (must
+be 0). Run: ``python benchmarks/soak_broker.py [--seconds 60] [--clients 64]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import multiprocessing
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from tempfile import mkdtemp
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tests.broker.conftest import MRENCLAVE, POLICY, WD  # noqa: E402
+from tests.pg import PgCluster  # noqa: E402
+
+from bench_files import write_page  # noqa: E402
+from shieldml.attest.simulated import SimulatedPlatform  # noqa: E402
+from shieldml.broker import protocol  # noqa: E402
+from shieldml.broker.client import BrokerClient, BrokerError  # noqa: E402
+from shieldml.broker.local import start_broker  # noqa: E402
+from shieldml.broker.storage import AuditRecord, verify_chain  # noqa: E402
+from shieldml.errors import ShieldError  # noqa: E402
+
+NONCE_TTL = 3.0
+
+
+def _load(
+    urls: list[tuple[str, str]], sim_dir: str, threads: int, stop: float, queue: Any, seed: int
+) -> None:
+    sim = SimulatedPlatform.open(sim_dir)
+    collateral = json.loads(sim.collateral("sgx").to_json())
+    lock = threading.Lock()
+    stats: dict[str, Any] = {
+        "ok": 0,
+        "lat": [],
+        "errors": collections.Counter(),
+        "replays_accepted": 0,
+        "stale_accepted": 0,
+        "oversized_ok": 0,
+        "nonces": [],
+    }
+
+    def client(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        clients = [BrokerClient(u, fingerprint=f, timeout=10) for u, f in urls]
+        last: tuple[BrokerClient, bytes, protocol.RunnerKey, bytes] | None = None
+        while time.time() < stop:
+            c = rng.choice(clients)
+            roll = rng.random()
+            t = time.perf_counter()
+            try:
+                if roll < 0.05 and last is not None:  # replay a used nonce
+                    lc, nonce, rk, quote = last
+                    try:
+                        lc.release(nonce, rk, WD, ["model"], quote, collateral=collateral)
+                        with lock:
+                            stats["replays_accepted"] += 1
+                    except BrokerError as e:
+                        with lock:
+                            stats["errors"][f"replay refused {e.status}"] += 1
+                    continue
+                if roll < 0.07:  # oversized body
+                    r = c.http.post(
+                        "/v1/release",
+                        content=b"{" + b" " * (2 << 20) + b"}",
+                        headers={"content-type": "application/json"},
+                    )
+                    with lock:
+                        stats["errors"][f"oversized {r.status_code}"] += 1
+                        stats["oversized_ok"] += r.status_code < 400
+                    continue
+                nonce = c.challenge()
+                if roll < 0.09:  # a nonce used after it expired (a slow or skewed client)
+                    time.sleep(NONCE_TTL + 0.5)
+                rk = protocol.RunnerKey.generate()
+                quote, _ = sim.sgx_quote(
+                    report_data=protocol.report_data(nonce, rk.kem_id, rk.public_bytes, WD),
+                    mrenclave=MRENCLAVE,
+                )
+                c.release(nonce, rk, WD, ["model"], quote, collateral=collateral)
+                with lock:
+                    if roll < 0.09:
+                        stats["stale_accepted"] += 1
+                    stats["ok"] += 1
+                    stats["lat"].append(time.perf_counter() - t)
+                    stats["nonces"].append(nonce.hex())
+                last = (c, nonce, rk, quote)
+            except BrokerError as e:
+                with lock:
+                    stats["errors"][
+                        f"HTTP {e.status}" + (" (stale nonce)" if roll < 0.09 else "")
+                    ] += 1
+            except ShieldError as e:
+                with lock:
+                    stats["errors"][
+                        type(e).__name__ + ": " + e.message.split(":")[-1].strip()[:40]
+                    ] += 1
+        for cl in clients:
+            cl.close()
+
+    ths = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    stats["errors"] = dict(stats["errors"])
+    queue.put(stats)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--procs", type=int, default=4)
+    ap.add_argument("--markdown")
+    args = ap.parse_args()
+    pg = PgCluster()
+    if pg.available:
+        print(f"needs PostgreSQL: {pg.available}", file=sys.stderr)
+        return 1
+    pg.start()
+    work = Path(mkdtemp(prefix="shieldml-soak-"))
+    SimulatedPlatform.open(work / "sim")
+    url = pg.create_database("soak")
+    opts = ("--simulated-platform", str(work / "sim"), "--nonce-ttl", str(NONCE_TTL))
+    a = start_broker(work / "state", *opts, database=url)
+    b = start_broker(work / "state", *opts, database=url)
+    events: list[str] = []
+    try:
+        with BrokerClient(
+            a.url, fingerprint=a.fingerprint, token=a.token_file.read_text().strip()
+        ) as c:
+            c.add_key("model", "stream", bytes(32))
+            c.set_policy("model", POLICY)
+        stop = time.time() + args.seconds
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        urls = [(a.url, a.fingerprint), (b.url, b.fingerprint)]
+        per = [args.clients // args.procs] * args.procs
+        procs = [
+            ctx.Process(target=_load, args=(urls, str(work / "sim"), n, stop, queue, i))
+            for i, n in enumerate(per)
+        ]
+        for p in procs:
+            p.start()
+        time.sleep(args.seconds / 4)
+        pg.restart()
+        events.append(f"t={args.seconds / 4:.0f}s PostgreSQL restarted")
+        time.sleep(args.seconds / 4)
+        port = int(b.url.rsplit(":", 1)[1])
+        b.stop(signal.SIGKILL)
+        events.append(f"t={args.seconds / 2:.0f}s replica B killed with SIGKILL")
+        time.sleep(2)
+        b = start_broker(work / "state", *opts, database=url, port=port)
+        events.append(f"t={args.seconds / 2 + 2:.0f}s replica B restarted")
+        results = [queue.get(timeout=args.seconds + 300) for _ in procs]
+        for p in procs:
+            p.join()
+        with BrokerClient(
+            a.url, fingerprint=a.fingerprint, token=a.token_file.read_text().strip()
+        ) as c:
+            raw, head = c.audit_all()
+    finally:
+        a.stop()
+        b.stop()
+        pg.stop()
+    ok = sum(r["ok"] for r in results)
+    lat = sorted(x for r in results for x in r["lat"])
+    errors: collections.Counter[str] = collections.Counter()
+    for r in results:
+        errors.update(r["errors"])
+    nonces = [n for r in results for n in r["nonces"]]
+    records = [
+        AuditRecord(x["seq"], x["at"], x["event"], x["data"], x["prev_hash"], x["hash"])
+        for x in raw
+    ]
+    chain_ok, why = verify_chain(records, (head["seq"], head["hash"]))
+    audited = [
+        x["data"]["nonce_sha256"]
+        for x in raw
+        if x["event"] == "release" and x["data"].get("allowed")
+    ]
+    import hashlib
+
+    client_hashes = collections.Counter(
+        hashlib.sha256(bytes.fromhex(n)).hexdigest() for n in nonces
+    )
+    audit_hashes = collections.Counter(audited)
+    lost = sum((client_hashes - audit_hashes).values())
+    duplicated = sum((audit_hashes - client_hashes).values()) + sum(
+        v - 1 for v in audit_hashes.values() if v > 1
+    )
+    twice = sum(v - 1 for v in collections.Counter(nonces).values() if v > 1) + sum(
+        r["replays_accepted"] + r["stale_accepted"] for r in results
+    )
+    lines = [
+        f"{args.clients} clients ({args.procs} processes) for {args.seconds:.0f} s against 2 broker replicas on one PostgreSQL; "
+        + "; ".join(events),
+        "",
+        "| figure | value |",
+        "|---|---:|",
+        f"| releases served | {ok} ({ok / args.seconds:.1f}/s) |",
+        f"| release latency p50 / p99 (ms) | {lat[len(lat) // 2] * 1e3:.0f} / {lat[int(len(lat) * 0.99) - 1] * 1e3:.0f} |",
+        f"| audit chain | {'intact' if chain_ok else 'BROKEN: ' + why} ({len(raw)} records) |",
+        f"| audit records lost / duplicated | {lost} / {duplicated} |",
+        f"| nonces accepted twice (replays, expired) | {twice} |",
+        "",
+        "| outcome | count |",
+        "|---|---:|",
+        *[f"| {k} | {v} |" for k, v in sorted(errors.items())],
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if args.markdown:
+        write_page(Path(args.markdown), table, "soak_broker")
+    return 0 if chain_ok and lost == 0 and duplicated == 0 and twice == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
