@@ -93,7 +93,18 @@ class PgCluster:
     def restart(self) -> None:
         """Stop and start again (used by fault tests)."""
         data = self.dir / "data"
-        self._run(str(self.pg_ctl), "-D", str(data), "-m", "fast", "-w", "restart")
+        # -l: the restarted server must not inherit (and hold open) our captured stdout
+        self._run(
+            str(self.pg_ctl),
+            "-D",
+            str(data),
+            "-l",
+            str(self.dir / "log"),
+            "-m",
+            "fast",
+            "-w",
+            "restart",
+        )
 
     def stop(self) -> None:
         if (self.dir / "data" / "postmaster.pid").exists():

@@ -91,3 +91,39 @@ def test_audit_chain_detects_deletion_and_reordering(store: Store):
     assert not verify_chain(swapped)[0]
     ok, why = verify_chain(records[:-1], store.audit_head())  # the newest record removed
     assert not ok and "removed" in why
+
+
+def test_database_outage_is_a_503(tmp_path: Path, pg_cluster: object, pg_url: str):
+    """While PostgreSQL restarts, requests get 503 with Retry-After, then work again."""
+    from fastapi.testclient import TestClient
+
+    from shieldml.broker.service import create_app
+
+    store = Store(pg_url, tmp_path / "state")
+    client = TestClient(create_app(store))
+    assert client.post("/v1/challenge").status_code == 200
+    pg_cluster._run(
+        str(pg_cluster.pg_ctl), "-D", str(pg_cluster.dir / "data"), "-m", "fast", "-w", "stop"
+    )  # type: ignore[attr-defined]
+    try:
+        r = client.post("/v1/challenge")
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    finally:
+        pg_cluster._run(
+            str(pg_cluster.pg_ctl),
+            "-D",
+            str(pg_cluster.dir / "data"),
+            "-l",
+            str(pg_cluster.dir / "log"),
+            "-w",
+            "start",
+        )  # type: ignore[attr-defined]
+    import time
+
+    deadline = time.monotonic() + 10  # clients retry after a 503; the broker reconnects
+    while client.post("/v1/challenge").status_code != 200:
+        assert time.monotonic() < deadline, (
+            "the broker did not recover after the database came back"
+        )
+        time.sleep(0.2)
+    store.engine.dispose()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+import sqlalchemy.exc
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -117,6 +118,15 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
     cfg = settings or Settings()
     app = FastAPI(title="shieldml key broker", version=__version__, description=__doc__)
     app.add_middleware(BodyLimit, max_body=cfg.max_body)
+
+    @app.exception_handler(sqlalchemy.exc.DBAPIError)
+    async def database_down(_request: Request, exc: sqlalchemy.exc.DBAPIError) -> JSONResponse:
+        log.warning("database error: %s", type(exc.orig).__name__ if exc.orig else exc)
+        return JSONResponse(
+            {"detail": "the broker's database is unavailable; retry"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
 
     @app.exception_handler(ShieldError)
     async def shield_error(_request: Request, exc: ShieldError) -> JSONResponse:
