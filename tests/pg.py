@@ -77,13 +77,33 @@ class PgCluster:
             "UTF8",
             "--no-sync",
         )
-        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {sock} -c fsync=off -c synchronous_commit=off -c max_connections=300 -c full_page_writes=off"
+        self._opts = opts = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {sock} -c fsync=off -c synchronous_commit=off -c max_connections=300 -c full_page_writes=off"
+        )
         self._run(
             str(self.pg_ctl),
             "-D",
             str(data),
             "-o",
             opts,
+            "-l",
+            str(self.dir / "log"),
+            "-w",
+            "start",
+        )
+
+    def halt(self) -> None:
+        """Stop the server, keeping its data (fault tests)."""
+        self._run(str(self.pg_ctl), "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        """Start it again after :meth:`halt`, with the same options."""
+        self._run(
+            str(self.pg_ctl),
+            "-D",
+            str(self.dir / "data"),
+            "-o",
+            self._opts,
             "-l",
             str(self.dir / "log"),
             "-w",

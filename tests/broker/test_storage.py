@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from shieldml.broker.storage import Store, audit_t, keys_t, verify_chain
 from shieldml.errors import IntegrityError
+from tests.pg import PgCluster
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -93,8 +94,10 @@ def test_audit_chain_detects_deletion_and_reordering(store: Store):
     assert not ok and "removed" in why
 
 
-def test_database_outage_is_a_503(tmp_path: Path, pg_cluster: object, pg_url: str):
-    """While PostgreSQL restarts, requests get 503 with Retry-After, then work again."""
+def test_database_outage_is_a_503(tmp_path: Path, pg_cluster: PgCluster, pg_url: str):
+    """While PostgreSQL is down, requests get 503 with Retry-After; afterwards they work again."""
+    import time
+
     from fastapi.testclient import TestClient
 
     from shieldml.broker.service import create_app
@@ -102,24 +105,12 @@ def test_database_outage_is_a_503(tmp_path: Path, pg_cluster: object, pg_url: st
     store = Store(pg_url, tmp_path / "state")
     client = TestClient(create_app(store))
     assert client.post("/v1/challenge").status_code == 200
-    pg_cluster._run(
-        str(pg_cluster.pg_ctl), "-D", str(pg_cluster.dir / "data"), "-m", "fast", "-w", "stop"
-    )  # type: ignore[attr-defined]
+    pg_cluster.halt()
     try:
         r = client.post("/v1/challenge")
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
     finally:
-        pg_cluster._run(
-            str(pg_cluster.pg_ctl),
-            "-D",
-            str(pg_cluster.dir / "data"),
-            "-l",
-            str(pg_cluster.dir / "log"),
-            "-w",
-            "start",
-        )  # type: ignore[attr-defined]
-    import time
-
+        pg_cluster.resume()
     deadline = time.monotonic() + 10  # clients retry after a 503; the broker reconnects
     while client.post("/v1/challenge").status_code != 200:
         assert time.monotonic() < deadline, (
