@@ -118,3 +118,14 @@ def test_database_outage_is_a_503(tmp_path: Path, pg_cluster: PgCluster, pg_url:
         )
         time.sleep(0.2)
     store.engine.dispose()
+
+
+def test_kek_rotation_while_another_replica_serves(tmp_path: Path, pg_url: str):
+    a = Store(pg_url, tmp_path / "state")
+    b = Store(pg_url, tmp_path / "state")  # a second replica, KEK already loaded
+    a.put_key("k", "stream", b"K" * 32)
+    assert b.get_key("k") == ("stream", b"K" * 32)
+    a.rotate_kek()
+    assert b.get_key("k") == ("stream", b"K" * 32)  # picks up the new KEK by itself
+    a.engine.dispose()
+    b.engine.dispose()

@@ -169,6 +169,18 @@ class Store:
         self.kek = Kek.load_or_create(self.state_dir / "kek")
         return keks
 
+    def _kek(self, kek_id: str, name: str) -> Kek:
+        """The KEK a key is wrapped under; after a rotation by another process, reload the files."""
+        kek = self.keks.get(kek_id)
+        if kek is None:
+            self.keks = {**self.keks, **self._load_keks()}
+            kek = self.keks.get(kek_id)
+        if kek is None:
+            raise ShieldError(
+                f"key {name!r} is wrapped under an unknown key-encryption key {kek_id}"
+            )
+        return kek
+
     @contextmanager
     def tx(self) -> Iterator[sa.Connection]:
         if self.sqlite:
@@ -207,11 +219,7 @@ class Store:
             r = c.execute(q).first()
         if r is None:
             return None
-        kek = self.keks.get(r.kek_id)
-        if kek is None:
-            raise ShieldError(
-                f"key {name!r} is wrapped under an unknown key-encryption key {r.kek_id}"
-            )
+        kek = self._kek(r.kek_id, name)
         return r.format, kek.unwrap(name, r.format, r.wrapped), r.toml
 
     def get_key(self, name: str) -> tuple[str, bytes] | None:
@@ -219,11 +227,7 @@ class Store:
             r = c.execute(sa.select(keys_t).where(keys_t.c.name == name)).first()
         if r is None:
             return None
-        kek = self.keks.get(r.kek_id)
-        if kek is None:
-            raise ShieldError(
-                f"key {name!r} is wrapped under an unknown key-encryption key {r.kek_id}"
-            )
+        kek = self._kek(r.kek_id, name)
         return r.format, kek.unwrap(name, r.format, r.wrapped)
 
     def list_keys(self) -> list[dict[str, Any]]:
@@ -257,7 +261,7 @@ class Store:
         with self.tx() as c:
             rows = c.execute(sa.select(keys_t)).all()
             for r in rows:
-                secret = self.keks[r.kek_id].unwrap(r.name, r.format, r.wrapped)
+                secret = self._kek(r.kek_id, r.name).unwrap(r.name, r.format, r.wrapped)
                 c.execute(
                     keys_t.update()
                     .where(keys_t.c.name == r.name)
