@@ -203,10 +203,9 @@ def main() -> int:
         hashlib.sha256(bytes.fromhex(n)).hexdigest() for n in nonces
     )
     audit_hashes = collections.Counter(audited)
-    lost = sum((client_hashes - audit_hashes).values())
-    duplicated = sum((audit_hashes - client_hashes).values()) + sum(
-        v - 1 for v in audit_hashes.values() if v > 1
-    )
+    lost = sum((client_hashes - audit_hashes).values())  # a release the client got, not audited
+    duplicated = sum(v - 1 for v in audit_hashes.values() if v > 1)  # one release audited twice
+    unacknowledged = sum((audit_hashes - client_hashes).values())  # audited, response cut by a kill
     twice = sum(v - 1 for v in collections.Counter(nonces).values() if v > 1) + sum(
         r["replays_accepted"] + r["stale_accepted"] for r in results
     )
@@ -220,6 +219,7 @@ def main() -> int:
         f"| release latency p50 / p99 (ms) | {lat[len(lat) // 2] * 1e3:.0f} / {lat[int(len(lat) * 0.99) - 1] * 1e3:.0f} |",
         f"| audit chain | {'intact' if chain_ok else 'BROKEN: ' + why} ({len(raw)} records) |",
         f"| audit records lost / duplicated | {lost} / {duplicated} |",
+        f"| releases audited whose response the client never got (connection cut by the kill) | {unacknowledged} |",
         f"| nonces accepted twice (replays, expired) | {twice} |",
         "",
         "| outcome | count |",
