@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tests.runner.conftest import MRENCLAVE, write_manifest  # noqa: E402
+from tests.runner.conftest import policy_for, write_manifest  # noqa: E402
 
 from bench_files import write_page  # noqa: E402
 from shieldml.attest.simulated import SimulatedPlatform  # noqa: E402
@@ -93,10 +93,7 @@ def main() -> int:
             outputs=[("result.txt", "out/result.txt.enc", "results")],
         )  # fmt: skip
         digest = JobManifest.load(manifest).workload_digest()
-        policy = "\n".join([
-            "[[profile]]", 'tee = "sgx"', f'mrenclave = ["{MRENCLAVE}"]', 'mrsigner = "any"', "isv_prod_id = 0",
-            "min_isv_svn = 0", f'workload_digest = ["{digest}"]', "insecure_allow_simulated = true", "",
-        ])  # fmt: skip
+        policy = policy_for(digest)
         with BrokerClient(
             bp.url, fingerprint=bp.fingerprint, token=bp.token_file.read_text().strip()
         ) as c:
