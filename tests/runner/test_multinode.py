@@ -34,8 +34,10 @@ def free_port() -> int:
 
 def node_manifest(d: Path, rank: int, port: int, broker: object, sim_dir: Path) -> Path:
     b = broker
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
-            "--master_addr=127.0.0.1", f"--master_port={port}", "train_ddp.py"]  # fmt: skip
+    # One process per node, started the way torchrun starts its workers (env:// rendezvous). The
+    # torchrun agent itself is left out: its exit barrier is flaky on a loaded 2-core loopback.
+    argv = [sys.executable, "train_ddp.py"]
+    env = f'MASTER_ADDR = "127.0.0.1"\nMASTER_PORT = "{port}"\nRANK = "{rank}"\nWORLD_SIZE = "2"\nLOCAL_RANK = "0"\n'
     outputs = (
         '[[output]]\npath = "model/"\nciphertext = "enc/model"\nkey = "model"\nbroker = "owner"\n'
         if rank == 0
@@ -43,7 +45,8 @@ def node_manifest(d: Path, rank: int, port: int, broker: object, sim_dir: Path) 
     )
     text = (
         f'tee = "simulated"\n[command]\nargv = {argv!r}\ncwd = "work"\n'.replace("'", '"')
-        + '[env]\nallow = ["PATH", "HOME"]\n'
+        + '[env]\nallow = ["PATH", "HOME"]\n[env.set]\n'
+        + env
         + f'[[trusted]]\npath = "work/train_ddp.py"\nsha256 = "{hashlib.sha256((d / "work" / "train_ddp.py").read_bytes()).hexdigest()}"\n'
         + f'[[broker]]\nname = "owner"\nurl = "{b.url}"\nfingerprint = "{b.fingerprint}"\n'  # type: ignore[attr-defined]
         + f'[[input]]\npath = "data/shard.pt"\nciphertext = "enc/shard{rank}.pt.enc"\nkey = "shard{rank}"\nbroker = "owner"\n'
