@@ -2,7 +2,8 @@
 
 Two broker replicas on one throw-away PostgreSQL cluster; N concurrent clients (in several
 processes) releasing keys with simulated SGX evidence for D seconds, while: PostgreSQL is
-restarted (at D/4), one replica is SIGKILLed and restarted (at D/2), clients replay used nonces,
+restarted (at D/4), one replica is SIGKILLed and restarted (at D/2), the key-encryption key is
+rotated by a separate process (at 3D/4), clients replay used nonces,
 use nonces after they expired, and send oversized bodies. Reports requests served, errors by
 kind, p99 latency, audit records lost or duplicated (must be 0) and nonces accepted twice (must
 be 0). Run: ``python benchmarks/soak_broker.py [--seconds 60] [--clients 64]``.
@@ -16,6 +17,7 @@ import json
 import multiprocessing
 import random
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -170,6 +172,22 @@ def main() -> int:
         time.sleep(2)
         b = start_broker(work / "state", *opts, database=url, port=port)
         events.append(f"t={args.seconds / 2 + 2:.0f}s replica B restarted")
+        time.sleep(max(0.0, args.seconds / 4 - 2))
+        rotate = [
+            sys.executable,
+            "-m",
+            "shieldml.cli",
+            "broker",
+            "rotate-kek",
+            "--database",
+            url,
+            "--state",
+            str(work / "state"),
+        ]
+        rc = subprocess.run(rotate, capture_output=True, check=False).returncode
+        events.append(
+            f"t={3 * args.seconds / 4:.0f}s key-encryption key rotated under load (exit {rc})"
+        )
         results = [queue.get(timeout=args.seconds + 300) for _ in procs]
         for p in procs:
             p.join()
