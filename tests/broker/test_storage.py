@@ -129,3 +129,25 @@ def test_kek_rotation_while_another_replica_serves(tmp_path: Path, pg_url: str):
     assert b.get_key("k") == ("stream", b"K" * 32)  # picks up the new KEK by itself
     a.engine.dispose()
     b.engine.dispose()
+
+
+def test_nonce_expiry_uses_the_database_clock(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+):
+    """Replicas with skewed clocks agree on nonce expiry: PostgreSQL's clock decides."""
+    from datetime import UTC, datetime
+
+    from shieldml.broker import storage
+
+    store = Store(pg_url, tmp_path / "state")
+    fresh, _ = store.new_nonce(timedelta(seconds=60))
+    expired, _ = store.new_nonce(timedelta(seconds=-1))
+    monkeypatch.setattr(
+        storage, "_now", lambda: datetime.now(UTC) + timedelta(hours=2)
+    )  # clock ahead
+    assert store.consume_nonce(fresh)
+    monkeypatch.setattr(
+        storage, "_now", lambda: datetime.now(UTC) - timedelta(hours=2)
+    )  # clock behind
+    assert not store.consume_nonce(expired)
+    store.engine.dispose()

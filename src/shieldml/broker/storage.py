@@ -290,12 +290,19 @@ class Store:
         self, ttl: timedelta, audit: tuple[str, dict[str, Any]] | None = None
     ) -> tuple[bytes, datetime]:
         """A fresh nonce, stored (and, with ``audit``, its audit record) in one transaction."""
-        nonce, expires = secrets.token_bytes(32), _now() + ttl
+        nonce = secrets.token_bytes(32)
         with self.tx() as c:
-            c.execute(nonces_t.insert().values(nonce=nonce.hex(), expires_at=expires, used=False))
+            insert = nonces_t.insert().values(
+                nonce=nonce.hex(), expires_at=self._clock() + ttl, used=False
+            )
+            expires: datetime = c.execute(insert.returning(nonces_t.c.expires_at)).scalar_one()
+            if expires.tzinfo is None:  # SQLite hands back naive UTC
+                expires = expires.replace(tzinfo=UTC)
             if secrets.randbelow(64) == 0:  # prune long-expired nonces now and then
                 c.execute(
-                    nonces_t.delete().where(nonces_t.c.expires_at < _now() - timedelta(hours=1))
+                    nonces_t.delete().where(
+                        nonces_t.c.expires_at < self._clock() - timedelta(hours=1)
+                    )
                 )
             if audit is not None:
                 nonce_hash = hashlib.sha256(nonce).hexdigest()
@@ -306,6 +313,12 @@ class Store:
                 )
         return nonce, expires
 
+    def _clock(self) -> Any:
+        """The time nonces are issued and checked by: the database's own clock when replicas
+        share it (PostgreSQL), so a replica with a skewed clock neither accepts an expired nonce
+        nor refuses a fresh one; the local clock for SQLite (one host)."""
+        return _now() if self.sqlite else sa.func.now()
+
     def consume_nonce(self, nonce: bytes) -> bool:
         """True exactly once for a live nonce, across every replica sharing the database."""
         with self.tx() as c:
@@ -314,7 +327,7 @@ class Store:
                 .where(
                     nonces_t.c.nonce == nonce.hex(),
                     nonces_t.c.used.is_(False),
-                    nonces_t.c.expires_at > _now(),
+                    nonces_t.c.expires_at > self._clock(),
                 )
                 .values(used=True)
             )
