@@ -4,7 +4,8 @@ Two broker replicas on one throw-away PostgreSQL cluster; N concurrent clients (
 processes) releasing keys with simulated SGX evidence for D seconds, while: PostgreSQL is
 restarted (at D/4), one replica is SIGKILLed and restarted (at D/2), the key-encryption key is
 rotated by a separate process (at 3D/4), clients replay used nonces,
-use nonces after they expired, and send oversized bodies. Reports requests served, errors by
+use nonces after they expired, send oversized bodies, and 128 slow clients hold connections
+open trickling headers or bodies a few bytes a second (slowloris). Reports requests served, errors by
 kind, p99 latency, audit records lost or duplicated (must be 0) and nonces accepted twice (must
 be 0). Run: ``python benchmarks/soak_broker.py [--seconds 60] [--clients 64]``.
 """
@@ -17,6 +18,8 @@ import json
 import multiprocessing
 import random
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -24,6 +27,8 @@ import time
 from pathlib import Path
 from tempfile import mkdtemp
 from typing import Any
+
+import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -79,11 +84,16 @@ def _load(
                             stats["errors"][f"replay refused {e.status}"] += 1
                     continue
                 if roll < 0.07:  # oversized body
-                    r = c.http.post(
-                        "/v1/release",
-                        content=b"{" + b" " * (2 << 20) + b"}",
-                        headers={"content-type": "application/json"},
-                    )
+                    try:
+                        r = c.http.post(
+                            "/v1/release",
+                            content=b"{" + b" " * (2 << 20) + b"}",
+                            headers={"content-type": "application/json"},
+                        )
+                    except httpx.HTTPError as e:
+                        with lock:
+                            stats["errors"][f"oversized {type(e).__name__}"] += 1
+                        continue
                     with lock:
                         stats["errors"][f"oversized {r.status_code}"] += 1
                         stats["oversized_ok"] += r.status_code < 400
@@ -126,6 +136,37 @@ def _load(
     queue.put(stats)
 
 
+def _slowloris(url: str, n: int, stop: float, out: dict[str, int]) -> None:
+    """Hold n connections open, half trickling headers and half a body, one line a second."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    tls = ssl.create_default_context()
+    tls.check_hostname = False
+    tls.verify_mode = ssl.CERT_NONE  # the load clients pin the key; here only the socket matters
+    socks: list[tuple[ssl.SSLSocket, bytes]] = []
+    for i in range(n):
+        try:
+            s = tls.wrap_socket(socket.create_connection((host, int(port)), timeout=5))
+            head = b"POST /v1/release HTTP/1.1\r\nHost: broker\r\n"
+            if i % 2:
+                head += b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+            s.sendall(head)
+            socks.append((s, b" " * 8 if i % 2 else b"X-Slow: 1\r\n"))
+        except OSError:
+            out["refused"] += 1
+    out["opened"] = len(socks)
+    while time.time() < stop:
+        time.sleep(1)
+        for s, drip in list(socks):
+            try:
+                s.sendall(drip)
+            except OSError:
+                socks.remove((s, drip))
+                out["closed by broker"] += 1
+    out["still open at the end"] = len(socks)
+    for s, _ in socks:
+        s.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=60)
@@ -162,6 +203,9 @@ def main() -> int:
         ]
         for p in procs:
             p.start()
+        slow: dict[str, int] = collections.Counter()
+        slow_th = threading.Thread(target=_slowloris, args=(a.url, 128, stop, slow), daemon=True)
+        slow_th.start()
         time.sleep(args.seconds / 4)
         pg.restart()
         events.append(f"t={args.seconds / 4:.0f}s PostgreSQL restarted")
@@ -191,6 +235,7 @@ def main() -> int:
         results = [queue.get(timeout=args.seconds + 300) for _ in procs]
         for p in procs:
             p.join()
+        slow_th.join(timeout=30)
         with BrokerClient(
             a.url, fingerprint=a.fingerprint, token=a.token_file.read_text().strip()
         ) as c:
@@ -239,6 +284,8 @@ def main() -> int:
         f"| audit records lost / duplicated | {lost} / {duplicated} |",
         f"| releases audited whose response the client never got (connection cut by the kill) | {unacknowledged} |",
         f"| nonces accepted twice (replays, expired) | {twice} |",
+        f"| slow clients (slowloris) opened / refused / closed by broker / open at the end | "
+        f"{slow['opened']} / {slow['refused']} / {slow['closed by broker']} / {slow['still open at the end']} |",
         "",
         "| outcome | count |",
         "|---|---:|",
