@@ -172,3 +172,45 @@ def test_served_secret_provisioning_and_release_without_collateral(tmp_path: Pat
             assert c.release(nonce, rk, WD, ["model"], quote).keys["model"] == ("stream", bytes(32))
     finally:
         bp.stop()
+
+
+def test_slow_body_gets_408_and_fast_clients_are_served(tmp_path: Path, sim_dir: Path):
+    import socket
+    import ssl
+    import sys
+    import time
+
+    bp = start_broker(
+        tmp_path / "state", "--simulated-platform", str(sim_dir), "--body-timeout", "1"
+    )
+    try:
+        host, port = bp.url.split("//", 1)[1].rsplit(":", 1)
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE  # only the connection's fate matters here
+        with tls.wrap_socket(socket.create_connection((host, int(port)), timeout=10)) as s:
+            s.sendall(
+                b"POST /v1/release HTTP/1.1\r\nHost: broker\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n{"
+            )
+            t0 = time.monotonic()
+            with admin(bp) as c:  # another client is served while the slow one dribbles
+                assert c.challenge()
+            reply = b""
+            while b"\r\n\r\n" not in reply:
+                chunk = s.recv(4096)
+                assert chunk, "connection closed without a response"
+                reply += chunk
+            waited = time.monotonic() - t0
+            s.settimeout(5)
+            try:
+                while s.recv(4096):  # the rest of the 408 response, then the broker hangs up
+                    pass
+                closed = True
+            except OSError:  # a reset also ends the connection; a timeout does not
+                closed = not isinstance(sys.exc_info()[1], TimeoutError)
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert 0.5 < waited < 5
+        assert closed, "the broker kept the slow connection open after 408"
+    finally:
+        bp.stop()

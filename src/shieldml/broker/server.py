@@ -99,6 +99,7 @@ class BrokerConfig:
     pccs_url: str | None = None
     secret_prov_port: int | None = None
     secret_prov_key: str | None = None
+    body_timeout_s: float = 10.0
 
     def to_env(self) -> str:
         return json.dumps(self.__dict__)
@@ -125,6 +126,7 @@ class BrokerConfig:
     def settings(self) -> Settings:
         return Settings(
             nonce_ttl=dt.timedelta(seconds=self.nonce_ttl_s),
+            body_timeout=self.body_timeout_s,
             trust=self.trust(),
             collateral_for=self.collateral_source(),
         )

@@ -10,6 +10,7 @@ Release pipeline (each step audited, no key material ever in the log):
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import functools
@@ -46,6 +47,7 @@ from shieldml.policy import Policy, Verdict, evaluate
 
 log = logging.getLogger("shieldml.broker")
 MAX_BODY = 1 << 20
+BODY_TIMEOUT = 10.0
 MAX_KEYS_PER_RELEASE = 32
 
 
@@ -54,6 +56,8 @@ class Settings:
     nonce_ttl: timedelta = timedelta(seconds=60)
     trust: TrustAnchors = field(default_factory=TrustAnchors)
     max_body: int = MAX_BODY
+    #: seconds a client has to send a whole request body (slow-body clients get 408)
+    body_timeout: float = BODY_TIMEOUT
     now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     cache: VerificationCache = field(default_factory=VerificationCache)
     #: collateral for a DCAP quote the runner sent without it (e.g. from a PCCS cache)
@@ -117,7 +121,7 @@ def _b64(value: str, what: str) -> bytes:
 def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
     cfg = settings or Settings()
     app = FastAPI(title="shieldml key broker", version=__version__, description=__doc__)
-    app.add_middleware(BodyLimit, max_body=cfg.max_body)
+    app.add_middleware(BodyLimit, max_body=cfg.max_body, timeout=cfg.body_timeout)
 
     @app.exception_handler(sqlalchemy.exc.DBAPIError)
     async def database_down(_request: Request, exc: sqlalchemy.exc.DBAPIError) -> JSONResponse:
@@ -325,31 +329,49 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
 
 
 class BodyLimit:
-    """Pure ASGI middleware: 413 for bodies over ``max_body``, declared or streamed."""
+    """Pure ASGI middleware: 413 for bodies over ``max_body``, declared or streamed; 408 for a
+    body not received in full within ``timeout`` seconds of the first read (slow-body clients)."""
 
-    def __init__(self, app: ASGIApp, max_body: int) -> None:
+    def __init__(self, app: ASGIApp, max_body: int, timeout: float = BODY_TIMEOUT) -> None:
         self.app = app
         self.max_body = max_body
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         too_large = JSONResponse(
-            {"detail": f"request body larger than {self.max_body} bytes"}, status_code=413
+            {"detail": f"request body larger than {self.max_body} bytes"},
+            status_code=413,
+            headers={"Connection": "close"},  # the body is not read
         )
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             await too_large(scope, receive, send)
             return
         seen = 0
+        deadline: float | None = None
 
         async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, deadline
+            loop = asyncio.get_running_loop()
+            deadline = deadline or loop.time() + self.timeout
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise HTTPException(  # and close: the rest of the body is never read
+                    408,
+                    f"request body not received within {self.timeout:g} s",
+                    headers={"Connection": "close"},
+                ) from None
             seen += len(message.get("body", b""))
             if seen > self.max_body:
-                raise HTTPException(413, f"request body larger than {self.max_body} bytes")
+                raise HTTPException(
+                    413,
+                    f"request body larger than {self.max_body} bytes",
+                    headers={"Connection": "close"},
+                )
             return message
 
         await self.app(scope, counted, send)
