@@ -18,7 +18,6 @@ import json
 import multiprocessing
 import random
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tests.broker.conftest import MRENCLAVE, POLICY, WD  # noqa: E402
+from tests.broker.conftest import MRENCLAVE, POLICY, WD, raw_tls_socket  # noqa: E402
 from tests.pg import PgCluster  # noqa: E402
 
 from bench_files import write_page  # noqa: E402
@@ -138,14 +137,10 @@ def _load(
 
 def _slowloris(url: str, n: int, stop: float, out: dict[str, int]) -> None:
     """Hold n connections open, half trickling headers and half a body, one line a second."""
-    host, port = url.split("//", 1)[1].rsplit(":", 1)
-    tls = ssl.create_default_context()
-    tls.check_hostname = False
-    tls.verify_mode = ssl.CERT_NONE  # the load clients pin the key; here only the socket matters
     socks: list[tuple[ssl.SSLSocket, bytes]] = []
     for i in range(n):
         try:
-            s = tls.wrap_socket(socket.create_connection((host, int(port)), timeout=5))
+            s = raw_tls_socket(url)
             head = b"POST /v1/release HTTP/1.1\r\nHost: broker\r\n"
             if i % 2:
                 head += b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"

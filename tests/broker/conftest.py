@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import base64
+import socket
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,6 +18,18 @@ from shieldml.broker.service import Settings, create_app
 from shieldml.broker.storage import Store
 
 MRENCLAVE = b"\x5a" * 32
+
+
+def raw_tls_socket(url: str) -> ssl.SSLSocket:
+    """A bare TLS connection to a served broker, for clients that misbehave at the HTTP level
+    (the certificate is not checked: only what happens to the connection matters)."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    tls = ssl.create_default_context()
+    tls.check_hostname = False
+    tls.verify_mode = ssl.CERT_NONE
+    return tls.wrap_socket(socket.create_connection((host, int(port)), timeout=10))
+
+
 WD = "sha256:" + "cd" * 32
 POLICY = f"""
 [[profile]]

@@ -17,7 +17,7 @@ from shieldml.broker.local import BrokerProcess, start_broker
 from shieldml.broker.storage import AuditRecord, verify_chain
 from shieldml.cli import main
 from shieldml.errors import PolicyDenied, ShieldError
-from tests.broker.conftest import MRENCLAVE, POLICY, WD
+from tests.broker.conftest import MRENCLAVE, POLICY, WD, raw_tls_socket
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +175,6 @@ def test_served_secret_provisioning_and_release_without_collateral(tmp_path: Pat
 
 
 def test_slow_body_gets_408_and_fast_clients_are_served(tmp_path: Path, sim_dir: Path):
-    import socket
-    import ssl
     import sys
     import time
 
@@ -184,11 +182,7 @@ def test_slow_body_gets_408_and_fast_clients_are_served(tmp_path: Path, sim_dir:
         tmp_path / "state", "--simulated-platform", str(sim_dir), "--body-timeout", "1"
     )
     try:
-        host, port = bp.url.split("//", 1)[1].rsplit(":", 1)
-        tls = ssl.create_default_context()
-        tls.check_hostname = False
-        tls.verify_mode = ssl.CERT_NONE  # only the connection's fate matters here
-        with tls.wrap_socket(socket.create_connection((host, int(port)), timeout=10)) as s:
+        with raw_tls_socket(bp.url) as s:
             s.sendall(
                 b"POST /v1/release HTTP/1.1\r\nHost: broker\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 1000\r\n\r\n{"
@@ -197,8 +191,13 @@ def test_slow_body_gets_408_and_fast_clients_are_served(tmp_path: Path, sim_dir:
             with admin(bp) as c:  # another client is served while the slow one dribbles
                 assert c.challenge()
             reply = b""
-            while b"\r\n\r\n" not in reply:
-                chunk = s.recv(4096)
+            s.settimeout(0.2)
+            while b"\r\n\r\n" not in reply and time.monotonic() - t0 < 8:
+                try:
+                    chunk = s.recv(4096)
+                except TimeoutError:
+                    s.sendall(b" ")  # dribble: a byte every 0.2 s never completes the body
+                    continue
                 assert chunk, "connection closed without a response"
                 reply += chunk
             waited = time.monotonic() - t0

@@ -341,37 +341,27 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = JSONResponse(
-            {"detail": f"request body larger than {self.max_body} bytes"},
-            status_code=413,
-            headers={"Connection": "close"},  # the body is not read
-        )
+        close = {"Connection": "close"}  # the rest of the body is never read
+        too_large = f"request body larger than {self.max_body} bytes"
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            await too_large(scope, receive, send)
+            await JSONResponse({"detail": too_large}, 413, close)(scope, receive, send)
             return
         seen = 0
         deadline: float | None = None
 
         async def counted() -> Message:
             nonlocal seen, deadline
-            loop = asyncio.get_running_loop()
-            deadline = deadline or loop.time() + self.timeout
+            deadline = deadline or asyncio.get_running_loop().time() + self.timeout
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
             except TimeoutError:
-                raise HTTPException(  # and close: the rest of the body is never read
-                    408,
-                    f"request body not received within {self.timeout:g} s",
-                    headers={"Connection": "close"},
-                ) from None
+                msg = f"request body not received within {self.timeout:g} s"
+                raise HTTPException(408, msg, headers=close) from None
             seen += len(message.get("body", b""))
             if seen > self.max_body:
-                raise HTTPException(
-                    413,
-                    f"request body larger than {self.max_body} bytes",
-                    headers={"Connection": "close"},
-                )
+                raise HTTPException(413, too_large, headers=close)
             return message
 
         await self.app(scope, counted, send)
