@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from cryptography import x509
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -19,6 +18,7 @@ from shieldml.attest import (
     Claims,
     IntelCollateral,
     TrustAnchors,
+    _certs,
     verify_evidence,
 )
 from shieldml.attest._trust import anchors_from_files, fingerprint
@@ -62,7 +62,7 @@ def _verify(
     chain = None
     if cert_chain:
         try:
-            chain = x509.load_pem_x509_certificates(_read(cert_chain, "certificate chain") or b"")
+            chain = _certs.pem_certificates(_read(cert_chain, "certificate chain") or b"")
         except ValueError as e:
             raise ShieldError(f"{cert_chain}: not a PEM certificate chain") from e
     elif vcek:

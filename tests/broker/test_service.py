@@ -102,6 +102,26 @@ def test_untrusted_evidence(broker: Broker, sim: SimulatedPlatform):
     assert r.status_code == 403 and r.json()["detail"]["reason"] == "evidence is not genuine"
 
 
+def test_quote_with_a_malformed_chain_certificate_is_403_not_500(
+    broker: Broker, sim: SimulatedPlatform
+):
+    """The atheris finding: a PCK chain certificate whose subject fails lazy decoding."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from tests.attest.test_certs import bad_subject, pem
+
+    setup_key(broker)
+    body, _ = release_request(broker, sim, ["model"])
+    good = pem(sim.intel_root.public_bytes(Encoding.DER))
+    bad = pem(bad_subject(sim.intel_root.public_bytes(Encoding.DER)))
+    quote = base64.b64decode(body["evidence"])
+    assert good in quote
+    body["evidence"] = base64.b64encode(quote.replace(good, bad)).decode()
+    r = broker.client.post("/v1/release", json=body)
+    assert r.status_code == 403, r.text
+    assert "PCK chain" in json.dumps(r.json()["detail"]["reasons"])
+
+
 @pytest.mark.parametrize(
     ("patch", "status"),
     [

@@ -18,6 +18,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from shieldml.attest import _certs
 from shieldml.attest._intel_collateral import (
     EnclaveIdentity,
     IntelCollateral,
@@ -108,8 +109,8 @@ def fetch_intel_collateral(
     tcb_raw, tcb_sig = signed_member(tcb.body, "tcbInfo")
     qe_raw, qe_sig = signed_member(qe.body, "enclaveIdentity")
     try:
-        pck_crl = x509.load_der_x509_crl(crl.body)
-        root_ca_crl = x509.load_der_x509_crl(root_crl.body)
+        pck_crl = _certs.der_crl(crl.body)
+        root_ca_crl = _certs.der_crl(root_crl.body)
     except ValueError as e:
         raise CollateralError("fetch", "a CRL response is not DER") from e
     return IntelCollateral(

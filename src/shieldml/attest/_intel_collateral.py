@@ -14,7 +14,7 @@ from typing import Any
 
 from cryptography import x509
 
-from shieldml.attest import _der
+from shieldml.attest import _certs, _der
 from shieldml.errors import CollateralError, FormatError
 
 MAX_COLLATERAL = 1 << 20
@@ -34,12 +34,12 @@ def load_pem_chain(pem: bytes | str, what: str) -> list[x509.Certificate]:
     raw = (pem.encode() if isinstance(pem, str) else pem).rstrip(b"\0")
     try:
         if raw.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_certificates(raw)
+            return _certs.pem_certificates(raw)
         certs, pos = [], 0
         while pos < len(raw):
             start = pos
             _tag, _value, pos = _der.read_tlv(raw, pos)
-            certs.append(x509.load_der_x509_certificate(raw[start:pos]))
+            certs.append(_certs.der_certificate(raw[start:pos]))
         if not certs:
             raise ValueError("empty")
         return certs
@@ -49,7 +49,7 @@ def load_pem_chain(pem: bytes | str, what: str) -> list[x509.Certificate]:
 
 def _crl(hex_der: str, what: str) -> x509.CertificateRevocationList:
     try:
-        return x509.load_der_x509_crl(bytes.fromhex(hex_der))
+        return _certs.der_crl(bytes.fromhex(hex_der))
     except ValueError as e:
         raise CollateralError("collateral", f"{what}: not a hex DER CRL") from e
 

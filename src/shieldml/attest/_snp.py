@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from shieldml.attest import _der
+from shieldml.attest import _certs, _der
 from shieldml.attest._checks import CheckLog, VerificationCache
 from shieldml.attest._claims import Claims, SnpMeasurements, TeeKind
 from shieldml.attest._trust import TrustAnchors, Vendor
@@ -187,8 +187,8 @@ def load_certificate(data: bytes) -> x509.Certificate:
         warnings.filterwarnings("ignore", message=".*serial number.*")
         try:
             if data.lstrip().startswith(b"-----BEGIN"):
-                return x509.load_pem_x509_certificate(data)
-            return x509.load_der_x509_certificate(data)
+                return _certs.pem_certificate(data)
+            return _certs.der_certificate(data)
         except ValueError as e:
             raise FormatError(f"not a certificate: {e}") from e
 

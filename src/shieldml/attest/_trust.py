@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from shieldml.attest import _certs
 from shieldml.errors import UntrustedRootError
 
 log = logging.getLogger("shieldml.attest")
@@ -118,9 +119,7 @@ def anchors_from_files(
             with open(path, "rb") as f:
                 data = f.read(1 << 20)
             certs = (
-                x509.load_pem_x509_certificates(data)
-                if b"-----BEGIN" in data
-                else [load_certificate(data)]
+                _certs.pem_certificates(data) if b"-----BEGIN" in data else [load_certificate(data)]
             )
         except OSError as e:
             raise ShieldError(f"{path}: cannot read trust root: {e.strerror}") from e

@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from shieldml.attest import _certs
 from shieldml.attest._fetch import AMD_KDS_URL, INTEL_ROOT_CA_URL, Fetcher, _get
 from shieldml.attest._intel_collateral import load_pem_chain
 from shieldml.attest._snp import load_certificate
@@ -44,9 +45,7 @@ class TrustStore:
     def certificates(self) -> list[x509.Certificate]:
         if not self.dir.is_dir():
             return []
-        return [
-            x509.load_pem_x509_certificate(p.read_bytes()) for p in sorted(self.dir.glob("*.pem"))
-        ]
+        return [_certs.pem_certificate(p.read_bytes()) for p in sorted(self.dir.glob("*.pem"))]
 
     def classify(self, cert: x509.Certificate, batch: list[x509.Certificate]) -> str:
         """The store name for ``cert`` if it may enter; :class:`UntrustedRootError` otherwise."""

@@ -1,0 +1,107 @@
+"""Certificates with a malformed field are refused at load, not deep inside verification.
+
+Regression tests for the first atheris findings (scripts/fuzz_atheris.py): ``cryptography`` loads a
+certificate whose subject is malformed and raises ``ValueError`` only when the subject is read, and
+it raises ``InvalidVersion`` (not a ``ValueError``) for a bad version.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from shieldml.attest import _certs, _der, verify_evidence
+from shieldml.attest._intel_collateral import load_pem_chain
+from shieldml.attest.simulated import SimulatedPlatform
+from shieldml.errors import AttestationError, CollateralError, FormatError
+
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> SimulatedPlatform:
+    return SimulatedPlatform.open(tmp_path_factory.mktemp("sim"), now=NOW)
+
+
+def _tbs_fields(der: bytes) -> tuple[int, list[int]]:
+    """Offset of the TBS certificate's content and the offsets of its fields."""
+    _tag, _cert, cert_end = _der.read_tlv(der, 0)
+    cert_start = cert_end - len(_cert)
+    _tag, tbs, tbs_end = _der.read_tlv(der, cert_start)
+    pos = tbs_end - len(tbs)
+    starts = []
+    while pos < tbs_end:
+        starts.append(pos)
+        _tag, _value, pos = _der.read_tlv(der, pos)
+    return tbs_end - len(tbs), starts
+
+
+def bad_subject(der: bytes) -> bytes:
+    """The same certificate, same length, with the subject's CN value tagged [25] constructed
+    (what atheris found: a well-formed Name whose attribute value is not a string)."""
+    _, fields = _tbs_fields(der)
+    _tag, value, end = _der.read_tlv(der, fields[5])  # [0] version, serial, sig, issuer, validity
+    cn = der.index(b"\x06\x03\x55\x04\x03\x0c", end - len(value), end) + 5
+    return der[:cn] + b"\xb9" + der[cn + 1 :]
+
+
+def bad_version(der: bytes) -> bytes:
+    _, fields = _tbs_fields(der)
+    version = fields[0]
+    assert der[version : version + 5] == b"\xa0\x03\x02\x01\x02"  # [0] INTEGER 2 (v3)
+    return der[: version + 4] + b"\x26" + der[version + 5 :]
+
+
+def pem(der: bytes) -> bytes:
+    b64 = base64.encodebytes(der).replace(b"\n", b"")
+    lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
+    return b"-----BEGIN CERTIFICATE-----\n" + b"\n".join(lines) + b"\n-----END CERTIFICATE-----\n"
+
+
+def test_cryptography_defers_the_error_and_our_loader_does_not(platform: SimulatedPlatform):
+    der = bad_subject(platform.intel_root.public_bytes(Encoding.DER))
+    lazy = x509.load_der_x509_certificate(der)  # the premise: this loads...
+    with pytest.raises(ValueError):
+        _ = lazy.subject  # ...and fails later
+    with pytest.raises(ValueError):
+        _certs.der_certificate(der)
+    with pytest.raises(ValueError):
+        _certs.pem_certificates(pem(der))
+
+
+def test_bad_version_is_a_value_error(platform: SimulatedPlatform):
+    der = bad_version(platform.intel_root.public_bytes(Encoding.DER))
+    with pytest.raises(x509.InvalidVersion):  # not a ValueError in cryptography
+        x509.load_der_x509_certificate(der)
+    with pytest.raises(ValueError, match="version"):
+        _certs.der_certificate(der)
+    with pytest.raises(CollateralError, match="not a certificate chain"):
+        load_pem_chain(pem(der), "PCK CRL chain")
+
+
+@pytest.mark.parametrize("mutate", [bad_subject, bad_version])
+def test_quote_whose_pck_chain_has_a_malformed_certificate(
+    platform: SimulatedPlatform, mutate: object
+):
+    quote, col = platform.sgx_quote(now=NOW)
+    good = pem(platform.intel_root.public_bytes(Encoding.DER))
+    assert good in quote  # the chain inside the quote ends with the root, PEM, 64-char lines
+    bad = pem(mutate(platform.intel_root.public_bytes(Encoding.DER)))  # type: ignore[operator]
+    assert len(bad) == len(good)
+    with pytest.raises((AttestationError, FormatError)) as e:
+        verify_evidence(
+            quote.replace(good, bad), collateral=col, now=NOW, trust=platform.trust()
+        )
+    assert "PCK chain" in str(e.value)
+
+
+def test_crl_entries_are_decoded_at_load(platform: SimulatedPlatform):
+    col = platform.collateral("sgx", now=NOW)
+    der = col.pck_crl.public_bytes(Encoding.DER)
+    assert _certs.der_crl(der).issuer == col.pck_crl.issuer
+    with pytest.raises(ValueError):
+        _certs.der_crl(der[:-1])
