@@ -117,13 +117,22 @@ def broker() -> None:
     help="Seconds a client has to send a request body (slower ones get 408).",
 )
 @click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds a client has to send a request line and headers, from connecting or from the "
+    "first byte of a kept-alive request (slower ones get 408).",
+)
+@click.option(
     "--pccs", "pccs_url", help="PCCS or Intel PCS URL for collateral runners do not send."
 )
 @click.option("--secret-prov-port", type=int, help="Also serve Gramine's secret provisioning here.")
 @click.option("--secret-prov-key", help="The gramine-pf key released over secret provisioning.")
 def serve(database: str | None, state: str | None, host: str, port: int, tls_cert: str | None, tls_key: str | None,
           insecure_no_tls: bool, trust_root: tuple[str, ...], insecure_custom_root: bool, simulated_platform: tuple[str, ...],
-          admin_token_file: str | None, workers: int, nonce_ttl: float, body_timeout: float, pccs_url: str | None,
+          admin_token_file: str | None, workers: int, nonce_ttl: float, body_timeout: float, header_timeout: float,
+          pccs_url: str | None,
           secret_prov_port: int | None, secret_prov_key: str | None) -> None:  # fmt: skip
     """Run the broker (HTTPS by default, with a self-signed certificate made on first start)."""
     import uvicorn
@@ -137,7 +146,7 @@ def serve(database: str | None, state: str | None, host: str, port: int, tls_cer
     if (secret_prov_port is None) != (secret_prov_key is None):
         raise ShieldError("--secret-prov-port and --secret-prov-key go together")
     cfg = BrokerConfig(url, str(state_dir), trust_root, insecure_custom_root, simulated_platform,
-                       nonce_ttl, pccs_url, secret_prov_port, secret_prov_key, body_timeout)  # fmt: skip
+                       nonce_ttl, pccs_url, secret_prov_port, secret_prov_key, body_timeout, header_timeout)  # fmt: skip
     cfg.trust()  # fail early on bad roots
     store = Store(url, state_dir)
     token = store.init_admin_token()
@@ -182,8 +191,10 @@ def serve(database: str | None, state: str | None, host: str, port: int, tls_cer
     )
     sys.stdout.flush()
     os.environ["SHIELDML_BROKER_CONFIG"] = cfg.to_env()
+    from shieldml.broker.http import HeaderTimeoutProtocol
+
     uvicorn.run("shieldml.broker.server:app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_level="warning", access_log=False, **ssl_kw)  # fmt: skip
+                http=HeaderTimeoutProtocol, log_level="warning", access_log=False, **ssl_kw)  # fmt: skip
 
 
 @broker.command("rotate-kek")

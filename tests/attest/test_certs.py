@@ -8,6 +8,7 @@ it raises ``InvalidVersion`` (not a ``ValueError``) for a bad version.
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -40,13 +41,24 @@ def _tbs_fields(der: bytes) -> tuple[int, list[int]]:
     return tbs_end - len(tbs), starts
 
 
-def bad_subject(der: bytes) -> bytes:
-    """The same certificate, same length, with the subject's CN value tagged [25] constructed
-    (what atheris found: a well-formed Name whose attribute value is not a string)."""
+def _subject_cn(der: bytes) -> int:
+    """Offset of the tag of the subject's CN value (a UTF8String in the simulated certificates)."""
     _, fields = _tbs_fields(der)
     _tag, value, end = _der.read_tlv(der, fields[5])  # [0] version, serial, sig, issuer, validity
-    cn = der.index(b"\x06\x03\x55\x04\x03\x0c", end - len(value), end) + 5
+    return der.index(b"\x06\x03\x55\x04\x03\x0c", end - len(value), end) + 5
+
+
+def bad_subject(der: bytes) -> bytes:
+    """The same certificate, same length, with the subject's CN value tagged [25] constructed
+    (what atheris found first: a well-formed Name whose attribute value is not a string)."""
+    cn = _subject_cn(der)
     return der[:cn] + b"\xb9" + der[cn + 1 :]
+
+
+def bitstring_subject(der: bytes) -> bytes:
+    """The subject's CN as a BIT STRING: cryptography raises TypeError on reading the subject."""
+    cn = _subject_cn(der)
+    return der[:cn] + b"\x03" + der[cn + 1 : cn + 2] + b"\x00" + der[cn + 3 :]
 
 
 def bad_version(der: bytes) -> bytes:
@@ -62,10 +74,15 @@ def pem(der: bytes) -> bytes:
     return b"-----BEGIN CERTIFICATE-----\n" + b"\n".join(lines) + b"\n-----END CERTIFICATE-----\n"
 
 
-def test_cryptography_defers_the_error_and_our_loader_does_not(platform: SimulatedPlatform):
-    der = bad_subject(platform.intel_root.public_bytes(Encoding.DER))
+@pytest.mark.parametrize(
+    ("mutate", "late"), [(bad_subject, ValueError), (bitstring_subject, TypeError)]
+)
+def test_cryptography_defers_the_error_and_our_loader_does_not(
+    platform: SimulatedPlatform, mutate: Callable[[bytes], bytes], late: type[Exception]
+):
+    der = mutate(platform.intel_root.public_bytes(Encoding.DER))
     lazy = x509.load_der_x509_certificate(der)  # the premise: this loads...
-    with pytest.raises(ValueError):
+    with pytest.raises(late):
         _ = lazy.subject  # ...and fails later
     with pytest.raises(ValueError):
         _certs.der_certificate(der)
@@ -83,19 +100,17 @@ def test_bad_version_is_a_value_error(platform: SimulatedPlatform):
         load_pem_chain(pem(der), "PCK CRL chain")
 
 
-@pytest.mark.parametrize("mutate", [bad_subject, bad_version])
+@pytest.mark.parametrize("mutate", [bad_subject, bitstring_subject, bad_version])
 def test_quote_whose_pck_chain_has_a_malformed_certificate(
-    platform: SimulatedPlatform, mutate: object
+    platform: SimulatedPlatform, mutate: Callable[[bytes], bytes]
 ):
     quote, col = platform.sgx_quote(now=NOW)
     good = pem(platform.intel_root.public_bytes(Encoding.DER))
     assert good in quote  # the chain inside the quote ends with the root, PEM, 64-char lines
-    bad = pem(mutate(platform.intel_root.public_bytes(Encoding.DER)))  # type: ignore[operator]
+    bad = pem(mutate(platform.intel_root.public_bytes(Encoding.DER)))
     assert len(bad) == len(good)
     with pytest.raises((AttestationError, FormatError)) as e:
-        verify_evidence(
-            quote.replace(good, bad), collateral=col, now=NOW, trust=platform.trust()
-        )
+        verify_evidence(quote.replace(good, bad), collateral=col, now=NOW, trust=platform.trust())
     assert "PCK chain" in str(e.value)
 
 

@@ -174,19 +174,33 @@ def test_served_secret_provisioning_and_release_without_collateral(tmp_path: Pat
         bp.stop()
 
 
-def test_slow_body_gets_408_and_fast_clients_are_served(tmp_path: Path, sim_dir: Path):
+SLOW_CLIENTS = {
+    # what the client sends at once, then the byte it dribbles every 0.2 s (b"" = nothing at all)
+    "body": (
+        b"POST /v1/release HTTP/1.1\r\nHost: broker\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n{",
+        b" ",
+    ),
+    "headers": (b"POST /v1/release HTTP/1.1\r\nHost: broker\r\nX-Slow: ", b"a"),
+    "silent": (b"", b""),
+}
+
+
+@pytest.mark.parametrize("kind", list(SLOW_CLIENTS))
+def test_slow_client_gets_408_and_fast_clients_are_served(tmp_path: Path, sim_dir: Path, kind: str):
+    """A request whose body or head (or anything at all) does not arrive within the timeouts is
+    answered 408 and its connection closed, while other clients are served."""
     import sys
     import time
 
     bp = start_broker(
-        tmp_path / "state", "--simulated-platform", str(sim_dir), "--body-timeout", "1"
-    )
+        tmp_path / "state", "--simulated-platform", str(sim_dir),
+        "--body-timeout", "1", "--header-timeout", "1",
+    )  # fmt: skip
+    first, dribble = SLOW_CLIENTS[kind]
     try:
         with raw_tls_socket(bp.url) as s:
-            s.sendall(
-                b"POST /v1/release HTTP/1.1\r\nHost: broker\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 1000\r\n\r\n{"
-            )
+            s.sendall(first)
             t0 = time.monotonic()
             with admin(bp) as c:  # another client is served while the slow one dribbles
                 assert c.challenge()
@@ -196,7 +210,7 @@ def test_slow_body_gets_408_and_fast_clients_are_served(tmp_path: Path, sim_dir:
                 try:
                     chunk = s.recv(4096)
                 except TimeoutError:
-                    s.sendall(b" ")  # dribble: a byte every 0.2 s never completes the body
+                    s.sendall(dribble)  # never completes the body or the head
                     continue
                 assert chunk, "connection closed without a response"
                 reply += chunk

@@ -4,7 +4,8 @@
 certificate whose subject is malformed therefore loads fine and raises ``ValueError`` later, deep
 inside a verification step that only expected a bad signature (coverage-guided fuzzing found this:
 a quote whose PCK chain had such a certificate made the broker answer 500). It also raises
-exceptions that are not ``ValueError`` (``InvalidVersion``, ``DuplicateExtension``...). These
+exceptions that are not ``ValueError`` (``InvalidVersion``, ``DuplicateExtension``, even
+``TypeError``). These
 loaders decode every field verification reads, up front, and raise ``ValueError`` for all of it.
 """
 
@@ -22,6 +23,7 @@ _ERRORS = (
     x509.DuplicateExtension,
     x509.UnsupportedGeneralNameType,
     UnsupportedAlgorithm,
+    TypeError,  # e.g. a Name attribute encoded as a BIT STRING under any OID but one
 )
 T = TypeVar("T")
 

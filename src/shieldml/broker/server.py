@@ -100,6 +100,7 @@ class BrokerConfig:
     secret_prov_port: int | None = None
     secret_prov_key: str | None = None
     body_timeout_s: float = 10.0
+    header_timeout_s: float = 10.0
 
     def to_env(self) -> str:
         return json.dumps(self.__dict__)
