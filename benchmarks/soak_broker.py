@@ -3,7 +3,8 @@
 Two broker replicas on one throw-away PostgreSQL cluster; N concurrent clients (in several
 processes) releasing keys with simulated SGX evidence for D seconds, while: PostgreSQL is
 restarted (at D/4), one replica is SIGKILLed and restarted (at D/2), the key-encryption key is
-rotated by a separate process (at 3D/4), clients replay used nonces,
+rotated by a separate process (at 3D/4), replica B's clock is skewed (+2 h, then -2 h after its
+restart; libfaketime, when installed: ``apt-get install faketime``), clients replay used nonces,
 use nonces after they expired, send oversized bodies, and 128 slow clients hold connections
 open trickling headers or bodies a few bytes a second (slowloris). Reports requests served, errors by
 kind, p99 latency, audit records lost or duplicated (must be 0) and nonces accepted twice (must
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from tempfile import mkdtemp
 from typing import Any
@@ -45,13 +47,38 @@ from shieldml.broker.storage import AuditRecord, verify_chain  # noqa: E402
 from shieldml.errors import ShieldError  # noqa: E402
 
 NONCE_TTL = 3.0
+DAY_AGO = datetime.now(UTC) - timedelta(days=1)
+SKEW = ("+2h", "-2h")  # replica B's clock before and after its restart
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
+
+
+def skewed(offset: str) -> dict[str, str]:
+    """Environment that runs a process with its wall clock ``offset`` off (monotonic untouched)."""
+    if not LIBFAKETIME.exists():
+        return {}
+    return {
+        "LD_PRELOAD": str(LIBFAKETIME),
+        "FAKETIME": offset,
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "FAKETIME_DONT_RESET": "1",
+    }
+
+
+def clock_offset(url: str, fingerprint: str) -> float:
+    """A broker's wall clock minus ours, in seconds, from its HTTP Date header."""
+    from email.utils import parsedate_to_datetime
+
+    with BrokerClient(url, fingerprint=fingerprint) as c:
+        r = c.http.get("/v1/health")
+    return parsedate_to_datetime(r.headers["date"]).timestamp() - time.time()
 
 
 def _load(
     urls: list[tuple[str, str]], sim_dir: str, threads: int, stop: float, queue: Any, seed: int
 ) -> None:
     sim = SimulatedPlatform.open(sim_dir)
-    collateral = json.loads(sim.collateral("sgx").to_json())
+    # issued a day ago, like real collateral: a replica whose clock is hours off still accepts it
+    collateral = json.loads(sim.collateral("sgx", now=DAY_AGO).to_json())
     lock = threading.Lock()
     stats: dict[str, Any] = {
         "ok": 0,
@@ -175,12 +202,16 @@ def main() -> int:
         return 1
     pg.start()
     work = Path(mkdtemp(prefix="shieldml-soak-"))
-    SimulatedPlatform.open(work / "sim")
+    SimulatedPlatform.open(work / "sim", now=DAY_AGO)
     url = pg.create_database("soak")
     opts = ("--simulated-platform", str(work / "sim"), "--nonce-ttl", str(NONCE_TTL))
     a = start_broker(work / "state", *opts, database=url)
-    b = start_broker(work / "state", *opts, database=url)
+    b = start_broker(work / "state", *opts, database=url, env=skewed(SKEW[0]))
     events: list[str] = []
+    if not LIBFAKETIME.exists():
+        events.append("no clock skew (libfaketime not installed)")
+    else:
+        events.append(f"replica B's clock {clock_offset(b.url, b.fingerprint) / 3600:+.1f} h")
     try:
         with BrokerClient(
             a.url, fingerprint=a.fingerprint, token=a.token_file.read_text().strip()
@@ -209,8 +240,15 @@ def main() -> int:
         b.stop(signal.SIGKILL)
         events.append(f"t={args.seconds / 2:.0f}s replica B killed with SIGKILL")
         time.sleep(2)
-        b = start_broker(work / "state", *opts, database=url, port=port)
-        events.append(f"t={args.seconds / 2 + 2:.0f}s replica B restarted")
+        b = start_broker(work / "state", *opts, database=url, port=port, env=skewed(SKEW[1]))
+        events.append(
+            f"t={args.seconds / 2 + 2:.0f}s replica B restarted"
+            + (
+                f" with its clock {clock_offset(b.url, b.fingerprint) / 3600:+.1f} h"
+                if LIBFAKETIME.exists()
+                else ""
+            )
+        )
         time.sleep(max(0.0, args.seconds / 4 - 2))
         rotate = [
             sys.executable,

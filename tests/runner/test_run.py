@@ -339,3 +339,50 @@ def test_pinned_input_refuses_an_older_version(job: Job):
     enc.write_bytes(old)  # the host substitutes the older, still valid ciphertext
     with pytest.raises(ShieldError, match="not the ciphertext the job pins"):
         run_job(job.manifest)
+
+
+def test_data_key_rotation_keeps_old_receipts_verifiable(job: Job):
+    """Rotate the model key end to end: `shieldml rekey` the inputs, replace the key at the
+    broker; the job runs on the new ciphertexts, the old key opens nothing, and the receipt of the
+    run before the rotation still verifies (its file digests name the old ciphertexts)."""
+    from shieldml.attest.simulated import SimulatedPlatform
+    from shieldml.cli import main
+    from shieldml.errors import WrongKeyError
+    from shieldml.files import generate_key, write_key_file
+
+    job.authorize()
+    before, after = job.dir / "before.json", job.dir / "after.json"
+    out = job.dir / "out" / "result.txt.enc"
+    work = (job.dir / "work").resolve()
+    assert run_job(job.manifest, receipt=str(before)) == 0
+    result_before = open_protected(out, job.result_key, bind=str(work / "result.txt")).read()
+
+    new = generate_key()
+    write_key_file(job.dir / "old.key", job.model_key)
+    write_key_file(job.dir / "new.key", new)
+    for name in ("model.bin", "input.txt"):
+        assert main([
+            "rekey", str(job.dir / "enc" / f"{name}.enc"), "--key", str(job.dir / "old.key"),
+            "--new-key", str(job.dir / "new.key"), "--bind", str(work / name),
+        ]) == 0  # fmt: skip
+    with job.admin() as c:
+        c.add_key("model", "stream", new, replace=True)
+    with pytest.raises(WrongKeyError):
+        open_protected(
+            job.dir / "enc" / "model.bin.enc", job.model_key, bind=str(work / "model.bin")
+        )
+
+    assert run_job(job.manifest, receipt=str(after)) == 0
+    assert (
+        open_protected(out, job.result_key, bind=str(work / "result.txt")).read() == result_before
+    )
+
+    trust = SimulatedPlatform.open(job.sim_dir).trust()
+    old = verify_receipt(str(before), trust=trust, check_files=False)
+    assert old["ok"] and old["receipt"]["exit_code"] == 0
+    with_files = verify_receipt(str(before), trust=trust)  # the inputs were re-encrypted since
+    assert not with_files["ok"]
+    assert sorted(Path(p.split(":")[0]).name for p in with_files["problems"]) == [
+        "input.txt.enc", "model.bin.enc", "result.txt.enc",
+    ]  # fmt: skip
+    assert verify_receipt(str(after), trust=trust)["ok"]

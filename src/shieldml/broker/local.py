@@ -38,7 +38,11 @@ class BrokerProcess:
 
 
 def start_broker(
-    state: Path, *args: str, database: str | None = None, port: int | None = None
+    state: Path,
+    *args: str,
+    database: str | None = None,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> BrokerProcess:
     port = port or free_port()
     state.mkdir(parents=True, exist_ok=True)
@@ -50,7 +54,7 @@ def start_broker(
         cmd += ["--database", database]
     with log.open("w") as f:  # the child keeps its own descriptor
         proc = subprocess.Popen(
-            cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "500"}
+            cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "500", **(env or {})}
         )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
