@@ -45,6 +45,7 @@ fuzz: $(STAMP)
 		tests/test_fuzz_parsers.py tests/attest/test_intel.py tests/attest/test_snp.py \
 		tests/attest/test_ratls.py tests/files/test_stream.py \
 		-k "parser or mutated or flipped or random_access or headers or text or structures or json"
+	$(BIN)/python scripts/fuzz_atheris.py --seconds $${FUZZ_SECONDS:-60} --markdown docs/security.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -358,11 +358,12 @@ def run_target(target: str, seconds: int, sim_dir: Path, out: Path, rss_mb: int)
 
 def markdown(rows: list[dict[str, Any]], seconds: int) -> str:
     total = sum(r["executions"] for r in rows)
+    found = sum(len(r["findings"]) for r in rows)
     lines = [
         "<!-- atheris:begin (written by scripts/fuzz_atheris.py) -->",
         f"Coverage-guided (atheris {_atheris_version()}, libFuzzer), {seconds} s per target, "
         f"{datetime.now(UTC):%Y-%m-%d}: **{total:,} executions, "
-        f"{sum(len(r['findings']) for r in rows)} findings**.",
+        f"{found} finding{'' if found == 1 else 's'}**.",
         "",
         "| target | parses | executions | coverage (edges) | corpus | peak RSS | findings |",
         "|---|---|---:|---:|---:|---:|---|",
