@@ -54,7 +54,11 @@ def start_broker(
         cmd += ["--database", database]
     with log.open("w") as f:  # the child keeps its own descriptor
         proc = subprocess.Popen(
-            cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "500", **(env or {})}
+            cmd,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "COLUMNS": "500", **(env or {})},
         )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
