@@ -8,9 +8,13 @@ STAMP  := $(VENV)/.installed-dev
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py src/shieldml/files/_pfnative.c
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "shieldml needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
+	@# OpenSSL headers for the optional gramine-pf C helper (without them: pure-Python reader)
+	@test -f /usr/include/openssl/evp.h || \
+		{ command -v apt-get >/dev/null && apt-get install -y -q libssl-dev >/dev/null 2>&1; } || \
+		echo "note: no OpenSSL headers; the gramine-pf C helper is not built (slower, same results)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)

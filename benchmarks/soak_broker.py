@@ -163,8 +163,9 @@ def _load(
 
 
 def _slowloris(url: str, n: int, stop: float, out: dict[str, int]) -> None:
-    """Hold n connections open, half trickling headers and half a body, one line a second."""
-    socks: list[tuple[ssl.SSLSocket, bytes]] = []
+    """Hold n connections open, half trickling headers and half a body, a few bytes a second;
+    count, per kind, the connections the broker answered (408) and closed."""
+    socks: list[tuple[ssl.SSLSocket, bytes, str]] = []
     for i in range(n):
         try:
             s = raw_tls_socket(url)
@@ -172,20 +173,36 @@ def _slowloris(url: str, n: int, stop: float, out: dict[str, int]) -> None:
             if i % 2:
                 head += b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
             s.sendall(head)
-            socks.append((s, b" " * 8 if i % 2 else b"X-Slow: 1\r\n"))
+            s.setblocking(False)
+            socks.append((s, b" " * 8, "bodies") if i % 2 else (s, b"X-Slow: 1\r\n", "heads"))
         except OSError:
             out["refused"] += 1
     out["opened"] = len(socks)
-    while time.time() < stop:
+    while time.time() < stop and socks:
         time.sleep(1)
-        for s, drip in list(socks):
+        for entry in list(socks):
+            s, drip, kind = entry
+            try:
+                reply = s.recv(4096)
+            except ssl.SSLWantReadError:
+                reply = None  # nothing from the broker yet
+            except OSError:
+                reply = b""
+            if reply is not None:  # answered (408) or hung up: a real client gives up here
+                status = reply[9:12].decode(errors="replace") if reply else "no answer"
+                out[f"slow {kind} closed ({status})"] += 1
+                socks.remove(entry)
+                s.close()
+                continue
             try:
                 s.sendall(drip)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                pass
             except OSError:
-                socks.remove((s, drip))
-                out["closed by broker"] += 1
+                out[f"slow {kind} closed (reset)"] += 1
+                socks.remove(entry)
     out["still open at the end"] = len(socks)
-    for s, _ in socks:
+    for s, _, _ in socks:
         s.close()
 
 
@@ -317,8 +334,9 @@ def main() -> int:
         f"| audit records lost / duplicated | {lost} / {duplicated} |",
         f"| releases audited whose response the client never got (connection cut by the kill) | {unacknowledged} |",
         f"| nonces accepted twice (replays, expired) | {twice} |",
-        f"| slow clients (slowloris) opened / refused / closed by broker / open at the end | "
-        f"{slow['opened']} / {slow['refused']} / {slow['closed by broker']} / {slow['still open at the end']} |",
+        f"| slow clients (slowloris) opened / refused / still open at the end | "
+        f"{slow['opened']} / {slow['refused']} / {slow['still open at the end']} |",
+        *[f"| {k} | {v} |" for k, v in sorted(slow.items()) if k.startswith("slow ")],
         "",
         "| outcome | count |",
         "|---|---:|",

@@ -33,6 +33,16 @@ NEGATIVE = {
 }
 
 
+@pytest.fixture(params=["native", "python"])
+def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the C helper for runs of data nodes, and again with the Python reference."""
+    if request.param == "native" and not g.native_accelerator():
+        pytest.skip("the gramine-pf C helper is not built here (no compiler or OpenSSL headers)")
+    if request.param == "python":
+        monkeypatch.setattr(g, "_native", None)
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
 def pf(vectors: Path) -> Path:
     return vectors / "gramine-pf"
@@ -46,7 +56,9 @@ def wrap_key(pf: Path) -> bytes:
 @pytest.mark.parametrize(
     ("version", "size"), [("v1", s) for s in SIZES_V1] + [("v2", s) for s in SIZES_V2]
 )
-def test_gramine_vectors_decrypt_byte_exactly(pf: Path, wrap_key: bytes, version: str, size: int):
+def test_gramine_vectors_decrypt_byte_exactly(
+    pf: Path, wrap_key: bytes, version: str, size: int, reader: str
+):
     path = pf / version / f"size_{size}.pf"
     with open_protected(path, wrap_key, bind=f"{version}/size_{size}.pf") as f:
         assert f.format is Format.GRAMINE_PF
@@ -58,7 +70,9 @@ def test_gramine_vectors_decrypt_byte_exactly(pf: Path, wrap_key: bytes, version
 
 
 @pytest.mark.parametrize(("name", "error"), sorted(NEGATIVE.items()))
-def test_negative_vectors_are_refused(pf: Path, wrap_key: bytes, name: str, error: type):
+def test_negative_vectors_are_refused(
+    pf: Path, wrap_key: bytes, name: str, error: type, reader: str
+):
     with pytest.raises(error):
         with open_protected(pf / "negative" / name, wrap_key, bind="v1/size_100000.pf") as f:
             f.read()
@@ -78,7 +92,7 @@ def test_wrong_key_is_refused(pf: Path, version: str):
         open_protected(pf / version / "size_100000.pf", bytes(16), bind=f"{version}/size_100000.pf")
 
 
-def test_random_access_on_two_level_tree(pf: Path, wrap_key: bytes):
+def test_random_access_on_two_level_tree(pf: Path, wrap_key: bytes, reader: str):
     plain = vector_plaintext(12979205)
     with open_protected(pf / "v1/size_12979205.pf", wrap_key, bind="v1/size_12979205.pf") as f:
         for pos, n in [(12979205 - 10, 50), (3000, 200), (3072 + 96 * 4096 * 33 - 7, 9000), (0, 1)]:
@@ -134,7 +148,7 @@ def test_norm_path_is_idempotent_and_clean(parts: list[str], absolute: bool):
 
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("size", [0, 3072, 3073, 396289, 3072 + 96 * 4096 * 33 + 1])
-def test_roundtrip_and_size_like_gramine(tmp_path: Path, version: int, size: int):
+def test_roundtrip_and_size_like_gramine(tmp_path: Path, version: int, size: int, reader: str):
     key = generate_key(Format.GRAMINE_PF)
     data = os.urandom(size)
     (tmp_path / "in").write_bytes(data)
@@ -168,7 +182,7 @@ def test_pending_write_flag_is_refused(tmp_path: Path):
         open_protected(tmp_path / "f", key, bind="f")
 
 
-def test_every_node_is_authenticated(tmp_path: Path):
+def test_every_node_is_authenticated(tmp_path: Path, reader: str):
     """Flip one byte in each physical node of a two-MHT file: each is detected on read."""
     key = generate_key(Format.GRAMINE_PF)
     size = 3072 + 97 * 4096
@@ -198,3 +212,46 @@ def test_aborted_writer_leaves_unreadable_file(tmp_path: Path):
         w.abort()
     with pytest.raises(FormatError):
         open_protected(path, key, bind="f")
+
+
+def test_native_and_python_name_the_same_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    if not g.native_accelerator():
+        pytest.skip("the gramine-pf C helper is not built here")
+    key = generate_key(Format.GRAMINE_PF)
+    (tmp_path / "in").write_bytes(os.urandom(3072 + 50 * 4096))
+    encrypt_file(tmp_path / "in", tmp_path / "f", key, fmt=Format.GRAMINE_PF, bind="f")
+    with (tmp_path / "f").open("r+b") as f:  # data node 7 of MHT node 0: physical node 2 + 7
+        f.seek(9 * g.NODE_SIZE + 5)
+        f.write(b"\xff")
+    messages = []
+    for native in (g._native, None):
+        monkeypatch.setattr(g, "_native", native)
+        buf = bytearray(60 * 4096)
+        with open_protected(tmp_path / "f", key, bind="f") as f, pytest.raises(IntegrityError) as e:
+            f.readinto(buf)
+        messages.append(str(e.value))
+        # the first 3072 bytes (inline in the authenticated metadata) are fine; no byte of the
+        # refused run of data nodes may stay in the caller's buffer
+        assert not any(buf[g.MD_USER_DATA_SIZE :]), "plaintext of a refused run was left behind"
+    assert messages[0] == messages[1] and "data node 7" in messages[0]
+
+
+def test_native_helper_checks_its_buffers():
+    if not g.native_accelerator():
+        pytest.skip("the gramine-pf C helper is not built here")
+    native = g._native
+    assert native is not None
+    mht, node = bytes(4096), bytes(4096)
+    for args in [
+        (mht, 0, node, bytearray(4096), 2),  # source and output hold one node, not two
+        (mht, 127, node * 2, bytearray(8192), 2),  # slot 128 would be past the MHT node
+        (mht[:64], 1, node * 2, bytearray(8192), 2),  # MHT buffer too short for slot 2
+        (mht, -1, node, bytearray(4096), 1),
+        (mht, 0, node, bytearray(4096), -1),
+    ]:
+        with pytest.raises(ValueError):
+            native.decrypt_nodes(*args)
+    with pytest.raises(TypeError):
+        native.decrypt_nodes(mht, 0, node, bytes(4096), 1)  # output not writable
+    assert native.decrypt_nodes(mht, 0, node, bytearray(4096), 0) == -1  # nothing to do
+    assert native.decrypt_nodes(mht, 0, node, bytearray(4096), 1) == 0  # zero tag: refused
