@@ -220,7 +220,10 @@ def main() -> int:
     ap.add_argument("--dir", help="work directory (default: a temporary directory on disk)")
     ap.add_argument("--markdown", help="write the results page here")
     ap.add_argument("--json", help="write raw results here")
-    ap.add_argument("--only", help="run only the cases containing one of these |-separated texts (and the raw rows)")
+    ap.add_argument(
+        "--only",
+        help="run only the cases containing one of these |-separated texts (and the raw rows)",
+    )
     args = ap.parse_args()
     size = args.size_mib * MIB
     work = Path(args.dir or tempfile.mkdtemp(prefix="shieldml-bench-"))
