@@ -54,6 +54,11 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def _head_too_slow(self) -> None:
         self._head_deadline = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            # a slow head pipelined behind a request still being answered: no 408 in the middle
+            # of that response; the connection closes once it is sent
+            self.cycle.keep_alive = False
+            return
         if not self.transport.is_closing():
             self.transport.write(_408)
             self.transport.close()
