@@ -33,21 +33,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the suite's broker policy (tests.broker.conftest), imported
+# inside functions: in the fuzzing child, only after shieldml's modules are instrumented
 NOW = datetime(2026, 11, 1, tzinfo=UTC)  # the simulated platform's certificates cover this
 FILE_KEY = {"stream": bytes(range(32)), "gramine-pf": bytes(range(16))}
 FIXED_NONCE = bytes(range(32))
-MRENCLAVE = b"\x5a" * 32
-WD = "sha256:" + "cd" * 32
-POLICY = f"""
-[[profile]]
-tee = "sgx"
-mrenclave = ["{MRENCLAVE.hex()}"]
-mrsigner = "any"
-isv_prod_id = 0
-min_isv_svn = 0
-workload_digest = ["{WD}"]
-insecure_allow_simulated = true
-"""
 # name -> (what it parses, max input length)
 TARGETS: dict[str, tuple[str, int]] = {
     "quote": ("Intel DCAP quote parser (SGX/TDX, v3-v5)", 12000),
@@ -72,6 +62,8 @@ def vectors_dir() -> Path | None:
 
 # -- seeds (made in the driver, outside the instrumented child) ---------------------------------
 def _seeds(target: str, sim_dir: Path) -> list[bytes]:
+    from tests.broker.conftest import MRENCLAVE, POLICY
+
     from shieldml.attest.simulated import SimulatedPlatform
     from shieldml.files import encrypt_file
     from shieldml.files._common import Format
@@ -123,6 +115,8 @@ def _seeds(target: str, sim_dir: Path) -> list[bytes]:
 
 
 def _http_seeds(sim: Any) -> list[bytes]:
+    from tests.broker.conftest import MRENCLAVE, POLICY, WD
+
     from shieldml.broker import protocol
 
     rk = protocol.RunnerKey.generate("X25519")
@@ -222,6 +216,8 @@ def _target(name: str, sim_dir: Path, work: Path) -> Callable[[bytes], None]:
 
 def _http_target(trust: Any, work: Path) -> Callable[[bytes], None]:
     """The broker's real ASGI app on SQLite, called in-process: any status but a 5xx is fine."""
+    from tests.broker.conftest import POLICY
+
     from shieldml.broker.service import Settings, create_app
     from shieldml.broker.storage import Store, nonces_t
 
