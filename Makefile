@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint bench fuzz docs fmt clean setup
+.PHONY: demo test lint bench soak fuzz docs fmt clean setup
 
 setup: $(STAMP)
 
@@ -39,6 +39,13 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_attest.py --markdown docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_broker.py --markdown docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_runner.py --markdown docs/benchmarks.md
+
+# The broker under load and faults (PostgreSQL server binaries needed; libfaketime for clock skew).
+soak: $(STAMP)
+	@test -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 || \
+		{ command -v apt-get >/dev/null && apt-get install -y -q faketime >/dev/null 2>&1; } || \
+		echo "note: libfaketime missing: the soak runs without clock skew"
+	$(BIN)/python benchmarks/soak_broker.py --seconds 60 --markdown docs/benchmarks.md
 
 docs: $(STAMP)
 	$(BIN)/python scripts/gen_cli_docs.py
