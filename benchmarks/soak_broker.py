@@ -212,7 +212,9 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--procs", type=int, default=4)
     ap.add_argument("--markdown")
+    ap.add_argument("--no-skew", action="store_true", help="replica B keeps the true time")
     args = ap.parse_args()
+    skew = LIBFAKETIME.exists() and not args.no_skew
     pg = PgCluster()
     if pg.available:
         print(f"needs PostgreSQL: {pg.available}", file=sys.stderr)
@@ -223,10 +225,12 @@ def main() -> int:
     url = pg.create_database("soak")
     opts = ("--simulated-platform", str(work / "sim"), "--nonce-ttl", str(NONCE_TTL))
     a = start_broker(work / "state", *opts, database=url)
-    b = start_broker(work / "state", *opts, database=url, env=skewed(SKEW[0]))
+    b = start_broker(work / "state", *opts, database=url, env=skewed(SKEW[0]) if skew else None)
     events: list[str] = []
-    if not LIBFAKETIME.exists():
-        events.append("no clock skew (libfaketime not installed)")
+    if not skew:
+        events.append(
+            "no clock skew" + ("" if LIBFAKETIME.exists() else " (libfaketime not installed)")
+        )
     else:
         events.append(f"replica B's clock {clock_offset(b.url, b.fingerprint) / 3600:+.1f} h")
     try:
@@ -257,12 +261,14 @@ def main() -> int:
         b.stop(signal.SIGKILL)
         events.append(f"t={args.seconds / 2:.0f}s replica B killed with SIGKILL")
         time.sleep(2)
-        b = start_broker(work / "state", *opts, database=url, port=port, env=skewed(SKEW[1]))
+        b = start_broker(
+            work / "state", *opts, database=url, port=port, env=skewed(SKEW[1]) if skew else None
+        )
         events.append(
             f"t={args.seconds / 2 + 2:.0f}s replica B restarted"
             + (
                 f" with its clock {clock_offset(b.url, b.fingerprint) / 3600:+.1f} h"
-                if LIBFAKETIME.exists()
+                if skew
                 else ""
             )
         )
