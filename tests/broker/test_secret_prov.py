@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,13 +32,18 @@ insecure_allow_simulated = true
 
 
 @pytest.fixture
-def server(tmp_path: Path, sim: SimulatedPlatform) -> Iterator[tuple[SecretProvServer, Store]]:
+def server(
+    tmp_path: Path, sim: SimulatedPlatform, request: pytest.FixtureRequest
+) -> Iterator[tuple[SecretProvServer, Store]]:
+    """The listener; ``@pytest.mark.limits(deadline=..., max_connections=...)`` tightens it."""
+    marker = request.node.get_closest_marker("limits")
+    limits = marker.kwargs if marker else {}
     store = Store(f"sqlite:///{tmp_path}/b.db", tmp_path / "state")
     store.put_key("wrap", "gramine-pf", WRAP_KEY)
     store.set_policy("wrap", POLICY)
     tls = self_signed(tmp_path / "state", ["127.0.0.1"])
     srv = SecretProvServer(store, Settings(trust=sim.trust()), "wrap", str(tls.cert), str(tls.key),
-                           collateral_for=lambda _quote: sim.collateral("sgx"), port=0)  # fmt: skip
+                           collateral_for=lambda _quote: sim.collateral("sgx"), port=0, **limits)  # fmt: skip
     srv.start()
     yield srv, store
     srv.stop()
@@ -112,3 +118,49 @@ def test_client_without_certificate_is_refused(
 ):
     srv, _ = server
     assert enclave_request(srv.port, None, None, tmp_path) == b""
+
+
+def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> float | None:
+    """Seconds until the server closes ``sock`` (sending ``trickle`` every 0.2 s meanwhile)."""
+    start = time.monotonic()
+    sock.settimeout(0.2)
+    while time.monotonic() - start < seconds:
+        try:
+            if not sock.recv(4096):
+                return time.monotonic() - start
+        except TimeoutError:
+            if trickle:
+                try:
+                    sock.sendall(trickle)
+                except OSError:
+                    return time.monotonic() - start
+        except OSError:
+            return time.monotonic() - start
+    return None
+
+
+@pytest.mark.limits(deadline=1.0)
+def test_a_trickling_peer_is_cut_off_at_the_deadline(server: tuple[SecretProvServer, Store]):
+    """A byte every 0.2 s restarts the per-read timeout forever; the deadline still ends it."""
+    srv, _ = server
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+        s.sendall(b"\x16\x03\x01\x02\x00")  # a 512-byte handshake record, sent a byte at a time
+        took = _closed_within(s, 8, trickle=b"\x01")
+    assert took is not None and 0.5 < took < 5
+
+
+@pytest.mark.limits(deadline=1.0, max_connections=2)
+def test_connections_beyond_the_cap_are_closed_and_service_resumes(
+    server: tuple[SecretProvServer, Store], sim: SimulatedPlatform, tmp_path: Path
+):
+    srv, _ = server
+    idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(2)]
+    time.sleep(0.2)  # both accepted and holding their slots
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as extra:
+        took = _closed_within(extra, 0.8)
+        assert took is not None and took < 0.8, "the third connection was not refused at once"
+    for s in idle:
+        assert _closed_within(s, 5) is not None  # cut at the deadline, slots released
+        s.close()
+    cert, key = sim.ratls_certificate(mrenclave=MRENCLAVE)
+    assert enclave_request(srv.port, cert, key, tmp_path)[: len(RESPONSE)] == RESPONSE

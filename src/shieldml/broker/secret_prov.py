@@ -34,7 +34,9 @@ from shieldml.policy import Policy, evaluate
 log = logging.getLogger("shieldml.broker.secret_prov")
 REQUEST = b"SECRET_PROVISION_RA_TLS_REQUEST_V1\0"
 RESPONSE = b"SECRET_PROVISION_RA_TLS_RESPONSE_V1:\0"
-TIMEOUT = 30.0
+TIMEOUT = 30.0  # per read or write
+DEADLINE = 30.0  # for the whole exchange: handshake, request, answer
+MAX_CONNECTIONS = 64  # in progress at once; more are closed on accept
 
 
 @dataclass
@@ -49,6 +51,8 @@ class SecretProvServer:
     collateral_for: Callable[[bytes], IntelCollateral]
     host: str = "127.0.0.1"
     port: int = 4433
+    deadline: float = DEADLINE
+    max_connections: int = MAX_CONNECTIONS
 
     def start(self) -> None:
         ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
@@ -59,6 +63,7 @@ class SecretProvServer:
         # (OpenSSL still verifies the client's proof of possession of the certificate key).
         ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda *_: True)
         self._ctx = ctx
+        self._slots = threading.BoundedSemaphore(self.max_connections)
         self._sock = socket.create_server((self.host, self.port))
         self.port = self._sock.getsockname()[1]
         self._thread = threading.Thread(target=self._serve, name="secret-prov", daemon=True)
@@ -73,7 +78,23 @@ class SecretProvServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+            if not self._slots.acquire(blocking=False):
+                log.warning("secret provisioning: %d connections in progress, refusing one",
+                            self.max_connections)  # fmt: skip
+                conn.close()
+                continue
+            threading.Thread(target=self._bounded, args=(conn,), daemon=True).start()
+
+    def _bounded(self, raw: socket.socket) -> None:
+        """One connection, cut off at the deadline however slowly its peer trickles bytes
+        (the per-read timeout alone restarts with every byte)."""
+        timer = threading.Timer(self.deadline, _cut, args=(raw,))
+        timer.start()
+        try:
+            self._handle(raw)
+        finally:
+            timer.cancel()
+            self._slots.release()
 
     def _handle(self, raw: socket.socket) -> None:
         # pyOpenSSL needs a blocking socket; bound slow peers with kernel-level timeouts instead
@@ -142,3 +163,9 @@ def _read_exact(conn: SSL.Connection, n: int) -> bytes:
             break
         buf += chunk
     return buf
+
+
+def _cut(raw: socket.socket) -> None:
+    """Unblock a thread stuck reading or writing ``raw``: its call fails, and it cleans up."""
+    with contextlib.suppress(OSError):
+        raw.shutdown(socket.SHUT_RDWR)
