@@ -15,6 +15,17 @@ from tests.pg import PgCluster
 REPO = Path(__file__).resolve().parent.parent
 
 
+def sgx_policy(mrenclave: bytes, workload_digest: str, **extra: str) -> str:
+    """A release policy for the simulated SGX enclave ``mrenclave``; ``workload_digest`` and
+    ``extra`` values are TOML (e.g. ``'"any"'`` or ``'["sha256:..."]'``)."""
+    lines = [
+        "[[profile]]", 'tee = "sgx"', f'mrenclave = ["{mrenclave.hex()}"]', 'mrsigner = "any"',
+        "isv_prod_id = 0", "min_isv_svn = 0", f"workload_digest = {workload_digest}",
+        "insecure_allow_simulated = true", *(f"{k} = {v}" for k, v in extra.items()),
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def fuzz_examples(default: int) -> int:
     """Examples per property test: small in `make test`, large under `make fuzz`."""
     scale = os.environ.get("SHIELDML_FUZZ_EXAMPLES")

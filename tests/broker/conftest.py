@@ -16,6 +16,7 @@ from shieldml.attest.simulated import SimulatedPlatform
 from shieldml.broker import protocol
 from shieldml.broker.service import Settings, create_app
 from shieldml.broker.storage import Store
+from tests.conftest import sgx_policy
 
 MRENCLAVE = b"\x5a" * 32
 
@@ -31,16 +32,7 @@ def raw_tls_socket(url: str) -> ssl.SSLSocket:
 
 
 WD = "sha256:" + "cd" * 32
-POLICY = f"""
-[[profile]]
-tee = "sgx"
-mrenclave = ["{MRENCLAVE.hex()}"]
-mrsigner = "any"
-isv_prod_id = 0
-min_isv_svn = 0
-workload_digest = ["{WD}"]
-insecure_allow_simulated = true
-"""
+POLICY = sgx_policy(MRENCLAVE, f'["{WD}"]')
 
 
 @pytest.fixture(scope="session")

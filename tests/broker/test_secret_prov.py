@@ -16,19 +16,12 @@ from shieldml.broker.secret_prov import REQUEST, RESPONSE, SecretProvServer
 from shieldml.broker.server import self_signed
 from shieldml.broker.service import Settings
 from shieldml.broker.storage import Store
+from tests.conftest import sgx_policy
 
 MRENCLAVE = b"\x42" * 32
 WRAP_KEY = bytes(range(16))
-POLICY = f"""
-[[profile]]
-tee = "sgx"
-mrenclave = ["{MRENCLAVE.hex()}"]
-mrsigner = "any"
-isv_prod_id = 0
-min_isv_svn = 0
-workload_digest = "any"   # Gramine enclaves are pinned by MRENCLAVE, which measures the manifest
-insecure_allow_simulated = true
-"""
+# Gramine enclaves are pinned by MRENCLAVE, which measures the manifest: no workload digest
+POLICY = sgx_policy(MRENCLAVE, '"any"')
 
 
 @pytest.fixture

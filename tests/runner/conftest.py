@@ -13,6 +13,7 @@ from shieldml.broker.client import BrokerClient
 from shieldml.broker.local import BrokerProcess, start_broker
 from shieldml.files import encrypt_file, generate_key
 from shieldml.runner.manifest import JobManifest
+from tests.conftest import sgx_policy
 
 MRENCLAVE = "7e" * 32
 
@@ -55,12 +56,7 @@ class Job:
 
 def policy_for(digest: str, **extra: str) -> str:
     """A policy accepting the simulated enclave MRENCLAVE running the job with ``digest``."""
-    lines = [
-        "[[profile]]", 'tee = "sgx"', f'mrenclave = ["{MRENCLAVE}"]', 'mrsigner = "any"',
-        "isv_prod_id = 0", "min_isv_svn = 0", f'workload_digest = ["{digest}"]', "insecure_allow_simulated = true",
-    ]  # fmt: skip
-    lines += [f"{k} = {v}" for k, v in extra.items()]
-    return "\n".join(lines) + "\n"
+    return sgx_policy(bytes.fromhex(MRENCLAVE), f'["{digest}"]', **extra)
 
 
 def write_manifest(
@@ -94,24 +90,16 @@ def write_manifest(
         f'fingerprint = "{broker.fingerprint}"',
         "",
     ]
-    for path, ct, key in inputs:
-        parts += [
-            "[[input]]",
-            f'path = "{path}"',
-            f'ciphertext = "{ct}"',
-            f'key = "{key}"',
-            'broker = "owner"',
-            "",
-        ]
-    for path, ct, key in outputs:
-        parts += [
-            "[[output]]",
-            f'path = "{path}"',
-            f'ciphertext = "{ct}"',
-            f'key = "{key}"',
-            'broker = "owner"',
-            "",
-        ]
+    for table, files in (("input", inputs), ("output", outputs)):
+        for path, ct, key in files:
+            parts += [
+                f"[[{table}]]",
+                f'path = "{path}"',
+                f'ciphertext = "{ct}"',
+                f'key = "{key}"',
+                'broker = "owner"',
+                "",
+            ]
     parts += [
         "[simulated]",
         f'platform = "{sim_dir}"',
