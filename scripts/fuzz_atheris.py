@@ -20,7 +20,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -54,22 +53,17 @@ TARGETS: dict[str, tuple[str, int]] = {
 }
 
 
-def vectors_dir() -> Path | None:
-    env = os.environ.get("SHIELDML_VECTORS")
-    path = Path(env) if env else REPO.parent / "shared" / "vectors"
-    return path if path.is_dir() else None
-
-
 # -- seeds (made in the driver, outside the instrumented child) ---------------------------------
 def _seeds(target: str, sim_dir: Path) -> list[bytes]:
     from tests.broker.conftest import MRENCLAVE, POLICY
+    from tests.conftest import vectors_dir
 
     from shieldml.attest.simulated import SimulatedPlatform
     from shieldml.files import encrypt_file
     from shieldml.files._common import Format
 
     sim = SimulatedPlatform.open(sim_dir, now=NOW)
-    vec = vectors_dir()
+    vec = vectors_dir()  # SHIELDML_VECTORS, as the test suite finds them
     att = vec / "attestation" if vec else None
     out: list[bytes] = []
 

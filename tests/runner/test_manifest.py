@@ -74,3 +74,13 @@ def test_invalid_manifests(tmp_path: Path, text: str, message: str):
     (tmp_path / "job.toml").write_text(text)
     with pytest.raises(ManifestError, match=message):
         JobManifest.load(tmp_path / "job.toml")
+
+
+def test_oversized_manifest_is_refused_without_reading_it_all(tmp_path: Path):
+    from shieldml.runner.manifest import MAX_MANIFEST, JobManifest, ManifestError
+
+    big = tmp_path / "job.toml"
+    with big.open("wb") as f:
+        f.truncate(8 * MAX_MANIFEST)  # sparse: a huge file costs nothing on disk
+    with pytest.raises(ManifestError, match="too large"):
+        JobManifest.load(big)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import os
 from typing import Any
 
@@ -29,8 +28,11 @@ _408 = (
 @functools.cache
 def configured_timeout() -> float:
     """``header_timeout_s`` from the broker configuration the worker processes inherit."""
-    raw = os.environ.get("SHIELDML_BROKER_CONFIG")
-    return float(json.loads(raw).get("header_timeout_s", HEADER_TIMEOUT)) if raw else HEADER_TIMEOUT
+    from shieldml.broker.server import BrokerConfig
+
+    if "SHIELDML_BROKER_CONFIG" not in os.environ:
+        return HEADER_TIMEOUT
+    return BrokerConfig.from_env().header_timeout_s
 
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):

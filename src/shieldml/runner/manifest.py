@@ -124,11 +124,13 @@ class JobManifest:
     def load(cls, path: str | os.PathLike[str]) -> JobManifest:
         p = Path(path).resolve()
         try:
-            text = p.read_text(encoding="utf-8")
+            with p.open("rb") as f:
+                raw = f.read(MAX_MANIFEST + 1)  # never more than the limit into memory
+            if len(raw) > MAX_MANIFEST:
+                raise ManifestError(f"{path}: manifest too large")
+            text = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ManifestError(f"{path}: cannot read the job manifest: {e}") from e
-        if len(text) > MAX_MANIFEST:
-            raise ManifestError(f"{path}: manifest too large")
         try:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
