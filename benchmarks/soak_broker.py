@@ -230,13 +230,18 @@ def main() -> int:
     a = start_broker(work / "state", *opts, database=url)
     b = start_broker(work / "state", *opts, database=url, env=skewed(SKEW[0]) if skew else None)
     events: list[str] = []
+
+    def event(text: str) -> None:  # for the report, and shown as it happens
+        print(text, file=sys.stderr, flush=True)
+        events.append(text)
+
     try:
         if not skew:
-            events.append(
+            event(
                 "no clock skew" + ("" if LIBFAKETIME.exists() else " (libfaketime not installed)")
             )
         else:
-            events.append(f"replica B's clock {clock_offset(b.url, b.fingerprint) / 3600:+.1f} h")
+            event(f"replica B's clock {clock_offset(b.url, b.fingerprint) / 3600:+.1f} h")
         with BrokerClient(
             a.url, fingerprint=a.fingerprint, token=a.token_file.read_text().strip()
         ) as c:
@@ -258,16 +263,16 @@ def main() -> int:
         slow_th.start()
         time.sleep(args.seconds / 4)
         pg.restart()
-        events.append(f"t={args.seconds / 4:.0f}s PostgreSQL restarted")
+        event(f"t={args.seconds / 4:.0f}s PostgreSQL restarted")
         time.sleep(args.seconds / 4)
         port = int(b.url.rsplit(":", 1)[1])
         b.stop(signal.SIGKILL)
-        events.append(f"t={args.seconds / 2:.0f}s replica B killed with SIGKILL")
+        event(f"t={args.seconds / 2:.0f}s replica B killed with SIGKILL")
         time.sleep(2)
         b = start_broker(
             work / "state", *opts, database=url, port=port, env=skewed(SKEW[1]) if skew else None
         )
-        events.append(
+        event(
             f"t={args.seconds / 2 + 2:.0f}s replica B restarted"
             + (
                 f" with its clock {clock_offset(b.url, b.fingerprint) / 3600:+.1f} h"
@@ -288,9 +293,7 @@ def main() -> int:
             str(work / "state"),
         ]
         rc = subprocess.run(rotate, capture_output=True, check=False).returncode
-        events.append(
-            f"t={3 * args.seconds / 4:.0f}s key-encryption key rotated under load (exit {rc})"
-        )
+        event(f"t={3 * args.seconds / 4:.0f}s key-encryption key rotated under load (exit {rc})")
         results = [queue.get(timeout=args.seconds + 300) for _ in procs]
         for p in procs:
             p.join()
