@@ -19,7 +19,7 @@ from pathlib import Path
 from cryptography import x509
 
 from shieldml.attest import IntelCollateral, TrustAnchors, verify_evidence
-from shieldml.attest.simulated import SimulatedPlatform
+from shieldml.attest.simulated import SimulatedPlatform, system_clock
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_files import write_page
@@ -42,7 +42,7 @@ def cases(vectors: Path) -> dict[str, Callable[[], object]]:
     out["SEV-SNP report v2 (real)"] = lambda: verify_evidence(
         report, vcek=vcek, cert_chain=chain, now=at
     )
-    plat = SimulatedPlatform.create()
+    plat = SimulatedPlatform.create(clock=system_clock)
     trust: TrustAnchors = plat.trust()
     now = datetime.now(UTC)
     sq, scol = plat.tdx_quote(now=now)

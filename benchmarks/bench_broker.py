@@ -25,7 +25,7 @@ from tests.broker.conftest import MRENCLAVE, POLICY, WD  # noqa: E402
 from tests.pg import PgCluster  # noqa: E402
 
 from bench_files import write_page  # noqa: E402
-from shieldml.attest.simulated import SimulatedPlatform  # noqa: E402
+from shieldml.attest.simulated import SimulatedPlatform, system_clock  # noqa: E402
 from shieldml.broker import protocol  # noqa: E402
 from shieldml.broker.client import BrokerClient  # noqa: E402
 from shieldml.broker.local import start_broker  # noqa: E402
@@ -33,7 +33,7 @@ from shieldml.broker.local import start_broker  # noqa: E402
 
 def _load(url: str, fingerprint: str, sim_dir: str, threads: int, stop: float, queue: Any) -> None:
     """One load-generating process: ``threads`` clients in a loop until ``stop``."""
-    sim = SimulatedPlatform.open(sim_dir)
+    sim = SimulatedPlatform.open(sim_dir, clock=system_clock)
     collateral = json.loads(sim.collateral("sgx").to_json())
     latencies: list[tuple[float, float]] = []  # (whole cycle, the /v1/release call alone)
     errors: list[str] = []
@@ -70,7 +70,7 @@ def run(
     db: str, database: str | None, clients: int, seconds: float, workers: int, procs: int
 ) -> dict[str, object]:
     work = Path(mkdtemp(prefix=f"shieldml-bench-{db}-"))
-    SimulatedPlatform.open(work / "sim")
+    SimulatedPlatform.open(work / "sim", clock=system_clock)
     bp = start_broker(
         work / "state",
         "--simulated-platform",

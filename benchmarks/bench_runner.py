@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tests.runner.conftest import policy_for, write_manifest  # noqa: E402
 
 from bench_files import write_page  # noqa: E402
-from shieldml.attest.simulated import SimulatedPlatform  # noqa: E402
+from shieldml.attest.simulated import SimulatedPlatform, system_clock  # noqa: E402
 from shieldml.broker.client import BrokerClient  # noqa: E402
 from shieldml.broker.local import start_broker  # noqa: E402
 from shieldml.files import encrypt_file, generate_key  # noqa: E402
@@ -64,7 +64,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="shieldml-bench-runner-"))
     sim_dir = work / "sim"
-    SimulatedPlatform.open(sim_dir)
+    SimulatedPlatform.open(sim_dir, clock=system_clock)
     bp = start_broker(work / "broker", "--simulated-platform", str(sim_dir))
     try:
         native = work / "native"

@@ -40,7 +40,7 @@ from tests.broker.conftest import MRENCLAVE, POLICY, WD, raw_tls_socket  # noqa:
 from tests.pg import PgCluster  # noqa: E402
 
 from bench_files import write_page  # noqa: E402
-from shieldml.attest.simulated import SimulatedPlatform  # noqa: E402
+from shieldml.attest.simulated import SimulatedPlatform, fixed_clock, system_clock  # noqa: E402
 from shieldml.broker import protocol  # noqa: E402
 from shieldml.broker.client import BrokerClient, BrokerError  # noqa: E402
 from shieldml.broker.local import start_broker  # noqa: E402
@@ -77,7 +77,7 @@ def clock_offset(url: str, fingerprint: str) -> float:
 def _load(
     urls: list[tuple[str, str]], sim_dir: str, threads: int, stop: float, queue: Any, seed: int
 ) -> None:
-    sim = SimulatedPlatform.open(sim_dir)
+    sim = SimulatedPlatform.open(sim_dir, clock=system_clock)
     # issued a day ago, like real collateral: a replica whose clock is hours off still accepts it
     collateral = json.loads(sim.collateral("sgx", now=DAY_AGO).to_json())
     lock = threading.Lock()
@@ -224,7 +224,7 @@ def main() -> int:
         return 1
     pg.start()
     work = Path(mkdtemp(prefix="shieldml-soak-"))
-    SimulatedPlatform.open(work / "sim", now=DAY_AGO)
+    SimulatedPlatform.open(work / "sim", clock=fixed_clock(DAY_AGO))
     url = pg.create_database("soak")
     opts = ("--simulated-platform", str(work / "sim"), "--nonce-ttl", str(NONCE_TTL))
     a = start_broker(work / "state", *opts, database=url)

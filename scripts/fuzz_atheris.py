@@ -58,11 +58,11 @@ def _seeds(target: str, sim_dir: Path) -> list[bytes]:
     from tests.broker.conftest import MRENCLAVE, POLICY
     from tests.conftest import vectors_dir
 
-    from shieldml.attest.simulated import SimulatedPlatform
+    from shieldml.attest.simulated import SimulatedPlatform, fixed_clock
     from shieldml.files import encrypt_file
     from shieldml.files._common import Format
 
-    sim = SimulatedPlatform.open(sim_dir, now=NOW)
+    sim = SimulatedPlatform.open(sim_dir, clock=fixed_clock(NOW))
     vec = vectors_dir()  # SHIELDML_VECTORS, as the test suite finds them
     att = vec / "attestation" if vec else None
     out: list[bytes] = []
@@ -136,13 +136,13 @@ def _http_seeds(sim: Any) -> list[bytes]:
 def _target(name: str, sim_dir: Path, work: Path) -> Callable[[bytes], None]:
     from shieldml.attest import Quote, SnpReport, extract, verify_evidence
     from shieldml.attest._intel_collateral import EnclaveIdentity, IntelCollateral, TcbInfo
-    from shieldml.attest.simulated import SimulatedPlatform
+    from shieldml.attest.simulated import SimulatedPlatform, fixed_clock
     from shieldml.errors import ShieldError
     from shieldml.files import open_protected
     from shieldml.policy import Policy
     from shieldml.runner.manifest import JobManifest
 
-    sim = SimulatedPlatform.open(sim_dir, now=NOW)
+    sim = SimulatedPlatform.open(sim_dir, clock=fixed_clock(NOW))
     trust = sim.trust()
     scratch = work / "input"
 
@@ -407,10 +407,10 @@ def main() -> int:
     out = a.keep or Path(tempfile.mkdtemp(prefix="shieldml-atheris-"))
     out.mkdir(parents=True, exist_ok=True)
     sim_dir = out / "sim"
-    from shieldml.attest.simulated import SimulatedPlatform
+    from shieldml.attest.simulated import SimulatedPlatform, fixed_clock
 
     if not sim_dir.exists():
-        SimulatedPlatform.create(now=NOW).save(sim_dir)
+        SimulatedPlatform.create(clock=fixed_clock(NOW)).save(sim_dir)
     rows = []
     for t in targets:
         print(f"fuzzing {t} for {a.seconds} s ...", file=sys.stderr, flush=True)

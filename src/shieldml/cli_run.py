@@ -160,15 +160,14 @@ def receipt_verify(
     as_json: bool,
 ) -> None:
     """Check that a receipt was produced by the TEE that ran the job, and (by default) the files."""
-    from shieldml.attest.simulated import SimulatedPlatform
+    from shieldml.attest.simulated import SimulatedPlatform, fixed_clock
     from shieldml.runner.run import verify_receipt
 
     anchors = _trust(trust_root, insecure_custom_root)
+    when = _time(at)
     if simulated_platform:
-        anchors = SimulatedPlatform.open(simulated_platform).trust(anchors)
-    result: dict[str, Any] = verify_receipt(
-        file, now=_time(at), trust=anchors, check_files=not no_files
-    )
+        anchors = SimulatedPlatform.open(simulated_platform, clock=fixed_clock(when)).trust(anchors)
+    result: dict[str, Any] = verify_receipt(file, now=when, trust=anchors, check_files=not no_files)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from shieldml.attest import _certs, _der, verify_evidence
 from shieldml.attest._intel_collateral import load_pem_chain
-from shieldml.attest.simulated import SimulatedPlatform
+from shieldml.attest.simulated import SimulatedPlatform, fixed_clock
 from shieldml.errors import AttestationError, CollateralError, FormatError
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
@@ -25,7 +25,7 @@ NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> SimulatedPlatform:
-    return SimulatedPlatform.open(tmp_path_factory.mktemp("sim"), now=NOW)
+    return SimulatedPlatform.open(tmp_path_factory.mktemp("sim"), clock=fixed_clock(NOW))
 
 
 def _tbs_fields(der: bytes) -> tuple[int, list[int]]:

@@ -6,17 +6,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from shieldml.attest import TcbStatus, TeeKind, TrustAnchors, verify_evidence
-from shieldml.attest.simulated import SimulatedPlatform
-from shieldml.errors import AttestationError, ExpiredError, UntrustedRootError
+from shieldml.attest.simulated import SimulatedPlatform, fixed_clock, system_clock
+from shieldml.errors import AttestationError, ExpiredError, ShieldError, UntrustedRootError
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> SimulatedPlatform:
-    return SimulatedPlatform.open(tmp_path_factory.mktemp("sim"), now=NOW)
+    return SimulatedPlatform.open(tmp_path_factory.mktemp("sim"), clock=fixed_clock(NOW))
 
 
 def test_sgx_quote(platform: SimulatedPlatform):
@@ -59,7 +60,7 @@ def test_refused_unless_simulated_root_is_trusted(platform: SimulatedPlatform, k
 
 def test_platform_persists(platform: SimulatedPlatform, tmp_path: Path):
     platform.save(tmp_path)
-    again = SimulatedPlatform.open(tmp_path)
+    again = SimulatedPlatform.open(tmp_path, clock=fixed_clock(NOW))
     assert again.intel_root == platform.intel_root and again.chip_id == platform.chip_id
     quote, col = again.sgx_quote(now=NOW)
     verify_evidence(quote, collateral=col, now=NOW, trust=platform.trust())
@@ -114,3 +115,38 @@ def test_snp_chosen_tcb(platform: SimulatedPlatform):
         verify_evidence(
             report, vcek=default_vcek, cert_chain=chain, now=NOW, trust=platform.trust()
         )
+
+
+@pytest.mark.parametrize("years", [-3, 14])
+def test_platform_dates_everything_by_its_clock(tmp_path: Path, years: int):
+    """Evidence made with no explicit time verifies at the platform's clock, whatever today is."""
+    at = NOW + timedelta(days=365 * years)
+    plat = SimulatedPlatform.open(tmp_path, clock=fixed_clock(at))
+    trust = plat.trust()
+    for quote, col in (plat.sgx_quote(), plat.tdx_quote()):
+        verify_evidence(quote, collateral=col, now=at, trust=trust)
+    report, vcek, chain = plat.snp_report()
+    verify_evidence(report, vcek=vcek, cert_chain=chain, now=at, trust=trust)
+    cert = x509.load_pem_x509_certificate(plat.ratls_certificate()[0])
+    assert cert.not_valid_before_utc < at < cert.not_valid_after_utc
+
+
+def test_kept_platform_outside_its_validity_is_refused(tmp_path: Path):
+    SimulatedPlatform.open(tmp_path, clock=fixed_clock(NOW))
+    later = NOW + timedelta(days=3651)
+    with pytest.raises(ShieldError, match=r"valid .* but the clock reads 2036") as e:
+        SimulatedPlatform.open(tmp_path, clock=fixed_clock(later))
+    assert "remove the directory" in (e.value.hint or "")
+    earlier = NOW - timedelta(days=2)
+    with pytest.raises(ShieldError, match="but the clock reads"):
+        SimulatedPlatform.open(tmp_path, clock=fixed_clock(earlier))
+
+
+def test_fixed_clock_needs_a_time_zone():
+    with pytest.raises(ValueError, match="aware"):
+        fixed_clock(datetime(2026, 1, 1))
+
+
+def test_system_clock_is_the_wall_clock():
+    before = datetime.now(UTC)
+    assert before <= system_clock() <= datetime.now(UTC)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from shieldml.attest.simulated import SimulatedPlatform
+from shieldml.attest.simulated import SimulatedPlatform, system_clock
 from shieldml.broker import protocol
 from shieldml.broker.service import Settings, create_app
 from shieldml.broker.storage import Store
@@ -37,7 +37,7 @@ POLICY = sgx_policy(MRENCLAVE, f'["{WD}"]')
 
 @pytest.fixture(scope="session")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> SimulatedPlatform:
-    return SimulatedPlatform.open(tmp_path_factory.mktemp("sim"))
+    return SimulatedPlatform.open(tmp_path_factory.mktemp("sim"), clock=system_clock)
 
 
 @dataclass

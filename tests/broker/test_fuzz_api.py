@@ -13,7 +13,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from shieldml.attest.simulated import SimulatedPlatform
+from shieldml.attest.simulated import SimulatedPlatform, system_clock
 from shieldml.broker.service import Settings, create_app
 from shieldml.broker.storage import Store
 
@@ -22,7 +22,7 @@ STATE = Path(tempfile.mkdtemp(prefix="shieldml-fuzz-"))
 _store = Store(f"sqlite:///{STATE}/b.db", STATE)
 TOKEN = _store.init_admin_token() or ""
 _store.put_key("model", "stream", bytes(32), replace=True)
-APP = create_app(_store, Settings(trust=SimulatedPlatform.create().trust()))
+APP = create_app(_store, Settings(trust=SimulatedPlatform.create(clock=system_clock).trust()))
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 

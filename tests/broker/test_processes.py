@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shieldml.attest.simulated import SimulatedPlatform
+from shieldml.attest.simulated import SimulatedPlatform, system_clock
 from shieldml.broker import protocol
 from shieldml.broker.client import BrokerClient, BrokerError
 from shieldml.broker.local import BrokerProcess, start_broker
@@ -23,7 +23,7 @@ from tests.broker.conftest import MRENCLAVE, POLICY, WD, raw_tls_socket
 @pytest.fixture(scope="module")
 def sim_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("simplatform")
-    SimulatedPlatform.open(d)
+    SimulatedPlatform.open(d, clock=system_clock)
     return d
 
 
@@ -52,7 +52,7 @@ def served(tmp_path: Path, sim_dir: Path) -> Iterator[BrokerProcess]:
 def test_tls_pinned_release_and_cli(
     served: BrokerProcess, sim_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
-    sim = SimulatedPlatform.open(sim_dir)
+    sim = SimulatedPlatform.open(sim_dir, clock=system_clock)
     key = tmp_path / "model.key"
     assert main(["key", "new", str(key)]) == 0
     conn = [
@@ -97,7 +97,7 @@ def test_admin_token_is_required(served: BrokerProcess):
 
 
 def test_two_replicas_share_nonces_and_one_audit_chain(tmp_path: Path, sim_dir: Path, pg_url: str):
-    sim = SimulatedPlatform.open(sim_dir)
+    sim = SimulatedPlatform.open(sim_dir, clock=system_clock)
     state = tmp_path / "state"
     a = start_broker(state, "--simulated-platform", str(sim_dir), database=pg_url)
     b = start_broker(state, "--simulated-platform", str(sim_dir), database=pg_url)
@@ -148,7 +148,7 @@ def test_served_secret_provisioning_and_release_without_collateral(tmp_path: Pat
     from tests.broker.test_secret_prov import POLICY as SP_POLICY
     from tests.broker.test_secret_prov import RESPONSE, enclave_request
 
-    sim = SimulatedPlatform.open(sim_dir)
+    sim = SimulatedPlatform.open(sim_dir, clock=system_clock)
     sp_port = free_port()
     bp = start_broker(tmp_path / "state", "--simulated-platform", str(sim_dir),
                       "--secret-prov-port", str(sp_port), "--secret-prov-key", "wrap")  # fmt: skip

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from shieldml.attest import Claims, IntelCollateral, verify_evidence
-from shieldml.attest.simulated import SimulatedPlatform
+from shieldml.attest.simulated import SimulatedPlatform, fixed_clock
 from shieldml.errors import PolicyDenied, PolicyError
 from shieldml.policy import Policy, evaluate, require
 
@@ -42,7 +42,7 @@ def sgx_claims(vectors: Path) -> Claims:
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> SimulatedPlatform:
-    return SimulatedPlatform.open(tmp_path_factory.mktemp("sim"))
+    return SimulatedPlatform.open(tmp_path_factory.mktemp("sim"), clock=fixed_clock(NOW))
 
 
 def test_real_sgx_quote_accepted(sgx_claims: Claims):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shieldml.attest.simulated import SimulatedPlatform
+from shieldml.attest.simulated import SimulatedPlatform, system_clock
 from shieldml.broker.client import BrokerClient
 from shieldml.broker.local import BrokerProcess, start_broker
 from shieldml.files import encrypt_file, generate_key
@@ -115,7 +115,7 @@ def write_manifest(
 @pytest.fixture(scope="module")
 def sim_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("sim")
-    SimulatedPlatform.open(d)
+    SimulatedPlatform.open(d, clock=system_clock)
     return d
 
 

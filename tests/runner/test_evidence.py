@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shieldml.attest import Quote, SnpReport
-from shieldml.attest.simulated import SimulatedPlatform
+from shieldml.attest.simulated import SimulatedPlatform, system_clock
 from shieldml.runner.evidence import (
     ConfigfsTsmProvider,
     EvidenceError,
@@ -52,7 +52,7 @@ class FakeTsm:
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> SimulatedPlatform:
-    return SimulatedPlatform.open(tmp_path_factory.mktemp("sim"))
+    return SimulatedPlatform.open(tmp_path_factory.mktemp("sim"), clock=system_clock)
 
 
 @pytest.fixture(params=["tdx", "snp"])

@@ -68,6 +68,13 @@ def test_hash_cache_is_reused(tmp_path: Path, capsys: pytest.CaptureFixture[str]
             "unknown broker",
         ),
         ("[command\n", "not valid TOML"),
+        # found by atheris: a string where a table or an array is expected raised AttributeError
+        ("[command]\nargv = ['x']\n[env]\nset = 'abab'", "env.set map"),
+        ("[command]\nargv = ['x']\n[env]\nallow = 'PATH'", "env.allow must list"),
+        ("[command]\nargv = ['x']\n[env]\nset = {A = 1}", "env.set map"),
+        ("trusted = 'lib'\n[command]\nargv = ['x']", "array of tables"),
+        ("input = {path = 'a'}\n[command]\nargv = ['x']", "array of tables"),
+        ("broker = 3\n[command]\nargv = ['x']", "array of tables"),
     ],
 )
 def test_invalid_manifests(tmp_path: Path, text: str, message: str):

@@ -40,9 +40,11 @@ def test_run_decrypts_runs_and_seals(job: Job):
                 and b"INPUT-MARKER" not in data
                 and b"HELLO SHIELDED" not in data
             ), p
-    from shieldml.attest.simulated import SimulatedPlatform
+    from shieldml.attest.simulated import SimulatedPlatform, system_clock
 
-    result = verify_receipt(str(receipt), trust=SimulatedPlatform.open(job.sim_dir).trust())
+    result = verify_receipt(
+        str(receipt), trust=SimulatedPlatform.open(job.sim_dir, clock=system_clock).trust()
+    )
     assert result["ok"] and result["receipt"]["exit_code"] == 0
 
 
@@ -345,7 +347,7 @@ def test_data_key_rotation_keeps_old_receipts_verifiable(job: Job):
     """Rotate the model key end to end: `shieldml rekey` the inputs, replace the key at the
     broker; the job runs on the new ciphertexts, the old key opens nothing, and the receipt of the
     run before the rotation still verifies (its file digests name the old ciphertexts)."""
-    from shieldml.attest.simulated import SimulatedPlatform
+    from shieldml.attest.simulated import SimulatedPlatform, system_clock
     from shieldml.cli import main
     from shieldml.errors import WrongKeyError
     from shieldml.files import generate_key, write_key_file
@@ -377,7 +379,7 @@ def test_data_key_rotation_keeps_old_receipts_verifiable(job: Job):
         open_protected(out, job.result_key, bind=str(work / "result.txt")).read() == result_before
     )
 
-    trust = SimulatedPlatform.open(job.sim_dir).trust()
+    trust = SimulatedPlatform.open(job.sim_dir, clock=system_clock).trust()
     old = verify_receipt(str(before), trust=trust, check_files=False)
     assert old["ok"] and old["receipt"]["exit_code"] == 0
     with_files = verify_receipt(str(before), trust=trust)  # the inputs were re-encrypted since

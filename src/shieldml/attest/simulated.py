@@ -9,6 +9,11 @@ roots to the anchors, and is otherwise refused as "untrusted root (simulated)".
 
 The platform is persistent: :meth:`SimulatedPlatform.open` keeps its keys in a directory, so a
 runner and a broker in different processes share one platform.
+
+The platform never reads the wall clock by itself: :meth:`SimulatedPlatform.create` and
+:meth:`SimulatedPlatform.open` take the clock that dates its certificates, collateral and evidence
+(``system_clock`` in a real run, a fixed time in a test that verifies at that time), so evidence and
+its verification agree on the date whatever today is.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import hashlib
 import json
 import os
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -32,6 +38,9 @@ from shieldml.attest._intel_collateral import SGX_EXTENSION_OID, IntelCollateral
 from shieldml.attest._intel_quote import HEADER, INTEL_QE_VENDOR_ID, TEE_SGX, TEE_TDX
 from shieldml.attest._snp import AMD_OID, REPORT_SIZE, SIGNED_SIZE, build_cert_table
 from shieldml.attest._trust import TrustAnchors
+from shieldml.errors import ShieldError
+
+Clock = Callable[[], datetime]
 
 ORG = "shieldml simulated"
 QE_MRSIGNER = hashlib.sha256(b"shieldml simulated QE").digest()
@@ -68,6 +77,18 @@ def _raw_sig(
     return r.to_bytes(size, "big") + s.to_bytes(size, "big")
 
 
+def system_clock() -> datetime:
+    """The wall clock, for a simulated platform that serves a real (not a test's) run."""
+    return datetime.now(UTC)
+
+
+def fixed_clock(at: datetime) -> Clock:
+    """A clock that always reads ``at`` (tests that verify at one fixed time)."""
+    if at.tzinfo is None:
+        raise ValueError("fixed_clock needs an aware datetime")
+    return lambda: at
+
+
 def _iso(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -79,12 +100,16 @@ class SimulatedPlatform:
     keys: dict[str, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey]
     certs: dict[str, x509.Certificate]
     chip_id: bytes
+    clock: Clock = field(default=system_clock, compare=False)
 
     # -- life cycle -------------------------------------------------------------------------
     @classmethod
-    def create(cls, *, now: datetime | None = None) -> SimulatedPlatform:
-        """A fresh platform (RSA-4096 AMD roots take about a second)."""
-        now = now or datetime.now(UTC)
+    def create(cls, *, clock: Clock) -> SimulatedPlatform:
+        """A fresh platform whose certificates are valid from ``clock()`` - 1 day for 10 years.
+
+        RSA-4096 AMD roots take about a second.
+        """
+        now = clock()
         keys: dict[str, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey] = {
             k: ec.generate_private_key(ec.SECP256R1()) for k in _KEYS[:5]
         }
@@ -92,21 +117,36 @@ class SimulatedPlatform:
         keys["ask"] = rsa.generate_private_key(65537, 4096)
         keys["vcek"] = ec.generate_private_key(ec.SECP384R1())
         chip_id = hashlib.sha512(os.urandom(32)).digest()
-        plat = cls(keys, {}, chip_id)
+        plat = cls(keys, {}, chip_id, clock)
         plat._issue_certificates(now)
         return plat
 
     @classmethod
-    def open(
-        cls, directory: str | os.PathLike[str], *, now: datetime | None = None
-    ) -> SimulatedPlatform:
-        """Load the platform kept in ``directory``, creating it there on first use."""
+    def open(cls, directory: str | os.PathLike[str], *, clock: Clock) -> SimulatedPlatform:
+        """Load the platform kept in ``directory``, creating it there on first use.
+
+        ``clock`` dates everything the platform issues from now on; a kept platform whose
+        certificates do not cover ``clock()`` is refused (ShieldError) rather than used to make
+        evidence that cannot verify.
+        """
         d = Path(directory)
         if (d / "platform.json").exists():
-            return cls._load(d)
-        plat = cls.create(now=now)
+            plat = cls._load(d, clock)
+            plat._check_covers(d, clock())
+            return plat
+        plat = cls.create(clock=clock)
         plat.save(d)
         return plat
+
+    def _check_covers(self, d: Path, now: datetime) -> None:
+        for name, cert in self.certs.items():
+            start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+            if not start <= now <= end:
+                raise ShieldError(
+                    f"{d}: the simulated platform's {name} certificate is valid "
+                    f"{_iso(start)} .. {_iso(end)}, but the clock reads {_iso(now)}",
+                    hint="remove the directory to make a new simulated platform",
+                )
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         d = Path(directory)
@@ -133,13 +173,13 @@ class SimulatedPlatform:
         os.replace(tmp, d / "platform.json")
 
     @classmethod
-    def _load(cls, d: Path) -> SimulatedPlatform:
+    def _load(cls, d: Path, clock: Clock) -> SimulatedPlatform:
         doc = json.loads((d / "platform.json").read_text())
         keys = {
             k: serialization.load_pem_private_key(v.encode(), None) for k, v in doc["keys"].items()
         }
         certs = {k: x509.load_pem_x509_certificate(v.encode()) for k, v in doc["certs"].items()}
-        return cls(keys, certs, bytes.fromhex(doc["chip_id"]))  # type: ignore[arg-type]
+        return cls(keys, certs, bytes.fromhex(doc["chip_id"]), clock)  # type: ignore[arg-type]
 
     def trust(self, anchors: TrustAnchors | None = None) -> TrustAnchors:
         """``anchors`` (default: the vendor roots) plus this platform's simulated roots."""
@@ -361,7 +401,7 @@ class SimulatedPlatform:
         now: datetime | None = None,
     ) -> tuple[bytes, IntelCollateral]:
         """An SGX DCAP quote v3 and its collateral."""
-        now = now or datetime.now(UTC)
+        now = now or self.clock()
         body = bytearray(384)
         body[0:16] = CPU_SVN
         body[48] = 0x05 | (0x02 if debug else 0)  # INIT, MODE64BIT (+ DEBUG)
@@ -380,7 +420,7 @@ class SimulatedPlatform:
         Quotes from one platform share collateral, so a caller making many quotes can fetch it once
         (as a PCCS cache would) and take only the quote from :meth:`sgx_quote` / :meth:`tdx_quote`.
         """
-        return self._collateral(tee.upper(), tcb_status, now or datetime.now(UTC))
+        return self._collateral(tee.upper(), tcb_status, now or self.clock())
 
     def tdx_quote(
         self,
@@ -395,7 +435,7 @@ class SimulatedPlatform:
         now: datetime | None = None,
     ) -> tuple[bytes, IntelCollateral]:
         """A TDX DCAP quote v4 (TD 1.0 body) and its collateral."""
-        now = now or datetime.now(UTC)
+        now = now or self.clock()
         body = bytearray(584)
         body[0:16] = TEE_TCB_SVN
         attrs = (1 if debug else 0) | ((1 << 28) if sept_ve_disable else 0)
@@ -421,7 +461,7 @@ class SimulatedPlatform:
         As Gramine's ``ra_tls_create_key_and_crt``: the quote's REPORTDATA starts with SHA-256 of
         the certificate's SubjectPublicKeyInfo.
         """
-        now = now or datetime.now(UTC)
+        now = now or self.clock()
         key = ec.generate_private_key(ec.SECP384R1())
         spki = key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -499,7 +539,7 @@ class SimulatedPlatform:
         )(_raw_sig(vcek, bytes(r[:SIGNED_SIZE]), 48, little=True))
         cert = self.certs["vcek"]
         if spl != SNP_TCB:
-            cert = self._vcek_for(spl, now or datetime.now(UTC))
+            cert = self._vcek_for(spl, now or self.clock())
         der = cert.public_bytes(serialization.Encoding.DER)
         return bytes(r), der, [self.certs["ask"], self.certs["ark"]]
 

@@ -114,14 +114,14 @@ class BrokerConfig:
 
     def trust(self) -> TrustAnchors:
         from shieldml.attest._trust import anchors_from_files
-        from shieldml.attest.simulated import SimulatedPlatform
+        from shieldml.attest.simulated import SimulatedPlatform, system_clock
 
         anchors = anchors_from_files(
             self.trust_roots, insecure_custom_root=self.insecure_custom_root
         )
         for d in self.simulated_platforms:
             log.warning("insecure: trusting the simulated platform in %s", d)
-            anchors = SimulatedPlatform.open(d).trust(anchors)
+            anchors = SimulatedPlatform.open(d, clock=system_clock).trust(anchors)
         return anchors
 
     def settings(self) -> Settings:
@@ -138,9 +138,9 @@ class BrokerConfig:
         from shieldml.attest._fetch import CollateralCache, http_fetcher
         from shieldml.attest._intel_collateral import load_pem_chain
         from shieldml.attest._trust import fingerprint
-        from shieldml.attest.simulated import SimulatedPlatform
+        from shieldml.attest.simulated import SimulatedPlatform, system_clock
 
-        sims = [SimulatedPlatform.open(d) for d in self.simulated_platforms]
+        sims = [SimulatedPlatform.open(d, clock=system_clock) for d in self.simulated_platforms]
         cache = CollateralCache(Path(self.state_dir) / "collateral")
         fetch = http_fetcher() if self.pccs_url else None
 

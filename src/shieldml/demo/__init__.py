@@ -104,10 +104,10 @@ class Demo:
     # 1 --------------------------------------------------------------------------------------
     def setup(self) -> None:
         self.step("1. Two owners, two key brokers")
-        from shieldml.attest.simulated import SimulatedPlatform
+        from shieldml.attest.simulated import SimulatedPlatform, system_clock
 
         self.sim_dir = self.root / "simulated-tee"
-        SimulatedPlatform.open(self.sim_dir)
+        SimulatedPlatform.open(self.sim_dir, clock=system_clock)
         for name in ("model-owner", "data-owner"):
             bp = start_broker(self.root / name, "--simulated-platform", str(self.sim_dir))
             self.owners[name] = Owner(name, bp)

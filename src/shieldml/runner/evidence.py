@@ -16,7 +16,9 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -143,10 +145,11 @@ class SimulatedProvider:
         kind: str = "sgx",
         measurements: dict[str, str] | None = None,
         debug: bool = False,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
-        from shieldml.attest.simulated import SimulatedPlatform
+        from shieldml.attest.simulated import SimulatedPlatform, system_clock
 
-        self.platform = SimulatedPlatform.open(platform_dir)
+        self.platform = SimulatedPlatform.open(platform_dir, clock=clock or system_clock)
         if kind not in ("sgx", "tdx", "snp"):
             raise EvidenceError(f"simulated TEE kind must be sgx, tdx or snp, not {kind!r}")
         self.kind = kind

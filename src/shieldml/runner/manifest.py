@@ -177,26 +177,31 @@ class JobManifest:
         _only(env, {"allow", "set"}, f"{where}: [env]")
         allow = env.get("allow", [])
         env_set = env.get("set", {})
-        if not all(isinstance(x, str) for x in allow) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in env_set.items()
+        if (
+            not isinstance(allow, list)
+            or not isinstance(env_set, dict)
+            or not all(isinstance(x, str) for x in allow)
+            or not all(isinstance(v, str) for v in env_set.values())
         ):
             raise ManifestError(f"{where}: env.allow must list names, env.set map names to strings")
         trusted = tuple(
-            _trusted(t, f"{where}: trusted {i + 1}") for i, t in enumerate(d.get("trusted", []))
+            _trusted(t, f"{where}: trusted {i + 1}")
+            for i, t in enumerate(_tables(d, "trusted", where))
         )
         brokers = tuple(
-            _broker(b, f"{where}: broker {i + 1}") for i, b in enumerate(d.get("broker", []))
+            _broker(b, f"{where}: broker {i + 1}")
+            for i, b in enumerate(_tables(d, "broker", where))
         )
         names = {b.name for b in brokers}
         if len(names) != len(brokers):
             raise ManifestError(f"{where}: broker names must be unique")
         ins = tuple(
             _protected(x, cwd, base, names, f"{where}: input {i + 1}")
-            for i, x in enumerate(d.get("input", []))
+            for i, x in enumerate(_tables(d, "input", where))
         )
         outs = tuple(
             _protected(x, cwd, base, names, f"{where}: output {i + 1}", output=True)
-            for i, x in enumerate(d.get("output", []))
+            for i, x in enumerate(_tables(d, "output", where))
         )
         paths = [p.path.rstrip("/") for p in ins + outs]
         if len(set(paths)) != len(paths):
@@ -350,6 +355,14 @@ def sha256_file(path: str, cache: HashCache | None = None) -> str:
     if cache is not None:
         cache.put(path, st, digest)
     return digest
+
+
+def _tables(d: dict[str, Any], key: str, where: str) -> list[Any]:
+    """``[[key]]``: an array of tables (each checked by its own parser), empty when absent."""
+    v = d.get(key, [])
+    if not isinstance(v, list):
+        raise ManifestError(f"{where}: {key} must be an array of tables ([[{key}]])")
+    return v
 
 
 def _only(d: Any, allowed: set[str], where: str) -> None:
