@@ -175,6 +175,14 @@ def receipt_verify(
         out.print(
             f"receipt of workload {r['workload_digest']}, exit code {r['exit_code']}, evidence genuine ({result['claims']['tee']}, root {result['claims']['root']})"
         )
+        for o in r.get("outputs", []):
+            by = o.get("sealed_by")
+            how = (
+                f"sealed with key {by['key']!r} of broker {by['broker']!r} (key id {by['key_id']})"
+                if by
+                else "sealed to a recipient's public key"
+            )
+            out.print(f"output {escape(o['path'])}: {how}")
         for p in result["problems"]:
             out.print(f"[red]{escape(p)}[/red]")
     if not result["ok"]:

@@ -48,6 +48,12 @@ def pinned_context(url: str, fingerprint: str) -> ssl.SSLContext:
     return ctx
 
 
+def _int(v: Any, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ShieldError(f"{what}: not an integer in the release answer")
+    return v
+
+
 @dataclass
 class ReleasedKeys:
     keys: dict[str, tuple[str, bytes]]  # name -> (format, key)
@@ -133,11 +139,42 @@ class BrokerClient:
         if cert_chain is not None:
             body["cert_chain"] = cert_chain
         doc = self._call("POST", "/v1/release", json=body)
-        out = {
-            n: (k["format"], runner_key.open(n, base64.b64decode(k["sealed"])))
-            for n, k in doc["keys"].items()
-        }
-        return ReleasedKeys(out, doc["audit_seq"], doc["tee"])
+        return ReleasedKeys(
+            self._opened(doc.get("keys"), keys, runner_key),
+            _int(doc.get("audit_seq"), f"{self.url}: audit_seq"),
+            str(doc.get("tee", "")),
+        )
+
+    def _opened(
+        self, answer: Any, asked: list[str], runner_key: protocol.RunnerKey
+    ) -> dict[str, tuple[str, bytes]]:
+        """The keys of a release answer, opened; exactly the names asked for, or a refusal.
+
+        A broker may answer only for itself: a name it was not asked for (another owner's key
+        name, say ``model`` from the data owner's broker) would otherwise replace that owner's key.
+        """
+        if not isinstance(answer, dict):
+            raise ShieldError(f"{self.url}: the release answer has no keys")
+        extra = sorted(set(answer) - set(asked))
+        missing = sorted(set(asked) - set(answer))
+        if extra or missing:
+            raise ShieldError(
+                f"{self.url}: the release answer does not match the request"
+                + (f"; keys not asked for: {', '.join(map(repr, extra))}" if extra else "")
+                + (f"; keys missing: {', '.join(map(repr, missing))}" if missing else ""),
+                hint="a broker answers only for the keys the job names for it; nothing was used",
+            )
+        out: dict[str, tuple[str, bytes]] = {}
+        for name in asked:
+            k = answer[name]
+            if not isinstance(k, dict) or not isinstance(k.get("format"), str):
+                raise ShieldError(f"{self.url}: key {name!r}: malformed release answer")
+            try:
+                sealed = base64.b64decode(str(k.get("sealed", "")), validate=True)
+            except ValueError as e:
+                raise ShieldError(f"{self.url}: key {name!r}: sealed value is not base64") from e
+            out[name] = (k["format"], runner_key.open(name, sealed))
+        return out
 
     # -- admin side -----------------------------------------------------------------------------
     def add_key(

@@ -42,15 +42,31 @@ class RunTimes:
     view_s: float = 0.0
 
 
+KeyRef = tuple[str, str]  # (broker name, key name): a key is always its owner's
+
+
+def needed_keys(m: JobManifest) -> dict[str, dict[str, str]]:
+    """``broker -> key name -> format`` for every broker-held key the job uses."""
+    need: dict[str, dict[str, str]] = {}
+    for item in m.inputs + m.outputs:
+        if item.recipient_key is not None:
+            continue
+        have = need.setdefault(item.broker, {}).setdefault(item.key, item.format)
+        if have != item.format:
+            raise ManifestError(
+                f"key {item.key!r} of broker {item.broker!r} is used as {have} and as {item.format}"
+            )
+    return need
+
+
 def release_keys(
     m: JobManifest, provider: Provider, digest: str, log: Callable[[str], None]
-) -> tuple[dict[str, tuple[str, bytes]], dict[str, int]]:
-    """Every key the job needs, each from its own broker; ``(keys, audit sequence per broker)``."""
-    need: dict[str, set[str]] = {}
-    for item in m.inputs + m.outputs:
-        if item.recipient_key is None:
-            need.setdefault(item.broker, set()).add(item.key)
-    keys: dict[str, tuple[str, bytes]] = {}
+) -> tuple[dict[KeyRef, tuple[str, bytes]], dict[str, int]]:
+    """Every key the job needs, each from its own broker: ``(keys by (broker, name), audit
+    sequence per broker)``. A broker's answer can only fill that broker's own names; one that
+    adds, omits or re-formats a key is refused before anything is decrypted."""
+    need = needed_keys(m)
+    keys: dict[KeyRef, tuple[str, bytes]] = {}
     audit: dict[str, int] = {}
     for b in m.brokers:
         if b.name not in need:
@@ -70,10 +86,16 @@ def release_keys(
                 vcek=ev.vcek,
                 cert_chain=ev.cert_chain,
             )
+        for name, (fmt, _key) in got.keys.items():
+            if fmt != need[b.name][name]:
+                raise ShieldError(
+                    f"{b.name}: key {name!r} is a {fmt} key, the job uses it as {need[b.name][name]}",
+                    hint="the broker holds a key of another format under this name; nothing was used",
+                )
         log(
             f"{b.name}: released {', '.join(sorted(got.keys))} (audit record {got.audit_seq}, {got.tee})"
         )
-        keys.update(got.keys)
+        keys.update({(b.name, n): k for n, k in got.keys.items()})
         audit[b.name] = got.audit_seq
     return keys, audit
 
@@ -138,7 +160,7 @@ def run_job(
 
 
 def _view(
-    m: JobManifest, keys: dict[str, tuple[str, bytes]], extra_args: tuple[str, ...]
+    m: JobManifest, keys: dict[KeyRef, tuple[str, bytes]], extra_args: tuple[str, ...]
 ) -> dict[str, Any]:
     r, w = os.pipe()
     plan = {
@@ -146,11 +168,15 @@ def _view(
         "argv": [*m.argv, *extra_args],
         "cwd": m.cwd,
         "env": _env(m),
-        "keys": {n: base64.b64encode(k).decode() for n, (_f, k) in keys.items()},
+        "keys": [
+            {"broker": b, "name": n, "key": base64.b64encode(k).decode()}
+            for (b, n), (_f, k) in sorted(keys.items())
+        ],
         "inputs": [
             {
                 "path": i.path,
                 "ciphertext": i.ciphertext,
+                "broker": i.broker,
                 "key": i.key,
                 "format": i.format,
                 "sha256": i.sha256,
@@ -161,6 +187,7 @@ def _view(
             {
                 "path": o.path,
                 "ciphertext": o.ciphertext,
+                "broker": o.broker,
                 "key": o.key,
                 "format": o.format,
                 "recipient": base64.b64encode(o.recipient_key).decode()

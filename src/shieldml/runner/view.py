@@ -143,7 +143,14 @@ def _tree_size(path: str) -> int:
 
 def run_view(plan: dict[str, Any], result_fd: int) -> int:
     """Everything inside the namespace; returns the program's exit status."""
-    from shieldml.files import Format, atomic_output, decrypt_path, encrypt_path, generate_key
+    from shieldml.files import (
+        Format,
+        atomic_output,
+        decrypt_path,
+        encrypt_path,
+        generate_key,
+        key_id,
+    )
     from shieldml.runner.manifest import ciphertext_digest, tree_sha256
     from shieldml.runner.recipient import seal_key, sealed_key_path
 
@@ -151,7 +158,8 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
     enter_private_namespace()
     stage = tempfile.mkdtemp(prefix="shieldml-view-")
     tmpfs(stage)
-    keys = {k: base64.b64decode(v) for k, v in plan["keys"].items()}
+    # keys are their owner's: (broker, name), never a bare name another broker could also use
+    keys = {(k["broker"], k["name"]): base64.b64decode(k["key"]) for k in plan["keys"]}
     n_in = len(plan["inputs"])
     files: list[tuple[dict[str, Any], str]] = []  # (item, where its plaintext lives)
     for i, item in enumerate(plan["inputs"] + plan["outputs"]):
@@ -173,7 +181,7 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
         if pin is None or os.path.isdir(item["ciphertext"]):
             if pin is not None and ciphertext_digest(item["ciphertext"]) != pin:
                 raise RollbackError(item["ciphertext"], pin)
-            decrypt_path(item["ciphertext"], where, keys[item["key"]], bind=bound, overwrite=True)
+            decrypt_path(item["ciphertext"], where, keys[_ref(item)], bind=bound, overwrite=True)
             return
         # hash and decrypt the same open file, so nothing can be swapped in between
         fd = os.open(item["ciphertext"], os.O_RDONLY)
@@ -183,9 +191,7 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
                 h.update(chunk)
             if h.hexdigest() != pin:
                 raise RollbackError(item["ciphertext"], pin)
-            decrypt_path(
-                f"/proc/self/fd/{fd}", where, keys[item["key"]], bind=bound, overwrite=True
-            )
+            decrypt_path(f"/proc/self/fd/{fd}", where, keys[_ref(item)], bind=bound, overwrite=True)
         finally:
             os.close(fd)
 
@@ -212,8 +218,10 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
     for item, where in files[n_in:]:
         _clear_stale_partials(item["ciphertext"])
         fmt = item.get("format", "stream")
-        key = keys.get(item["key"])
+        key = keys.get(_ref(item))
         entry: dict[str, Any] = {}
+        if not item.get("recipient"):
+            entry["sealed_by"] = {"broker": item["broker"], "key": item["key"]}
         if item.get("recipient"):  # a fresh key, sealed to the recipient, written first
             key = generate_key(Format(fmt))
             sealed_key = seal_key(
@@ -224,6 +232,8 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
             entry["sealed_key_sha256"] = hashlib.sha256(sealed_key).hexdigest()
         if key is None:
             raise ViewError(f"no key for output {item['path']}")
+        if "sealed_by" in entry:
+            entry["sealed_by"]["key_id"] = key_id(key).hex()  # as `shieldml inspect` shows it
         encrypt_path(
             where,
             item["ciphertext"],
@@ -245,6 +255,10 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
     }
     os.write(result_fd, json.dumps({"status": status, "outputs": sealed, "times": times}).encode())
     return status
+
+
+def _ref(item: dict[str, Any]) -> tuple[str, str]:
+    return (str(item["broker"]), str(item["key"]))
 
 
 def _run_program(plan: dict[str, Any]) -> int:
