@@ -106,6 +106,18 @@ def _env(m: JobManifest) -> dict[str, str]:
     return env
 
 
+# What the view process may inherit: it holds every key, so nothing of the host's choosing may
+# reach its imports (-I: no PYTHON* variables, no user site, no script or working directory on
+# sys.path; cwd=/; no inherited environment but these names).
+VIEW_ENV_ALLOW = ("SHIELDML_NO_NATIVE",)
+
+
+def _view_env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in VIEW_ENV_ALLOW if k in os.environ}
+    env["LC_ALL"] = "C.UTF-8"
+    return env
+
+
 def _quiet(_msg: str) -> None:
     pass
 
@@ -198,7 +210,11 @@ def _view(
         ],
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shieldml.runner.view"], stdin=subprocess.PIPE, pass_fds=(w,)
+        [sys.executable, "-I", "-m", "shieldml.runner.view"],
+        stdin=subprocess.PIPE,
+        pass_fds=(w,),
+        cwd="/",
+        env=_view_env(),
     )
     os.close(w)
     # Forward the operator's signals to the program (only the main thread may set handlers;
