@@ -239,6 +239,8 @@ def _view(
         result: dict[str, Any] = json.loads(raw) if raw else {}
     except ValueError:
         result = {}
+    if "error" in result and result.get("started"):
+        raise ShieldError(f"the program ran, but its outputs were not sealed: {result['error']}")
     if "error" in result:
         raise ShieldError(f"the program was not started: {result['error']}")
     if "status" not in result:

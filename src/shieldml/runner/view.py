@@ -21,6 +21,7 @@ import ctypes
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,6 +45,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 class ViewError(ShieldError):
     """The decrypted view could not be set up."""
+
+
+class MountChangedError(ViewError):
+    """A mount of the view was detached or replaced while the program ran (nothing is sealed)."""
 
 
 class RollbackError(ShieldError):
@@ -132,6 +137,34 @@ def _clear_stale_partials(ciphertext: str) -> None:
         p.unlink(missing_ok=True)
 
 
+def _unescape(field: str) -> str:
+    """A mountinfo path: space, tab, newline and backslash are written as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_ids() -> dict[str, int]:
+    """Mount point -> id of the topmost mount there, in this process's mount namespace."""
+    out: dict[str, int] = {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split(" ")
+        out[_unescape(fields[4])] = int(fields[0])  # later lines are mounted on top
+    return out
+
+
+def check_mounts(made: dict[str, int]) -> None:
+    """Every mount the view made is still there: the host can detach a mount by unlinking or
+    replacing its mount point from its own namespace, and the program then reads and writes host
+    files. Raises ViewError naming each path that changed."""
+    now = mount_ids()
+    changed = sorted(p for p, mid in made.items() if now.get(p) != mid)
+    if changed:
+        raise MountChangedError(
+            f"{', '.join(changed)}: the protected mount was removed or replaced while the "
+            "program ran (the host changed the mount point); nothing was sealed",
+            hint="whatever the program wrote there may have reached the host's disk",
+        )
+
+
 def _tree_size(path: str) -> int:
     p = Path(path)
     return (
@@ -210,10 +243,14 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
                 remount_readonly(target)
         else:
             bind(where, target, readonly=readonly)
+    ids = mount_ids()
+    points = [stage] + [item["path"].rstrip("/") for item, _ in files]
+    made = {p: ids[p] for p in map(os.path.realpath, points)}
     t1 = time.perf_counter()
     status = _run_program(plan)
     program_s = time.perf_counter() - t1
     t2 = time.perf_counter()
+    check_mounts(made)
     sealed = []
     for item, where in files[n_in:]:
         _clear_stale_partials(item["ciphertext"])
@@ -282,9 +319,12 @@ def main() -> int:
     try:
         return run_view(plan, result_fd)
     except ShieldError as e:
-        os.write(
-            result_fd, json.dumps({"error": e.diagnostics(), "kind": type(e).__name__}).encode()
-        )
+        doc = {
+            "error": e.diagnostics(),
+            "kind": type(e).__name__,
+            "started": isinstance(e, MountChangedError),
+        }
+        os.write(result_fd, json.dumps(doc).encode())
         return EXIT_VIEW_FAILED
 
 
