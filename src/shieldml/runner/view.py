@@ -17,16 +17,19 @@ namespace goes away, and with it every tmpfs: plaintext never reaches a disk.
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import hashlib
 import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -165,6 +168,64 @@ def check_mounts(made: dict[str, int]) -> None:
         )
 
 
+@contextlib.contextmanager
+def open_tree(root: str) -> Iterator[dict[str, int]]:
+    """Every regular file under ``root``, opened once: ``relative path -> descriptor``.
+
+    Directories are walked by descriptor (``O_NOFOLLOW``, ``dir_fd``), so a component swapped for a
+    symbolic link is refused rather than followed; a symbolic link or special file in the tree
+    is refused (ViewError). The caller hashes and reads only these descriptors: a file replaced
+    by path after the walk is never read.
+    """
+    fds: dict[str, int] = {}
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    def walk(dir_fd: int, prefix: str) -> None:
+        for name in sorted(os.listdir(dir_fd)):
+            rel = f"{prefix}{name}"
+            try:
+                fd = os.open(name, flags | os.O_NONBLOCK, dir_fd=dir_fd)
+            except OSError as e:
+                raise ViewError(f"{root}/{rel}: {e.strerror} (symbolic links are refused)") from e
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                try:
+                    walk(fd, rel + "/")
+                finally:
+                    os.close(fd)
+            elif stat.S_ISREG(st.st_mode):
+                fds[rel] = fd
+            else:
+                os.close(fd)
+                raise ViewError(f"{root}/{rel}: not a regular file")
+
+    try:
+        top = os.open(root, flags | os.O_DIRECTORY)
+        try:
+            walk(top, "")
+        finally:
+            os.close(top)
+        yield fds
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def tree_digest(tree: dict[str, int]) -> str:
+    """:func:`shieldml.runner.manifest.ciphertext_digest` of a directory, from open descriptors."""
+    digests = {}
+    for rel, fd in tree.items():
+        h = hashlib.sha256()
+        offset = 0
+        while chunk := os.pread(fd, 1 << 20, offset):
+            h.update(chunk)
+            offset += len(chunk)
+        digests[rel] = h.hexdigest()
+    return hashlib.sha256(
+        json.dumps(digests, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
 def _tree_size(path: str) -> int:
     p = Path(path)
     return (
@@ -184,7 +245,7 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
         generate_key,
         key_id,
     )
-    from shieldml.runner.manifest import ciphertext_digest, tree_sha256
+    from shieldml.runner.manifest import tree_sha256
     from shieldml.runner.recipient import seal_key, sealed_key_path
 
     die_with_parent()
@@ -211,10 +272,24 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
         item, where = entry
         bound = item["path"].rstrip("/")
         pin = item.get("sha256")
-        if pin is None or os.path.isdir(item["ciphertext"]):
-            if pin is not None and ciphertext_digest(item["ciphertext"]) != pin:
-                raise RollbackError(item["ciphertext"], pin)
+        if pin is None:
             decrypt_path(item["ciphertext"], where, keys[_ref(item)], bind=bound, overwrite=True)
+            return
+        if os.path.isdir(item["ciphertext"]):
+            # every file opened once: hashed and decrypted from that descriptor
+            with open_tree(item["ciphertext"]) as tree:
+                if tree_digest(tree) != pin:
+                    raise RollbackError(item["ciphertext"], pin)
+                for rel, fd in sorted(tree.items()):
+                    dst = os.path.join(where, rel)
+                    Path(dst).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    decrypt_path(
+                        f"/proc/self/fd/{fd}",
+                        dst,
+                        keys[_ref(item)],
+                        bind=f"{bound}/{rel}",
+                        overwrite=True,
+                    )
             return
         # hash and decrypt the same open file, so nothing can be swapped in between
         fd = os.open(item["ciphertext"], os.O_RDONLY)
