@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import os
 import tomllib
@@ -462,33 +463,36 @@ def forbidden_in_allow(name: str) -> bool:
     return upper in FORBIDDEN_ALLOW or upper.startswith(FORBIDDEN_ALLOW_PREFIXES)
 
 
-def _inside(inner: str, outer: str) -> bool:
-    """``inner`` is ``outer`` or below it, component by component (``/a/bc`` is not in ``/a/b``)."""
-    return PurePosixPath(inner.rstrip("/") or "/").is_relative_to(outer.rstrip("/") or "/")
+def _parts(path: str) -> tuple[str, ...]:
+    """An absolute in-TEE path as its components (a directory's trailing ``/`` dropped)."""
+    return PurePosixPath(path.rstrip("/") or "/").parts
 
 
 def _no_nesting(items: list[tuple[str, Protected]], where: str) -> None:
-    for i, (la, a) in enumerate(items):
-        for lb, b in items[i + 1 :]:
-            if _inside(a.path, b.path) or _inside(b.path, a.path):
-                what = (
-                    "is the same path as"
-                    if a.path.rstrip("/") == b.path.rstrip("/")
-                    else "is inside"
-                    if _inside(a.path, b.path)
-                    else "contains"
-                )
-                raise ManifestError(
-                    f"{where}: {la} ({a.path}) {what} {lb} ({b.path}): "
-                    "a protected path may not be equal to or inside another",
-                    hint="give each input and output its own path, none under another's directory",
-                )
+    """No protected path equal to or inside another, component by component (``/a/bc`` is not in
+    ``/a/b``). Sorted by components, a path comes right before the first of those inside it, so
+    comparing neighbours finds every case in O(n log n)."""
+    ordered = sorted(items, key=lambda item: _parts(item[1].path))
+    for (la, a), (lb, b) in itertools.pairwise(ordered):
+        pa, pb = _parts(a.path), _parts(b.path)
+        if pb[: len(pa)] == pa:
+            what = "is the same path as" if pa == pb else "contains"
+            raise ManifestError(
+                f"{where}: {la} ({a.path}) {what} {lb} ({b.path}): "
+                "a protected path may not be equal to or inside another",
+                hint="give each input and output its own path, none under another's directory",
+            )
 
 
 def _no_protected_trusted(items: list[tuple[str, Protected]], files: list[str], where: str) -> None:
-    for label, x in items:
-        for f in files:
-            if _inside(f, x.path):
+    """No protected path that is a trusted file or one of its directories (the mount would hide
+    the measured file)."""
+    protected = {_parts(x.path): (label, x) for label, x in items}
+    for f in files:
+        parts = _parts(f)
+        for n in range(1, len(parts) + 1):
+            if (hit := protected.get(parts[:n])) is not None:
+                label, x = hit
                 raise ManifestError(
                     f"{where}: {label} ({x.path}) would hide the trusted file {f}: "
                     "a protected path may not be a trusted file or a directory that holds one",
