@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,6 @@ from shieldml.errors import OutputExistsError, ShieldError
     "-m", "--manifest", required=True, type=click.Path(exists=True, dir_okay=False), help="job.toml"
 )
 @click.option("--receipt", type=click.Path(dir_okay=False), help="Write a run receipt here.")
-@click.option("--hash-cache", type=click.Path(dir_okay=False), help="Cache of trusted-file hashes.")
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run(
@@ -28,7 +29,6 @@ def run(
     /,
     manifest: str,
     receipt: str | None,
-    hash_cache: str | None,
     extra: tuple[str, ...],
 ) -> None:
     """Run the job of MANIFEST inside this TEE on its protected files; exit with its exit code."""
@@ -38,7 +38,6 @@ def run(
         manifest,
         extra_args=extra,
         receipt=receipt,
-        hash_cache=hash_cache,
         log=lambda s: out.print(f"[dim]shieldml:[/dim] {escape(s)}"),
     )
     ctx.exit(status)
@@ -60,31 +59,56 @@ def job() -> None:
     default="auto",
     show_default=True,
 )
-def job_init(files: tuple[str, ...], output: str, tee: str) -> None:
-    """Scaffold a manifest that runs the first FILE with python; every FILE becomes trusted."""
+@click.option(
+    "--python",
+    "python",
+    metavar="PATH",
+    help="The interpreter in the TEE (a name is looked up on PATH now); written as an absolute "
+    "path [default: the one running shieldml].",
+)
+def job_init(files: tuple[str, ...], output: str, tee: str, python: str | None) -> None:
+    """Scaffold a manifest that runs the first FILE with python from its own directory; every FILE
+    becomes trusted."""
     if Path(output).exists():
         raise OutputExistsError(f"{output}: already exists")
     base = Path(output).resolve().parent
+
+    def rel(p: Path) -> str:
+        return str(p.relative_to(base)) if p.is_relative_to(base) else str(p)
+
+    def q(text: str) -> str:  # a TOML basic string
+        return json.dumps(text, ensure_ascii=False)
+
+    # argv[0] must be absolute (never looked up on a PATH in the TEE). Not resolved through
+    # symbolic links: a virtual environment's python is a link, and resolving it loses the venv.
+    # Default: the interpreter running shieldml (a `python3` found on PATH may be a wrapper, such
+    # as a pyenv shim, that picks the real one from the environment).
+    if python is None:
+        interpreter = str(Path(sys.executable).absolute())
+    else:
+        found = python if os.sep in python else shutil.which(python)
+        if found is None:
+            raise ShieldError(f"--python {python}: not found on PATH; give its absolute path")
+        interpreter = str(Path(found).absolute())
+    script = Path(files[0]).resolve()
     lines = [
         "version = 1",
-        f'tee = "{tee}"',
+        f"tee = {q(tee)}",
         "",
         "[command]",
-        f'argv = ["python3", "{Path(files[0]).name}"]',
-        'cwd = "."',
+        f"argv = [{q(interpreter)}, {q(script.name)}]",
+        f"cwd = {q(rel(script.parent))}  # the script's directory",
         "",
         "[env]",
-        'allow = ["PATH", "HOME", "LANG"]',
+        "# names passed through from the host, which chooses their values; PATH, HOME, PYTHON*, LD_*",
+        "# and other names that decide what code runs are refused: give those fixed values in `set`",
+        'allow = ["LANG"]',
+        '# set = { OMP_NUM_THREADS = "4" }',
         "",
     ]
     for f in files:
         digest = hashlib.sha256(Path(f).read_bytes()).hexdigest()
-        lines += [
-            "[[trusted]]",
-            f'path = "{Path(f).resolve().relative_to(base) if Path(f).resolve().is_relative_to(base) else Path(f).resolve()}"',
-            f'sha256 = "{digest}"',
-            "",
-        ]
+        lines += ["[[trusted]]", f"path = {q(rel(Path(f).resolve()))}", f'sha256 = "{digest}"', ""]
     lines += [
         "# [[broker]]", '# name = "model-owner"', '# url = "https://127.0.0.1:8443"', '# fingerprint = "…"', "",
         "# [[input]]", '# path = "model.pt"', '# ciphertext = "enc/model.pt.enc"', '# key = "model"', '# broker = "model-owner"', "",
@@ -94,13 +118,18 @@ def job_init(files: tuple[str, ...], output: str, tee: str) -> None:
         lines += ["", "[simulated]", 'platform = "sim-platform"', 'kind = "sgx"']
     Path(output).write_text("\n".join(lines) + "\n")
     out.print(
-        f"wrote {escape(output)}; fill in brokers, inputs and outputs, then `shieldml job measure {escape(output)}`"
+        f"wrote {escape(output)} (interpreter {escape(interpreter)}); fill in brokers, inputs and outputs, then `shieldml job measure {escape(output)}`"
     )
 
 
 @job.command("measure")
 @click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
-@click.option("--hash-cache", type=click.Path(dir_okay=False))
+@click.option(
+    "--hash-cache",
+    type=click.Path(dir_okay=False),
+    help="Reuse hashes of unchanged files (size, mtime, inode): for the owner's machine; "
+    "`shieldml run` always hashes in full.",
+)
 @click.option("--json", "as_json", is_flag=True)
 def job_measure(manifest: str, hash_cache: str | None, as_json: bool) -> None:
     """Print the workload digest owners put in their policies."""

@@ -74,7 +74,7 @@ def write_manifest(
 
     parts = [
         "version = 1", 'tee = "simulated"', "", "[command]", f"argv = {argv!r}".replace("'", '"'), 'cwd = "work"', "",
-        "[env]", 'allow = ["PATH", "HOME", "LANG"]', "",
+        "[env]", 'allow = ["LANG"]', "",
     ]  # fmt: skip
     for t in trusted:
         parts += [

@@ -45,7 +45,7 @@ def node_manifest(d: Path, rank: int, port: int, broker: object, sim_dir: Path) 
     )
     text = (
         f'tee = "simulated"\n[command]\nargv = {argv!r}\ncwd = "work"\n'.replace("'", '"')
-        + '[env]\nallow = ["PATH", "HOME"]\n[env.set]\n'
+        + '[env]\nallow = ["LANG"]\n[env.set]\n'
         + env
         + f'[[trusted]]\npath = "work/train_ddp.py"\nsha256 = "{hashlib.sha256((d / "work" / "train_ddp.py").read_bytes()).hexdigest()}"\n'
         + f'[[broker]]\nname = "owner"\nurl = "{b.url}"\nfingerprint = "{b.fingerprint}"\n'  # type: ignore[attr-defined]

@@ -388,3 +388,113 @@ def test_data_key_rotation_keeps_old_receipts_verifiable(job: Job):
         "input.txt.enc", "model.bin.enc", "result.txt.enc",
     ]  # fmt: skip
     assert verify_receipt(str(after), trust=trust)["ok"]
+
+
+# -- issue 12: the host sets env, argv[0]'s lookup and the hash cache ----------------------------
+
+
+def _rewrite(job: Job, *, argv0: str | None = None, allow: list[str] | None = None) -> None:
+    import json
+    import re
+
+    text = job.manifest.read_text()
+    if argv0 is not None:
+        text = re.sub(r'argv = \["[^"]*"', f"argv = [{json.dumps(argv0)}", text, count=1)
+    if allow is not None:
+        text = re.sub(r"(?m)^allow = \[.*\]$", f"allow = {json.dumps(allow)}", text, count=1)
+    job.manifest.write_text(text)
+
+
+def test_bare_interpreter_with_host_path_in_env_allow_is_refused(
+    job: Job, monkeypatch: pytest.MonkeyPatch
+):
+    # the attack: `argv = ["python3", …]` and `allow = ["PATH", …]` (the old scaffold), then the
+    # host starts the run with PATH=evil:$PATH: its python3 got the decrypted view
+    marker = job.dir / "pwned"
+    evil = job.dir / "evil"
+    evil.mkdir()
+    (evil / "python3").write_text(f"#!/bin/sh\necho pwned > {marker}\n")
+    (evil / "python3").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{evil}:{os.environ['PATH']}")
+    _rewrite(job, argv0="python3", allow=["PATH", "LANG"])
+    from shieldml.runner.manifest import ManifestError
+
+    with pytest.raises(ManifestError, match=r"argv\[0\]|PATH"):
+        job.authorize()
+        run_job(job.manifest)
+    assert not marker.exists() and not (job.dir / "out").exists()
+
+
+def test_home_with_a_pth_file_in_env_allow_is_refused(job: Job, monkeypatch: pytest.MonkeyPatch):
+    # the attack: HOME passed through, the host points it at a directory whose user
+    # site-packages holds a .pth file: Python runs its `import` line before the trusted script
+    import subprocess
+    import sys
+
+    python = getattr(sys, "_base_executable", sys.executable)  # a venv turns the user site off
+    marker = job.dir / "pwned"
+    home = job.dir / "evilhome"
+    site = subprocess.run(
+        [python, "-c", "import site; print(site.getusersitepackages())"],
+        env={"HOME": str(home)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    Path(site).mkdir(parents=True)
+    (Path(site) / "evil.pth").write_text(f"import os; open({str(marker)!r}, 'w').write('pwned')\n")
+    monkeypatch.setenv("HOME", str(home))
+    _rewrite(job, argv0=python, allow=["HOME", "LANG"])
+    from shieldml.runner.manifest import ManifestError
+
+    with pytest.raises(ManifestError, match="HOME"):
+        job.authorize()
+        run_job(job.manifest)
+    assert not marker.exists() and not (job.dir / "out").exists()
+
+
+def test_edited_script_with_same_size_and_mtime_gets_a_new_digest_in_run(job: Job):
+    # the attack: the host keeps a --hash-cache keyed by (size, mtime, inode), edits app.py in
+    # place with as many bytes and puts its mtime back: `shieldml run` took the cached digest
+    from shieldml.cli import main
+    from shieldml.runner.manifest import HashCache, JobManifest
+
+    digest = job.authorize()
+    cache = job.dir / "hashes.json"
+    assert main(["job", "measure", str(job.manifest), "--hash-cache", str(cache)]) == 0
+    app = job.dir / "work" / "app.py"
+    before = app.stat()
+    marker = job.dir / "pwned"
+    evil = f"open({str(marker)!r}, 'w').write(open('input.txt').read())\n"
+    old = app.read_bytes()
+    evil_bytes = (evil + "#" * (len(old) - len(evil) - 1) + "\n").encode()
+    assert len(evil_bytes) == len(old)
+    with open(app, "r+b") as f:  # same inode
+        f.write(evil_bytes)
+    os.utime(app, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = app.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+    # the cache (the owner's convenience for `job measure`) still answers the old digest ...
+    assert JobManifest.load(job.manifest).workload_digest(HashCache(cache)) == digest
+    # ... but `shieldml run` hashes every trusted file in full, whatever the host hands it
+    assert main(["run", "-m", str(job.manifest), "--hash-cache", str(cache)]) != 0
+    with pytest.raises(TrustedFileError, match=r"app\.py"):
+        run_job(job.manifest)
+    assert not marker.exists() and not (job.dir / "out").exists()
+    # even with the manifest's pin updated to the edited script, the digest is a new one
+    import hashlib
+
+    text = job.manifest.read_text()
+    job.manifest.write_text(
+        text.replace(hashlib.sha256(old).hexdigest(), hashlib.sha256(evil_bytes).hexdigest())
+    )
+    assert JobManifest.load(job.manifest).workload_digest() != digest
+    from shieldml.errors import PolicyDenied as Denied
+
+    with pytest.raises(Denied):
+        run_job(job.manifest)  # the owners' policies pin the old digest
+    assert not marker.exists() and not (job.dir / "out").exists()

@@ -169,7 +169,7 @@ class Demo:
             for s in ("digits_net.py", script)
         }
         lines = ["version = 1", 'tee = "simulated"', "", "[command]", f'argv = ["{sys.executable}", "{script}"]', 'cwd = "work"', "",
-                 "[env]", 'allow = ["PATH", "HOME", "LANG"]', 'set = { OMP_NUM_THREADS = "2" }', ""]  # fmt: skip
+                 "[env]", 'allow = ["LANG"]', 'set = { OMP_NUM_THREADS = "2" }', ""]  # fmt: skip
         for s, h in sha.items():
             lines += ["[[trusted]]", f'path = "work/{s}"', f'sha256 = "{h}"', ""]
         for o in self.owners.values():

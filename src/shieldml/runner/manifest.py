@@ -5,19 +5,19 @@ version = 1
 tee = "auto"                       # auto | simulated | tdx | snp | gramine
 
 [command]
-argv = ["python", "infer.py"]
+argv = ["/usr/bin/python3", "infer.py"]  # argv[0] is an absolute path (never looked up on PATH)
 cwd = "."                          # relative to the manifest's directory
 insecure_allow_extra_args = false  # extra arguments on the `shieldml run` line
 
 [env]
-allow = ["PATH", "HOME", "LANG"]   # passed through from the runner's environment
-set = { OMP_NUM_THREADS = "2" }    # fixed values (part of the digest)
+allow = ["LANG"]                   # names passed through; their values come from the host
+set = { OMP_NUM_THREADS = "2", HOME = "/nonexistent" }  # fixed values (part of the digest)
 
 [[trusted]]                        # code and configuration the job runs: path + SHA-256
 path = "infer.py"
 sha256 = "…"
 [[trusted]]
-glob = "lib/**/*.py"               # every match is hashed into the digest (cached by size+mtime)
+glob = "lib/**/*.py"               # every match is hashed into the digest
 
 [[broker]]
 name = "model-owner"
@@ -41,17 +41,35 @@ broker = "data-owner"
 The **workload digest** is ``sha256:`` + SHA-256 over the canonical JSON of the manifest's content
 (paths resolved relative to its directory, trusted files listed with their hashes). Changing the
 script, the manifest, or any trusted file changes it.
+
+What the host controls and the manifest therefore refuses (issue 12):
+
+- ``env.allow`` names are measured, their values are not: the host picks them. A name that decides
+  which code runs or where it is loaded from (``PATH``, ``HOME``, ``PYTHON*``, ``LD_*``, …: see
+  `FORBIDDEN_ALLOW` and `FORBIDDEN_ALLOW_PREFIXES`) may not be passed through; give it a fixed
+  value in ``env.set`` instead. ``env.set`` takes any name: its value is part of the digest the
+  owners approve (whatever code such a value points to must itself be trusted or part of the
+  measured image).
+- ``command.argv[0]`` is an absolute path, so no ``PATH`` (the host's or the program's) chooses
+  the executable.
+- No protected path is equal to or inside another (component by component: ``/a/b`` and
+  ``/a/bc`` are unrelated): a mount inside another owner's decrypted directory would hand one
+  owner's plaintext to the other's output. No protected path is a trusted file or a directory
+  that holds one: the mount would hide the measured file (files beside a trusted file are fine).
+- ``shieldml run`` hashes every trusted file in full; only ``shieldml job measure`` (the owner's
+  side) may use a `HashCache`.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import os
 import tomllib
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from shieldml.errors import ShieldError
@@ -59,6 +77,51 @@ from shieldml.errors import ShieldError
 TEES = ("auto", "simulated", "tdx", "snp", "gramine")
 FORMATS = ("stream", "gramine-pf")
 MAX_MANIFEST = 1 << 20
+
+
+# Names ``env.allow`` refuses: each decides which code runs, or where code, configuration that
+# loads code, or caches of compiled code are read from. Tuning variables (OMP_NUM_THREADS,
+# MKL_NUM_THREADS, CUDA_VISIBLE_DEVICES, NCCL_DEBUG, LANG, LC_*, TZ, …) stay allowed. Compared
+# in upper case: nothing needs a lower-case spelling of these.
+FORBIDDEN_ALLOW = frozenset(
+    {
+        # the shell and the process: executable search, start-up files, working directories
+        *("PATH", "HOME", "PWD", "OLDPWD", "SHELL", "ENV", "BASH_ENV", "IFS", "CDPATH"),
+        *("SHELLOPTS", "BASHOPTS", "PS4", "PROMPT_COMMAND", "TMPDIR", "TMP", "TEMP"),
+        # glibc: conversion modules, locale data, allocator and tunables, resolver files
+        *("GCONV_PATH", "LOCPATH", "NLSPATH", "GLIBC_TUNABLES", "HOSTALIASES", "LOCALDOMAIN"),
+        # other interpreters and runtimes a job may start
+        *("JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "CLASSPATH", "LUA_PATH"),
+        *("LUA_CPATH", "TCLLIBPATH", "GEM_HOME", "GEM_PATH"),
+        # OpenSSL configuration loads engines and providers (shared objects)
+        *("OPENSSL_CONF", "OPENSSL_MODULES", "OPENSSL_ENGINES"),
+        # OpenMP tools interface: loads the libraries it names
+        *("OMP_TOOL", "OMP_TOOL_LIBRARIES", "OMP_TOOL_VERBOSE_INIT"),
+        # compilers and headers used by just-in-time compilation (torch.compile, triton, cpp_extension)
+        *("CC", "CXX", "CPATH", "C_INCLUDE_PATH", "CPLUS_INCLUDE_PATH", "LIBRARY_PATH"),
+        # PyTorch, Triton, CUDA: extensions, compiled kernels and their caches, toolkits, plugins
+        *("TORCH_HOME", "TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR"),
+        "PYTORCH_KERNEL_CACHE_PATH",
+        *("TRITON_HOME", "TRITON_CACHE_DIR", "TRITON_LIBCUDA_PATH", "TRITON_PTXAS_PATH"),
+        *("CUDA_HOME", "CUDA_PATH", "CUDA_CACHE_PATH", "CUDA_ROOT"),
+        *("NCCL_NET_PLUGIN", "NCCL_TUNER_PLUGIN", "NCCL_PROFILER_PLUGIN"),
+        # Hugging Face: `trust_remote_code` modules and caches
+        *("HF_HOME", "HF_MODULES_CACHE", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_DATASETS_CACHE"),
+    }
+)
+FORBIDDEN_ALLOW_PREFIXES = (
+    "PYTHON",  # PYTHONPATH, PYTHONHOME, PYTHONSTARTUP, PYTHONUSERBASE, PYTHONPYCACHEPREFIX, …
+    "LD_",  # LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT, …
+    "DYLD_",
+    "MALLOC_",
+    "RESOLV_",
+    "BASH_",  # BASH_ENV, exported functions (BASH_FUNC_*)
+    "PERL",  # PERL5LIB, PERL5OPT, PERLLIB
+    "RUBY",  # RUBYLIB, RUBYOPT
+    "NODE_",  # NODE_OPTIONS, NODE_PATH
+    "XDG_",  # configuration, data and cache directories
+    "GCONV_",
+)
 
 
 class ManifestError(ShieldError):
@@ -171,6 +234,15 @@ class JobManifest:
             or not all(isinstance(a, str) and a for a in argv)
         ):
             raise ManifestError(f"{where}: command.argv must be a non-empty list of strings")
+        if any("\0" in a for a in argv):
+            raise ManifestError(f"{where}: command.argv holds a NUL character")
+        if not PurePosixPath(argv[0]).is_absolute():
+            raise ManifestError(
+                f"{where}: command.argv[0] must be an absolute path, not {argv[0]!r}: a bare or "
+                "relative name is looked up on a PATH or in a directory the host controls",
+                hint='name the interpreter by its absolute path, e.g. argv = ["/usr/bin/python3", '
+                '"infer.py"] (`shieldml job init` writes one)',
+            )
         base = source.parent
         cwd = str((base / str(cmd.get("cwd", "."))).resolve())
         env = d.get("env", {})
@@ -184,6 +256,21 @@ class JobManifest:
             or not all(isinstance(v, str) for v in env_set.values())
         ):
             raise ManifestError(f"{where}: env.allow must list names, env.set map names to strings")
+        for name in [*allow, *env_set]:
+            if not name or "=" in name or "\0" in name:
+                raise ManifestError(
+                    f"{where}: {name!r} is not an environment variable name (empty, '=' or NUL)"
+                )
+        if any("\0" in v for v in env_set.values()):
+            raise ManifestError(f"{where}: an env.set value holds a NUL character")
+        for name in allow:
+            if forbidden_in_allow(name):
+                raise ManifestError(
+                    f"{where}: env.allow may not pass {name} through (the host would choose its "
+                    "value, and it decides which code runs or where code is loaded from); "
+                    "give it a fixed value in env.set instead: env.set values are measured",
+                    hint=f'e.g. [env] set = {{ {name} = "…" }}, or leave it out',
+                )
         trusted = tuple(
             _trusted(t, f"{where}: trusted {i + 1}")
             for i, t in enumerate(_tables(d, "trusted", where))
@@ -203,9 +290,15 @@ class JobManifest:
             _protected(x, cwd, base, names, f"{where}: output {i + 1}", output=True)
             for i, x in enumerate(_tables(d, "output", where))
         )
-        paths = [p.path.rstrip("/") for p in ins + outs]
-        if len(set(paths)) != len(paths):
-            raise ManifestError(f"{where}: a protected path appears twice")
+        labelled = [(f"input {i + 1}", x) for i, x in enumerate(ins)] + [
+            (f"output {i + 1}", x) for i, x in enumerate(outs)
+        ]
+        _no_nesting(labelled, where)
+        _no_protected_trusted(
+            labelled,
+            [str((base / t.path).resolve()) for t in trusted if t.path is not None],
+            where,
+        )
         sim = d.get("simulated", {})
         if not isinstance(sim, dict) or not all(isinstance(v, str) for v in sim.values()):
             raise ManifestError(f"{where}: [simulated] maps names to strings")
@@ -226,7 +319,10 @@ class JobManifest:
 
     # -- trusted files and the workload digest ---------------------------------------------------
     def trusted_files(self, cache: HashCache | None = None) -> list[tuple[str, str]]:
-        """``(absolute path, sha256)`` of every trusted file; raises on any mismatch or absence."""
+        """``(absolute path, sha256)`` of every trusted file; raises on any mismatch or absence, or
+        when a protected path would hide a trusted file (globs are expanded only here).
+
+        ``cache`` is for `shieldml job measure` on the owner's side; a run never passes one."""
         out: dict[str, str] = {}
         problems: list[str] = []
         for t in self.trusted:
@@ -252,6 +348,10 @@ class JobManifest:
                 "trusted files do not match the manifest: " + "; ".join(problems),
                 hint="the job was changed; the owners' policies pin its digest (`shieldml job measure`)",
             )
+        labelled = [(f"input {i + 1}", x) for i, x in enumerate(self.inputs)] + [
+            (f"output {i + 1}", x) for i, x in enumerate(self.outputs)
+        ]
+        _no_protected_trusted(labelled, list(out), str(self.source))
         return sorted(out.items())
 
     def canonical(self, files: list[tuple[str, str]]) -> dict[str, Any]:
@@ -355,6 +455,49 @@ def sha256_file(path: str, cache: HashCache | None = None) -> str:
     if cache is not None:
         cache.put(path, st, digest)
     return digest
+
+
+def forbidden_in_allow(name: str) -> bool:
+    """Whether ``env.allow`` refuses ``name`` (`FORBIDDEN_ALLOW`, `FORBIDDEN_ALLOW_PREFIXES`)."""
+    upper = name.upper()
+    return upper in FORBIDDEN_ALLOW or upper.startswith(FORBIDDEN_ALLOW_PREFIXES)
+
+
+def _parts(path: str) -> tuple[str, ...]:
+    """An absolute in-TEE path as its components (a directory's trailing ``/`` dropped)."""
+    return PurePosixPath(path.rstrip("/") or "/").parts
+
+
+def _no_nesting(items: list[tuple[str, Protected]], where: str) -> None:
+    """No protected path equal to or inside another, component by component (``/a/bc`` is not in
+    ``/a/b``). Sorted by components, a path comes right before the first of those inside it, so
+    comparing neighbours finds every case in O(n log n)."""
+    ordered = sorted(items, key=lambda item: _parts(item[1].path))
+    for (la, a), (lb, b) in itertools.pairwise(ordered):
+        pa, pb = _parts(a.path), _parts(b.path)
+        if pb[: len(pa)] == pa:
+            what = "is the same path as" if pa == pb else "contains"
+            raise ManifestError(
+                f"{where}: {la} ({a.path}) {what} {lb} ({b.path}): "
+                "a protected path may not be equal to or inside another",
+                hint="give each input and output its own path, none under another's directory",
+            )
+
+
+def _no_protected_trusted(items: list[tuple[str, Protected]], files: list[str], where: str) -> None:
+    """No protected path that is a trusted file or one of its directories (the mount would hide
+    the measured file)."""
+    protected = {_parts(x.path): (label, x) for label, x in items}
+    for f in files:
+        parts = _parts(f)
+        for n in range(1, len(parts) + 1):
+            if (hit := protected.get(parts[:n])) is not None:
+                label, x = hit
+                raise ManifestError(
+                    f"{where}: {label} ({x.path}) would hide the trusted file {f}: "
+                    "a protected path may not be a trusted file or a directory that holds one",
+                    hint="keep trusted files outside the protected paths (beside them is fine)",
+                )
 
 
 def _tables(d: dict[str, Any], key: str, where: str) -> list[Any]:
