@@ -1,9 +1,10 @@
-"""The host cannot swap the decrypted view's mount points under a running program unnoticed.
+"""The host cannot swap the decrypted view's files under a running program.
 
-Attack (issue 12, point 2): the view's mounts sit on placeholder entries in the job directory.
-Unlinking or replacing such an entry from the host's mount namespace detaches the mount in the
-view's namespace too: the program then writes its "sealed" output as plaintext to host disk,
-and on main the run exited 0 and sealed an empty output.
+Attack (issue 12, point 2): on main the view's mounts sat on placeholder entries in the job
+directory. Unlinking or replacing such an entry from the host's mount namespace detached the mount
+in the view's namespace too: the program wrote its "sealed" output as plaintext to host disk, and
+the run exited 0 and sealed an empty output. Now the program runs in a private root: the host's
+job directory holds no mount point and nothing the program reads or writes there.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from shieldml.errors import ShieldError
+from shieldml.files import open_protected
 from shieldml.runner.run import run_job
 from tests.runner.conftest import Job, write_manifest
 
@@ -26,22 +27,24 @@ pytestmark = pytest.mark.skipif(
 
 APP = """\
 import pathlib, sys, time
-model = open("model.bin", "rb").read()
-pathlib.Path(sys.argv[1]).write_text("running")
+sig = pathlib.Path(sys.argv[1])
+(sig / "ready").write_text("running")
 deadline = time.monotonic() + 30
-while not pathlib.Path(sys.argv[2]).exists() and time.monotonic() < deadline:
+while not (sig / "go").exists() and time.monotonic() < deadline:
     time.sleep(0.05)
-open("result.txt", "w").write("RESULT-PLAINTEXT")
+model = open("model.bin", "rb").read()
+open("result.txt", "w").write(f"RESULT-PLAINTEXT {len(model)}")
 """
 
 
-def test_host_replacing_a_mount_point_while_the_program_runs_seals_nothing(
+def test_host_replacing_entries_at_protected_paths_while_the_program_runs_changes_nothing(
     job: Job, tmp_path: Path
 ):
-    ready, go = tmp_path / "ready", tmp_path / "go"
+    sig = tmp_path / "sig"  # a host directory the program sees (bound into its private root)
+    sig.mkdir()
     (job.dir / "work" / "app.py").write_text(APP)
     write_manifest(
-        job.dir, job.broker, job.sim_dir, argv=[sys.executable, "app.py", str(ready), str(go)],
+        job.dir, job.broker, job.sim_dir, argv=[sys.executable, "app.py", str(sig)],
         trusted=["work/app.py"], inputs=[("model.bin", "enc/model.bin.enc", "model")],
         outputs=[("result.txt", "out/result.txt.enc", "results")],
     )  # fmt: skip
@@ -57,16 +60,21 @@ def test_host_replacing_a_mount_point_while_the_program_runs_seals_nothing(
     t = threading.Thread(target=run)
     t.start()
     deadline = time.monotonic() + 60
-    while not ready.exists() and time.monotonic() < deadline and t.is_alive():
+    while not (sig / "ready").exists() and time.monotonic() < deadline and t.is_alive():
         time.sleep(0.05)
-    assert ready.exists(), outcome
-    placeholder = job.dir / "work" / "result.txt"
-    placeholder.unlink()  # from the host's namespace: detaches the view's bind mount
-    placeholder.write_bytes(b"")
-    go.write_text("go")
+    assert (sig / "ready").exists(), outcome
+    work = job.dir / "work"
+    for name, planted in (("result.txt", b""), ("model.bin", b"HOST-MODEL")):
+        p = work / name
+        if p.exists():  # on main: the placeholder the view's mount sits on
+            p.unlink()
+        p.write_bytes(planted)
+    (sig / "go").write_text("go")
     t.join(60)
-    assert len(outcome) == 1 and isinstance(outcome[0], ShieldError), outcome
-    msg = str(outcome[0])
-    assert "result.txt: the protected mount was removed or replaced" in msg
-    assert "nothing was sealed" in msg
-    assert not (job.dir / "out" / "result.txt.enc").exists()
+    assert outcome == [0], outcome
+    # the program read the owner's model, and its result reached only the sealed output
+    bind = str(work.resolve() / "result.txt")
+    with open_protected(job.dir / "out" / "result.txt.enc", job.result_key, bind=bind) as f:
+        assert f.read() == b"RESULT-PLAINTEXT 16401"
+    assert (work / "result.txt").read_bytes() == b""
+    assert (work / "model.bin").read_bytes() == b"HOST-MODEL"

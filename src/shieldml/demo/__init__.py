@@ -316,11 +316,11 @@ class Demo:
                     str(p.relative_to(self.cloud)), str(p.stat().st_size), p.read_bytes()[:16].hex()
                 )
         self.c.print(table)
-        empty = [
-            str(p.relative_to(self.cloud)) for p in (self.work / "data").rglob("*") if p.is_file()
-        ]
+        left = sorted(str(p.relative_to(self.work)) for p in self.work.rglob("*") if p.is_file())
         self.say(
-            f"mount points left on the host are empty: {', '.join(empty)} (plaintext lived only in the TEE's tmpfs)"
+            f"the job's directory on the host holds only its scripts ({', '.join(left)}): the "
+            "program ran in a private root in TEE memory, holding the measured copies of the "
+            "scripts and the decrypted files; no mount point is left on the host to swap"
         )
         markers = [bytes(self.plain.joinpath("train.pt").read_bytes()[-64:])]
         leaked = [

@@ -62,11 +62,13 @@ What the host controls and the manifest therefore refuses (issue 12):
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import itertools
 import json
 import os
+import stat
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -318,18 +320,35 @@ class JobManifest:
         )
 
     # -- trusted files and the workload digest ---------------------------------------------------
-    def trusted_files(self, cache: HashCache | None = None) -> list[tuple[str, str]]:
+    def trusted_files(
+        self, cache: HashCache | None = None, keep: dict[str, tuple[int, bytes]] | None = None
+    ) -> list[tuple[str, str]]:
         """``(absolute path, sha256)`` of every trusted file; raises on any mismatch or absence, or
         when a protected path would hide a trusted file (globs are expanded only here).
 
-        ``cache`` is for `shieldml job measure` on the owner's side; a run never passes one."""
+        ``cache`` is for `shieldml job measure` on the owner's side; a run never passes one.
+        With ``keep``, each file is read once and hashed from the bytes kept there (``path ->
+        (mode, bytes)``): the run places exactly those bytes in the program's private root."""
+
+        def measure(p: str) -> str:
+            if keep is None:
+                return sha256_file(p, cache)
+            mode, data = read_trusted(p)
+            keep[str(Path(p).resolve())] = (mode, data)
+            if sum(len(d) for _m, d in keep.values()) > MAX_TRUSTED_BYTES:
+                raise TrustedFileError(
+                    f"the trusted files exceed {MAX_TRUSTED_BYTES >> 20} MiB",
+                    hint="trusted files are code; put large data in protected inputs",
+                )
+            return hashlib.sha256(data).hexdigest()
+
         out: dict[str, str] = {}
         problems: list[str] = []
         for t in self.trusted:
             if t.path is not None:
                 p = str((self.base / t.path).resolve())
                 try:
-                    digest = sha256_file(p, cache)
+                    digest = measure(p)
                 except OSError as e:
                     problems.append(f"{t.path}: {e.strerror}")
                     continue
@@ -342,7 +361,7 @@ class JobManifest:
                 if not files:
                     problems.append(f"{t.glob}: matches no file")
                 for m in files:
-                    out[str(Path(m).resolve())] = sha256_file(m, cache)
+                    out[str(Path(m).resolve())] = measure(m)
         if problems:
             raise TrustedFileError(
                 "trusted files do not match the manifest: " + "; ".join(problems),
@@ -374,8 +393,10 @@ class JobManifest:
             "outputs": [_protected_doc(x, rel) for x in self.outputs],
         }  # [simulated] describes the stand-in hardware, not the workload: it is not measured
 
-    def workload_digest(self, cache: HashCache | None = None) -> str:
-        doc = self.canonical(self.trusted_files(cache))
+    def workload_digest(
+        self, cache: HashCache | None = None, keep: dict[str, tuple[int, bytes]] | None = None
+    ) -> str:
+        doc = self.canonical(self.trusted_files(cache, keep))
         text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
@@ -441,6 +462,24 @@ def tree_sha256(path: str | os.PathLike[str]) -> dict[str, str]:
             str(f.relative_to(p)): sha256_file(str(f)) for f in sorted(p.rglob("*")) if f.is_file()
         }
     return {"": sha256_file(str(p))}
+
+
+MAX_TRUSTED_BYTES = 512 << 20
+
+
+def read_trusted(path: str) -> tuple[int, bytes]:
+    """A trusted file's permission bits and bytes, from one descriptor (no symbolic link last)."""
+    fd = os.open(str(Path(path).resolve()), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return stat.S_IMODE(st.st_mode), b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: str, cache: HashCache | None = None) -> str:

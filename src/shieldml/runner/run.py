@@ -139,8 +139,10 @@ def run_job(
         raise ManifestError(
             "extra arguments change what runs; the manifest must allow them (insecure_allow_extra_args)"
         )
-    # 1: every trusted file hashed in full; no cache the host could hand us stands in for that
-    digest = m.workload_digest()
+    # 1: every trusted file read once and hashed in full (no cache the host could hand us stands
+    # in for that); those very bytes, not the host's files, are what the program runs
+    trusted: dict[str, tuple[int, bytes]] = {}
+    digest = m.workload_digest(keep=trusted)
     times.measure_s = time.perf_counter() - t0
     say(f"workload digest {digest}")
     provider = provider_for(m.tee, m.simulated, base=m.base)
@@ -148,7 +150,7 @@ def run_job(
     keys, audit = release_keys(m, provider, digest, say)  # 2
     times.attest_s = time.perf_counter() - t1
     t2 = time.perf_counter()
-    result = _view(m, keys, extra_args)  # 3-5
+    result = _view(m, keys, extra_args, trusted)  # 3-5
     times.view_s = time.perf_counter() - t2
     status = int(result["status"])
     if stats is not None:
@@ -170,13 +172,21 @@ def run_job(
 
 
 def _view(
-    m: JobManifest, keys: dict[KeyRef, tuple[str, bytes]], extra_args: tuple[str, ...]
+    m: JobManifest,
+    keys: dict[KeyRef, tuple[str, bytes]],
+    extra_args: tuple[str, ...],
+    trusted: dict[str, tuple[int, bytes]],
 ) -> dict[str, Any]:
     r, w = os.pipe()
     plan = {
         "result_fd": w,
         "argv": [*m.argv, *extra_args],
         "cwd": m.cwd,
+        "base": str(m.base),
+        "trusted": [
+            {"path": p, "mode": mode, "data": base64.b64encode(data).decode()}
+            for p, (mode, data) in sorted(trusted.items())
+        ],
         "env": _env(m),
         "keys": [
             {"broker": b, "name": n, "key": base64.b64encode(k).decode()}

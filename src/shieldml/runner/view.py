@@ -1,17 +1,28 @@
-"""The decrypted view: a private mount namespace where protected paths are memory-backed.
+"""The decrypted view: a private mount namespace, and a private root the program runs in.
 
-Runs as its own process (``python -m shieldml.runner.view``), started by the runner with the job's
-plan and keys on a pipe (never on disk). It
+Runs as its own process (``python -I -m shieldml.runner.view``, cwd ``/``, no inherited
+environment), started by the runner with the job's plan, keys and the measured bytes of the
+trusted files on a pipe (never on disk). It
 
  1. leaves the host's mount namespace (``unshare``; as root, or in an unprivileged user namespace
     where the kernel allows it) and makes every mount private, so nothing propagates back;
- 2. mounts tmpfs for every protected path (a directory, or a file bind-mounted from a tmpfs
-    staging area), decrypts the inputs into them in parallel and remounts them read-only;
- 3. starts the program, forwards signals to it, waits;
- 4. seals every output into its ciphertext location (atomically) and reports their digests.
+ 2. lays out the program's private root on a tmpfs (:func:`build_root`): the job's directories
+    hold only the trusted files, written from the bytes that were measured, and the protected
+    paths; the directories on the way to them are tmpfs too, with the host's other entries
+    bound in (the interpreter, its libraries, ``/proc``, ``/dev``). No mount point is an entry in
+    a host directory, so the host cannot detach one by unlinking or replacing it;
+ 3. mounts a tmpfs for every protected directory (a protected file is bind-mounted from a tmpfs
+    staging area), decrypts the inputs into them in parallel and makes them read-only;
+ 4. starts the program in a mount namespace of its own rooted at the private root
+    (``pivot_root``), forwards signals to it, waits;
+ 5. checks that every mount it made is still in place (mount ids), then seals every output,
+    read through a descriptor of the staging tmpfs, into its ciphertext location (atomically)
+    and reports their digests.
 
-If the runner dies, this process and the program die with it (``PR_SET_PDEATHSIG``), the
-namespace goes away, and with it every tmpfs: plaintext never reaches a disk.
+New entries the program makes in directories on the way to the job (``/tmp``, say) stay in the
+private root and vanish with it. If the runner dies, this process and the program die with it
+(``PR_SET_PDEATHSIG``), the namespace goes away, and with it every tmpfs: plaintext never
+reaches a disk.
 """
 
 from __future__ import annotations
@@ -105,8 +116,8 @@ def _mount(
     )
 
 
-def tmpfs(target: str) -> None:
-    _mount("shieldml", target, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700")
+def tmpfs(target: str, mode: str = "0700") -> None:
+    _mount("shieldml", target, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode}")
 
 
 def bind(src: str, target: str, *, readonly: bool) -> None:
@@ -119,15 +130,97 @@ def remount_readonly(target: str) -> None:
     _mount(None, target, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def _placeholder(path: str, is_dir: bool) -> None:
-    """The mount point must exist; it stays empty on the host (no plaintext ever lands in it)."""
-    p = Path(path)
-    if is_dir:
-        p.mkdir(parents=True, exist_ok=True)
-    else:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        if not p.exists():
-            p.touch()
+MNT_DETACH = 2
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+
+
+def _create(path: str, mode: int = 0o600, data: bytes = b"") -> None:
+    """A new regular file (never an existing entry, never through a symbolic link)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def build_root(root: str, plan: dict[str, Any], *, exclude: set[str]) -> None:
+    """Lay out the program's private root in the empty tmpfs ``root``.
+
+    The job's directories (the manifest's directory and below, the working directory, the
+    directories of trusted files) hold only the trusted files, as the bytes that were measured,
+    and the protected paths' mount points. Every other directory on the way to them is made in
+    the tmpfs too, with the host's other entries bound into it, so the interpreter, its libraries,
+    ``/proc`` and ``/dev`` are where the program expects them.
+    """
+    base = os.path.realpath(plan["base"])
+    trusted = plan.get("trusted", [])
+    measured = {plan["cwd"]} | {os.path.dirname(t["path"]) for t in trusted}
+    protected = {i["path"].rstrip("/") for i in plan["inputs"] + plan["outputs"]}
+    tips = measured | {os.path.dirname(p) for p in protected}
+    need: set[str] = set()
+    for d in tips:
+        while d not in need:
+            need.add(d)
+            if d == "/":
+                break
+            d = os.path.dirname(d)
+
+    def inside(d: str, top: str) -> bool:
+        return d == top or d.startswith(top.rstrip("/") + "/")
+
+    private = {d for d in need if d in measured or inside(d, base)}
+    for d in sorted(need, key=len):
+        if d != "/":
+            os.makedirs(root + d, mode=0o755, exist_ok=True)
+    skip = need | protected | exclude
+    for d in sorted(need - private, key=len):
+        try:
+            entries = os.listdir(d)
+        except OSError:
+            continue
+        for name in entries:
+            host = os.path.join(d, name)
+            if host in skip:
+                continue
+            _replicate(host, root + host)
+    for t in trusted:
+        _create(root + t["path"], t["mode"] & 0o555 | 0o400, base64.b64decode(t["data"]))
+
+
+def _replicate(host: str, target: str) -> None:
+    """The host's entry at the same path in the private root: a bind mount, or the same link."""
+    try:
+        st = os.lstat(host)
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(host), target)
+        elif stat.S_ISDIR(st.st_mode):
+            os.mkdir(target, 0o755)
+            _mount(host, target, None, MS_BIND | MS_REC)
+        else:
+            _create(target)
+            _mount(host, target, None, MS_BIND)
+    except (OSError, ViewError):
+        pass  # the host removed it meanwhile (or it cannot be bound): then it is not there
+
+
+def _enter_root(root: str, cwd: str) -> Any:
+    """preexec_fn: a mount namespace of the program's own, rooted at ``root`` (pivot_root)."""
+    number = _SYS_PIVOT_ROOT.get(os.uname().machine)
+
+    def enter() -> None:
+        die_with_parent()
+        if number is None:
+            raise OSError(f"pivot_root: unknown system call number on {os.uname().machine}")
+        _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+        _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
+        os.chdir(root)
+        _check(_libc.syscall(number, b".", b"."), "pivot_root")
+        _check(_libc.umount2(b".", MNT_DETACH), "umount the host's root")
+        os.chdir(cwd)
+
+    return enter
 
 
 def _clear_stale_partials(ciphertext: str) -> None:
@@ -250,22 +343,31 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
 
     die_with_parent()
     enter_private_namespace()
-    stage = tempfile.mkdtemp(prefix="shieldml-view-")
+    stage = os.path.realpath(tempfile.mkdtemp(prefix="shieldml-view-"))
     tmpfs(stage)
+    # the staging tmpfs by descriptor: what is sealed is read through it, never through a path
+    # the host could detach and refill
+    stage_fd = os.open(stage, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    held = f"/proc/self/fd/{stage_fd}"
+    root = os.path.join(stage, "root")
+    os.mkdir(root, 0o755)
+    tmpfs(root, mode="0755")
     # keys are their owner's: (broker, name), never a bare name another broker could also use
     keys = {(k["broker"], k["name"]): base64.b64decode(k["key"]) for k in plan["keys"]}
     n_in = len(plan["inputs"])
+    build_root(root, plan, exclude={stage})
     files: list[tuple[dict[str, Any], str]] = []  # (item, where its plaintext lives)
     for i, item in enumerate(plan["inputs"] + plan["outputs"]):
         is_dir = item["path"].endswith("/")
-        target = item["path"].rstrip("/")
-        _placeholder(target, is_dir)
+        target = root + item["path"].rstrip("/")
         if is_dir:
+            os.makedirs(target, mode=0o700, exist_ok=True)
             tmpfs(target)
             files.append((item, target))
         else:
+            _create(target)
             staged = os.path.join(stage, f"f{i}")
-            Path(staged).touch()
+            _create(staged)
             files.append((item, staged))
 
     def decrypt(entry: tuple[dict[str, Any], str]) -> None:
@@ -311,7 +413,7 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
     decrypt_s = time.perf_counter() - t0
     decrypted = sum(_tree_size(where) for _, where in files[:n_in])
     for k, (item, where) in enumerate(files):
-        target = item["path"].rstrip("/")
+        target = root + item["path"].rstrip("/")
         readonly = k < n_in
         if item["path"].endswith("/"):
             if readonly:
@@ -319,15 +421,15 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
         else:
             bind(where, target, readonly=readonly)
     ids = mount_ids()
-    points = [stage] + [item["path"].rstrip("/") for item, _ in files]
-    made = {p: ids[p] for p in map(os.path.realpath, points)}
+    made = {p: ids[p] for p in [stage, root] + [root + i["path"].rstrip("/") for i, _ in files]}
     t1 = time.perf_counter()
-    status = _run_program(plan)
+    status = _run_program(plan, root)
     program_s = time.perf_counter() - t1
     t2 = time.perf_counter()
     check_mounts(made)
     sealed = []
     for item, where in files[n_in:]:
+        where = held + where[len(stage) :]  # through the descriptor
         _clear_stale_partials(item["ciphertext"])
         fmt = item.get("format", "stream")
         key = keys.get(_ref(item))
@@ -373,11 +475,17 @@ def _ref(item: dict[str, Any]) -> tuple[str, str]:
     return (str(item["broker"]), str(item["key"]))
 
 
-def _run_program(plan: dict[str, Any]) -> int:
-    # argv comes from the measured manifest: it is what the owners approved
-    proc = subprocess.Popen(
-        plan["argv"], cwd=plan["cwd"], env=plan["env"], preexec_fn=die_with_parent
-    )
+def _run_program(plan: dict[str, Any], root: str) -> int:
+    # argv comes from the measured manifest: it is what the owners approved. The program gets a
+    # mount namespace of its own whose root is the private root: the host's directories beside
+    # the job are there (bound), the job's own directories hold only the measured copies and the
+    # protected paths, and no mount point is an entry the host can unlink.
+    try:
+        proc = subprocess.Popen(
+            plan["argv"], env=plan["env"], preexec_fn=_enter_root(root, plan["cwd"])
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        raise ViewError(f"could not start {plan['argv'][0]} in the private root: {e}") from e
 
     def forward(signum: int, _frame: object) -> None:
         proc.send_signal(signum)
