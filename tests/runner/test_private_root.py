@@ -100,3 +100,30 @@ def test_the_program_sees_only_measured_files_in_its_working_directory(job: Job,
     job.authorize()
     assert run_job(m) == 0
     assert _result(job) == "app.py model.bin result.txt"
+
+
+def test_program_cannot_write_into_host_directories_beside_the_job(job: Job, tmp_path: Path):
+    """Directories outside the job are the host's, shown read-only; /tmp, /var/tmp and /dev/shm
+    are fresh tmpfs in the private root (on main a program's scratch plaintext reached the host)."""
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    (job.dir / "work" / "app.py").write_text(
+        "import pathlib, sys\n"
+        "out = []\n"
+        "for d in (sys.argv[1], '/tmp', '/var/tmp', '/dev/shm'):\n"
+        "    try:\n"
+        "        (pathlib.Path(d) / 'shieldml-leak-probe').write_text('SCRATCH-PLAINTEXT')\n"
+        "        out.append(d + ' writable')\n"
+        "    except OSError as e:\n"
+        "        out.append(d + ' ' + type(e).__name__)\n"
+        "pathlib.Path('result.txt').write_text(';'.join(out[1:]) + '|' + out[0].split()[-1])\n"
+    )
+    m = write_manifest(
+        job.dir, job.broker, job.sim_dir, argv=[sys.executable, "app.py", str(beside)],
+        trusted=["work/app.py"], inputs=[], outputs=[("result.txt", "out/result.txt.enc", "results")],
+    )  # fmt: skip
+    job.authorize()
+    assert run_job(m) == 0
+    assert _result(job) == "/tmp writable;/var/tmp writable;/dev/shm writable|OSError"
+    for d in (beside, Path("/tmp"), Path("/var/tmp"), Path("/dev/shm")):
+        assert not (d / "shieldml-leak-probe").exists(), d

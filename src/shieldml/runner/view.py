@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -131,6 +132,9 @@ def remount_readonly(target: str) -> None:
 
 
 MNT_DETACH = 2
+# where programs write scratch data (PyTorch's DataLoader and NCCL use /dev/shm): fresh tmpfs in
+# the private root unless the job lives there; the host's own are not shown
+SCRATCH = ("/tmp", "/var/tmp", "/dev/shm")  # noqa: S108 - replaced by fresh tmpfs, never used
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 
 
@@ -154,11 +158,13 @@ def build_root(root: str, plan: dict[str, Any], *, exclude: set[str]) -> None:
     the tmpfs too, with the host's other entries bound into it, so the interpreter, its libraries,
     ``/proc`` and ``/dev`` are where the program expects them.
     """
-    base = os.path.realpath(plan["base"])
+    base = plan["base"]  # as the runner resolved it when it measured, never resolved again
     trusted = plan.get("trusted", [])
     measured = {plan["cwd"]} | {os.path.dirname(t["path"]) for t in trusted}
     protected = {i["path"].rstrip("/") for i in plan["inputs"] + plan["outputs"]}
-    tips = measured | {os.path.dirname(p) for p in protected}
+    tips = (
+        measured | {os.path.dirname(p) for p in protected} | {os.path.dirname(d) for d in SCRATCH}
+    )
     need: set[str] = set()
     for d in tips:
         while d not in need:
@@ -174,7 +180,12 @@ def build_root(root: str, plan: dict[str, Any], *, exclude: set[str]) -> None:
     for d in sorted(need, key=len):
         if d != "/":
             os.makedirs(root + d, mode=0o755, exist_ok=True)
-    skip = need | protected | exclude
+    # scratch directories the program may write plaintext to are fresh tmpfs, never the host's
+    scratch = [d for d in SCRATCH if d not in need]
+    for d in scratch:
+        os.mkdir(root + d, 0o1777)
+        tmpfs(root + d, mode="1777")
+    skip = need | protected | exclude | set(scratch)
     for d in sorted(need - private, key=len):
         try:
             entries = os.listdir(d)
@@ -190,7 +201,8 @@ def build_root(root: str, plan: dict[str, Any], *, exclude: set[str]) -> None:
 
 
 def _replicate(host: str, target: str) -> None:
-    """The host's entry at the same path in the private root: a bind mount, or the same link."""
+    """The host's entry at the same path in the private root: a read-only bind mount (its own
+    submounts, such as /dev/pts, keep their flags), or the same symbolic link."""
     try:
         st = os.lstat(host)
         if stat.S_ISLNK(st.st_mode):
@@ -198,9 +210,11 @@ def _replicate(host: str, target: str) -> None:
         elif stat.S_ISDIR(st.st_mode):
             os.mkdir(target, 0o755)
             _mount(host, target, None, MS_BIND | MS_REC)
+            _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID)
         else:
             _create(target)
             _mount(host, target, None, MS_BIND)
+            _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID)
     except (OSError, ViewError):
         pass  # the host removed it meanwhile (or it cannot be bound): then it is not there
 
@@ -304,19 +318,105 @@ def open_tree(root: str) -> Iterator[dict[str, int]]:
             os.close(fd)
 
 
-def tree_digest(tree: dict[str, int]) -> str:
-    """:func:`shieldml.runner.manifest.ciphertext_digest` of a directory, from open descriptors."""
+def tree_digest(tree: dict[str, int], copy_to: str | None = None) -> str:
+    """:func:`shieldml.runner.manifest.ciphertext_digest` of a directory, from open descriptors;
+    with ``copy_to``, the bytes hashed are also copied there (same relative paths)."""
     digests = {}
     for rel, fd in tree.items():
-        h = hashlib.sha256()
-        offset = 0
-        while chunk := os.pread(fd, 1 << 20, offset):
-            h.update(chunk)
-            offset += len(chunk)
-        digests[rel] = h.hexdigest()
+        if copy_to is None:
+            h = hashlib.sha256()
+            offset = 0
+            while chunk := os.pread(fd, 1 << 20, offset):
+                h.update(chunk)
+                offset += len(chunk)
+            digests[rel] = h.hexdigest()
+        else:
+            dst = os.path.join(copy_to, rel)
+            os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
+            digests[rel] = _copy_hashing(fd, dst)
     return hashlib.sha256(
         json.dumps(digests, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
+
+
+def _copy_hashing(fd: int, dst: str) -> str:
+    """Copy the file open at ``fd`` (from offset 0) to the new file ``dst``; SHA-256 of the bytes."""
+    h = hashlib.sha256()
+    out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        offset = 0
+        while chunk := os.pread(fd, 1 << 20, offset):
+            h.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(out, view) :]
+            offset += len(chunk)
+    finally:
+        os.close(out)
+    return h.hexdigest()
+
+
+def _files_under(d: str) -> list[str]:
+    return [
+        os.path.relpath(os.path.join(top, n), d) for top, _dirs, names in os.walk(d) for n in names
+    ]
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+TMPFS_MAGIC = 0x01021994
+
+
+def _fs_type(fd: int) -> int:
+    buf = ctypes.create_string_buffer(128)  # struct statfs; f_type is its first field (a long)
+    _check(_libc.fstatfs(fd, buf), "fstatfs")
+    return int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], sys.byteorder)
+
+
+def private_stage() -> str:
+    """A fresh tmpfs, made the working directory; returns its path (for messages and checks).
+
+    Made without trusting any path afterwards: the tmpfs is mounted on a child of a directory we
+    hold open, then entered by descriptor (no symbolic link followed) and checked to be a new
+    mount (another device than its parent) of a tmpfs, and empty. A host that swaps the path in
+    between gets a refusal, not our plaintext.
+    """
+    parent = os.path.realpath(tempfile.mkdtemp(prefix="shieldml-view-"))
+    pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.mkdir("s", 0o700, dir_fd=pfd)
+        os.fchdir(pfd)
+        tmpfs("s")
+        sfd = os.open("s", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            fresh = (
+                os.fstat(sfd).st_dev != os.fstat(pfd).st_dev
+                and _fs_type(sfd) == TMPFS_MAGIC
+                and not os.listdir(sfd)
+            )
+            if not fresh:
+                raise ViewError(f"{parent}/s: the staging tmpfs was replaced while it was made")
+            os.fchdir(sfd)
+        finally:
+            os.close(sfd)
+    finally:
+        os.close(pfd)
+    return f"{parent}/s"
+
+
+def remove_stage(stage: str) -> None:
+    """Best effort at exit: unmount the staging tmpfs and remove its (empty) directories."""
+    with contextlib.suppress(OSError):
+        os.chdir("/")
+        _libc.umount2(stage.encode(), MNT_DETACH)
+        os.rmdir(stage)
+        os.rmdir(os.path.dirname(stage))
 
 
 def _tree_size(path: str) -> int:
@@ -343,19 +443,18 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
 
     die_with_parent()
     enter_private_namespace()
-    stage = os.path.realpath(tempfile.mkdtemp(prefix="shieldml-view-"))
-    tmpfs(stage)
-    # the staging tmpfs by descriptor: what is sealed is read through it, never through a path
-    # the host could detach and refill
-    stage_fd = os.open(stage, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    held = f"/proc/self/fd/{stage_fd}"
-    root = os.path.join(stage, "root")
+    # Everything from here on is relative to the staging tmpfs, the working directory: a path the
+    # host could detach and refill (the stage's own, or /proc/self/fd/N) is never used again.
+    stage = private_stage()
+    root = "root"
     os.mkdir(root, 0o755)
     tmpfs(root, mode="0755")
     # keys are their owner's: (broker, name), never a bare name another broker could also use
     keys = {(k["broker"], k["name"]): base64.b64decode(k["key"]) for k in plan["keys"]}
     n_in = len(plan["inputs"])
-    build_root(root, plan, exclude={stage})
+    t_root = time.perf_counter()
+    build_root(root, plan, exclude={os.path.dirname(stage)})
+    root_s = time.perf_counter() - t_root
     files: list[tuple[dict[str, Any], str]] = []  # (item, where its plaintext lives)
     for i, item in enumerate(plan["inputs"] + plan["outputs"]):
         is_dir = item["path"].endswith("/")
@@ -366,7 +465,7 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
             files.append((item, target))
         else:
             _create(target)
-            staged = os.path.join(stage, f"f{i}")
+            staged = f"f{i}"
             _create(staged)
             files.append((item, staged))
 
@@ -377,33 +476,36 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
         if pin is None:
             decrypt_path(item["ciphertext"], where, keys[_ref(item)], bind=bound, overwrite=True)
             return
-        if os.path.isdir(item["ciphertext"]):
-            # every file opened once: hashed and decrypted from that descriptor
-            with open_tree(item["ciphertext"]) as tree:
-                if tree_digest(tree) != pin:
+        # A pinned input is copied into the staging tmpfs, hashed as it is copied, and decrypted
+        # from the copy: the host can rewrite its file in place, but not the copy.
+        copy = f"c{files.index(entry)}"
+        try:
+            if os.path.isdir(item["ciphertext"]):
+                with open_tree(item["ciphertext"]) as tree:
+                    digest = tree_digest(tree, copy)
+                if digest != pin:
                     raise RollbackError(item["ciphertext"], pin)
-                for rel, fd in sorted(tree.items()):
+                for rel in sorted(_files_under(copy)):
                     dst = os.path.join(where, rel)
                     Path(dst).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                     decrypt_path(
-                        f"/proc/self/fd/{fd}",
+                        os.path.join(copy, rel),
                         dst,
                         keys[_ref(item)],
                         bind=f"{bound}/{rel}",
                         overwrite=True,
                     )
-            return
-        # hash and decrypt the same open file, so nothing can be swapped in between
-        fd = os.open(item["ciphertext"], os.O_RDONLY)
-        try:
-            h = hashlib.sha256()
-            while chunk := os.read(fd, 1 << 20):
-                h.update(chunk)
-            if h.hexdigest() != pin:
+                return
+            fd = os.open(item["ciphertext"], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                digest = _copy_hashing(fd, copy)
+            finally:
+                os.close(fd)
+            if digest != pin:
                 raise RollbackError(item["ciphertext"], pin)
-            decrypt_path(f"/proc/self/fd/{fd}", where, keys[_ref(item)], bind=bound, overwrite=True)
+            decrypt_path(copy, where, keys[_ref(item)], bind=bound, overwrite=True)
         finally:
-            os.close(fd)
+            _remove(copy)
 
     # Decrypt before bind-mounting: a bind mount pins the inode, and decryption replaces the
     # staged file atomically (new inode).
@@ -421,7 +523,10 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
         else:
             bind(where, target, readonly=readonly)
     ids = mount_ids()
-    made = {p: ids[p] for p in [stage, root] + [root + i["path"].rstrip("/") for i, _ in files]}
+    points = [stage, f"{stage}/{root}"] + [
+        f"{stage}/{root}{i['path'].rstrip('/')}" for i, _ in files
+    ]
+    made = {p: ids.get(p, -1) for p in points}
     t1 = time.perf_counter()
     status = _run_program(plan, root)
     program_s = time.perf_counter() - t1
@@ -429,7 +534,6 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
     check_mounts(made)
     sealed = []
     for item, where in files[n_in:]:
-        where = held + where[len(stage) :]  # through the descriptor
         _clear_stale_partials(item["ciphertext"])
         fmt = item.get("format", "stream")
         key = keys.get(_ref(item))
@@ -462,12 +566,14 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
             {"path": item["path"], "ciphertext": item["ciphertext"], "sha256": digests, **entry}
         )
     times = {
+        "root_s": root_s,
         "decrypt_s": decrypt_s,
         "decrypted_bytes": decrypted,
         "program_s": program_s,
         "seal_s": time.perf_counter() - t2,
     }
     os.write(result_fd, json.dumps({"status": status, "outputs": sealed, "times": times}).encode())
+    remove_stage(stage)
     return status
 
 
