@@ -258,13 +258,14 @@ def receipt_verify(
             f"accepted by profile {v['matched_profile']} of {escape(policy_file)}: {c['tee']},"
             f" root {c['root']}, TCB {c['tcb_status'] or 'n/a'}, debug {'on' if c['debug'] else 'off'}"
         )
+        out.print("measurements accepted:")
+        for name in _RECEIPT_MEASUREMENTS.get(c["tee"], ()):
+            if name in c["measurements"]:
+                out.print(f"  {name} {escape(str(c['measurements'][name]))}")
         if matched["insecure_used"]:
             out.print(
                 f"[yellow]insecure: accepted only through {', '.join(matched['insecure_used'])}[/yellow]"
             )
-        for name in _RECEIPT_MEASUREMENTS.get(c["tee"], ()):
-            if name in c["measurements"]:
-                out.print(f"  {name} {escape(str(c['measurements'][name]))}")
         for o in r.get("outputs", []):
             by = o.get("sealed_by")
             how = (
