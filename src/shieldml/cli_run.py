@@ -206,7 +206,7 @@ def receipt_verify(
     no_files: bool,
     as_json: bool,
 ) -> None:
-    """Check that a receipt was produced by a TEE that POLICY accepts, running the job it names.
+    """Check that a receipt was produced by a TEE that --policy accepts, running the job it names.
 
     The evidence must be genuine, bind the receipt, and satisfy --policy with the receipt's
     workload digest; debug, simulated and custom-root evidence only where the policy's
