@@ -165,22 +165,40 @@ def receipt() -> None:
     """Run receipts."""
 
 
+#: the measurements a receipt verification prints, per TEE (what policies pin)
+_RECEIPT_MEASUREMENTS = {
+    "sgx": ("mrenclave", "mrsigner", "isv_prod_id", "isv_svn"),
+    "tdx": ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_config_id"),
+    "snp": ("measurement", "host_data", "vmpl", "guest_svn", "reported_tcb"),
+}
+
+
 @receipt.command("verify")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--policy",
+    "policy_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Required. The release policy (TOML, as set on the broker) the receipt's TEE must satisfy.",
+)
 @click.option("--at", help="Verification time (ISO 8601).")
 @click.option("--trust-root", multiple=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--insecure-custom-root", is_flag=True)
 @click.option(
     "--simulated-platform",
     type=click.Path(file_okay=False),
-    help="Trust this simulated platform (tests, demo).",
+    help="Trust this simulated platform (tests, demo); the policy must still allow simulated evidence.",
 )
 @click.option(
     "--no-files", is_flag=True, help="Do not compare the ciphertext files with the receipt."
 )
 @click.option("--json", "as_json", is_flag=True)
+@click.pass_context
 def receipt_verify(
+    ctx: click.Context,
+    /,
     file: str,
+    policy_file: str | None,
     at: str | None,
     trust_root: tuple[str, ...],
     insecure_custom_root: bool,
@@ -188,22 +206,66 @@ def receipt_verify(
     no_files: bool,
     as_json: bool,
 ) -> None:
-    """Check that a receipt was produced by the TEE that ran the job, and (by default) the files."""
+    """Check that a receipt was produced by a TEE that --policy accepts, running the job it names.
+
+    The evidence must be genuine, bind the receipt, and satisfy --policy with the receipt's
+    workload digest; debug, simulated and custom-root evidence only where the policy's
+    insecure_allow_* switches say so. Then (by default) the files must match the receipt.
+    Exit 1 if the policy denies the receipt's TEE or the files differ.
+    """
     from shieldml.attest.simulated import SimulatedPlatform, fixed_clock
+    from shieldml.cli_policy import _load
+    from shieldml.errors import PolicyDenied
+    from shieldml.policy import Verdict
     from shieldml.runner.run import verify_receipt
 
+    if policy_file is None:
+        raise click.UsageError(
+            "--policy is required: genuine evidence alone does not say which code vouched for the"
+            " receipt; give the release policy the owner set on the broker"
+            " (`shieldml broker policy set`), which pins the measurements and workload digest"
+        )
+    pol = _load(policy_file)
     anchors = _trust(trust_root, insecure_custom_root)
     when = _time(at)
     if simulated_platform:
         anchors = SimulatedPlatform.open(simulated_platform, clock=fixed_clock(when)).trust(anchors)
-    result: dict[str, Any] = verify_receipt(file, now=when, trust=anchors, check_files=not no_files)
+    try:
+        result: dict[str, Any] = verify_receipt(
+            file, policy=pol, now=when, trust=anchors, check_files=not no_files
+        )
+    except PolicyDenied as e:
+        if not isinstance(e.verdict, Verdict):  # unreachable: the policy gate raises a Verdict
+            raise
+        if as_json:
+            click.echo(json.dumps({"ok": False, "verdict": e.verdict.to_dict()}, indent=2))
+        else:
+            out.print(
+                f"[bold red]receipt refused: {escape(policy_file)} does not accept its TEE[/bold red]"
+            )
+            for line in e.verdict.failures():
+                out.print(f"  {escape(line)}")
+        ctx.exit(1)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
-        r = result["receipt"]
+        r, c, v = result["receipt"], result["claims"], result["verdict"]
         out.print(
-            f"receipt of workload {r['workload_digest']}, exit code {r['exit_code']}, evidence genuine ({result['claims']['tee']}, root {result['claims']['root']})"
+            f"receipt of workload {r['workload_digest']}, exit code {r['exit_code']}, evidence genuine ({c['tee']}, root {c['root']})"
         )
+        matched = v["profiles"][v["matched_profile"] - 1]
+        out.print(
+            f"accepted by profile {v['matched_profile']} of {escape(policy_file)}: {c['tee']},"
+            f" root {c['root']}, TCB {c['tcb_status'] or 'n/a'}, debug {'on' if c['debug'] else 'off'}"
+        )
+        out.print("measurements accepted:")
+        for name in _RECEIPT_MEASUREMENTS.get(c["tee"], ()):
+            if name in c["measurements"]:
+                out.print(f"  {name} {escape(str(c['measurements'][name]))}")
+        if matched["insecure_used"]:
+            out.print(
+                f"[yellow]insecure: accepted only through {', '.join(matched['insecure_used'])}[/yellow]"
+            )
         for o in r.get("outputs", []):
             by = o.get("sealed_by")
             how = (

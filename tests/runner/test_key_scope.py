@@ -27,6 +27,7 @@ from shieldml.broker.client import BrokerClient
 from shieldml.broker.local import start_broker
 from shieldml.errors import ShieldError
 from shieldml.files import generate_key, key_id, open_protected
+from shieldml.policy import Policy
 from shieldml.runner.manifest import JobManifest
 from shieldml.runner.run import run_job, verify_receipt
 from tests.runner.conftest import Job, encrypt_file_plain, policy_for
@@ -205,7 +206,9 @@ def test_two_honest_brokers_with_the_same_key_name_keep_their_own(job: Job, tmp_
     trust = SimulatedPlatform.open(job.sim_dir, clock=system_clock).trust()
     outputs = {
         o["path"]: o["sealed_by"]
-        for o in verify_receipt(str(receipt), trust=trust)["receipt"]["outputs"]
+        for o in verify_receipt(
+            str(receipt), policy=Policy.from_toml(policy_for(digest)), trust=trust
+        )["receipt"]["outputs"]
     }
     assert outputs == {
         str(work / "result.txt"): {"broker": "owner", "key": "results", "key_id": key_id(job.result_key).hex()},
@@ -229,11 +232,14 @@ def test_receipt_verify_names_the_key_that_sealed_each_output(
 ):
     from shieldml.cli import main
 
-    job.authorize()
+    (job.dir / "policy.toml").write_text(policy_for(job.authorize()))
     receipt = job.dir / "receipt.json"
     assert run_job(job.manifest, receipt=str(receipt)) == 0
     capsys.readouterr()
-    rc = main(["receipt", "verify", str(receipt), "--simulated-platform", str(job.sim_dir)])
+    rc = main([
+        "receipt", "verify", str(receipt), "--policy", str(job.dir / "policy.toml"),
+        "--simulated-platform", str(job.sim_dir),
+    ])  # fmt: skip
     out = capsys.readouterr().out
     assert rc == 0, out
     assert f"key 'results' of broker 'owner' (key id {key_id(job.result_key).hex()})" in out

@@ -9,6 +9,7 @@ import pytest
 
 from shieldml.errors import PolicyDenied, ShieldError
 from shieldml.files import open_protected
+from shieldml.policy import Policy
 from shieldml.runner.manifest import TrustedFileError
 from shieldml.runner.run import run_job, verify_receipt
 from tests.runner.conftest import Job
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_run_decrypts_runs_and_seals(job: Job):
-    job.authorize()
+    digest = job.authorize()
     receipt = job.dir / "receipt.json"
     assert run_job(job.manifest, receipt=str(receipt)) == 0
     work = job.dir / "work"
@@ -43,7 +44,9 @@ def test_run_decrypts_runs_and_seals(job: Job):
     from shieldml.attest.simulated import SimulatedPlatform, system_clock
 
     result = verify_receipt(
-        str(receipt), trust=SimulatedPlatform.open(job.sim_dir, clock=system_clock).trust()
+        str(receipt),
+        policy=Policy.from_toml(job.policy(digest)),
+        trust=SimulatedPlatform.open(job.sim_dir, clock=system_clock).trust(),
     )
     assert result["ok"] and result["receipt"]["exit_code"] == 0
 
@@ -352,7 +355,7 @@ def test_data_key_rotation_keeps_old_receipts_verifiable(job: Job):
     from shieldml.errors import WrongKeyError
     from shieldml.files import generate_key, write_key_file
 
-    job.authorize()
+    pol = Policy.from_toml(job.policy(job.authorize()))
     before, after = job.dir / "before.json", job.dir / "after.json"
     out = job.dir / "out" / "result.txt.enc"
     work = (job.dir / "work").resolve()
@@ -380,14 +383,15 @@ def test_data_key_rotation_keeps_old_receipts_verifiable(job: Job):
     )
 
     trust = SimulatedPlatform.open(job.sim_dir, clock=system_clock).trust()
-    old = verify_receipt(str(before), trust=trust, check_files=False)
+    old = verify_receipt(str(before), policy=pol, trust=trust, check_files=False)
     assert old["ok"] and old["receipt"]["exit_code"] == 0
-    with_files = verify_receipt(str(before), trust=trust)  # the inputs were re-encrypted since
+    # the inputs were re-encrypted since
+    with_files = verify_receipt(str(before), policy=pol, trust=trust)
     assert not with_files["ok"]
     assert sorted(Path(p.split(":")[0]).name for p in with_files["problems"]) == [
         "input.txt.enc", "model.bin.enc", "result.txt.enc",
     ]  # fmt: skip
-    assert verify_receipt(str(after), trust=trust)["ok"]
+    assert verify_receipt(str(after), policy=pol, trust=trust)["ok"]
 
 
 # -- issue 12: the host sets env, argv[0]'s lookup and the hash cache ----------------------------

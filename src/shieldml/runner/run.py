@@ -24,13 +24,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shieldml.broker import protocol
 from shieldml.broker.client import BrokerClient
 from shieldml.errors import ShieldError
 from shieldml.runner.evidence import Evidence, Provider, provider_for
 from shieldml.runner.manifest import JobManifest, ManifestError, sha256_file, tree_sha256
+
+if TYPE_CHECKING:
+    from shieldml.policy import Policy
 
 RECEIPT_DOMAIN = b"shieldml/v1 receipt\0"
 
@@ -304,10 +307,24 @@ def write_receipt(
 
 
 def verify_receipt(
-    path: str, *, now: datetime | None = None, trust: Any = None, check_files: bool = True
+    path: str,
+    *,
+    policy: Policy,
+    now: datetime | None = None,
+    trust: Any = None,
+    check_files: bool = True,
 ) -> dict[str, Any]:
-    """Verify a receipt's evidence and its binding; optionally that the files still match."""
+    """Verify a receipt: genuine evidence that binds it, accepted by ``policy``; then the files.
+
+    ``policy`` is a release policy (the TOML a broker uses) evaluated on the evidence's claims with
+    the receipt's workload digest, by the broker's gate: :class:`~shieldml.errors.PolicyDenied`
+    (with the verdict) when no profile accepts. Genuine evidence alone proves nothing about a
+    receipt: any enclave on a genuine platform, a debug one included, can put any body into its
+    report data, so only the measurements the policy pins say *which* code vouched for it. Debug,
+    simulated and custom-root evidence pass only through the policy's ``insecure_allow_*`` switches.
+    """
     from shieldml.attest import IntelCollateral, verify_evidence
+    from shieldml.policy import require
 
     try:
         doc = json.loads(Path(path).read_text())
@@ -324,6 +341,8 @@ def verify_receipt(
         raise ShieldError(
             f"{path}: the evidence does not bind this receipt (edited after the run?)"
         )
+    digest = body.get("workload_digest")
+    verdict = require(policy, claims, digest if isinstance(digest, str) else None)
     problems = []
     if check_files:
         for item in body["inputs"] + body["outputs"]:
@@ -332,4 +351,10 @@ def verify_receipt(
                 f = p / rel if rel else p
                 if not f.exists() or sha256_file(str(f)) != h:
                     problems.append(f"{f}: differs from the receipt")
-    return {"ok": not problems, "problems": problems, "claims": claims.to_dict(), "receipt": body}
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "claims": claims.to_dict(),
+        "verdict": verdict.to_dict(),
+        "receipt": body,
+    }
