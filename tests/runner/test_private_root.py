@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import py_compile
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,23 +108,24 @@ def test_program_cannot_write_into_host_directories_beside_the_job(job: Job, tmp
     are fresh tmpfs in the private root (on main a program's scratch plaintext reached the host)."""
     beside = tmp_path / "beside"
     beside.mkdir()
+    probe = f"shieldml-leak-probe-{os.getpid()}-{time.monotonic_ns()}"
     (job.dir / "work" / "app.py").write_text(
         "import pathlib, sys\n"
         "out = []\n"
         "for d in (sys.argv[1], '/tmp', '/var/tmp', '/dev/shm'):\n"
         "    try:\n"
-        "        (pathlib.Path(d) / 'shieldml-leak-probe').write_text('SCRATCH-PLAINTEXT')\n"
+        "        (pathlib.Path(d) / sys.argv[2]).write_text('SCRATCH-PLAINTEXT')\n"
         "        out.append(d + ' writable')\n"
         "    except OSError as e:\n"
         "        out.append(d + ' ' + type(e).__name__)\n"
         "pathlib.Path('result.txt').write_text(';'.join(out[1:]) + '|' + out[0].split()[-1])\n"
     )
     m = write_manifest(
-        job.dir, job.broker, job.sim_dir, argv=[sys.executable, "app.py", str(beside)],
+        job.dir, job.broker, job.sim_dir, argv=[sys.executable, "app.py", str(beside), probe],
         trusted=["work/app.py"], inputs=[], outputs=[("result.txt", "out/result.txt.enc", "results")],
     )  # fmt: skip
     job.authorize()
     assert run_job(m) == 0
     assert _result(job) == "/tmp writable;/var/tmp writable;/dev/shm writable|OSError"
     for d in (beside, Path("/tmp"), Path("/var/tmp"), Path("/dev/shm")):
-        assert not (d / "shieldml-leak-probe").exists(), d
+        assert not (d / probe).exists(), d
