@@ -135,7 +135,11 @@ def main() -> int:
     for lib in candidates():
         why = probe(lib, shift)
         if why is None:
-            print(f"clock shift {shift}: {args.what} runs with {lib}", file=sys.stderr, flush=True)
+            print(
+                f"clock shift {shift} for {args.what}: libfaketime {lib}",
+                file=sys.stderr,
+                flush=True,
+            )
             return subprocess.call(cmd, env=shifted_env(lib, shift))
         problems.append(why)
     reason = "; ".join(problems) or "no libfaketime found (pip install libfaketime, or faketime)"
