@@ -121,10 +121,10 @@ def tmpfs(target: str, mode: str = "0700") -> None:
     _mount("shieldml", target, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode}")
 
 
-def bind(src: str, target: str, *, readonly: bool) -> None:
-    _mount(src, target, None, MS_BIND)
-    if readonly:
-        _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+def bind(src: str, target: str, *, readonly: bool, recursive: bool = False) -> None:
+    _mount(src, target, None, MS_BIND | (MS_REC if recursive else 0))
+    if readonly:  # the top mount only: submounts of a recursive bind keep their own flags
+        _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID)
 
 
 def remount_readonly(target: str) -> None:
@@ -209,12 +209,10 @@ def _replicate(host: str, target: str) -> None:
             os.symlink(os.readlink(host), target)
         elif stat.S_ISDIR(st.st_mode):
             os.mkdir(target, 0o755)
-            _mount(host, target, None, MS_BIND | MS_REC)
-            _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID)
+            bind(host, target, readonly=True, recursive=True)
         else:
             _create(target)
-            _mount(host, target, None, MS_BIND)
-            _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID)
+            bind(host, target, readonly=True)
     except (OSError, ViewError):
         pass  # the host removed it meanwhile (or it cannot be bound): then it is not there
 
@@ -318,22 +316,14 @@ def open_tree(root: str) -> Iterator[dict[str, int]]:
             os.close(fd)
 
 
-def tree_digest(tree: dict[str, int], copy_to: str | None = None) -> str:
+def tree_digest(tree: dict[str, int], copy_to: str) -> str:
     """:func:`shieldml.runner.manifest.ciphertext_digest` of a directory, from open descriptors;
-    with ``copy_to``, the bytes hashed are also copied there (same relative paths)."""
+    the bytes hashed are copied to ``copy_to`` (same relative paths) as they are read."""
     digests = {}
     for rel, fd in tree.items():
-        if copy_to is None:
-            h = hashlib.sha256()
-            offset = 0
-            while chunk := os.pread(fd, 1 << 20, offset):
-                h.update(chunk)
-                offset += len(chunk)
-            digests[rel] = h.hexdigest()
-        else:
-            dst = os.path.join(copy_to, rel)
-            os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
-            digests[rel] = _copy_hashing(fd, dst)
+        dst = os.path.join(copy_to, rel)
+        os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
+        digests[rel] = _copy_hashing(fd, dst)
     return hashlib.sha256(
         json.dumps(digests, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
