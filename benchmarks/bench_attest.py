@@ -19,7 +19,7 @@ from pathlib import Path
 from cryptography import x509
 
 from shieldml.attest import IntelCollateral, TrustAnchors, verify_evidence
-from shieldml.attest.simulated import SimulatedPlatform, system_clock
+from shieldml.testing.simulated import SimulatedPlatform, system_clock
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_files import write_page

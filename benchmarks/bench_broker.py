@@ -25,10 +25,10 @@ from tests.broker.conftest import MRENCLAVE, POLICY, WD  # noqa: E402
 from tests.pg import PgCluster  # noqa: E402
 
 from bench_files import write_page  # noqa: E402
-from shieldml.attest.simulated import SimulatedPlatform, system_clock  # noqa: E402
 from shieldml.broker import protocol  # noqa: E402
 from shieldml.broker.client import BrokerClient  # noqa: E402
-from shieldml.broker.local import start_broker  # noqa: E402
+from shieldml.testing.brokers import start_broker  # noqa: E402
+from shieldml.testing.simulated import SimulatedPlatform, system_clock  # noqa: E402
 
 
 def _load(url: str, fingerprint: str, sim_dir: str, threads: int, stop: float, queue: Any) -> None:

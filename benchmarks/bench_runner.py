@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tests.runner.conftest import policy_for, write_manifest  # noqa: E402
 
 from bench_files import write_page  # noqa: E402
-from shieldml.attest.simulated import SimulatedPlatform, system_clock  # noqa: E402
 from shieldml.broker.client import BrokerClient  # noqa: E402
-from shieldml.broker.local import start_broker  # noqa: E402
 from shieldml.files import encrypt_file, generate_key  # noqa: E402
 from shieldml.runner.manifest import JobManifest  # noqa: E402
 from shieldml.runner.run import run_job  # noqa: E402
+from shieldml.testing.brokers import start_broker  # noqa: E402
+from shieldml.testing.simulated import SimulatedPlatform, system_clock  # noqa: E402
 
 INFER = """\
 import time, torch

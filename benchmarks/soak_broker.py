@@ -40,12 +40,12 @@ from tests.broker.conftest import MRENCLAVE, POLICY, WD, raw_tls_socket  # noqa:
 from tests.pg import PgCluster  # noqa: E402
 
 from bench_files import write_page  # noqa: E402
-from shieldml.attest.simulated import SimulatedPlatform, fixed_clock, system_clock  # noqa: E402
 from shieldml.broker import protocol  # noqa: E402
+from shieldml.broker.audit import verify_log  # noqa: E402
 from shieldml.broker.client import BrokerClient, BrokerError  # noqa: E402
-from shieldml.broker.local import start_broker  # noqa: E402
-from shieldml.broker.storage import AuditRecord, verify_chain  # noqa: E402
-from shieldml.errors import ShieldError  # noqa: E402
+from shieldml.errors import AuditChainError, ShieldError  # noqa: E402
+from shieldml.testing.brokers import start_broker  # noqa: E402
+from shieldml.testing.simulated import SimulatedPlatform, fixed_clock, system_clock  # noqa: E402
 
 NONCE_TTL = 3.0
 DAY_AGO = datetime.now(UTC) - timedelta(days=1)
@@ -312,11 +312,11 @@ def main() -> int:
     for r in results:
         errors.update(r["errors"])
     nonces = [n for r in results for n in r["nonces"]]
-    records = [
-        AuditRecord(x["seq"], x["at"], x["event"], x["data"], x["prev_hash"], x["hash"])
-        for x in raw
-    ]
-    chain_ok, why = verify_chain(records, (head["seq"], head["hash"]))
+    try:
+        verify_log(raw, head)
+        chain_ok, why = True, "chain intact"
+    except AuditChainError as e:
+        chain_ok, why = False, e.message
     audited = [
         x["data"]["nonce_sha256"]
         for x in raw

@@ -58,9 +58,9 @@ def _seeds(target: str, sim_dir: Path) -> list[bytes]:
     from tests.broker.conftest import MRENCLAVE, POLICY
     from tests.conftest import vectors_dir
 
-    from shieldml.attest.simulated import SimulatedPlatform, fixed_clock
     from shieldml.files import encrypt_file
     from shieldml.files._common import Format
+    from shieldml.testing.simulated import SimulatedPlatform, fixed_clock
 
     sim = SimulatedPlatform.open(sim_dir, clock=fixed_clock(NOW))
     vec = vectors_dir()  # SHIELDML_VECTORS, as the test suite finds them
@@ -136,11 +136,11 @@ def _http_seeds(sim: Any) -> list[bytes]:
 def _target(name: str, sim_dir: Path, work: Path) -> Callable[[bytes], None]:
     from shieldml.attest import Quote, SnpReport, extract, verify_evidence
     from shieldml.attest._intel_collateral import EnclaveIdentity, IntelCollateral, TcbInfo
-    from shieldml.attest.simulated import SimulatedPlatform, fixed_clock
     from shieldml.errors import ShieldError
     from shieldml.files import open_protected
     from shieldml.policy import Policy
     from shieldml.runner.manifest import JobManifest
+    from shieldml.testing.simulated import SimulatedPlatform, fixed_clock
 
     sim = SimulatedPlatform.open(sim_dir, clock=fixed_clock(NOW))
     trust = sim.trust()
@@ -212,8 +212,8 @@ def _http_target(trust: Any, work: Path) -> Callable[[bytes], None]:
     """The broker's real ASGI app on SQLite, called in-process: any status but a 5xx is fine."""
     from tests.broker.conftest import POLICY
 
-    from shieldml.broker.service import Settings, create_app
-    from shieldml.broker.storage import Store, nonces_t
+    from shieldml.broker.server.app import Settings, create_app
+    from shieldml.broker.server.storage import Store, nonces_t
 
     store = Store(f"sqlite:///{work}/broker.db", work / "state")
     token = store.init_admin_token() or ""
@@ -287,7 +287,7 @@ def child(target: str, sim_dir: Path, libfuzzer_args: list[str]) -> None:
 
     with atheris.instrument_imports(include=["shieldml"]):
         import shieldml.attest
-        import shieldml.broker.service
+        import shieldml.broker.server.app
         import shieldml.files
         import shieldml.policy
         import shieldml.runner.manifest  # noqa: F401
@@ -407,7 +407,7 @@ def main() -> int:
     out = a.keep or Path(tempfile.mkdtemp(prefix="shieldml-atheris-"))
     out.mkdir(parents=True, exist_ok=True)
     sim_dir = out / "sim"
-    from shieldml.attest.simulated import SimulatedPlatform, fixed_clock
+    from shieldml.testing.simulated import SimulatedPlatform, fixed_clock
 
     if not sim_dir.exists():
         SimulatedPlatform.create(clock=fixed_clock(NOW)).save(sim_dir)

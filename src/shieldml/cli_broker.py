@@ -138,7 +138,7 @@ def serve(database: str | None, state: str | None, host: str, port: int, tls_cer
     import uvicorn
 
     from shieldml.broker.server import BrokerConfig, self_signed
-    from shieldml.broker.storage import Store
+    from shieldml.broker.server.storage import Store
 
     state_dir = _state(state)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -165,7 +165,7 @@ def serve(database: str | None, state: str | None, host: str, port: int, tls_cer
         files = (Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None
         tls = self_signed(state_dir, [host]) if files is None else None
         cert, key = files or (tls.cert, tls.key)  # type: ignore[union-attr]
-        from shieldml.broker.server import cert_fingerprint
+        from shieldml.broker.tls import cert_fingerprint
 
         out.print(
             f"TLS certificate fingerprint (clients pin it): [bold]{cert_fingerprint(cert.read_bytes())}[/bold]"
@@ -173,7 +173,7 @@ def serve(database: str | None, state: str | None, host: str, port: int, tls_cer
         ssl_kw = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
         scheme = "https"
         if secret_prov_port is not None and secret_prov_key is not None:
-            from shieldml.broker.secret_prov import SecretProvServer
+            from shieldml.broker.server.secret_prov import SecretProvServer
 
             settings = cfg.settings()
             sp = SecretProvServer(Store(url, state_dir), settings, secret_prov_key, str(cert), str(key),
@@ -191,7 +191,7 @@ def serve(database: str | None, state: str | None, host: str, port: int, tls_cer
     )
     sys.stdout.flush()
     os.environ["SHIELDML_BROKER_CONFIG"] = cfg.to_env()
-    from shieldml.broker.http import HeaderTimeoutProtocol
+    from shieldml.broker.server.http import HeaderTimeoutProtocol
 
     uvicorn.run("shieldml.broker.server:app_from_env", factory=True, host=host, port=port, workers=workers,
                 http=HeaderTimeoutProtocol, log_level="warning", access_log=False, **ssl_kw)  # fmt: skip
@@ -202,7 +202,7 @@ def serve(database: str | None, state: str | None, host: str, port: int, tls_cer
 @click.option("--state", type=click.Path(file_okay=False))
 def rotate_kek(database: str | None, state: str | None) -> None:
     """Re-wrap every stored key under a new key-encryption key (data is not re-encrypted)."""
-    from shieldml.broker.storage import Store
+    from shieldml.broker.server.storage import Store
 
     state_dir = _state(state)
     store = Store(database or f"sqlite:///{state_dir / 'broker.db'}", state_dir)
@@ -340,26 +340,19 @@ def audit_verify(
     as_json: bool,
 ) -> None:
     """Check the whole chain: no record edited, deleted or reordered. Exit 1 if broken."""
-    from shieldml.broker.storage import AuditRecord, verify_chain
+    from shieldml.broker.audit import verify_log
+    from shieldml.errors import AuditChainError
 
     with _client(url, fingerprint, token_file) as c:
         raw, head = c.audit_all()
-    records = [
-        AuditRecord(r["seq"], r["at"], r["event"], r["data"], r["prev_hash"], r["hash"])
-        for r in raw
-    ]
-    ok, reason = verify_chain(records, (head["seq"], head["hash"]))
-    if ok and checkpoint and Path(checkpoint).exists():
-        seen = json.loads(Path(checkpoint).read_text())
-        ok, reason = (
-            verify_chain(records, (seen["seq"], seen["hash"]))
-            if seen["seq"] <= len(records)
-            else (False, "the log is shorter than at the last verification")
-        )
-        if ok:
-            reason = f"{len(records)} records, chain intact, extends the checkpoint at record {seen['seq']}"
-    if ok and checkpoint:
-        Path(checkpoint).write_text(json.dumps(head))
+    try:
+        verified = verify_log(raw, head, checkpoint=Path(checkpoint) if checkpoint else None)
+    except AuditChainError as e:
+        ok, reason = False, e.message
+    else:
+        ok, reason = True, f"{verified.seq} records, chain intact"
+        if checkpoint:
+            reason += f", checkpoint {checkpoint} updated"
     if as_json:
         click.echo(json.dumps({"ok": ok, "reason": reason, "head": head}, indent=2))
     else:

@@ -8,7 +8,6 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.markup import escape
@@ -213,11 +212,11 @@ def receipt_verify(
     insecure_allow_* switches say so. Then (by default) the files must match the receipt.
     Exit 1 if the policy denies the receipt's TEE or the files differ.
     """
-    from shieldml.attest.simulated import SimulatedPlatform, fixed_clock
     from shieldml.cli_policy import _load
-    from shieldml.errors import PolicyDenied
+    from shieldml.errors import PolicyDenied, ReceiptError
     from shieldml.policy import Verdict
-    from shieldml.runner.run import verify_receipt
+    from shieldml.runner.receipt import VerifiedReceipt, verify_receipt
+    from shieldml.testing.simulated import SimulatedPlatform, fixed_clock
 
     if policy_file is None:
         raise click.UsageError(
@@ -230,10 +229,15 @@ def receipt_verify(
     when = _time(at)
     if simulated_platform:
         anchors = SimulatedPlatform.open(simulated_platform, clock=fixed_clock(when)).trust(anchors)
+    problems: list[str] = []
     try:
-        result: dict[str, Any] = verify_receipt(
+        verified = verify_receipt(
             file, policy=pol, now=when, trust=anchors, check_files=not no_files
         )
+    except ReceiptError as e:
+        if not isinstance(e.verified, VerifiedReceipt):
+            raise
+        verified, problems = e.verified, e.problems
     except PolicyDenied as e:
         if not isinstance(e.verdict, Verdict):  # unreachable: the policy gate raises a Verdict
             raise
@@ -246,6 +250,7 @@ def receipt_verify(
             for line in e.verdict.failures():
                 out.print(f"  {escape(line)}")
         ctx.exit(1)
+    result = verified.to_dict() | {"ok": not problems, "problems": problems}
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -274,9 +279,9 @@ def receipt_verify(
                 else "sealed to a recipient's public key"
             )
             out.print(f"output {escape(o['path'])}: {how}")
-        for p in result["problems"]:
+        for p in problems:
             out.print(f"[red]{escape(p)}[/red]")
-    if not result["ok"]:
+    if problems:
         raise ShieldError("the files no longer match the receipt")
 
 

@@ -12,7 +12,8 @@ reading a closed file). The CLI catches ``ShieldError`` once and prints
     │   ├── NotProtectedError       a file that is not a shieldml/Gramine protected file at all
     │   └── UnsupportedVersionError a known structure with a version this build cannot read
     ├── IntegrityError              authentication failed: tampered, truncated, reordered, swapped
-    │   └── WrongKeyError           the key does not belong to the file (detected before decrypting)
+    │   ├── WrongKeyError           the key does not belong to the file (detected before decrypting)
+    │   └── AuditChainError         a broker's audit log was edited, cut or reordered
     ├── KeyFileError                a key file that is missing, unreadable or of the wrong size
     ├── OutputExistsError           refusing to overwrite something the user did not ask to replace
     └── AttestationError            evidence is not genuine TEE evidence (names the failed check)
@@ -21,6 +22,7 @@ reading a closed file). The CLI catches ``ShieldError`` once and prints
         ├── RevokedError            a certificate in the chain is revoked
         ├── CollateralError         collateral is missing, malformed or does not fit the evidence
         └── TcbError                no TCB level matches, or the matched level is Revoked
+    ├── ReceiptError                a run receipt not bound by its evidence, or files that differ from it
     ├── PolicyError                 a release policy that is malformed, empty or has unknown fields
     └── PolicyDenied                genuine evidence that the policy does not accept (has the verdict)
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 __all__ = [
     "AttestationError",
+    "AuditChainError",
     "CollateralError",
     "ExpiredError",
     "FormatError",
@@ -38,6 +41,7 @@ __all__ = [
     "OutputExistsError",
     "PolicyDenied",
     "PolicyError",
+    "ReceiptError",
     "RevokedError",
     "ShieldError",
     "TcbError",
@@ -175,6 +179,29 @@ class TcbError(AttestationError):
 
 class PolicyError(ShieldError):
     """A release policy that cannot be used: malformed, empty, unknown fields, bad values."""
+
+
+class AuditChainError(IntegrityError):
+    """The broker's audit log does not verify: a record edited, deleted, reordered or cut off."""
+
+    def __init__(self, reason: str, *, seq: int | None = None) -> None:
+        super().__init__("audit log", "chain" if seq is None else f"record {seq}", reason=reason)
+        self.seq = seq
+
+
+class ReceiptError(ShieldError):
+    """A run receipt whose evidence does not bind it, or whose files differ from it.
+
+    ``problems`` names each file that differs; ``verified`` is the receipt as verified before
+    the files were compared (``None`` when the binding itself failed).
+    """
+
+    def __init__(
+        self, message: str, *, problems: list[str] | None = None, verified: object = None
+    ) -> None:
+        super().__init__(message)
+        self.problems = list(problems or [])
+        self.verified = verified
 
 
 class PolicyDenied(ShieldError):  # noqa: N818 - the name the API promises

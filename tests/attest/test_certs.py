@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from shieldml.attest import _certs, _der, verify_evidence
 from shieldml.attest._intel_collateral import load_pem_chain
-from shieldml.attest.simulated import SimulatedPlatform, fixed_clock
 from shieldml.errors import AttestationError, CollateralError, FormatError
+from shieldml.testing.simulated import SimulatedPlatform, fixed_clock
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 

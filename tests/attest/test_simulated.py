@@ -9,8 +9,8 @@ import pytest
 from cryptography import x509
 
 from shieldml.attest import TcbStatus, TeeKind, TrustAnchors, verify_evidence
-from shieldml.attest.simulated import SimulatedPlatform, fixed_clock, system_clock
 from shieldml.errors import AttestationError, ExpiredError, ShieldError, UntrustedRootError
+from shieldml.testing.simulated import SimulatedPlatform, fixed_clock, system_clock
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from shieldml.attest.simulated import SimulatedPlatform, system_clock
 from shieldml.broker import protocol
-from shieldml.broker.service import Settings, create_app
-from shieldml.broker.storage import Store
+from shieldml.broker.server.app import Settings, create_app
+from shieldml.broker.server.storage import Store
+from shieldml.testing.simulated import SimulatedPlatform, system_clock
 from tests.conftest import sgx_policy
 
 MRENCLAVE = b"\x5a" * 32

@@ -13,9 +13,9 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from shieldml.attest.simulated import SimulatedPlatform, system_clock
-from shieldml.broker.service import Settings, create_app
-from shieldml.broker.storage import Store
+from shieldml.broker.server.app import Settings, create_app
+from shieldml.broker.server.storage import Store
+from shieldml.testing.simulated import SimulatedPlatform, system_clock
 
 EXAMPLES = int(os.environ.get("SHIELDML_FUZZ_EXAMPLES", "25"))
 STATE = Path(tempfile.mkdtemp(prefix="shieldml-fuzz-"))

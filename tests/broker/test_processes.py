@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from shieldml.attest.simulated import SimulatedPlatform, system_clock
 from shieldml.broker import protocol
+from shieldml.broker.audit import AuditRecord, verify_log
 from shieldml.broker.client import BrokerClient, BrokerError
-from shieldml.broker.local import BrokerProcess, start_broker
-from shieldml.broker.storage import AuditRecord, verify_chain
 from shieldml.cli import main
 from shieldml.errors import PolicyDenied, ShieldError
+from shieldml.testing.brokers import BrokerProcess, start_broker
+from shieldml.testing.simulated import SimulatedPlatform, system_clock
 from tests.broker.conftest import MRENCLAVE, POLICY, WD, raw_tls_socket
 
 
@@ -130,12 +130,8 @@ def test_two_replicas_share_nonces_and_one_audit_chain(tmp_path: Path, sim_dir: 
         assert all(r["model"][1] == bytes(32) for r in results)
         with admin(b) as c:
             raw, head = c.audit_all()
-        records = [
-            AuditRecord(r["seq"], r["at"], r["event"], r["data"], r["prev_hash"], r["hash"])
-            for r in raw
-        ]
-        ok, reason = verify_chain(records, (head["seq"], head["hash"]))
-        assert ok, reason
+        verify_log(raw, head)
+        records = [AuditRecord.from_dict(r) for r in raw]
         assert sum(1 for r in records if r.event == "release" and r.data["allowed"]) == 25
     finally:
         a.stop()
@@ -143,7 +139,7 @@ def test_two_replicas_share_nonces_and_one_audit_chain(tmp_path: Path, sim_dir: 
 
 
 def test_served_secret_provisioning_and_release_without_collateral(tmp_path: Path, sim_dir: Path):
-    from shieldml.broker.local import free_port
+    from shieldml.testing.brokers import free_port
     from tests.broker.test_secret_prov import MRENCLAVE as SP_MRENCLAVE
     from tests.broker.test_secret_prov import POLICY as SP_POLICY
     from tests.broker.test_secret_prov import RESPONSE, enclave_request

@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from shieldml.broker import protocol
-from shieldml.broker.storage import GENESIS, record_hash
+from shieldml.broker.audit import GENESIS, record_hash
 from shieldml.errors import FormatError, IntegrityError
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from OpenSSL import SSL
 
-from shieldml.attest.simulated import SimulatedPlatform
-from shieldml.broker.secret_prov import REQUEST, RESPONSE, SecretProvServer
 from shieldml.broker.server import self_signed
-from shieldml.broker.service import Settings
-from shieldml.broker.storage import Store
+from shieldml.broker.server.app import Settings
+from shieldml.broker.server.secret_prov import REQUEST, RESPONSE, SecretProvServer
+from shieldml.broker.server.storage import Store
+from shieldml.testing.simulated import SimulatedPlatform
 from tests.conftest import sgx_policy
 
 MRENCLAVE = b"\x42" * 32

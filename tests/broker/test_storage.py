@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from shieldml.broker.storage import Store, audit_t, keys_t, verify_chain
-from shieldml.errors import IntegrityError
+from shieldml.broker.audit import verify_chain
+from shieldml.broker.server.storage import Store, audit_t, keys_t
+from shieldml.errors import AuditChainError, IntegrityError
 from tests.pg import PgCluster
 
 
@@ -65,7 +66,11 @@ def test_nonce_single_use_and_expiry(store: Store):
 
 
 def _chain(store: Store) -> tuple[bool, str]:
-    return verify_chain(store.audit_records(), store.audit_head())
+    try:
+        verify_chain(store.audit_records(), store.audit_head())
+    except AuditChainError as e:
+        return False, e.message
+    return True, ""
 
 
 def test_audit_chain_detects_edit_delete_reorder(store: Store):
@@ -86,12 +91,13 @@ def test_audit_chain_detects_deletion_and_reordering(store: Store):
     for i in range(5):
         store.audit("release", {"i": i})
     records = store.audit_records()
-    ok, why = verify_chain(records[:2] + records[3:], store.audit_head())
-    assert not ok and "missing" in why
+    with pytest.raises(AuditChainError, match="missing"):
+        verify_chain(records[:2] + records[3:], store.audit_head())
     swapped = [records[0], records[2], records[1], *records[3:]]
-    assert not verify_chain(swapped)[0]
-    ok, why = verify_chain(records[:-1], store.audit_head())  # the newest record removed
-    assert not ok and "removed" in why
+    with pytest.raises(AuditChainError):
+        verify_chain(swapped)
+    with pytest.raises(AuditChainError, match="removed"):  # the newest record removed
+        verify_chain(records[:-1], store.audit_head())
 
 
 def test_database_outage_is_a_503(tmp_path: Path, pg_cluster: PgCluster, pg_url: str):
@@ -100,7 +106,7 @@ def test_database_outage_is_a_503(tmp_path: Path, pg_cluster: PgCluster, pg_url:
 
     from fastapi.testclient import TestClient
 
-    from shieldml.broker.service import create_app
+    from shieldml.broker.server.app import create_app
 
     store = Store(pg_url, tmp_path / "state")
     client = TestClient(create_app(store))
@@ -137,7 +143,7 @@ def test_nonce_expiry_uses_the_database_clock(
     """Replicas with skewed clocks agree on nonce expiry: PostgreSQL's clock decides."""
     from datetime import UTC, datetime
 
-    from shieldml.broker import storage
+    from shieldml.broker.server import storage
 
     store = Store(pg_url, tmp_path / "state")
     fresh, _ = store.new_nonce(timedelta(seconds=60))

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from shieldml.attest import Claims, IntelCollateral, verify_evidence
-from shieldml.attest.simulated import SimulatedPlatform, fixed_clock
 from shieldml.errors import PolicyDenied, PolicyError
 from shieldml.policy import Policy, evaluate, require
+from shieldml.testing.simulated import SimulatedPlatform, fixed_clock
 
 NOW = datetime(2026, 11, 29, tzinfo=UTC)
 MRENCLAVE = "33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"

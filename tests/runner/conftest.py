@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from shieldml.attest.simulated import SimulatedPlatform, system_clock
 from shieldml.broker.client import BrokerClient
-from shieldml.broker.local import BrokerProcess, start_broker
 from shieldml.files import encrypt_file, generate_key
 from shieldml.runner.manifest import JobManifest
+from shieldml.testing.brokers import BrokerProcess, start_broker
+from shieldml.testing.simulated import SimulatedPlatform, system_clock
 from tests.conftest import sgx_policy
 
 MRENCLAVE = "7e" * 32

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from shieldml.attest import Quote, SnpReport
-from shieldml.attest.simulated import SimulatedPlatform, system_clock
 from shieldml.runner.evidence import (
     ConfigfsTsmProvider,
     EvidenceError,
@@ -18,6 +17,7 @@ from shieldml.runner.evidence import (
     SimulatedProvider,
     provider_for,
 )
+from shieldml.testing.simulated import SimulatedPlatform, system_clock
 
 
 class FakeTsm:

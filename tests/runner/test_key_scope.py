@@ -24,12 +24,13 @@ import pytest
 
 from shieldml.broker import protocol
 from shieldml.broker.client import BrokerClient
-from shieldml.broker.local import start_broker
 from shieldml.errors import ShieldError
 from shieldml.files import generate_key, key_id, open_protected
 from shieldml.policy import Policy
 from shieldml.runner.manifest import JobManifest
-from shieldml.runner.run import run_job, verify_receipt
+from shieldml.runner.receipt import verify_receipt
+from shieldml.runner.run import run_job
+from shieldml.testing.brokers import start_broker
 from tests.runner.conftest import Job, encrypt_file_plain, policy_for
 
 pytestmark = pytest.mark.skipif(
@@ -201,14 +202,14 @@ def test_two_honest_brokers_with_the_same_key_name_keep_their_own(job: Job, tmp_
     ) as f:
         assert f.read() == b"data owner's result: DATA"
     # the receipt says which owner's key sealed which output
-    from shieldml.attest.simulated import SimulatedPlatform, system_clock
+    from shieldml.testing.simulated import SimulatedPlatform, system_clock
 
     trust = SimulatedPlatform.open(job.sim_dir, clock=system_clock).trust()
     outputs = {
         o["path"]: o["sealed_by"]
         for o in verify_receipt(
             str(receipt), policy=Policy.from_toml(policy_for(digest)), trust=trust
-        )["receipt"]["outputs"]
+        ).body["outputs"]
     }
     assert outputs == {
         str(work / "result.txt"): {"broker": "owner", "key": "results", "key_id": key_id(job.result_key).hex()},

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from shieldml.broker.client import BrokerClient
-from shieldml.broker.local import start_broker
 from shieldml.files import encrypt_file, generate_key, open_protected
 from shieldml.runner.manifest import JobManifest
 from shieldml.runner.run import run_job
+from shieldml.testing.brokers import start_broker
 from tests.runner.conftest import MRENCLAVE, policy_for
 
 torch = pytest.importorskip("torch")

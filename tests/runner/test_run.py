@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from shieldml.errors import PolicyDenied, ShieldError
+from shieldml.errors import PolicyDenied, ReceiptError, ShieldError
 from shieldml.files import open_protected
 from shieldml.policy import Policy
 from shieldml.runner.manifest import TrustedFileError
-from shieldml.runner.run import run_job, verify_receipt
+from shieldml.runner.receipt import verify_receipt
+from shieldml.runner.run import run_job
 from tests.runner.conftest import Job
 
 pytestmark = pytest.mark.skipif(
@@ -41,14 +42,14 @@ def test_run_decrypts_runs_and_seals(job: Job):
                 and b"INPUT-MARKER" not in data
                 and b"HELLO SHIELDED" not in data
             ), p
-    from shieldml.attest.simulated import SimulatedPlatform, system_clock
+    from shieldml.testing.simulated import SimulatedPlatform, system_clock
 
     result = verify_receipt(
         str(receipt),
         policy=Policy.from_toml(job.policy(digest)),
         trust=SimulatedPlatform.open(job.sim_dir, clock=system_clock).trust(),
     )
-    assert result["ok"] and result["receipt"]["exit_code"] == 0
+    assert result.files_checked and result.body["exit_code"] == 0
 
 
 def test_exit_code_passes_through(job: Job):
@@ -181,9 +182,9 @@ def test_two_owners_directories_and_signals(tmp_path: Path, sim_dir: Path):
     import time
 
     from shieldml.broker.client import BrokerClient
-    from shieldml.broker.local import start_broker
     from shieldml.files import encrypt_path, generate_key
     from shieldml.runner.manifest import JobManifest
+    from shieldml.testing.brokers import start_broker
 
     owners = {
         name: start_broker(tmp_path / name, "--simulated-platform", str(sim_dir))
@@ -350,10 +351,10 @@ def test_data_key_rotation_keeps_old_receipts_verifiable(job: Job):
     """Rotate the model key end to end: `shieldml rekey` the inputs, replace the key at the
     broker; the job runs on the new ciphertexts, the old key opens nothing, and the receipt of the
     run before the rotation still verifies (its file digests name the old ciphertexts)."""
-    from shieldml.attest.simulated import SimulatedPlatform, system_clock
     from shieldml.cli import main
     from shieldml.errors import WrongKeyError
     from shieldml.files import generate_key, write_key_file
+    from shieldml.testing.simulated import SimulatedPlatform, system_clock
 
     pol = Policy.from_toml(job.policy(job.authorize()))
     before, after = job.dir / "before.json", job.dir / "after.json"
@@ -384,14 +385,15 @@ def test_data_key_rotation_keeps_old_receipts_verifiable(job: Job):
 
     trust = SimulatedPlatform.open(job.sim_dir, clock=system_clock).trust()
     old = verify_receipt(str(before), policy=pol, trust=trust, check_files=False)
-    assert old["ok"] and old["receipt"]["exit_code"] == 0
+    assert old.body["exit_code"] == 0
     # the inputs were re-encrypted since
-    with_files = verify_receipt(str(before), policy=pol, trust=trust)
-    assert not with_files["ok"]
-    assert sorted(Path(p.split(":")[0]).name for p in with_files["problems"]) == [
+    with pytest.raises(ReceiptError) as differ:
+        verify_receipt(str(before), policy=pol, trust=trust)
+    assert differ.value.verified is not None
+    assert sorted(Path(p.split(":")[0]).name for p in differ.value.problems) == [
         "input.txt.enc", "model.bin.enc", "result.txt.enc",
     ]  # fmt: skip
-    assert verify_receipt(str(after), policy=pol, trust=trust)["ok"]
+    verify_receipt(str(after), policy=pol, trust=trust)
 
 
 # -- issue 12: the host sets env, argv[0]'s lookup and the hash cache ----------------------------

@@ -15,7 +15,14 @@ from shieldml.attest._claims import (
     TeeKind,
 )
 from shieldml.attest._evidence import TEE_CHOICES, detect_tee, verify_evidence
-from shieldml.attest._intel_collateral import IntelCollateral
+from shieldml.attest._fetch import (
+    CollateralCache,
+    Fetcher,
+    fetch_intel_collateral,
+    fetch_vcek,
+    http_fetcher,
+)
+from shieldml.attest._intel_collateral import IntelCollateral, load_pem_chain
 from shieldml.attest._intel_quote import Quote
 from shieldml.attest._intel_verify import verify_quote
 from shieldml.attest._ratls import RaTlsEvidence, extract
@@ -26,7 +33,10 @@ from shieldml.attest._trust import (
     RootKind,
     TrustAnchors,
     Vendor,
+    anchors_from_files,
+    fingerprint,
 )
+from shieldml.attest._truststore import TrustStore, default_store
 
 __all__ = [
     "AMD_ARK_SHA256",
@@ -34,6 +44,8 @@ __all__ = [
     "TEE_CHOICES",
     "Check",
     "Claims",
+    "CollateralCache",
+    "Fetcher",
     "IntelCollateral",
     "Quote",
     "RaTlsEvidence",
@@ -45,10 +57,18 @@ __all__ = [
     "TdxMeasurements",
     "TeeKind",
     "TrustAnchors",
+    "TrustStore",
     "Vendor",
     "VerificationCache",
+    "anchors_from_files",
+    "default_store",
     "detect_tee",
     "extract",
+    "fetch_intel_collateral",
+    "fetch_vcek",
+    "fingerprint",
+    "http_fetcher",
+    "load_pem_chain",
     "verify_evidence",
     "verify_quote",
     "verify_report",

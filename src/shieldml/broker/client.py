@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from shieldml.broker import protocol
-from shieldml.broker.server import cert_fingerprint
+from shieldml.broker.tls import pinned_context
 from shieldml.errors import PolicyDenied, ShieldError
 
 
@@ -28,24 +28,6 @@ class BrokerError(ShieldError):
         super().__init__(f"broker answered {status}: {text}")
         self.status = status
         self.detail = detail
-
-
-def pinned_context(url: str, fingerprint: str) -> ssl.SSLContext:
-    """An SSL context that trusts only the certificate with ``fingerprint`` at ``url``."""
-    u = urllib.parse.urlsplit(url)
-    try:
-        pem = ssl.get_server_certificate((u.hostname or "localhost", u.port or 443), timeout=10)
-    except OSError as e:
-        raise ShieldError(f"{url}: cannot reach the broker: {e}") from e
-    got = cert_fingerprint(pem.encode())
-    if got != fingerprint.lower().replace(":", ""):
-        raise ShieldError(
-            f"{url}: TLS certificate fingerprint {got} is not the pinned one",
-            hint="check --fingerprint; a different certificate may mean an impostor",
-        )
-    ctx = ssl.create_default_context(cadata=pem)
-    ctx.check_hostname = False  # the pin replaces the name check; the chain is verified against it
-    return ctx
 
 
 def _int(v: Any, what: str) -> int:

@@ -6,7 +6,7 @@ seals the model to the model owner; a second shielded job classifies the encrypt
 with the encrypted model and seals the predictions to the data owner, who decrypts them and
 scores them. Then the cloud's view (ciphertext, audit logs), three attacks refused, and native vs
 shielded times. Everything uses the same commands and code paths as a real deployment, except
-that evidence comes from :mod:`shieldml.attest.simulated`.
+that evidence comes from :mod:`shieldml.testing.simulated`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from rich.panel import Panel
 from rich.table import Table
 
 from shieldml.broker.client import BrokerClient
-from shieldml.broker.local import BrokerProcess, start_broker
 from shieldml.errors import PolicyDenied, ShieldError
 from shieldml.files import decrypt_path, encrypt_file, generate_key
 from shieldml.runner.manifest import JobManifest
 from shieldml.runner.run import run_job
+from shieldml.testing.brokers import BrokerProcess, start_broker
 
 MRENCLAVE = "5e" * 32  # the simulated TEE's measurement of the runner image
 SCRIPTS = ("digits_net.py", "train.py", "infer.py")
@@ -104,7 +104,7 @@ class Demo:
     # 1 --------------------------------------------------------------------------------------
     def setup(self) -> None:
         self.step("1. Two owners, two key brokers")
-        from shieldml.attest.simulated import SimulatedPlatform, system_clock
+        from shieldml.testing.simulated import SimulatedPlatform, system_clock
 
         self.sim_dir = self.root / "simulated-tee"
         SimulatedPlatform.open(self.sim_dir, clock=system_clock)
@@ -115,7 +115,7 @@ class Demo:
         (self.work / "data").mkdir(parents=True)
         for s in SCRIPTS:
             (self.work / s).write_text(
-                resources.files("shieldml.demo").joinpath(f"digits/{s}").read_text()
+                resources.files("shieldml.demo").joinpath(f"digits-job/{s}").read_text()
             )
         self.keys = {"data": generate_key(), "predictions": generate_key(), "model": generate_key()}
         with self.owners["data-owner"].client() as c:
@@ -332,18 +332,17 @@ class Demo:
             "scan of every host file for plaintext: "
             + ("[green]none found[/green]" if not leaked else f"[red]{leaked}[/red]")
         )
-        from shieldml.broker.storage import AuditRecord, verify_chain
+        from shieldml.broker.audit import verify_log
+        from shieldml.errors import AuditChainError
 
         for o in self.owners.values():
             with o.client() as c:
                 raw, head = c.audit_all()
-            ok, why = verify_chain(
-                [
-                    AuditRecord(r["seq"], r["at"], r["event"], r["data"], r["prev_hash"], r["hash"])
-                    for r in raw
-                ],
-                (head["seq"], head["hash"]),
-            )
+            try:
+                verify_log(raw, head)
+                ok, why = True, ""
+            except AuditChainError as e:
+                ok, why = False, e.message
             released = sum(1 for r in raw if r["event"] == "release" and r["data"].get("allowed"))
             self.say(
                 f"{o.name} audit log: {len(raw)} records, {released} releases, chain {'[green]intact[/green]' if ok else '[red]BROKEN: ' + why + '[/red]'}"

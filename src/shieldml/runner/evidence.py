@@ -4,7 +4,7 @@
   the 64-byte report data to ``inblob``, read ``outblob`` (and, for SEV-SNP, the certificate
   table from ``auxblob``), remove the entry.
 - ``gramine``: Gramine's ``/dev/attestation``: write ``user_report_data``, read ``quote``.
-- ``simulated``: :class:`shieldml.attest.simulated.SimulatedPlatform` (tests and the demo only; a
+- ``simulated``: :class:`shieldml.testing.simulated.SimulatedPlatform` (tests and the demo only; a
   broker accepts it only with its simulated root trusted and the policy's insecure switch).
 - ``auto``: Gramine if ``/dev/attestation/quote`` exists, else configfs-tsm if present.
 """
@@ -147,7 +147,7 @@ class SimulatedProvider:
         debug: bool = False,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
-        from shieldml.attest.simulated import SimulatedPlatform, system_clock
+        from shieldml.testing.simulated import SimulatedPlatform, system_clock
 
         self.platform = SimulatedPlatform.open(platform_dir, clock=clock or system_clock)
         if kind not in ("sgx", "tdx", "snp"):

@@ -12,7 +12,6 @@ Steps (each refusal stops the run before the program starts):
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import signal
@@ -23,19 +22,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from shieldml.broker import protocol
 from shieldml.broker.client import BrokerClient
 from shieldml.errors import ShieldError
-from shieldml.runner.evidence import Evidence, Provider, provider_for
-from shieldml.runner.manifest import JobManifest, ManifestError, sha256_file, tree_sha256
-
-if TYPE_CHECKING:
-    from shieldml.policy import Policy
-
-RECEIPT_DOMAIN = b"shieldml/v1 receipt\0"
+from shieldml.runner.evidence import Provider, provider_for
+from shieldml.runner.manifest import JobManifest, ManifestError
+from shieldml.runner.receipt import write_receipt
 
 
 @dataclass
@@ -259,102 +253,3 @@ def _view(
             f"the decrypted view failed (exit {proc.returncode}); no output was sealed"
         )
     return result
-
-
-def receipt_report_data(body: dict[str, Any]) -> bytes:
-    text = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha512(RECEIPT_DOMAIN + hashlib.sha256(text).digest()).digest()
-
-
-def write_receipt(
-    path: str,
-    m: JobManifest,
-    digest: str,
-    audit: dict[str, int],
-    result: dict[str, Any],
-    status: int,
-    started: datetime,
-    provider: Provider,
-) -> None:
-    inputs = []
-    for i in m.inputs:
-        p = Path(i.ciphertext)
-        files = tree_sha256(p)
-        inputs.append({"path": i.path, "ciphertext": i.ciphertext, "sha256": files})
-    body = {
-        "shieldml_receipt": 1,
-        "workload_digest": digest,
-        "inputs": inputs,
-        "outputs": result["outputs"],
-        "broker_audit_seq": audit,
-        "exit_code": status,
-        "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "finished": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-    ev: Evidence = provider.evidence(receipt_report_data(body))
-    doc = {
-        "receipt": body,
-        "evidence": {
-            "tee": ev.tee,
-            "data": base64.b64encode(ev.data).decode(),
-            "collateral": ev.collateral,
-            "vcek": base64.b64encode(ev.vcek).decode() if ev.vcek else None,
-        },
-    }
-    tmp = Path(path + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)
-
-
-def verify_receipt(
-    path: str,
-    *,
-    policy: Policy,
-    now: datetime | None = None,
-    trust: Any = None,
-    check_files: bool = True,
-) -> dict[str, Any]:
-    """Verify a receipt: genuine evidence that binds it, accepted by ``policy``; then the files.
-
-    ``policy`` is a release policy (the TOML a broker uses) evaluated on the evidence's claims with
-    the receipt's workload digest, by the broker's gate: :class:`~shieldml.errors.PolicyDenied`
-    (with the verdict) when no profile accepts. Genuine evidence alone proves nothing about a
-    receipt: any enclave on a genuine platform, a debug one included, can put any body into its
-    report data, so only the measurements the policy pins say *which* code vouched for it. Debug,
-    simulated and custom-root evidence pass only through the policy's ``insecure_allow_*`` switches.
-    """
-    from shieldml.attest import IntelCollateral, verify_evidence
-    from shieldml.policy import require
-
-    try:
-        doc = json.loads(Path(path).read_text())
-        body, ev = doc["receipt"], doc["evidence"]
-        data = base64.b64decode(ev["data"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ShieldError(f"{path}: not a shieldml run receipt: {e}") from e
-    col = IntelCollateral.from_json(json.dumps(ev["collateral"])) if ev.get("collateral") else None
-    vcek = base64.b64decode(ev["vcek"]) if ev.get("vcek") else None
-    claims = verify_evidence(
-        data, tee=ev.get("tee", "auto"), collateral=col, vcek=vcek, now=now, trust=trust
-    )
-    if not protocol.binding_matches(receipt_report_data(body), claims.report_data):
-        raise ShieldError(
-            f"{path}: the evidence does not bind this receipt (edited after the run?)"
-        )
-    digest = body.get("workload_digest")
-    verdict = require(policy, claims, digest if isinstance(digest, str) else None)
-    problems = []
-    if check_files:
-        for item in body["inputs"] + body["outputs"]:
-            p = Path(item["ciphertext"])
-            for rel, h in item["sha256"].items():
-                f = p / rel if rel else p
-                if not f.exists() or sha256_file(str(f)) != h:
-                    problems.append(f"{f}: differs from the receipt")
-    return {
-        "ok": not problems,
-        "problems": problems,
-        "claims": claims.to_dict(),
-        "verdict": verdict.to_dict(),
-        "receipt": body,
-    }

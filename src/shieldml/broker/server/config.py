@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
-import hashlib
 import ipaddress
 import json
 import logging
 import os
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +19,9 @@ from cryptography.x509.oid import NameOID
 from fastapi import FastAPI
 
 from shieldml.attest import IntelCollateral, Quote, TrustAnchors
-from shieldml.broker.service import Settings, create_app
-from shieldml.broker.storage import Store
+from shieldml.broker.server.app import Settings, create_app
+from shieldml.broker.server.storage import Store
+from shieldml.broker.tls import cert_fingerprint
 
 log = logging.getLogger("shieldml.broker")
 
@@ -35,16 +34,6 @@ class TlsFiles:
     @property
     def fingerprint(self) -> str:
         return cert_fingerprint(self.cert.read_bytes())
-
-
-def cert_fingerprint(pem_or_der: bytes) -> str:
-    """SHA-256 over the certificate's DER encoding, lower-case hex (what clients pin)."""
-    der = (
-        ssl.PEM_cert_to_DER_cert(pem_or_der.decode())
-        if pem_or_der.lstrip().startswith(b"-----")
-        else pem_or_der
-    )
-    return hashlib.sha256(der).hexdigest()
 
 
 def self_signed(state_dir: Path, hosts: list[str]) -> TlsFiles:
@@ -113,8 +102,8 @@ class BrokerConfig:
         return cls(**d)
 
     def trust(self) -> TrustAnchors:
-        from shieldml.attest._trust import anchors_from_files
-        from shieldml.attest.simulated import SimulatedPlatform, system_clock
+        from shieldml.attest import anchors_from_files
+        from shieldml.testing.simulated import SimulatedPlatform, system_clock
 
         anchors = anchors_from_files(
             self.trust_roots, insecure_custom_root=self.insecure_custom_root
@@ -135,10 +124,8 @@ class BrokerConfig:
     def collateral_source(self) -> Callable[[bytes], IntelCollateral]:
         """Collateral for a quote: a trusted simulated platform's own, else the on-disk cache,
         refreshed from the PCCS/PCS at ``pccs_url`` when configured."""
-        from shieldml.attest._fetch import CollateralCache, http_fetcher
-        from shieldml.attest._intel_collateral import load_pem_chain
-        from shieldml.attest._trust import fingerprint
-        from shieldml.attest.simulated import SimulatedPlatform, system_clock
+        from shieldml.attest import CollateralCache, fingerprint, http_fetcher, load_pem_chain
+        from shieldml.testing.simulated import SimulatedPlatform, system_clock
 
         sims = [SimulatedPlatform.open(d, clock=system_clock) for d in self.simulated_platforms]
         cache = CollateralCache(Path(self.state_dir) / "collateral")

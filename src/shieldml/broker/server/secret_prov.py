@@ -23,15 +23,14 @@ from dataclasses import dataclass
 
 from OpenSSL import SSL, crypto
 
-from shieldml.attest import IntelCollateral, verify_evidence
-from shieldml.attest._ratls import extract
-from shieldml.broker.service import Settings
-from shieldml.broker.storage import Store
+from shieldml.attest import IntelCollateral, extract, verify_evidence
+from shieldml.broker.server.app import Settings
+from shieldml.broker.server.storage import Store
 from shieldml.errors import AttestationError, FormatError, ShieldError
 from shieldml.files import Format
 from shieldml.policy import Policy, evaluate
 
-log = logging.getLogger("shieldml.broker.secret_prov")
+log = logging.getLogger("shieldml.broker.server.secret_prov")
 REQUEST = b"SECRET_PROVISION_RA_TLS_REQUEST_V1\0"
 RESPONSE = b"SECRET_PROVISION_RA_TLS_RESPONSE_V1:\0"
 TIMEOUT = 30.0  # per read or write

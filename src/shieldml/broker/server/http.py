@@ -3,7 +3,7 @@
 uvicorn bounds the idle time between requests on a keep-alive connection but not the time a client
 takes to send a request line and headers: a client trickling one header byte every few seconds
 holds a connection, and its file descriptor and memory, forever. The request *body* is bounded by
-:class:`shieldml.broker.service.BodyLimit`; this protocol bounds the head. The deadline runs from
+:class:`shieldml.broker.server.app.BodyLimit`; this protocol bounds the head. The deadline runs from
 the moment the connection is open (after the TLS handshake, which asyncio bounds at 60 s) and from
 the first byte of each later request on a kept-alive connection; a client that misses it gets
 ``408 Request Timeout`` and the connection is closed.

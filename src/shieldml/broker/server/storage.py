@@ -15,7 +15,6 @@ import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import sqlalchemy as sa
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from shieldml.broker.audit import GENESIS, AuditRecord, ChainHead, record_hash
 from shieldml.errors import IntegrityError, ShieldError
 
 md = sa.MetaData()
@@ -66,41 +66,12 @@ meta_t = sa.Table(
     sa.Column("k", sa.String(64), primary_key=True),
     sa.Column("v", sa.Text, nullable=False),
 )
-GENESIS = "0" * 64
 _HEAD_FOR_UPDATE = sa.select(meta_t.c.v).where(meta_t.c.k == "audit_head").with_for_update()
 NAME_MAX = 128
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def record_hash(prev: str, seq: int, at: str, event: str, data: str) -> str:
-    """Each audit record hashes its predecessor's hash and its own canonical content."""
-    body = json.dumps(
-        {"seq": seq, "at": at, "event": event, "data": data}, sort_keys=True, separators=(",", ":")
-    )
-    return hashlib.sha256(bytes.fromhex(prev) + body.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class AuditRecord:
-    seq: int
-    at: str
-    event: str
-    data: dict[str, Any]
-    prev_hash: str
-    hash: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "at": self.at,
-            "event": self.event,
-            "data": self.data,
-            "prev_hash": self.prev_hash,
-            "hash": self.hash,
-        }
 
 
 class Kek:
@@ -364,13 +335,13 @@ class Store:
         except sa.exc.IntegrityError:
             pass  # another replica created it first
 
-    def audit_head(self) -> tuple[int, str]:
+    def audit_head(self) -> ChainHead:
         with self.engine.connect() as c:
             r = c.execute(sa.select(meta_t.c.v).where(meta_t.c.k == "audit_head")).first()
         if r is None:
-            return 0, GENESIS
+            return ChainHead(0, GENESIS)
         seq, h = str(r.v).split(":")
-        return int(seq), h
+        return ChainHead(int(seq), h)
 
     def audit_records(self, after: int = 0, limit: int = 1000) -> list[AuditRecord]:
         with self.engine.connect() as c:
@@ -401,34 +372,6 @@ class Store:
         return r is not None and hmac.compare_digest(
             str(r.v), hashlib.sha256(token.encode()).hexdigest()
         )
-
-
-def verify_chain(
-    records: list[AuditRecord], head: tuple[int, str] | None = None
-) -> tuple[bool, str]:
-    """Check contiguity from 1, every hash, and (if given) that the chain ends at ``head``.
-
-    ``head`` (sequence number and hash of the last record) catches deletion of the newest records,
-    which a chain on its own cannot show; ``shieldml audit verify`` remembers it between runs.
-    """
-    prev, expected = GENESIS, 1
-    for r in records:
-        if r.seq != expected:
-            return False, f"record {expected} is missing (found {r.seq}): deleted or reordered"
-        if r.prev_hash != prev:
-            return False, f"record {r.seq} does not follow record {r.seq - 1}"
-        data = json.dumps(r.data, sort_keys=True, separators=(",", ":"))
-        if record_hash(prev, r.seq, r.at, r.event, data) != r.hash:
-            return False, f"record {r.seq} was modified"
-        prev, expected = r.hash, expected + 1
-    if head is not None and head[0] > 0:
-        last = records[head[0] - 1].hash if len(records) >= head[0] else None
-        if last != head[1]:
-            return (
-                False,
-                f"the chain no longer contains record {head[0]} as last seen: records were removed or rewritten",
-            )
-    return True, f"{len(records)} records, chain intact"
 
 
 def _check_name(name: str) -> None:

@@ -36,11 +36,11 @@ from shieldml.attest import (
     VerificationCache,
     detect_tee,
     extract,
+    load_pem_chain,
     verify_evidence,
 )
-from shieldml.attest._intel_collateral import load_pem_chain
 from shieldml.broker import protocol
-from shieldml.broker.storage import Store
+from shieldml.broker.server.storage import Store
 from shieldml.errors import AttestationError, FormatError, PolicyError, ShieldError
 from shieldml.files import Format, generate_key
 from shieldml.policy import Policy, Verdict, evaluate
@@ -318,8 +318,8 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
         after: int = Query(0, ge=0, le=2**62), limit: int = Query(1000, ge=1, le=10_000)
     ) -> dict[str, Any]:
         records = store.audit_records(after, limit)
-        seq, h = store.audit_head()
-        return {"head": {"seq": seq, "hash": h}, "records": [r.to_dict() for r in records]}
+        head = store.audit_head()
+        return {"head": head.to_dict(), "records": [r.to_dict() for r in records]}
 
     @app.get("/v1/health")
     def health() -> dict[str, str]:

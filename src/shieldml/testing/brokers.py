@@ -1,9 +1,14 @@
-"""Broker processes on loopback: for the demo, the examples and the tests (not production)."""
+"""Broker processes on loopback for the demo, the examples and the tests (not for production).
+
+:func:`start_broker` runs ``shieldml broker serve`` in a child process with a fresh state
+directory, waits until it accepts connections, and returns its URL, the fingerprint of the
+certificate it serves (read from the certificate file, the same one ``serve`` prints) and the
+file holding its admin token.
+"""
 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -11,6 +16,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from shieldml.broker.tls import cert_fingerprint
 
 
 def free_port() -> int:
@@ -72,9 +79,11 @@ def start_broker(
     else:
         proc.kill()
         raise RuntimeError(f"broker did not start: {log.read_text()}")
-    text = log.read_text()
-    m = re.search(r"fingerprint \(clients pin it\): ([0-9a-f]{64})", text)
-    scheme = "https" if m else "http"
+    if "--insecure-no-tls" in args:
+        return BrokerProcess(proc, f"http://127.0.0.1:{port}", "", token_file, log)
+    cert = (
+        Path(args[args.index("--tls-cert") + 1]) if "--tls-cert" in args else state / "tls-cert.pem"
+    )
     return BrokerProcess(
-        proc, f"{scheme}://127.0.0.1:{port}", m.group(1) if m else "", token_file, log
+        proc, f"https://127.0.0.1:{port}", cert_fingerprint(cert.read_bytes()), token_file, log
     )

@@ -1,0 +1,166 @@
+"""Run receipts: what ``shieldml run --receipt`` writes, and how anyone checks one later.
+
+A receipt's body names the workload digest, the ciphertexts read and written (with SHA-256 of
+each file), which broker's key sealed each output, the brokers' audit positions and the exit
+code. Its hash goes into the report data of a second piece of evidence (domain
+``shieldml/v1 receipt``), so the body cannot change without the evidence no longer binding it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shieldml.broker import protocol
+from shieldml.errors import FormatError, ReceiptError
+from shieldml.runner.evidence import Evidence, Provider
+from shieldml.runner.manifest import JobManifest, sha256_file, tree_sha256
+
+if TYPE_CHECKING:
+    from shieldml.attest import Claims, TrustAnchors
+    from shieldml.policy import Policy, Verdict
+
+__all__ = [
+    "RECEIPT_DOMAIN",
+    "VerifiedReceipt",
+    "receipt_report_data",
+    "verify_receipt",
+    "write_receipt",
+]
+
+RECEIPT_DOMAIN = b"shieldml/v1 receipt\0"
+
+
+def receipt_report_data(body: dict[str, Any]) -> bytes:
+    text = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha512(RECEIPT_DOMAIN + hashlib.sha256(text).digest()).digest()
+
+
+def write_receipt(
+    path: str,
+    m: JobManifest,
+    digest: str,
+    audit: dict[str, int],
+    result: dict[str, Any],
+    status: int,
+    started: datetime,
+    provider: Provider,
+) -> None:
+    inputs = []
+    for i in m.inputs:
+        p = Path(i.ciphertext)
+        files = tree_sha256(p)
+        inputs.append({"path": i.path, "ciphertext": i.ciphertext, "sha256": files})
+    body = {
+        "shieldml_receipt": 1,
+        "workload_digest": digest,
+        "inputs": inputs,
+        "outputs": result["outputs"],
+        "broker_audit_seq": audit,
+        "exit_code": status,
+        "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "finished": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    ev: Evidence = provider.evidence(receipt_report_data(body))
+    doc = {
+        "receipt": body,
+        "evidence": {
+            "tee": ev.tee,
+            "data": base64.b64encode(ev.data).decode(),
+            "collateral": ev.collateral,
+            "vcek": base64.b64encode(ev.vcek).decode() if ev.vcek else None,
+        },
+    }
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class VerifiedReceipt:
+    """A receipt whose evidence is genuine, binds it, and satisfies the policy."""
+
+    body: dict[str, Any]
+    claims: Claims
+    verdict: Verdict
+    files_checked: bool = field(default=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "files_checked": self.files_checked,
+            "claims": self.claims.to_dict(),
+            "verdict": self.verdict.to_dict(),
+            "receipt": self.body,
+        }
+
+
+def verify_receipt(
+    path: str,
+    *,
+    policy: Policy,
+    now: datetime | None = None,
+    trust: TrustAnchors | None = None,
+    check_files: bool = True,
+) -> VerifiedReceipt:
+    """Verify a receipt: genuine evidence that binds it, accepted by ``policy``; then the files.
+
+    ``policy`` is a release policy (the TOML a broker uses) evaluated on the evidence's claims with
+    the receipt's workload digest, by the broker's gate: :class:`~shieldml.errors.PolicyDenied`
+    (with the verdict) when no profile accepts. Genuine evidence alone proves nothing about a
+    receipt: any enclave on a genuine platform, a debug one included, can put any body into its
+    report data, so only the measurements the policy pins say *which* code vouched for it. Debug,
+    simulated and custom-root evidence pass only through the policy's ``insecure_allow_*`` switches.
+
+    Raises :class:`~shieldml.errors.FormatError` for a file that is not a receipt,
+    :class:`~shieldml.errors.AttestationError` for evidence that is not genuine, and
+    :class:`~shieldml.errors.ReceiptError` when the evidence does not bind the body or (with
+    ``check_files``) a file differs from the receipt; that error carries ``problems`` and the
+    ``verified`` receipt.
+    """
+    from shieldml.attest import IntelCollateral, verify_evidence
+    from shieldml.policy import require
+
+    try:
+        doc = json.loads(Path(path).read_text())
+        body, ev = doc["receipt"], doc["evidence"]
+        data = base64.b64decode(ev["data"])
+        col = (
+            IntelCollateral.from_json(json.dumps(ev["collateral"]))
+            if ev.get("collateral")
+            else None
+        )
+        vcek = base64.b64decode(ev["vcek"]) if ev.get("vcek") else None
+        items = [*body["inputs"], *body["outputs"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"{path}: not a shieldml run receipt: {e}") from e
+    claims = verify_evidence(
+        data, tee=ev.get("tee", "auto"), collateral=col, vcek=vcek, now=now, trust=trust
+    )
+    if not protocol.binding_matches(receipt_report_data(body), claims.report_data):
+        raise ReceiptError(
+            f"{path}: the evidence does not bind this receipt (edited after the run?)"
+        )
+    digest = body.get("workload_digest")
+    verdict = require(policy, claims, digest if isinstance(digest, str) else None)
+    verified = VerifiedReceipt(body, claims, verdict, files_checked=check_files)
+    if check_files:
+        problems = []
+        for item in items:
+            p = Path(item["ciphertext"])
+            for rel, h in item["sha256"].items():
+                f = p / rel if rel else p
+                if not f.exists() or sha256_file(str(f)) != h:
+                    problems.append(f"{f}: differs from the receipt")
+        if problems:
+            raise ReceiptError(
+                f"{path}: {len(problems)} file(s) no longer match the receipt",
+                problems=problems,
+                verified=verified,
+            )
+    return verified
