@@ -42,8 +42,12 @@ from tests.pg import PgCluster  # noqa: E402
 from bench_files import write_page  # noqa: E402
 from shieldml.broker import protocol  # noqa: E402
 from shieldml.broker.audit import verify_log  # noqa: E402
-from shieldml.broker.client import BrokerClient, BrokerError  # noqa: E402
-from shieldml.errors import AuditChainError, ShieldError  # noqa: E402
+from shieldml.broker.client import BrokerClient  # noqa: E402
+from shieldml.errors import (  # noqa: E402
+    AuditChainError,
+    BrokerError,
+    ShieldError,
+)
 from shieldml.testing.brokers import start_broker  # noqa: E402
 from shieldml.testing.simulated import SimulatedPlatform, fixed_clock, system_clock  # noqa: E402
 

@@ -7,46 +7,82 @@ reading a closed file). The CLI catches ``ShieldError`` once and prints
 
 ::
 
-    ShieldError
+    ShieldError                     root: every error bad input, a bad key or a tampered file can cause
     ├── FormatError                 bytes that do not parse as the structure they claim to be
     │   ├── NotProtectedError       a file that is not a shieldml/Gramine protected file at all
     │   └── UnsupportedVersionError a known structure with a version this build cannot read
     ├── IntegrityError              authentication failed: tampered, truncated, reordered, swapped
     │   ├── WrongKeyError           the key does not belong to the file (detected before decrypting)
+    │   ├── RollbackError           an input is not the ciphertext version the job pins
     │   └── AuditChainError         a broker's audit log was edited, cut or reordered
     ├── KeyFileError                a key file that is missing, unreadable or of the wrong size
     ├── OutputExistsError           refusing to overwrite something the user did not ask to replace
-    └── AttestationError            evidence is not genuine TEE evidence (names the failed check)
-        ├── UntrustedRootError      the chain ends in a root that is not a trusted vendor root
-        ├── ExpiredError            a certificate, CRL or collateral item is not valid at that time
-        ├── RevokedError            a certificate in the chain is revoked
-        ├── CollateralError         collateral is missing, malformed or does not fit the evidence
-        └── TcbError                no TCB level matches, or the matched level is Revoked
-    ├── ReceiptError                a run receipt not bound by its evidence, or files that differ from it
+    ├── AttestationError            evidence is not genuine TEE evidence (names the failed check)
+    │   ├── UntrustedRootError      the chain ends in a root that is not a trusted vendor root
+    │   ├── ExpiredError            a certificate, CRL or collateral item is not valid at that time
+    │   ├── RevokedError            a certificate in the chain is revoked
+    │   ├── CollateralError         collateral is missing, malformed or does not fit the evidence
+    │   └── TcbError                no TCB level matches, or the matched level is Revoked
     ├── PolicyError                 a release policy that is malformed, empty or has unknown fields
-    └── PolicyDenied                genuine evidence that the policy does not accept (has the verdict)
+    ├── PolicyDenied                genuine evidence that the policy does not accept (has the verdict)
+    ├── BrokerError                 a key broker refused a request (``status``: the HTTP status)
+    │   ├── BrokerUnavailable       the broker cannot be reached, or answers that it is not ready
+    │   ├── NonceError              the challenge nonce is unknown, expired or already used
+    │   ├── BindingError            the evidence does not bind the nonce, runner key and workload
+    │   ├── UnknownKeyError         no key of that name on the broker
+    │   ├── KeyExistsError          a key of that name exists already
+    │   └── ReleaseDenied           the broker's policy denied the release (``verdicts``)
+    ├── ManifestError               a job manifest that is malformed or inconsistent
+    ├── TrustedFileError            a trusted file differs from its hash in the manifest
+    ├── EvidenceError               the TEE gave no evidence (interface missing, timed out, empty)
+    ├── ViewError                   the decrypted view could not be set up
+    │   └── MountChangedError       a mount of the view was detached or replaced during the run
+    └── ReceiptError                a run receipt not bound by its evidence, or files that differ
+
+``ReleaseDenied`` is also a ``PolicyDenied``: a caller that handles every policy refusal the
+same way, local or the broker's, catches ``PolicyDenied``.
 """
 
 from __future__ import annotations
 
+import json
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shieldml.attest import Check
+    from shieldml.policy import Verdict
+
 __all__ = [
     "AttestationError",
     "AuditChainError",
+    "BindingError",
+    "BrokerError",
+    "BrokerUnavailable",
     "CollateralError",
+    "EvidenceError",
     "ExpiredError",
     "FormatError",
     "IntegrityError",
+    "KeyExistsError",
     "KeyFileError",
+    "ManifestError",
+    "MountChangedError",
+    "NonceError",
     "NotProtectedError",
     "OutputExistsError",
     "PolicyDenied",
     "PolicyError",
     "ReceiptError",
+    "ReleaseDenied",
     "RevokedError",
+    "RollbackError",
     "ShieldError",
     "TcbError",
+    "TrustedFileError",
+    "UnknownKeyError",
     "UnsupportedVersionError",
     "UntrustedRootError",
+    "ViewError",
     "WrongKeyError",
 ]
 
@@ -144,7 +180,7 @@ class AttestationError(ShieldError):
         self.check = check
         self.expected = expected
         self.found = found
-        self.checks: list[object] = []
+        self.checks: list[Check] = []
 
     def diagnostics(self) -> str:
         text = self.message
@@ -181,12 +217,105 @@ class PolicyError(ShieldError):
     """A release policy that cannot be used: malformed, empty, unknown fields, bad values."""
 
 
+class RollbackError(IntegrityError):
+    """An input is not the ciphertext the job pins: an older or substituted version."""
+
+    def __init__(self, path: str, pin: str) -> None:
+        super().__init__(
+            path,
+            f"pinned sha256 {pin[:16]}…",
+            reason="not the ciphertext the job pins: an older or substituted version",
+            hint="the owner pinned this input's version in the measured manifest",
+        )
+        self.pin = pin
+
+
 class AuditChainError(IntegrityError):
     """The broker's audit log does not verify: a record edited, deleted, reordered or cut off."""
 
     def __init__(self, reason: str, *, seq: int | None = None) -> None:
         super().__init__("audit log", "chain" if seq is None else f"record {seq}", reason=reason)
         self.seq = seq
+
+
+class PolicyDenied(ShieldError):  # noqa: N818 - the name the API promises
+    """Evidence is genuine but no profile of the policy accepts it; ``verdict`` lists every check."""
+
+    def __init__(self, message: str, verdict: Verdict | None, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.verdict = verdict
+
+
+class BrokerError(ShieldError):
+    """A key broker refused a request or failed; ``status`` (HTTP) and ``detail`` say why.
+
+    Raised by the client for an error answer, and by the broker's own release core with the
+    status its HTTP service answers.
+    """
+
+    def __init__(self, status: int | None, detail: Any, *, hint: str | None = None) -> None:
+        text = detail if isinstance(detail, str) else json.dumps(detail, indent=1)
+        super().__init__(
+            f"broker answered {status}: {text}" if status is not None else text, hint=hint
+        )
+        self.status = status
+        self.detail = detail
+
+
+class BrokerUnavailable(BrokerError):  # noqa: N818 - reads as a state, like PolicyDenied
+    """The broker cannot be reached, or answers that it cannot serve now (503)."""
+
+
+class NonceError(BrokerError):
+    """The challenge nonce is unknown, expired, or was used already (a replay)."""
+
+
+class BindingError(BrokerError):
+    """The evidence's report data does not bind the nonce, the runner's key and the workload."""
+
+
+class UnknownKeyError(BrokerError):
+    """The broker has no key of that name."""
+
+
+class KeyExistsError(BrokerError):
+    """A key of that name exists already on the broker (``--replace`` to rotate)."""
+
+
+class ReleaseDenied(BrokerError, PolicyDenied):  # noqa: N818 - the name the API promises
+    """The broker's policy denied the release; ``verdicts`` holds each key's verdict (as dicts)."""
+
+    def __init__(
+        self,
+        status: int | None,
+        detail: Any,
+        *,
+        verdicts: list[dict[str, Any]] | None = None,
+        hint: str | None = None,
+    ) -> None:
+        BrokerError.__init__(self, status, detail, hint=hint)
+        self.verdict = None
+        self.verdicts = list(verdicts or [])
+
+
+class ManifestError(ShieldError):
+    """A job manifest that is malformed or inconsistent."""
+
+
+class TrustedFileError(ShieldError):
+    """A trusted file differs from the hash in the manifest (the job must not run)."""
+
+
+class EvidenceError(ShieldError):
+    """No evidence could be obtained from the TEE."""
+
+
+class ViewError(ShieldError):
+    """The decrypted view could not be set up."""
+
+
+class MountChangedError(ViewError):
+    """A mount of the view was detached or replaced while the program ran (nothing is sealed)."""
 
 
 class ReceiptError(ShieldError):
@@ -202,11 +331,3 @@ class ReceiptError(ShieldError):
         super().__init__(message)
         self.problems = list(problems or [])
         self.verified = verified
-
-
-class PolicyDenied(ShieldError):  # noqa: N818 - the name the API promises
-    """Evidence is genuine but no profile of the policy accepts it; ``verdict`` lists every check."""
-
-    def __init__(self, message: str, verdict: object, *, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint)
-        self.verdict = verdict

@@ -12,9 +12,9 @@ import pytest
 
 from shieldml.broker import protocol
 from shieldml.broker.audit import AuditRecord, verify_log
-from shieldml.broker.client import BrokerClient, BrokerError
+from shieldml.broker.client import BrokerClient
 from shieldml.cli import main
-from shieldml.errors import PolicyDenied, ShieldError
+from shieldml.errors import BrokerError, PolicyDenied, ShieldError
 from shieldml.testing.brokers import BrokerProcess, start_broker
 from shieldml.testing.simulated import SimulatedPlatform, system_clock
 from tests.broker.conftest import MRENCLAVE, POLICY, WD, raw_tls_socket

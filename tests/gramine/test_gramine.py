@@ -11,11 +11,11 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from shieldml.errors import FormatError, IntegrityError
+from shieldml.errors import FormatError, IntegrityError, ManifestError
 from shieldml.gramine.manifest import CA_PATH, gramine_manifest
 from shieldml.gramine.sigstruct import HEADER, HEADER2, Sigstruct
 from shieldml.policy import Policy
-from shieldml.runner.manifest import JobManifest, ManifestError
+from shieldml.runner.manifest import JobManifest
 
 
 def build_sigstruct(

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from shieldml.cli import main
-from shieldml.runner.manifest import HashCache, JobManifest, ManifestError, TrustedFileError
+from shieldml.errors import ManifestError, TrustedFileError
+from shieldml.runner.manifest import HashCache, JobManifest
 
 
 def scaffold(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
@@ -84,7 +85,8 @@ def test_invalid_manifests(tmp_path: Path, text: str, message: str):
 
 
 def test_oversized_manifest_is_refused_without_reading_it_all(tmp_path: Path):
-    from shieldml.runner.manifest import MAX_MANIFEST, JobManifest, ManifestError
+    from shieldml.errors import ManifestError
+    from shieldml.runner.manifest import MAX_MANIFEST, JobManifest
 
     big = tmp_path / "job.toml"
     with big.open("wb") as f:

@@ -92,7 +92,8 @@ def test_pinned_directory_file_swapped_between_hash_and_decrypt_is_never_used(jo
 
 
 def test_symbolic_link_in_a_pinned_directory_is_refused(job: Job, tmp_path: Path):
-    from shieldml.runner.view import ViewError, open_tree
+    from shieldml.errors import ViewError
+    from shieldml.runner.view import open_tree
 
     (tmp_path / "t" / "sub").mkdir(parents=True)
     (tmp_path / "t" / "sub" / "f").write_bytes(b"x")

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from shieldml.errors import PolicyDenied, ReceiptError, ShieldError
+from shieldml.errors import PolicyDenied, ReceiptError, ShieldError, TrustedFileError
 from shieldml.files import open_protected
 from shieldml.policy import Policy
-from shieldml.runner.manifest import TrustedFileError
 from shieldml.runner.receipt import verify_receipt
 from shieldml.runner.run import run_job
 from tests.runner.conftest import Job
@@ -423,7 +422,7 @@ def test_bare_interpreter_with_host_path_in_env_allow_is_refused(
     (evil / "python3").chmod(0o755)
     monkeypatch.setenv("PATH", f"{evil}:{os.environ['PATH']}")
     _rewrite(job, argv0="python3", allow=["PATH", "LANG"])
-    from shieldml.runner.manifest import ManifestError
+    from shieldml.errors import ManifestError
 
     with pytest.raises(ManifestError, match=r"argv\[0\]|PATH"):
         job.authorize()
@@ -451,7 +450,7 @@ def test_home_with_a_pth_file_in_env_allow_is_refused(job: Job, monkeypatch: pyt
     (Path(site) / "evil.pth").write_text(f"import os; open({str(marker)!r}, 'w').write('pwned')\n")
     monkeypatch.setenv("HOME", str(home))
     _rewrite(job, argv0=python, allow=["HOME", "LANG"])
-    from shieldml.runner.manifest import ManifestError
+    from shieldml.errors import ManifestError
 
     with pytest.raises(ManifestError, match="HOME"):
         job.authorize()

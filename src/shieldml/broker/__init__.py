@@ -8,8 +8,9 @@ itself (HTTP app, storage, key-encryption key, Gramine secret provisioning) is
 from __future__ import annotations
 
 from shieldml.broker.audit import AuditRecord, ChainHead, verify_chain, verify_log
-from shieldml.broker.client import BrokerClient, BrokerError, ReleasedKeys
+from shieldml.broker.client import BrokerClient, ReleasedKeys
 from shieldml.broker.tls import cert_fingerprint, pinned_context
+from shieldml.errors import BrokerError
 
 __all__ = [
     "AuditRecord",

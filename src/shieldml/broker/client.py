@@ -7,7 +7,6 @@ exactly that certificate, checked during the handshake, before any request (or t
 from __future__ import annotations
 
 import base64
-import json
 import ssl
 import urllib.parse
 from dataclasses import dataclass
@@ -17,17 +16,43 @@ import httpx
 
 from shieldml.broker import protocol
 from shieldml.broker.tls import pinned_context
-from shieldml.errors import PolicyDenied, ShieldError
+from shieldml.errors import (
+    BindingError,
+    BrokerError,
+    BrokerUnavailable,
+    KeyExistsError,
+    NonceError,
+    ReleaseDenied,
+    ShieldError,
+    UnknownKeyError,
+)
 
 
-class BrokerError(ShieldError):
-    """The broker refused a request; ``status`` and ``detail`` say why."""
-
-    def __init__(self, status: int, detail: Any) -> None:
-        text = detail if isinstance(detail, str) else json.dumps(detail, indent=1)[:2000]
-        super().__init__(f"broker answered {status}: {text}")
-        self.status = status
-        self.detail = detail
+def _error(status: int, detail: Any, path: str) -> BrokerError:
+    """The error class a caller can tell apart, from the broker's status and answer."""
+    reason = detail.get("reason") if isinstance(detail, dict) else None
+    if status == 403 and isinstance(detail, dict) and "verdicts" in detail:
+        verdicts = detail["verdicts"] if isinstance(detail["verdicts"], dict) else {}
+        return ReleaseDenied(
+            status,
+            detail,
+            verdicts=[
+                {"key": k, **v} if isinstance(v, dict) else {"key": k} for k, v in verdicts.items()
+            ],
+        )
+    if status == 403 and isinstance(reason, str) and reason.startswith("report data does not bind"):
+        return BindingError(status, detail)
+    if status == 409 and path == "/v1/release":
+        return NonceError(
+            status, detail, hint="ask the broker for a new challenge (a run does so itself)"
+        )
+    if status == 409:
+        return KeyExistsError(status, detail, hint="--replace rotates an existing key")
+    if (status == 404 and path in ("/v1/release",)) or (status == 404 and "/keys/" in path):
+        return UnknownKeyError(status, detail)
+    if status == 503:
+        return BrokerUnavailable(status, detail)
+    return BrokerError(status, detail)
 
 
 def _int(v: Any, what: str) -> int:
@@ -75,17 +100,13 @@ class BrokerClient:
         try:
             r = self.http.request(method, path, **kw)
         except httpx.HTTPError as e:
-            raise ShieldError(f"{self.url}{path}: {e}") from e
+            raise BrokerUnavailable(None, f"{self.url}{path}: {e}") from e
         if r.status_code >= 400:
             try:
                 detail = r.json().get("detail", r.text)
             except ValueError:
                 detail = r.text
-            if r.status_code == 403 and isinstance(detail, dict) and "verdicts" in detail:
-                raise PolicyDenied(
-                    "the broker's policy denied the release", detail, hint=json.dumps(detail)[:1000]
-                )
-            raise BrokerError(r.status_code, detail)
+            raise _error(r.status_code, detail, path)
         return r.json()
 
     # -- runner side ----------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import json
 import urllib.parse
 from pathlib import Path
 
-from shieldml.runner.manifest import JobManifest, ManifestError
+from shieldml.errors import ManifestError
+from shieldml.runner.manifest import JobManifest
 
 CA_PATH = "/shieldml/broker-ca.pem"
 

@@ -22,15 +22,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from shieldml.errors import ShieldError
+from shieldml.errors import EvidenceError
 
 TSM_ROOT = Path("/sys/kernel/config/tsm/report")
 GRAMINE_ROOT = Path("/dev/attestation")
 READ_TIMEOUT = 30.0
-
-
-class EvidenceError(ShieldError):
-    """No evidence could be obtained from the TEE."""
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from shieldml.errors import ShieldError
+from shieldml.errors import ManifestError, TrustedFileError
 
 TEES = ("auto", "simulated", "tdx", "snp", "gramine")
 FORMATS = ("stream", "gramine-pf")
@@ -124,14 +124,6 @@ FORBIDDEN_ALLOW_PREFIXES = (
     "XDG_",  # configuration, data and cache directories
     "GCONV_",
 )
-
-
-class ManifestError(ShieldError):
-    """A job manifest that is malformed or inconsistent."""
-
-
-class TrustedFileError(ShieldError):
-    """A trusted file differs from the hash in the manifest (the job must not run)."""
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,9 @@ from typing import Any
 
 from shieldml.broker import protocol
 from shieldml.broker.client import BrokerClient
-from shieldml.errors import ShieldError
+from shieldml.errors import ManifestError, ShieldError
 from shieldml.runner.evidence import Provider, provider_for
-from shieldml.runner.manifest import JobManifest, ManifestError
+from shieldml.runner.manifest import JobManifest
 from shieldml.runner.receipt import write_receipt
 
 

@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from shieldml.errors import ShieldError
+from shieldml.errors import MountChangedError, RollbackError, ShieldError, ViewError
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -56,24 +56,6 @@ PR_SET_PDEATHSIG = 1
 EXIT_VIEW_FAILED = 70
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-class ViewError(ShieldError):
-    """The decrypted view could not be set up."""
-
-
-class MountChangedError(ViewError):
-    """A mount of the view was detached or replaced while the program ran (nothing is sealed)."""
-
-
-class RollbackError(ShieldError):
-    """An input is not the ciphertext the job pins: an older or substituted version."""
-
-    def __init__(self, path: str, pin: str) -> None:
-        super().__init__(
-            f"{path}: not the ciphertext the job pins (sha256 {pin[:16]}…): an older or substituted version",
-            hint="the owner pinned this input's version in the measured manifest",
-        )
 
 
 def _check(rc: int, what: str) -> None:

@@ -41,7 +41,7 @@ from shieldml.attest import (
 )
 from shieldml.broker import protocol
 from shieldml.broker.server.storage import Store
-from shieldml.errors import AttestationError, FormatError, PolicyError, ShieldError
+from shieldml.errors import AttestationError, BrokerError, FormatError, PolicyError, ShieldError
 from shieldml.files import Format, generate_key
 from shieldml.policy import Policy, Verdict, evaluate
 
@@ -134,7 +134,9 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(ShieldError)
     async def shield_error(_request: Request, exc: ShieldError) -> JSONResponse:
-        return JSONResponse({"detail": exc.diagnostics()}, status_code=400)
+        status = exc.status if isinstance(exc, BrokerError) and exc.status else 400
+        detail = exc.detail if isinstance(exc, BrokerError) else exc.diagnostics()
+        return JSONResponse({"detail": detail}, status_code=status)
 
     def admin(authorization: str = Header(default="")) -> None:
         scheme, _, token = authorization.partition(" ")

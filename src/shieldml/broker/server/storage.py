@@ -24,7 +24,13 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from shieldml.broker.audit import GENESIS, AuditRecord, ChainHead, record_hash
-from shieldml.errors import IntegrityError, ShieldError
+from shieldml.errors import (
+    IntegrityError,
+    KeyExistsError,
+    KeyFileError,
+    ShieldError,
+    UnknownKeyError,
+)
 
 md = sa.MetaData()
 keys_t = sa.Table(
@@ -89,7 +95,7 @@ class Kek:
                 f.write(secrets.token_bytes(32))
         data = path.read_bytes()
         if len(data) != 32:
-            raise ShieldError(f"{path}: a key-encryption key file holds 32 bytes")
+            raise KeyFileError(f"{path}: a key-encryption key file holds 32 bytes")
         return cls(data)
 
     def wrap(self, name: str, fmt: str, secret: bytes) -> bytes:
@@ -173,7 +179,7 @@ class Store:
         with self.tx() as c:
             exists = c.execute(sa.select(keys_t.c.name).where(keys_t.c.name == name)).first()
             if exists and not replace:
-                raise ShieldError(f"key {name!r} already exists")
+                raise KeyExistsError(409, f"key {name!r} already exists")
             if exists:
                 c.execute(keys_t.update().where(keys_t.c.name == name).values(**row))
             else:
@@ -247,7 +253,7 @@ class Store:
     def set_policy(self, name: str, toml: str) -> None:
         with self.tx() as c:
             if c.execute(sa.select(keys_t.c.name).where(keys_t.c.name == name)).first() is None:
-                raise ShieldError(f"no key named {name!r}")
+                raise UnknownKeyError(404, f"no key named {name!r}")
             c.execute(policies_t.delete().where(policies_t.c.key_name == name))
             c.execute(policies_t.insert().values(key_name=name, toml=toml, updated_at=_now()))
 
