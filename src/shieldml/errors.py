@@ -255,8 +255,9 @@ class BrokerError(ShieldError):
 
     def __init__(self, status: int | None, detail: Any, *, hint: str | None = None) -> None:
         text = detail if isinstance(detail, str) else json.dumps(detail, indent=1)
-        super().__init__(
-            f"broker answered {status}: {text}" if status is not None else text, hint=hint
+        # not super(): ReleaseDenied is also a PolicyDenied, whose __init__ takes a verdict
+        ShieldError.__init__(
+            self, f"broker answered {status}: {text}" if status is not None else text, hint=hint
         )
         self.status = status
         self.detail = detail
@@ -296,6 +297,35 @@ class ReleaseDenied(BrokerError, PolicyDenied):  # noqa: N818 - the name the API
         BrokerError.__init__(self, status, detail, hint=hint)
         self.verdict = None
         self.verdicts = list(verdicts or [])
+        denied = ", ".join(repr(v["key"]) for v in self.verdicts if "key" in v)
+        self.message = "the broker's policy denied the release" + (
+            f" of {denied}" if denied else ""
+        )
+
+    def failures(self) -> list[str]:
+        """One line per failed check of each denied key, as :meth:`Verdict.failures` words it."""
+        lines = []
+        for v in self.verdicts:
+            key = v.get("key", "?")
+            if "reason" in v and "profiles" not in v:
+                lines.append(f"key {key!r}: {v['reason']}")
+            for p in v.get("profiles", []):
+                for c in p.get("checks", []):
+                    if not c.get("passed", True):
+                        hint = f" ({c['hint']})" if c.get("hint") else ""
+                        lines.append(
+                            f"key {key!r}: profile {p.get('profile')}: {c.get('name')}: "
+                            f"expected {c.get('expected')}, found {c.get('actual')}{hint}"
+                        )
+        return lines
+
+    def diagnostics(self) -> str:
+        text = self.message
+        for line in self.failures():
+            text += f"\n  {line}"
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text
 
 
 class ManifestError(ShieldError):

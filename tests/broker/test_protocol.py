@@ -65,3 +65,24 @@ def test_seal_roundtrip_and_binding_differs_per_kem(kem: str):
 def test_bad_workload_digest(bad: str):
     with pytest.raises(FormatError):
         protocol.report_data(bytes(32), protocol.KEM_X25519, bytes(32), bad)
+
+
+def test_a_release_denial_is_a_broker_error_and_a_policy_denial():
+    """Callers that treat every policy refusal alike catch PolicyDenied; the message leads with
+    the failing checks, nothing cut."""
+    from shieldml.broker.client import _error
+    from shieldml.errors import BrokerError, PolicyDenied, ReleaseDenied
+
+    check = {"name": "mrenclave", "passed": False, "expected": "aa" * 32, "actual": "bb" * 32}
+    detail = {
+        "reason": "policy denied",
+        "verdicts": {"model": {"allowed": False, "profiles": [{"profile": 1, "checks": [check]}]}},
+        "audit_seq": 7,
+    }
+    e = _error(403, detail, "/v1/release")
+    assert isinstance(e, ReleaseDenied) and isinstance(e, BrokerError)
+    assert isinstance(e, PolicyDenied) and e.status == 403
+    assert e.diagnostics().splitlines() == [
+        "the broker's policy denied the release of 'model'",
+        f"  key 'model': profile 1: mrenclave: expected {'aa' * 32}, found {'bb' * 32}",
+    ]
