@@ -48,6 +48,64 @@ def _imports() -> dict[str, set[str]]:
     return found
 
 
+# who may import whom: a package imports only packages of a lower rank (type-only imports aside)
+RANK = {
+    "errors": 0,
+    "files": 1,
+    "attest": 1,
+    "broker": 1,
+    "policy": 2,
+    "testing": 3,
+    "runner": 4,
+    "gramine": 5,
+    "broker.server": 5,
+    "demo": 6,
+    "cli": 7,
+}
+
+
+def _package(mod: str) -> str:
+    parts = mod.split(".")[1:]
+    if parts[:2] == ["broker", "server"]:
+        return "broker.server"
+    return "cli" if parts[0].startswith("cli") else parts[0]
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """What a module imports when it runs: ``if TYPE_CHECKING:`` blocks left out."""
+    names: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(), str(path)))
+    return names
+
+
+def test_packages_import_only_lower_layers():
+    bad = []
+    for path in SRC.rglob("*.py"):
+        mod = _module(path)
+        if "digits-job" in path.parts or mod == "shieldml":
+            continue
+        src = _package(mod)
+        for n in _runtime_imports(path):
+            if not n.startswith("shieldml.") or _package(n) == src:
+                continue
+            if RANK[_package(n)] >= RANK[src]:
+                bad.append(f"{mod} ({src}) imports {n} ({_package(n)})")
+    assert not bad, "\n".join(sorted(bad))
+
+
 def _within(mod: str, package: str) -> bool:
     return mod == package or mod.startswith(package + ".")
 
