@@ -50,6 +50,9 @@ EXIT_CODES = {
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: an option or argument that names a file that must exist
+EXISTING_FILE = click.Path(exists=True, dir_okay=False)
+
 FORMAT_CHOICE = click.Choice([f.value for f in Format])
 
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -104,7 +107,7 @@ def trust_root_options(f: F) -> F:
     return click.option(
         "--trust-root",
         multiple=True,
-        type=click.Path(exists=True, dir_okay=False),
+        type=EXISTING_FILE,
         help="Extra root certificate.",
     )(f)
 
@@ -114,23 +117,23 @@ def evidence_options(f: F) -> F:
     f = trust_root_options(f)
     for opt in reversed(
         [
-            click.argument("file", type=click.Path(exists=True, dir_okay=False)),
+            click.argument("file", type=EXISTING_FILE),
             click.option(
                 "--tee", type=click.Choice(TEE_CHOICES), default="auto", show_default=True
             ),
             click.option(
                 "--collateral",
-                type=click.Path(exists=True, dir_okay=False),
+                type=EXISTING_FILE,
                 help="Intel collateral JSON.",
             ),
             click.option(
                 "--vcek",
-                type=click.Path(exists=True, dir_okay=False),
+                type=EXISTING_FILE,
                 help="SEV-SNP VCEK/VLEK (DER or PEM), or the extended report's certificate table.",
             ),
             click.option(
                 "--cert-chain",
-                type=click.Path(exists=True, dir_okay=False),
+                type=EXISTING_FILE,
                 help="AMD ASK/ARK chain (PEM).",
             ),
             AT_OPTION,

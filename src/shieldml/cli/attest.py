@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from shieldml.attest import Check, TrustStore, default_store, fingerprint, http_fetcher
-from shieldml.cli._common import JSON_OPTION, NotGenuine, evidence_options, verify
+from shieldml.cli._common import EXISTING_FILE, JSON_OPTION, NotGenuine, evidence_options, verify
 from shieldml.cli._output import check_mark, emit, emit_json, out
 
 
@@ -106,7 +106,7 @@ _STORE = click.option(
 
 
 @trust.command("import")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("file", type=EXISTING_FILE)
 @_STORE
 @JSON_OPTION
 def trust_import(file: str, store: str | None, as_json: bool) -> None:

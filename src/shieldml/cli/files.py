@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 from rich.markup import escape
 
-from shieldml.cli._common import FORMAT_CHOICE, JSON_OPTION
+from shieldml.cli._common import EXISTING_FILE, FORMAT_CHOICE, JSON_OPTION
 from shieldml.cli._output import emit, emit_json, out, progress_bar
 from shieldml.errors import ShieldError
 from shieldml.files import (
@@ -105,7 +105,7 @@ def encrypt(
 @click.option("--key", "key_path", type=click.Path(dir_okay=False), help="Key file.")
 @click.option(
     "--recipient-key",
-    type=click.Path(exists=True, dir_okay=False),
+    type=EXISTING_FILE,
     help="Private recipient key, for outputs a runner sealed to its public key.",
 )
 @click.option("--bind", help="Path the file was bound to at encryption. Default: IN as given.")
@@ -151,14 +151,14 @@ def decrypt(
     "--key",
     "key_path",
     required=True,
-    type=click.Path(exists=True, dir_okay=False),
+    type=EXISTING_FILE,
     help="Current key.",
 )
 @click.option(
     "--new-key",
     "new_key_path",
     required=True,
-    type=click.Path(exists=True, dir_okay=False),
+    type=EXISTING_FILE,
     help="New key (same format).",
 )
 @click.option("--bind", help="Path the files are bound to. Default: IN as given.")
@@ -190,7 +190,7 @@ def _report(as_json: bool, verb: str, items: list[Planned], fmt: str | None) -> 
 
 
 @click.command()
-@click.argument("path", metavar="FILE", type=click.Path(exists=True, dir_okay=False))
+@click.argument("path", metavar="FILE", type=EXISTING_FILE)
 @click.option(
     "--key", "key_path", type=click.Path(dir_okay=False), help="Key (gramine-pf: exact size, path)."
 )

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
+from shieldml.cli._common import EXISTING_FILE
 from shieldml.cli._output import out
 
 
@@ -16,11 +17,11 @@ def gramine() -> None:
 
 
 @gramine.command("manifest")
-@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.argument("manifest", type=EXISTING_FILE)
 @click.option(
     "--broker-ca",
     required=True,
-    type=click.Path(exists=True, dir_okay=False),
+    type=EXISTING_FILE,
     help="The broker's TLS certificate (PEM).",
 )
 @click.option("--secret-prov-port", type=int, default=4433, show_default=True)
@@ -49,7 +50,7 @@ def gramine_manifest_cmd(
 
 
 @gramine.command("policy")
-@click.argument("sigstruct", type=click.Path(exists=True, dir_okay=False))
+@click.argument("sigstruct", type=EXISTING_FILE)
 def gramine_policy(sigstruct: str) -> None:
     """Print the policy profile that accepts the enclave signed in SIGSTRUCT (app.sig)."""
     from shieldml.gramine.sigstruct import Sigstruct

@@ -8,7 +8,14 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from shieldml.cli._common import JSON_OPTION, NotGenuine, evidence_options, load_policy, verify
+from shieldml.cli._common import (
+    EXISTING_FILE,
+    JSON_OPTION,
+    NotGenuine,
+    evidence_options,
+    load_policy,
+    verify,
+)
 from shieldml.cli._output import check_mark, emit_json, out
 from shieldml.policy import evaluate
 
@@ -19,7 +26,7 @@ def policy() -> None:
 
 
 @policy.command()
-@click.argument("policy_file", metavar="POLICY", type=click.Path(exists=True, dir_okay=False))
+@click.argument("policy_file", metavar="POLICY", type=EXISTING_FILE)
 @JSON_OPTION
 def check(policy_file: str, as_json: bool) -> None:
     """Validate POLICY: schema, values, and that every profile pins the code it accepts."""
@@ -38,7 +45,7 @@ def check(policy_file: str, as_json: bool) -> None:
 
 
 @policy.command("eval")
-@click.argument("policy_file", metavar="POLICY", type=click.Path(exists=True, dir_okay=False))
+@click.argument("policy_file", metavar="POLICY", type=EXISTING_FILE)
 @evidence_options
 @click.option("--workload-digest", help="The workload digest the runner reports.")
 @JSON_OPTION

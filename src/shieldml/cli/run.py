@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from shieldml.cli._common import (
     AT_OPTION,
+    EXISTING_FILE,
     JSON_OPTION,
     load_policy,
     parse_time,
@@ -30,9 +31,7 @@ from shieldml.runner.manifest import (
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
-@click.option(
-    "-m", "--manifest", required=True, type=click.Path(exists=True, dir_okay=False), help="job.toml"
-)
+@click.option("-m", "--manifest", required=True, type=EXISTING_FILE, help="job.toml")
 @click.option("--receipt", type=click.Path(dir_okay=False), help="Write a run receipt here.")
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
@@ -61,7 +60,7 @@ def job() -> None:
 
 
 @job.command("init")
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=EXISTING_FILE)
 @click.option(
     "-o", "--output", default="job.toml", show_default=True, type=click.Path(dir_okay=False)
 )
@@ -97,7 +96,7 @@ def job_init(files: tuple[str, ...], output: str, tee: str, python: str | None) 
 
 
 @job.command("measure")
-@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.argument("manifest", type=EXISTING_FILE)
 @click.option(
     "--hash-cache",
     type=click.Path(dir_okay=False),
@@ -143,11 +142,11 @@ _RECEIPT_MEASUREMENTS = {
 
 
 @receipt.command("verify")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("file", type=EXISTING_FILE)
 @click.option(
     "--policy",
     "policy_file",
-    type=click.Path(exists=True, dir_okay=False),
+    type=EXISTING_FILE,
     help="Required. The release policy (TOML, as set on the broker) the receipt's TEE must satisfy.",
 )
 @AT_OPTION
