@@ -141,6 +141,14 @@ def test_cert_chain_with_text_before_the_certificates(
     rc, out, _ = run(capsys, "attest", "verify", str(a / "attestation.bin"), "--vcek", str(a / "vcek_milan.der"),
                      "--cert-chain", str(chain), "--at", "2026-01-01", "--json")  # fmt: skip
     assert rc == 0 and json.loads(out)["genuine"] is True
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    certs = x509.load_pem_x509_certificates((a / "ask_ark_milan.pem").read_bytes())
+    chain.write_bytes(b"".join(c.public_bytes(Encoding.DER) for c in certs))  # a DER chain
+    rc, out, _ = run(capsys, "attest", "verify", str(a / "attestation.bin"), "--vcek", str(a / "vcek_milan.der"),
+                     "--cert-chain", str(chain), "--at", "2026-01-01", "--json")  # fmt: skip
+    assert rc == 0 and json.loads(out)["genuine"] is True
 
 
 def test_failure_json_names_the_failed_check(att: Path, capsys: pytest.CaptureFixture[str]):
