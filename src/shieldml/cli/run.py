@@ -16,7 +16,8 @@ from shieldml.cli._common import (
     JSON_OPTION,
     load_policy,
     parse_time,
-    trust_anchors,
+    receipt_trust,
+    simulated_platform_option,
     trust_root_options,
 )
 from shieldml.cli._output import emit_json, out
@@ -151,11 +152,7 @@ _RECEIPT_MEASUREMENTS = {
 )
 @AT_OPTION
 @trust_root_options
-@click.option(
-    "--simulated-platform",
-    type=click.Path(file_okay=False),
-    help="Trust this simulated platform (tests, demo); the policy must still allow simulated evidence.",
-)
+@simulated_platform_option
 @click.option(
     "--no-files", is_flag=True, help="Do not compare the ciphertext files with the receipt."
 )
@@ -189,12 +186,8 @@ def receipt_verify(
             " (`shieldml broker policy set`), which pins the measurements and workload digest"
         )
     pol = load_policy(policy_file)
-    anchors = trust_anchors(trust_root, insecure_custom_root)
     when = parse_time(at)
-    if simulated_platform:  # asked for by name: only then is the test machinery loaded
-        from shieldml.testing.simulated import SimulatedPlatform, fixed_clock
-
-        anchors = SimulatedPlatform.open(simulated_platform, clock=fixed_clock(when)).trust(anchors)
+    anchors = receipt_trust(trust_root, insecure_custom_root, simulated_platform, when)
     problems: list[str] = []
     try:
         verified = verify_receipt(
