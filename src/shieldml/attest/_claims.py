@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from shieldml.attest._checks import Check
@@ -35,6 +35,14 @@ class TcbStatus(enum.StrEnum):
     REVOKED = "Revoked"
 
 
+def iso_utc(t: datetime) -> str:
+    """``t`` in UTC, ISO 8601 to the second: ``2025-07-01T00:00:00Z``. A naive ``t`` is taken as
+    UTC already. The one form claims, receipts, collateral and messages write times in."""
+    if t.tzinfo is not None:
+        t = t.astimezone(UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.hex()
@@ -43,7 +51,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return iso_utc(value)
     return value
 
 

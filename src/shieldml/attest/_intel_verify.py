@@ -25,7 +25,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from shieldml.attest._checks import CheckLog, VerificationCache
-from shieldml.attest._claims import Claims, SgxMeasurements, TcbStatus, TdxMeasurements, TeeKind
+from shieldml.attest._claims import (
+    Claims,
+    SgxMeasurements,
+    TcbStatus,
+    TdxMeasurements,
+    TeeKind,
+    iso_utc,
+)
 from shieldml.attest._intel_collateral import (
     EnclaveIdentity,
     IntelCollateral,
@@ -79,10 +86,6 @@ def _ecdsa_ok(key: ec.EllipticCurvePublicKey, sig: bytes, data: bytes) -> bool:
     except InvalidSignature:
         return False
     return True
-
-
-def _iso(t: datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _signing_key(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:
@@ -230,11 +233,11 @@ def _fresh(name: str, issue: datetime, nxt: datetime, now: datetime, log: CheckL
         raise log.fail(
             ExpiredError(
                 name,
-                f"{name} expired on {_iso(nxt)}"
+                f"{name} expired on {iso_utc(nxt)}"
                 if now > nxt
-                else f"{name} issued only on {_iso(issue)}",
-                expected=f"current at {_iso(now)}",
-                found=f"valid {_iso(issue)} .. {_iso(nxt)}",
+                else f"{name} issued only on {iso_utc(issue)}",
+                expected=f"current at {iso_utc(now)}",
+                found=f"valid {iso_utc(issue)} .. {iso_utc(nxt)}",
                 hint="fetch fresh collateral, or verify at a time inside its validity (--at)",
             )
         )

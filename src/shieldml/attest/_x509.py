@@ -9,6 +9,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
 from shieldml.attest._checks import CheckLog
+from shieldml.attest._claims import iso_utc
 from shieldml.attest._trust import RootKind, TrustAnchors, Vendor
 from shieldml.errors import AttestationError, ExpiredError, RevokedError
 
@@ -20,10 +21,6 @@ def cn(name: x509.Name) -> str:
     return str(attrs[0].value) if attrs else name.rfc4514_string()
 
 
-def _iso(t: datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def check_validity(cert: x509.Certificate, now: datetime, log: CheckLog, what: str) -> None:
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
     if not start <= now <= end:
@@ -32,9 +29,9 @@ def check_validity(cert: x509.Certificate, now: datetime, log: CheckLog, what: s
             ExpiredError(
                 "certificate validity",
                 f"{what} certificate '{cn(cert.subject)}' {state} "
-                f"{_iso(end if now > end else start)}",
-                expected=f"valid at {_iso(now)}",
-                found=f"valid {_iso(start)} .. {_iso(end)}",
+                f"{iso_utc(end if now > end else start)}",
+                expected=f"valid at {iso_utc(now)}",
+                found=f"valid {iso_utc(start)} .. {iso_utc(end)}",
                 hint="fetch fresh collateral, or verify at a time inside its validity (--at)",
             )
         )
@@ -132,9 +129,9 @@ def check_crl(
         raise log.fail(
             ExpiredError(
                 "revocation list",
-                f"{what} from '{cn(crl.issuer)}' expired on {_iso(nxt) if nxt else '?'}",
-                expected=f"current at {_iso(now)}",
-                found=f"valid {_iso(crl.last_update_utc)} .. {_iso(nxt) if nxt else '?'}",
+                f"{what} from '{cn(crl.issuer)}' expired on {iso_utc(nxt) if nxt else '?'}",
+                expected=f"current at {iso_utc(now)}",
+                found=f"valid {iso_utc(crl.last_update_utc)} .. {iso_utc(nxt) if nxt else '?'}",
                 hint="fetch fresh collateral, or verify at a time inside its validity (--at)",
             )
         )

@@ -33,12 +33,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from shieldml.attest import _der
+from shieldml.attest import _der, iso_utc
 from shieldml.attest._intel_collateral import SGX_EXTENSION_OID, IntelCollateral
 from shieldml.attest._intel_quote import HEADER, INTEL_QE_VENDOR_ID, TEE_SGX, TEE_TDX
 from shieldml.attest._snp import AMD_OID, REPORT_SIZE, SIGNED_SIZE, build_cert_table
 from shieldml.attest._trust import TrustAnchors
-from shieldml.errors import ShieldError
+from shieldml.errors import ExpiredError
 
 Clock = Callable[[], datetime]
 
@@ -87,10 +87,6 @@ def fixed_clock(at: datetime) -> Clock:
     if at.tzinfo is None:
         raise ValueError("fixed_clock needs an aware datetime")
     return lambda: at
-
-
-def _iso(t: datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -142,9 +138,10 @@ class SimulatedPlatform:
         for name, cert in self.certs.items():
             start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
             if not start <= now <= end:
-                raise ShieldError(
-                    f"{d}: the simulated platform's {name} certificate is valid "
-                    f"{_iso(start)} .. {_iso(end)}, but the clock reads {_iso(now)}",
+                raise ExpiredError(
+                    str(d),
+                    f"the simulated platform's {name} certificate is valid "
+                    f"{iso_utc(start)} .. {iso_utc(end)}, but the clock reads {iso_utc(now)}",
                     hint="remove the directory to make a new simulated platform",
                 )
 
@@ -322,7 +319,7 @@ class SimulatedPlatform:
             "advisoryIDs": ADVISORIES.get(status, []),
         }
         info: dict[str, object] = {
-            "id": tee, "version": 3, "issueDate": _iso(issue), "nextUpdate": _iso(nxt),
+            "id": tee, "version": 3, "issueDate": iso_utc(issue), "nextUpdate": iso_utc(nxt),
             "fmspc": FMSPC.hex().upper(), "pceId": PCE_ID.hex(), "tcbType": 0, "tcbEvaluationDataNumber": 1,
         }  # fmt: skip
         if tee == "TDX":
@@ -339,7 +336,7 @@ class SimulatedPlatform:
             ]  # fmt: skip
         info["tcbLevels"] = [level]
         qe = {
-            "id": "TD_QE" if tee == "TDX" else "QE", "version": 2, "issueDate": _iso(issue), "nextUpdate": _iso(nxt),
+            "id": "TD_QE" if tee == "TDX" else "QE", "version": 2, "issueDate": iso_utc(issue), "nextUpdate": iso_utc(nxt),
             "tcbEvaluationDataNumber": 1, "miscselect": "00000000", "miscselectMask": "FFFFFFFF",
             "attributes": "11000000000000000000000000000000", "attributesMask": "FBFFFFFFFFFFFFFF0000000000000000",
             "mrsigner": QE_MRSIGNER.hex().upper(), "isvprodid": 2 if tee == "TDX" else 1,
