@@ -7,9 +7,9 @@ an unverified :class:`~shieldml.attest.Quote` or ``SnpReport`` never becomes Cla
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, fields
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from shieldml.attest._checks import Check
 from shieldml.attest._trust import RootKind
@@ -56,11 +56,13 @@ def _plain(value: Any) -> Any:
 
 
 class _Dict:
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # set by @dataclass on each subclass
+
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SgxMeasurements(_Dict):
     mrenclave: bytes
     mrsigner: bytes
@@ -74,7 +76,7 @@ class SgxMeasurements(_Dict):
     isv_family_id: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TdxMeasurements(_Dict):
     mrtd: bytes
     rtmr0: bytes
@@ -95,7 +97,7 @@ class TdxMeasurements(_Dict):
     mr_service_td: bytes | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SnpMeasurements(_Dict):
     measurement: bytes
     host_data: bytes
@@ -113,7 +115,7 @@ class SnpMeasurements(_Dict):
 Measurements = SgxMeasurements | TdxMeasurements | SnpMeasurements
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Claims:
     """Verified facts about a TEE: genuine hardware at a TCB level, with its measurements.
 
