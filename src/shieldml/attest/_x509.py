@@ -7,6 +7,7 @@ from datetime import datetime
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
 from shieldml.attest._checks import CheckLog
 from shieldml.attest._claims import iso_utc
@@ -14,6 +15,14 @@ from shieldml.attest._trust import RootKind, TrustAnchors, Vendor
 from shieldml.errors import AttestationError, ExpiredError, RevokedError
 
 MAX_CHAIN = 5
+# keys that can sign a CRL (an X25519 or ML-KEM key in a certificate signs nothing)
+_CRL_SIGNERS = (
+    ec.EllipticCurvePublicKey,
+    rsa.RSAPublicKey,
+    dsa.DSAPublicKey,
+    ed25519.Ed25519PublicKey,
+    ed448.Ed448PublicKey,
+)
 
 
 def cn(name: x509.Name) -> str:
@@ -116,7 +125,12 @@ def check_crl(
         if hit is not None:
             log.ok("revocation list", hit[0] + " [cached]")
             return
-    if crl.issuer != issuer.subject or not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
+    issuer_key = issuer.public_key()
+    if (
+        crl.issuer != issuer.subject
+        or not isinstance(issuer_key, _CRL_SIGNERS)
+        or not crl.is_signature_valid(issuer_key)
+    ):
         raise log.fail(
             AttestationError(
                 "revocation list",

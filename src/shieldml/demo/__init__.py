@@ -130,7 +130,7 @@ class Demo:
 
     def prepare_data(self) -> None:
         import torch
-        from sklearn.datasets import load_digits  # type: ignore[import-untyped]
+        from sklearn.datasets import load_digits  # type: ignore[import-untyped]  # scikit-learn has no stubs
 
         digits = load_digits()
         images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0

@@ -350,7 +350,7 @@ class JobManifest:
                 out[p] = digest
             else:
                 matches = sorted(glob.glob(str(self.base / (t.glob or "")), recursive=True))
-                files = [m for m in matches if os.path.isfile(m)]
+                files = [m for m in matches if Path(m).is_file()]
                 if not files:
                     problems.append(f"{t.glob}: matches no file")
                 for m in files:
@@ -476,11 +476,11 @@ def read_trusted(path: str) -> tuple[int, bytes]:
 
 
 def sha256_file(path: str, cache: HashCache | None = None) -> str:
-    st = os.stat(path)
+    st = Path(path).stat()
     if cache is not None and (hit := cache.get(path, st)) is not None:
         return hit
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with Path(path).open("rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     digest = h.hexdigest()

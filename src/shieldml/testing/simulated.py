@@ -38,7 +38,7 @@ from shieldml.attest._intel_collateral import SGX_EXTENSION_OID, IntelCollateral
 from shieldml.attest._intel_quote import HEADER, INTEL_QE_VENDOR_ID, TEE_SGX, TEE_TDX
 from shieldml.attest._snp import AMD_OID, REPORT_SIZE, SIGNED_SIZE, build_cert_table
 from shieldml.attest._trust import TrustAnchors
-from shieldml.errors import ExpiredError
+from shieldml.errors import ExpiredError, FormatError
 
 Clock = Callable[[], datetime]
 
@@ -167,16 +167,19 @@ class SimulatedPlatform:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f)
-        os.replace(tmp, d / "platform.json")
+        tmp.replace(d / "platform.json")
 
     @classmethod
     def _load(cls, d: Path, clock: Clock) -> SimulatedPlatform:
         doc = json.loads((d / "platform.json").read_text())
-        keys = {
-            k: serialization.load_pem_private_key(v.encode(), None) for k, v in doc["keys"].items()
-        }
+        keys: dict[str, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey] = {}
+        for name, pem in doc["keys"].items():
+            key = serialization.load_pem_private_key(pem.encode(), None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+                raise FormatError(f"{d}: the simulated platform's {name} key is neither EC nor RSA")
+            keys[name] = key
         certs = {k: x509.load_pem_x509_certificate(v.encode()) for k, v in doc["certs"].items()}
-        return cls(keys, certs, bytes.fromhex(doc["chip_id"]), clock)  # type: ignore[arg-type]
+        return cls(keys, certs, bytes.fromhex(doc["chip_id"]), clock)
 
     def trust(self, anchors: TrustAnchors | None = None) -> TrustAnchors:
         """``anchors`` (default: the vendor roots) plus this platform's simulated roots."""
@@ -312,8 +315,12 @@ class SimulatedPlatform:
             )
             return b.sign(signer, hashes.SHA256())
 
+        tcb: dict[str, object] = {
+            "sgxtcbcomponents": [{"svn": v} for v in CPU_SVN],
+            "pcesvn": PCESVN,
+        }
         level: dict[str, object] = {
-            "tcb": {"sgxtcbcomponents": [{"svn": v} for v in CPU_SVN], "pcesvn": PCESVN},
+            "tcb": tcb,
             "tcbDate": "2025-01-01T00:00:00Z",
             "tcbStatus": status,
             "advisoryIDs": ADVISORIES.get(status, []),
@@ -323,7 +330,7 @@ class SimulatedPlatform:
             "fmspc": FMSPC.hex().upper(), "pceId": PCE_ID.hex(), "tcbType": 0, "tcbEvaluationDataNumber": 1,
         }  # fmt: skip
         if tee == "TDX":
-            level["tcb"]["tdxtcbcomponents"] = [{"svn": v} for v in TEE_TCB_SVN]  # type: ignore[index]
+            tcb["tdxtcbcomponents"] = [{"svn": v} for v in TEE_TCB_SVN]
             zero = "00" * 48
             info["tdxModule"] = {
                 "mrsigner": zero,

@@ -244,7 +244,7 @@ class Store:
                     .where(keys_t.c.name == r.name)
                     .values(kek_id=new.id, wrapped=new.wrap(r.name, r.format, secret))
                 )
-        os.replace(new_path, self.state_dir / "kek")
+        new_path.replace(self.state_dir / "kek")
         self.kek = new
         self.keks = {new.id: new}
         return len(rows)
