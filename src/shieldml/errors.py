@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from shieldml.attest import Check
     from shieldml.policy import Verdict
+    from shieldml.runner.receipt import VerifiedReceipt
 
 __all__ = [
     "AttestationError",
@@ -392,7 +393,11 @@ class ReceiptError(ShieldError):
     """
 
     def __init__(
-        self, message: str, *, problems: list[str] | None = None, verified: object = None
+        self,
+        message: str,
+        *,
+        problems: list[str] | None = None,
+        verified: VerifiedReceipt | None = None,
     ) -> None:
         super().__init__(message)
         self.problems = list(problems or [])
