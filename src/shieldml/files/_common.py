@@ -39,7 +39,7 @@ def write_all(sink: Sink, data: Any) -> None:
     taken as complete (sinks that discard, or count elsewhere, answer nothing).
     """
     n = sink.write(data)
-    if n is None:
+    if n is None or (type(data) is bytes and n == len(data)):
         return
     with memoryview(data) as raw:
         total = raw.nbytes

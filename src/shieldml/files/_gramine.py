@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.cmac import CMAC
 
 from shieldml.errors import FormatError, IntegrityError, UnsupportedVersionError
 from shieldml.files._common import Format, MappedSource, Sink, check_key, write_all
+from shieldml.files._output import OutputFile
 from shieldml.files._reader import ProtectedFile
 
 try:  # the optional accelerator (setup.py); the pure-Python path below is the reference
@@ -366,6 +367,8 @@ class GramineWriter:
         self._path = _path_bytes(bind)
         self._version = version
         self._sink = sink
+        #: shieldml's own output files write each node with one complete ``pwrite``
+        self._pwrite = sink.pwrite if isinstance(sink, OutputFile) else None
         self._inline = bytearray()
         self._data = bytearray(NODE_SIZE)
         self._fill = 0
@@ -378,6 +381,9 @@ class GramineWriter:
         self._aborted = False
 
     def _put(self, phys: int, data: bytes) -> None:
+        if self._pwrite is not None:  # one complete positional write per node
+            self._pwrite(data, phys * NODE_SIZE)
+            return
         self._sink.seek(phys * NODE_SIZE)
         write_all(self._sink, data)
 

@@ -42,6 +42,8 @@ def pwrite_all(fd: int, data: Any, offset: int) -> int:
     Loops over short writes; raises ``OSError`` (EIO) if a write makes no progress.
     """
     n = os.pwrite(fd, data, offset)
+    if type(data) is bytes and n == len(data):  # the common case, without a memoryview
+        return n
     with memoryview(data) as raw:
         total = raw.nbytes
         if n == total:
@@ -120,12 +122,19 @@ class OutputFile(io.RawIOBase):
             n = pwrite_all(self._fd, data, offset)
         except OSError as e:
             raise self.error(e) from e
-        self.written_end = max(self.written_end, offset + n)
+        if offset + n > self.written_end:
+            self.written_end = offset + n
         return n
 
     def write(self, data: Any) -> int:
-        n = self.pwrite(data, self._pos)
+        self._check_open()
+        try:
+            n = pwrite_all(self._fd, data, self._pos)
+        except OSError as e:
+            raise self.error(e) from e
         self._pos += n
+        if self._pos > self.written_end:
+            self.written_end = self._pos
         return n
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
