@@ -239,6 +239,23 @@ def test_forced_directory_decrypt_that_fails_keeps_the_old_files(
     )
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_rekey_on_a_full_tmpfs_keeps_the_file_under_the_old_key(
+    tmp_path: Path, tmpfs: Callable[[str], Path], fmt: Format, space: str
+):
+    from shieldml.files import rekey_path
+
+    old, new = generate_key(fmt), generate_key(fmt)
+    data = os.urandom(600_000)
+    (tmp_path / "p").write_bytes(data)
+    mnt = tmpfs("1m")
+    encrypt_file(tmp_path / "p", mnt / "c", old, fmt=fmt, bind="/c")
+    before = (mnt / "c").read_bytes()
+    with pytest.raises(OutputWriteError, match=f"^{re.escape(str(mnt / 'c'))}: no space left"):
+        rekey_path(mnt / "c", old, new, bind="/c")
+    assert everything_under(mnt) == ["c"] and (mnt / "c").read_bytes() == before
+
+
 # -- short writes, write errors, reservation ------------------------------------------------------
 
 

@@ -157,22 +157,32 @@ def rekey_path(
 ) -> list[Planned]:
     """Re-encrypt a protected file or tree in place under ``new_key`` (same format and binding).
 
-    Each file is replaced atomically, only after all of it was authenticated under ``old_key``.
+    Each file is replaced atomically, only after all of it was authenticated under ``old_key``;
+    a file that cannot be rewritten (say, no space for its new copy) is left as it was.
     """
-    from shieldml.files._api import CHUNK, atomic_output, create_writer, open_protected
+    from shieldml.files._api import (
+        CHUNK,
+        atomic_output,
+        ciphertext_size,
+        create_writer,
+        open_protected,
+    )
 
     items = plan_decrypt(src, src, bind)
     for it in items:
         fmt = detect_format(it.src)
         with open_protected(it.src, old_key, bind=it.bind) as r:
             stored = getattr(r, "stored_path", it.bind)
-            with (
-                atomic_output(it.src, overwrite=True) as out,
-                create_writer(out, new_key, stored, fmt=fmt) as w,
-            ):
-                buf = bytearray(CHUNK)
-                while n := r.readinto(buf):
-                    w.write(memoryview(buf)[:n])
-                    if progress:
-                        progress(n)
+            with atomic_output(it.src, overwrite=True) as out:
+                reserved = ciphertext_size(fmt, r.size)
+                out.reserve(reserved)
+                with create_writer(out, new_key, stored, fmt=fmt) as w:
+                    buf = bytearray(CHUNK)
+                    while n := r.readinto(buf):
+                        with memoryview(buf)[:n] as part:
+                            w.write(part)
+                        if progress:
+                            progress(n)
+                if out.written_end < reserved:
+                    out.truncate(out.written_end)
     return items
