@@ -18,6 +18,7 @@ reading a closed file). The CLI catches ``ShieldError`` once and prints
     ├── InputReadError              an input file or directory that is missing or cannot be read
     ├── KeyFileError                a key file that is missing, unreadable or of the wrong size
     ├── OutputExistsError           refusing to overwrite something the user did not ask to replace
+    ├── OutputWriteError            an output could not be written (no space, I/O error); none is left
     ├── AttestationError            evidence is not genuine TEE evidence (names the failed check)
     │   ├── UntrustedRootError      the chain ends in a root that is not a trusted vendor root
     │   ├── ExpiredError            a certificate, CRL or collateral item is not valid at that time
@@ -76,6 +77,7 @@ __all__ = [
     "NonceError",
     "NotProtectedError",
     "OutputExistsError",
+    "OutputWriteError",
     "PolicyDenied",
     "PolicyError",
     "ReceiptError",
@@ -173,6 +175,20 @@ class KeyFileError(ShieldError):
 
 class OutputExistsError(ShieldError):
     """Refusing to overwrite an existing file."""
+
+
+class OutputWriteError(ShieldError):
+    """An output could not be written: no space left, an I/O error, no permission.
+
+    The message is ``PATH: no space left on device`` for ENOSPC and ``PATH: <strerror>``
+    otherwise, ``PATH`` being the output as the caller named it; ``errno`` is the system's error
+    number. Whoever raises it has removed the partial output first.
+    """
+
+    def __init__(self, path: str, errno: int | None, strerror: str) -> None:
+        super().__init__(f"{path}: {strerror}")
+        self.path = path
+        self.errno = errno
 
 
 class AttestationError(ShieldError):

@@ -75,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ShieldError as e:
         print_error("error", e)
         return EXIT_ERROR
+    except OSError as e:  # a system error no library call turned into a ShieldError: one line
+        where = f"{e.filename}: " if e.filename else ""
+        print_error("error", ShieldError(where + (e.strerror or str(e))))
+        return EXIT_ERROR
     except click.exceptions.Abort:
         print_interrupted()
         return EXIT_INTERRUPTED

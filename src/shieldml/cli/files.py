@@ -243,7 +243,7 @@ def _report(as_json: bool, verb: str, items: list[Planned], fmt: str | None) -> 
 @JSON_OPTION
 def inspect(path: str, key_path: str | None, as_json: bool) -> None:
     """Show the format, version and plaintext size of a protected file."""
-    k = load_key(key_path, Format.GRAMINE_PF) if key_path else None
+    k = load_key(key_path) if key_path else None  # the file's format decides the size
     data = inspect_file(path, k).to_dict()
     if as_json:
         emit_json(data, sort_keys=True)

@@ -6,26 +6,36 @@ import contextlib
 import itertools
 import multiprocessing
 import os
+import signal
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from shieldml.errors import (
     FormatError,
     InputReadError,
+    KeyFileError,
     NotProtectedError,
-    OutputExistsError,
+    OutputWriteError,
     ShieldError,
 )
 from shieldml.files import _gramine, _stream
-from shieldml.files._common import Format, MappedSource, ProgressCallback, StrPath, check_key
+from shieldml.files._common import (
+    Format,
+    MappedSource,
+    ProgressCallback,
+    Sink,
+    StrPath,
+    check_key,
+    key_source,
+)
+from shieldml.files._output import OutputFile, Outputs, output_error
 from shieldml.files._reader import ProtectedFile
 
 CHUNK = 8 << 20
 EXIT_SHIELD_ERROR = 3
+EXIT_OUTPUT_ERROR = 4
 MAGICS = {_stream.MAGIC: Format.STREAM, _gramine.FILE_ID: Format.GRAMINE_PF}
 
 
@@ -55,6 +65,7 @@ def open_protected(path: StrPath, key: bytes, *, bind: str | None = None) -> Pro
     """
     name = os.fspath(path)
     fmt = detect_format(name)
+    check_key_for_file(key, fmt, name)
     expected = name if bind is None else bind
     try:
         if fmt is Format.STREAM:
@@ -64,9 +75,23 @@ def open_protected(path: StrPath, key: bytes, *, bind: str | None = None) -> Pro
         raise InputReadError(f"{name}: cannot read: {e.strerror}") from e
 
 
+def check_key_for_file(key: bytes, fmt: Format, name: str) -> None:
+    """Refuse a key of the wrong size for the file ``name`` of format ``fmt``, naming both."""
+    if not isinstance(key, bytes | bytearray | memoryview) or len(key) == fmt.key_size:
+        return  # a non-bytes key is the caller's bug: check_key raises TypeError for it
+    source = key_source(key)
+    given = f"key file {source}" if source else "the key given"
+    other = {f.key_size: f for f in Format if f is not fmt}.get(len(key))
+    what = f"a {len(key)}-byte {other} key" if other else f"{len(key)} bytes long"
+    raise KeyFileError(
+        f"{name}: a {fmt} file needs a {fmt.key_size}-byte {fmt} key, but {given} is {what}",
+        hint="use the key this file was encrypted with (a key's size tells its format)",
+    )
+
+
 @contextlib.contextmanager
 def create_writer(
-    sink: BinaryIO, key: bytes, bind: str, *, fmt: Format = Format.STREAM, gramine_version: int = 1
+    sink: Sink, key: bytes, bind: str, *, fmt: Format = Format.STREAM, gramine_version: int = 1
 ) -> Iterator[Any]:
     """A streaming writer as a context manager: the file is finalised only on a clean exit.
 
@@ -87,23 +112,15 @@ def create_writer(
 
 
 @contextlib.contextmanager
-def atomic_output(dst: StrPath, *, overwrite: bool = False) -> Iterator[BinaryIO]:
-    """A temporary file beside ``dst``, renamed over it only if the block succeeds."""
-    final = Path(os.fspath(dst))
-    if final.exists() and not overwrite:
-        raise OutputExistsError(f"{final}: already exists", hint="pass --force to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+def atomic_output(dst: StrPath, *, overwrite: bool = False) -> Iterator[OutputFile]:
+    """A temporary file beside ``dst``, renamed over it only if the block succeeds.
+
+    Every write is complete or raises :class:`~shieldml.errors.OutputWriteError` (``dst: no
+    space left on device`` for ENOSPC); on any exception the temporary and the directories
+    created for it are removed.
+    """
+    with Outputs(overwrite=overwrite) as outputs, outputs.file(dst) as f:
+        yield f
 
 
 def encrypt_file(
@@ -117,21 +134,60 @@ def encrypt_file(
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
 ) -> None:
-    """Encrypt ``src`` into ``dst`` atomically. ``bind`` defaults to ``dst`` as given."""
+    """Encrypt ``src`` into ``dst`` atomically. ``bind`` defaults to ``dst`` as given.
+
+    Space for the whole output is reserved before encrypting. On any error or interrupt
+    nothing is left at ``dst``, nor a directory created for it; an output that cannot be
+    written raises :class:`~shieldml.errors.OutputWriteError`.
+    """
+    with Outputs(overwrite=overwrite) as outputs:
+        encrypt_into(
+            outputs,
+            src,
+            dst,
+            key,
+            bind=bind,
+            fmt=fmt,
+            gramine_version=gramine_version,
+            progress=progress,
+        )
+
+
+def ciphertext_size(fmt: Format, plaintext_size: int) -> int:
+    """The exact size of the protected file shieldml writes for ``plaintext_size`` bytes."""
+    if fmt is Format.STREAM:
+        return _stream.ciphertext_size(plaintext_size)
+    return _gramine.ciphertext_size(plaintext_size)
+
+
+def encrypt_into(
+    outputs: Outputs,
+    src: StrPath,
+    dst: StrPath,
+    key: bytes,
+    *,
+    bind: str | None = None,
+    fmt: Format = Format.STREAM,
+    gramine_version: int = 1,
+    progress: ProgressCallback | None = None,
+) -> None:
+    """:func:`encrypt_file` as one of the ``outputs`` of a larger operation."""
     key = check_key(key, fmt)
     bind = os.fspath(dst) if bind is None else bind
     source = _open_source(src)
     try:
-        with (
-            atomic_output(dst, overwrite=overwrite) as out,
-            create_writer(out, key, bind, fmt=fmt, gramine_version=gramine_version) as w,
-        ):
-            for off in range(0, source.size, CHUNK):
-                n = min(CHUNK, source.size - off)
-                with source.view(off, n) as chunk:
-                    w.write(chunk)
-                if progress:
-                    progress(n)
+        with outputs.file(dst) as out:
+            reserved = ciphertext_size(fmt, source.size)
+            out.reserve(reserved)
+            with create_writer(out, key, bind, fmt=fmt, gramine_version=gramine_version) as w:
+                for off in range(0, source.size, CHUNK):
+                    n = min(CHUNK, source.size - off)
+                    with source.view(off, n) as chunk:
+                        w.write(chunk)
+                    if progress:
+                        progress(n)
+            if out.written_end < reserved:  # never a reserved tail of zeros
+                out.truncate(out.written_end)
     finally:
         source.close()
 
@@ -155,45 +211,77 @@ def decrypt_file(
 ) -> None:
     """Decrypt ``src`` into ``dst`` atomically; ``dst`` appears only if all of it verifies.
 
+    Space for the whole plaintext is reserved first (``posix_fallocate`` where the filesystem
+    supports it). An output that cannot be written raises
+    :class:`~shieldml.errors.OutputWriteError` (``dst: no space left on device``) and, as on
+    every error or interrupt, nothing is left at ``dst``, nor a directory created for it.
+
     ``workers > 1`` decrypts disjoint ranges in that many processes, each writing its part of the
     output in place.
     """
-    with (
-        open_protected(src, key, bind=bind) as reader,
-        atomic_output(dst, overwrite=overwrite) as out,
-    ):
+    with Outputs(overwrite=overwrite) as outputs:
+        decrypt_into(outputs, src, dst, key, bind=bind, workers=workers, progress=progress)
+
+
+def decrypt_into(
+    outputs: Outputs,
+    src: StrPath,
+    dst: StrPath,
+    key: bytes,
+    *,
+    bind: str | None = None,
+    workers: int = 1,
+    progress: ProgressCallback | None = None,
+) -> None:
+    """:func:`decrypt_file` as one of the ``outputs`` of a larger operation."""
+    with open_protected(src, key, bind=bind) as reader, outputs.file(dst) as out:
         size = reader.size
-        out.truncate(size)
+        out.reserve(size)
         if workers <= 1 or size < 2 * CHUNK:
-            _copy_range(reader, out.fileno(), 0, size, progress)
+            _copy_range(reader, out, 0, size, progress)
         else:
             expected = os.fspath(src) if bind is None else bind
-            _parallel_decrypt(reader, key, expected, out.fileno(), workers, progress)
+            _parallel_decrypt(reader, key, expected, out, workers, progress)
 
 
 def _copy_range(
-    reader: ProtectedFile, fd: int, start: int, end: int, progress: ProgressCallback | None
+    reader: ProtectedFile, out: OutputFile, start: int, end: int, progress: ProgressCallback | None
 ) -> None:
     buf = bytearray(CHUNK)
     with memoryview(buf) as view:
         reader.seek(start)
         pos = start
         while pos < end:
-            n = reader.readinto(view[: min(CHUNK, end - pos)])
-            if n <= 0:
-                raise FormatError(f"{reader.name}: ended early at byte {pos}")
-            os.pwrite(fd, view[:n], pos)
+            with view[: min(CHUNK, end - pos)] as part:
+                n = reader.readinto(part)
+                if n <= 0:
+                    raise FormatError(f"{reader.name}: ended early at byte {pos}")
+                with part[:n] as plain:
+                    out.pwrite(plain, pos)
             pos += n
             if progress:
                 progress(n)
 
 
-def _worker(src: str, key: bytes, bind: str, fd: int, start: int, end: int, counter: Any) -> None:
-    """One decryption process (forked, so it shares ``fd``); opens its own reader.
+def _worker(
+    src: str,
+    key: bytes,
+    bind: str,
+    out: OutputFile,
+    start: int,
+    end: int,
+    counter: Any,
+    failed_errno: Any,
+) -> None:
+    """One decryption process (forked, so it shares the output's descriptor); opens its own reader.
 
-    A ShieldError ends it with EXIT_SHIELD_ERROR and no traceback; the parent then re-reads the
-    file itself to raise the precise error.
+    It leaves Ctrl-C to the parent, which stops every worker and removes the output. A
+    ShieldError ends it with EXIT_SHIELD_ERROR and no traceback, the parent then re-reads the file
+    itself to raise the precise error; an output it cannot write ends it with EXIT_OUTPUT_ERROR
+    and the errno in ``failed_errno``.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     def tick(n: int) -> None:
         with counter.get_lock():
@@ -201,7 +289,10 @@ def _worker(src: str, key: bytes, bind: str, fd: int, start: int, end: int, coun
 
     try:
         with open_protected(src, key, bind=bind) as reader:
-            _copy_range(reader, fd, start, end, tick)
+            _copy_range(reader, out, start, end, tick)
+    except OutputWriteError as e:
+        failed_errno.value = e.errno or 0
+        sys.exit(EXIT_OUTPUT_ERROR)
     except ShieldError:
         sys.exit(EXIT_SHIELD_ERROR)
 
@@ -210,7 +301,7 @@ def _parallel_decrypt(
     reader: ProtectedFile,
     key: bytes,
     bind: str,
-    fd: int,
+    out: OutputFile,
     workers: int,
     progress: ProgressCallback | None,
 ) -> None:
@@ -218,15 +309,21 @@ def _parallel_decrypt(
     bounds = [0] + [_align(reader, size * k // workers) for k in range(1, workers)] + [size]
     ctx = multiprocessing.get_context("fork")
     counter = ctx.Value("q", 0)
+    failed_errno = ctx.Value("i", 0)
     procs = [
-        ctx.Process(target=_worker, args=(reader.name, key, bind, fd, a, b, counter))
+        ctx.Process(target=_worker, args=(reader.name, key, bind, out, a, b, counter, failed_errno))
         for a, b in itertools.pairwise(bounds)
         if b > a
     ]
-    for p in procs:
-        p.start()
     seen = 0
     try:
+        # Ctrl-C is the parent's to handle: blocked while forking, ignored by every worker.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         while any(p.is_alive() for p in procs):
             for p in procs:
                 p.join(0.1)
@@ -237,12 +334,16 @@ def _parallel_decrypt(
         for p in procs:
             if p.is_alive():
                 p.terminate()
-            p.join()
+            if p.pid is not None:
+                p.join()
     if progress and counter.value > seen:
         progress(counter.value - seen)
+    if any(p.exitcode == EXIT_OUTPUT_ERROR for p in procs):
+        code = failed_errno.value
+        raise output_error(out.name, OSError(code, os.strerror(code) if code else "write failed"))
     if any(p.exitcode != 0 for p in procs):
         # A worker failed: verify in this process to raise the precise error (or succeed).
-        _copy_range(reader, fd, 0, size, None)
+        _copy_range(reader, out, 0, size, None)
 
 
 def _align(reader: ProtectedFile, pos: int) -> int:
@@ -290,6 +391,8 @@ def inspect_file(path: StrPath, key: bytes | None = None) -> FileInfo:
     finally:
         src.close()
     if fmt is Format.STREAM:
+        if key is not None:
+            check_key_for_file(key, fmt, name)
         hdr = _stream.StreamHeader.from_bytes(head, name)
         geo = _stream.Geometry(hdr.segment_size, size - _stream.HEADER_SIZE)
         return FileInfo(
@@ -304,6 +407,7 @@ def inspect_file(path: StrPath, key: bytes | None = None) -> FileInfo:
         )
     ghdr = _gramine.GramineHeader.from_bytes(head, name)
     if key is not None:
+        check_key_for_file(key, fmt, name)
         with _gramine.GramineReader(name, key, None) as r:
             exact, stored = r.size, r.stored_path
         return FileInfo(name, fmt, ghdr.major_version, size, exact, bound_path=stored)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import errno
 import hashlib
 import hmac
 import io
@@ -11,13 +12,49 @@ import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from shieldml.errors import KeyFileError, OutputExistsError
 
 #: Called with the number of plaintext bytes just processed; used for progress bars.
 ProgressCallback: TypeAlias = Callable[[int], None]
 StrPath: TypeAlias = str | os.PathLike[str]
+
+
+class Sink(Protocol):
+    """Where a streaming writer puts ciphertext: a binary file or anything with these methods
+    (``seek`` only for ``gramine-pf``)."""
+
+    def write(self, data: Any, /) -> int | None: ...
+
+    def seek(self, offset: int, whence: int = ..., /) -> int: ...
+
+    def flush(self) -> None: ...
+
+
+def write_all(sink: Sink, data: Any) -> None:
+    """``sink.write(data)``, continued after a short count; a write of 0 bytes is an error.
+
+    Buffered files never write short; a raw file (``buffering=0``) may. A ``None`` answer is
+    taken as complete (sinks that discard, or count elsewhere, answer nothing).
+    """
+    n = sink.write(data)
+    if n is None or (type(data) is bytes and n == len(data)):
+        return
+    with memoryview(data) as raw:
+        total = raw.nbytes
+        if n == total:
+            return
+        with raw.cast("B") as view:
+            done = 0
+            while True:
+                if not n:
+                    raise OSError(errno.EIO, "the system wrote 0 bytes (no progress)")
+                done += n
+                if done >= total:
+                    return
+                with view[done:] as rest:
+                    n = sink.write(rest)
 
 
 class Format(enum.StrEnum):
@@ -61,17 +98,34 @@ def write_key_file(path: StrPath, key: bytes) -> None:
         f.write(key)
 
 
+class _FileKey(bytes):
+    """Key bytes read by :func:`load_key`, remembering their file for error messages."""
+
+    source: str
+
+
+def key_source(key: object) -> str | None:
+    """The key file ``key`` was read from by :func:`load_key`, if it was."""
+    return getattr(key, "source", None) if isinstance(key, _FileKey) else None
+
+
 def load_key(path: StrPath, fmt: Format | None = None) -> bytes:
-    """Read a raw key file and check its size against ``fmt`` (or against any known format)."""
+    """Read a raw key file and check its size against ``fmt`` (or against any known format).
+
+    The result is ``bytes`` that also remember ``path``, so that a reader refusing a key of the
+    wrong format can name both the protected file and the key file.
+    """
     name = os.fspath(path)
     try:
         with open(name, "rb") as f:
             if os.fstat(f.fileno()).st_size > 64:
                 raise KeyFileError(f"{name}: too large for a key file (keys are 16 or 32 bytes)")
-            key = f.read()
+            raw = f.read()
     except OSError as e:
         raise KeyFileError(f"{name}: cannot read key file: {e.strerror}") from e
-    return check_key(key, fmt, name)
+    key = _FileKey(check_key(raw, fmt, name))
+    key.source = name
+    return key
 
 
 def check_key(key: bytes, fmt: Format | None, name: str = "key") -> bytes:

@@ -14,7 +14,7 @@ import secrets
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import algorithms
@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.cmac import CMAC
 
 from shieldml.errors import FormatError, IntegrityError, UnsupportedVersionError
-from shieldml.files._common import Format, MappedSource, check_key
+from shieldml.files._common import Format, MappedSource, Sink, check_key, write_all
+from shieldml.files._output import OutputFile
 from shieldml.files._reader import ProtectedFile
 
 try:  # the optional accelerator (setup.py); the pure-Python path below is the reference
@@ -104,6 +105,11 @@ def node_count(size: int) -> int:
         return 1
     ndata = -(-(size - MD_USER_DATA_SIZE) // NODE_SIZE)
     return _phys_data(ndata - 1) + 1
+
+
+def ciphertext_size(size: int) -> int:
+    """Size of the file :class:`GramineWriter` writes for ``size`` plaintext bytes."""
+    return node_count(size) * NODE_SIZE
 
 
 def _phys_data(d: int) -> int:
@@ -353,7 +359,7 @@ class GramineWriter:
     written last, by :meth:`close`; an aborted writer leaves node 0 zero, which Gramine refuses.
     """
 
-    def __init__(self, sink: BinaryIO, key: bytes, bind: str, *, version: int = 1) -> None:
+    def __init__(self, sink: Sink, key: bytes, bind: str, *, version: int = 1) -> None:
         self._aborted = True
         if version not in VERSIONS:
             raise ValueError(f"Gramine format version must be 1 or 2, not {version}")
@@ -361,6 +367,8 @@ class GramineWriter:
         self._path = _path_bytes(bind)
         self._version = version
         self._sink = sink
+        #: shieldml's own output files write each node with one complete ``pwrite``
+        self._pwrite = sink.pwrite if isinstance(sink, OutputFile) else None
         self._inline = bytearray()
         self._data = bytearray(NODE_SIZE)
         self._fill = 0
@@ -369,12 +377,15 @@ class GramineWriter:
         self._children_done: dict[int, int] = {}
         self.size = 0
         self.closed = False
-        self._sink.write(bytes(NODE_SIZE))  # metadata placeholder
+        write_all(self._sink, bytes(NODE_SIZE))  # metadata placeholder
         self._aborted = False
 
     def _put(self, phys: int, data: bytes) -> None:
+        if self._pwrite is not None:  # one complete positional write per node
+            self._pwrite(data, phys * NODE_SIZE)
+            return
         self._sink.seek(phys * NODE_SIZE)
-        self._sink.write(data)
+        write_all(self._sink, data)
 
     def _encrypt(self, plain: Any) -> tuple[bytes, bytes, bytes]:
         key = secrets.token_bytes(KEY_SIZE)

@@ -25,7 +25,7 @@ import os
 import secrets
 import struct
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from shieldml.errors import FormatError, IntegrityError, UnsupportedVersionError, WrongKeyError
-from shieldml.files._common import Format, MappedSource, check_key, key_id
+from shieldml.files._common import Format, MappedSource, Sink, check_key, key_id, write_all
 from shieldml.files._reader import ProtectedFile
 
 MAGIC = b"SHIELDML"
@@ -92,6 +92,14 @@ def derive_segment_key(key: bytes, salt: bytes, header: bytes, bind: str) -> AES
     info = header + _bound_path_bytes(bind)
     derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(key)
     return AESGCM(derived)
+
+
+def ciphertext_size(plaintext_size: int, segment_size: int = SEGMENT_SIZE) -> int:
+    """Size of the ``stream`` file :class:`StreamWriter` writes for ``plaintext_size`` bytes."""
+    first = segment_size - TINK_HEADER_SIZE - TAG_SIZE
+    rest = max(0, plaintext_size - first)
+    count = 1 + -(-rest // (segment_size - TAG_SIZE))
+    return HEADER_SIZE + TINK_HEADER_SIZE + plaintext_size + TAG_SIZE * count
 
 
 class Geometry:
@@ -159,6 +167,7 @@ class StreamReader(ProtectedFile):
         self._buf = bytearray(self._geo.plain)
         self._buf_index = -1
         self._ct: bytearray | None = None
+        self._authenticated = False
 
     @property
     def size(self) -> int:
@@ -187,8 +196,19 @@ class StreamReader(ProtectedFile):
                 self._aead.decrypt_into(nonce, ct, None, out[:n])
             except InvalidTag:
                 out[:n] = bytes(n)  # never leave unauthenticated plaintext behind
-                raise IntegrityError(self.name, f"segment {i}") from None
+                raise IntegrityError(self.name, f"segment {i}", hint=self._hint()) from None
+        self._authenticated = True
         return n
+
+    def _hint(self) -> str:
+        # The bound path is part of every segment's key: once one segment authenticated, key and
+        # path are right and only a change to the file is left.
+        if self._authenticated:
+            return "the file was modified (other segments authenticated under this key and path)"
+        return (
+            "wrong key, wrong --bind path, or modified: the key id matches this file, so most "
+            "likely it was encrypted for another path (give the --bind used at encryption)"
+        )
 
     def _read_at(self, pos: int, out: memoryview) -> int:
         geo = self._geo
@@ -215,7 +235,7 @@ class StreamWriter(io.RawIOBase):
     """
 
     def __init__(
-        self, sink: BinaryIO, key: bytes, bind: str, *, segment_size: int = SEGMENT_SIZE
+        self, sink: Sink, key: bytes, bind: str, *, segment_size: int = SEGMENT_SIZE
     ) -> None:
         super().__init__()
         self._aborted = True  # until construction succeeds
@@ -232,7 +252,7 @@ class StreamWriter(io.RawIOBase):
         self._fill = 0
         self._index = 0
         self._out = bytearray(segment_size)
-        self._sink.write(hdr + bytes([TINK_HEADER_SIZE]) + salt + self._prefix)
+        write_all(self._sink, hdr + bytes([TINK_HEADER_SIZE]) + salt + self._prefix)
         self.bytes_written = 0
         self._aborted = False
 
@@ -263,9 +283,9 @@ class StreamWriter(io.RawIOBase):
             raise ValueError("file too large for the stream format")
         nonce = self._prefix + _NONCE_TAIL.pack(self._index, last)
         n = len(data)
-        with memoryview(self._out) as out:
-            self._aead.encrypt_into(nonce, data, None, out[: n + TAG_SIZE])
-            self._sink.write(out[: n + TAG_SIZE])
+        with memoryview(self._out) as out, out[: n + TAG_SIZE] as ct:
+            self._aead.encrypt_into(nonce, data, None, ct)
+            write_all(self._sink, ct)
         self._index += 1
 
     def write(self, data: Any) -> int:
@@ -276,13 +296,17 @@ class StreamWriter(io.RawIOBase):
             pos = 0
             while pos < total:
                 cap = self._capacity()
+                # Every view below is released by its `with`, also when the sink raises: a slice
+                # left alive in a traceback would keep the caller's buffer (say a memory map of
+                # the input) exported, and closing it would fail over the real error.
                 if self._fill == cap:  # full and more data follows: not the last segment
-                    with memoryview(self._pending) as pend:
-                        self._flush_segment(pend[:cap], last=False)
+                    with memoryview(self._pending) as pend, pend[:cap] as seg:
+                        self._flush_segment(seg, last=False)
                     self._fill = 0
                     continue
                 if self._fill == 0 and total - pos > cap:  # a whole segment straight from input
-                    self._flush_segment(view[pos : pos + cap], last=False)
+                    with view[pos : pos + cap] as seg:
+                        self._flush_segment(seg, last=False)
                     pos += cap
                     continue
                 k = min(cap - self._fill, total - pos)
@@ -293,8 +317,12 @@ class StreamWriter(io.RawIOBase):
         return total
 
     def close(self) -> None:
-        if not self.closed and not self._aborted:
-            with memoryview(self._pending) as pend:
-                self._flush_segment(pend[: self._fill], last=True)
-            self._sink.flush()
-        super().close()
+        if self.closed:
+            return
+        try:
+            if not self._aborted:  # a failed final write is not retried: closed either way
+                with memoryview(self._pending) as pend, pend[: self._fill] as seg:
+                    self._flush_segment(seg, last=True)
+                self._sink.flush()
+        finally:
+            super().close()

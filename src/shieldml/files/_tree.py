@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shieldml.errors import InputReadError, OutputExistsError
-from shieldml.files._api import decrypt_file, detect_format, encrypt_file, inspect_file
+from shieldml.files._api import decrypt_into, detect_format, encrypt_into, inspect_file
 from shieldml.files._common import Format, ProgressCallback, StrPath
+from shieldml.files._output import Outputs
 
 
 @dataclass(frozen=True)
@@ -68,20 +69,26 @@ def encrypt_path(
     progress: ProgressCallback | None = None,
     planned: list[Planned] | None = None,
 ) -> list[Planned]:
-    """Encrypt a file or a directory tree; bound paths default to the output paths as given."""
+    """Encrypt a file or a directory tree; bound paths default to the output paths as given.
+
+    All or nothing: the outputs are renamed into place only once every file is written; on any
+    error or interrupt none is left, nor a directory this call created (``overwrite``: files
+    that existed keep their old contents).
+    """
     items = planned if planned is not None else plan_encrypt(src, dst, bind)
     _refuse_existing(items, overwrite)
-    for it in items:
-        encrypt_file(
-            it.src,
-            it.dst,
-            key,
-            bind=it.bind,
-            fmt=fmt,
-            gramine_version=gramine_version,
-            overwrite=overwrite,
-            progress=progress,
-        )
+    with Outputs(overwrite=overwrite) as outputs:
+        for it in items:
+            encrypt_into(
+                outputs,
+                it.src,
+                it.dst,
+                key,
+                bind=it.bind,
+                fmt=fmt,
+                gramine_version=gramine_version,
+                progress=progress,
+            )
     return items
 
 
@@ -114,19 +121,18 @@ def decrypt_path(
     progress: ProgressCallback | None = None,
     planned: list[Planned] | None = None,
 ) -> list[Planned]:
-    """Decrypt a file or a directory tree; bound paths default to the input paths as given."""
+    """Decrypt a file or a directory tree; bound paths default to the input paths as given.
+
+    All or nothing, as :func:`encrypt_path`: no output appears unless every file verified and
+    was written in full.
+    """
     items = planned if planned is not None else plan_decrypt(src, dst, bind)
     _refuse_existing(items, overwrite)
-    for it in items:
-        decrypt_file(
-            it.src,
-            it.dst,
-            key,
-            bind=it.bind,
-            overwrite=overwrite,
-            workers=workers,
-            progress=progress,
-        )
+    with Outputs(overwrite=overwrite) as outputs:
+        for it in items:
+            decrypt_into(
+                outputs, it.src, it.dst, key, bind=it.bind, workers=workers, progress=progress
+            )
     return items
 
 
@@ -151,22 +157,32 @@ def rekey_path(
 ) -> list[Planned]:
     """Re-encrypt a protected file or tree in place under ``new_key`` (same format and binding).
 
-    Each file is replaced atomically, only after all of it was authenticated under ``old_key``.
+    Each file is replaced atomically, only after all of it was authenticated under ``old_key``;
+    a file that cannot be rewritten (say, no space for its new copy) is left as it was.
     """
-    from shieldml.files._api import CHUNK, atomic_output, create_writer, open_protected
+    from shieldml.files._api import (
+        CHUNK,
+        atomic_output,
+        ciphertext_size,
+        create_writer,
+        open_protected,
+    )
 
     items = plan_decrypt(src, src, bind)
     for it in items:
         fmt = detect_format(it.src)
         with open_protected(it.src, old_key, bind=it.bind) as r:
             stored = getattr(r, "stored_path", it.bind)
-            with (
-                atomic_output(it.src, overwrite=True) as out,
-                create_writer(out, new_key, stored, fmt=fmt) as w,
-            ):
-                buf = bytearray(CHUNK)
-                while n := r.readinto(buf):
-                    w.write(memoryview(buf)[:n])
-                    if progress:
-                        progress(n)
+            with atomic_output(it.src, overwrite=True) as out:
+                reserved = ciphertext_size(fmt, r.size)
+                out.reserve(reserved)
+                with create_writer(out, new_key, stored, fmt=fmt) as w:
+                    buf = bytearray(CHUNK)
+                    while n := r.readinto(buf):
+                        with memoryview(buf)[:n] as part:
+                            w.write(part)
+                        if progress:
+                            progress(n)
+                if out.written_end < reserved:
+                    out.truncate(out.written_end)
     return items
