@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from shieldml.broker import protocol
 from shieldml.errors import FormatError, ReceiptError
-from shieldml.runner.evidence import Evidence, Provider
+from shieldml.runner.evidence import Evidence, Provider, WorkloadExtension
 from shieldml.runner.manifest import JobManifest, sha256_file, tree_sha256
 
 if TYPE_CHECKING:
@@ -50,6 +50,8 @@ def write_receipt(
     status: int,
     started: datetime,
     provider: Provider,
+    *,
+    binding: WorkloadExtension | None = None,
 ) -> None:
     inputs = []
     for i in m.inputs:
@@ -66,6 +68,8 @@ def write_receipt(
         "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "finished": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+    if binding is not None:  # TDX: which RTMR the run extended with the digest, and to what
+        body["rtmr_extension"] = binding.to_dict()
     ev: Evidence = provider.evidence(receipt_report_data(body))
     doc = {
         "receipt": body,
