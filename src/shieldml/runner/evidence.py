@@ -184,8 +184,8 @@ class ConfigfsTsmProvider:
                     hint="one run measures one workload",
                 )
             return self.binding
+        self.binding = self._extend(workload_digest)  # raises before anything is recorded
         self._bound = workload_digest
-        self.binding = self._extend(workload_digest)
         return self.binding
 
     def _extend(self, workload_digest: str) -> WorkloadExtension | None:
@@ -352,11 +352,15 @@ class SimulatedProvider:
         self.rtmrs = [self.m.get(f"rtmr{i}", bytes(RTMR_SIZE)) for i in range(4)]
         self.rtmr, self.extend = rtmr, extend
         self.binding: WorkloadExtension | None = None
+        self._bound: str | None = None
 
     def bind_workload(self, workload_digest: str) -> WorkloadExtension | None:
         """As on a TDX guest with the kernel interface: the simulated TD's RTMR is extended."""
-        if self.binding is not None:
+        if self._bound is not None:
+            if workload_digest != self._bound:
+                raise EvidenceError(f"RTMR{self.rtmr} was already extended with {self._bound}")
             return self.binding
+        self._bound = workload_digest
         n, value = self.rtmr, rtmr_extend_value(workload_digest)
         if self.kind != "tdx":
             if self.extend == "required":
