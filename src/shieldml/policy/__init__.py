@@ -5,7 +5,7 @@ of every profile and report all failures at once. They consume only verified
 :class:`shieldml.attest.Claims`.
 """
 
-from shieldml.policy._model import ANY, Policy, Profile
+from shieldml.policy._model import ANY, Policy, Profile, initdata_digest, initdata_field
 from shieldml.policy._verdict import PolicyCheck, ProfileResult, Verdict, evaluate, require
 
 __all__ = [
@@ -16,5 +16,7 @@ __all__ = [
     "ProfileResult",
     "Verdict",
     "evaluate",
+    "initdata_digest",
+    "initdata_field",
     "require",
 ]

@@ -16,10 +16,19 @@ advisory_ids = []                # allowed advisories; default none
 
 Every reference field of a profile's TEE must be set; ``"any"`` skips one explicitly. Unknown
 fields, empty policies and profiles that pin no measurement at all are errors, never passes.
+
+A few fields are optional (``"any"`` when absent): TDX ``mr_owner`` and ``mr_owner_config``, SEV-SNP
+``id_key_digest`` and ``author_key_digest``. ``initdata_digest`` (TDX and SEV-SNP) pins the VM's
+launch configuration the way Confidential Containers binds its *initdata* document: the digest
+(``sha256:``/``sha384:``/``sha512:`` + hex, of the initdata TOML as written) is the value expected in
+TDX ``MRCONFIGID`` (48 bytes) or SEV-SNP ``HOST_DATA`` (32 bytes), zero-padded at the end when
+shorter, cut at the end when longer. It stands for ``mr_config_id`` / ``host_data``: a profile
+gives one or the other, not both.
 """
 
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,20 +61,36 @@ FIELDS: dict[TeeKind, dict[str, tuple[str, int]]] = {
         "rtmr2": ("hexlist", 48),
         "rtmr3": ("hexlist", 48),
         "mr_config_id": ("hexlist", 48),
+        "mr_owner": ("hexlist", 48),
+        "mr_owner_config": ("hexlist", 48),
+        "initdata_digest": ("initdata", 48),
     },
     TeeKind.SNP: {
         "measurement": ("hexlist", 48),
         "host_data": ("hexlist", 32),
         "min_reported_tcb": ("tcb", 0),
         "vmpl": ("int", 0),
+        "id_key_digest": ("hexlist", 48),
+        "author_key_digest": ("hexlist", 48),
+        "initdata_digest": ("initdata", 32),
     },
 }
+#: fields that may be left out (then ``"any"``)
+OPTIONAL = {
+    TeeKind.SGX: frozenset[str](),
+    TeeKind.TDX: frozenset({"mr_owner", "mr_owner_config"}),
+    TeeKind.SNP: frozenset({"id_key_digest", "author_key_digest"}),
+}
+#: the launch-configuration field ``initdata_digest`` stands for: give one of the two
+INITDATA_FIELD = {TeeKind.TDX: "mr_config_id", TeeKind.SNP: "host_data"}
 #: a profile must pin at least one of these (a policy that accepts any code is not a policy)
 IDENTITY = {
     TeeKind.SGX: ("mrenclave", "mrsigner"),
     TeeKind.TDX: ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3"),
-    TeeKind.SNP: ("measurement", "host_data"),
+    TeeKind.SNP: ("measurement", "host_data", "initdata_digest"),
 }
+#: initdata digest algorithms (the initdata document's ``algorithm``) -> digest length
+INITDATA_ALGORITHMS = {"sha256": 32, "sha384": 48, "sha512": 64}
 TCB_PARTS = ("bl", "tee", "snp", "ucode", "fmc")
 Value = tuple[bytes, ...] | int | dict[str, int] | str
 
@@ -132,13 +157,25 @@ def _profile(p: Any, where: str) -> Profile:
             f"{where}: unknown field(s) for {tee}: {', '.join(sorted(unknown))}",
             hint=f"{tee} profiles take: {', '.join(sorted(fields))}",
         )
-    missing = [f for f in (*fields, "workload_digest") if f not in p]
+    launch = INITDATA_FIELD.get(tee)
+    if launch is not None and launch in p and "initdata_digest" in p:
+        raise PolicyError(
+            f"{where}: initdata_digest is the value expected in {launch}: give one of them",
+            hint=f"initdata_digest pins {launch}; drop {launch} (or initdata_digest)",
+        )
+    optional = OPTIONAL[tee] | ({"initdata_digest", launch} if launch else set())
+    missing = [f for f in (*fields, "workload_digest") if f not in p and f not in optional]
+    if launch is not None and launch not in p and "initdata_digest" not in p:
+        missing.append(f"{launch} (or initdata_digest)")
     if missing:
         raise PolicyError(
             f'{where}: every field must be set (use "any" to skip one): missing {", ".join(missing)}'
         )
-    refs = {f: _value(p[f], kind, size, f"{where}: {f}") for f, (kind, size) in fields.items()}
-    if all(refs[f] == ANY for f in IDENTITY[tee]):
+    refs = {
+        f: _value(p[f], kind, size, f"{where}: {f}") for f, (kind, size) in fields.items() if f in p
+    }
+    refs.update({f: ANY for f in fields if f not in p and f != "initdata_digest"})
+    if all(refs.get(f, ANY) == ANY for f in IDENTITY[tee]):
         raise PolicyError(
             f"{where}: pins none of {', '.join(IDENTITY[tee])}",
             hint="a profile must name the code it accepts",
@@ -220,6 +257,8 @@ def _value(v: Any, kind: str, size: int, where: str) -> Value:
                 f'{where}: must be a table of {", ".join(TCB_PARTS)} (0-255) or "any"'
             )
         return dict(v)
+    if kind == "initdata":
+        return tuple(initdata_field(s, size, where) for s in _strings(v, where))
     values = []
     for s in _strings(v, where):
         try:
@@ -230,3 +269,45 @@ def _value(v: Any, kind: str, size: int, where: str) -> Value:
             raise PolicyError(f"{where}: {s!r} has {len(raw)} bytes, expected {size}")
         values.append(raw)
     return tuple(values)
+
+
+def initdata_field(digest: str, size: int, where: str = "initdata_digest") -> bytes:
+    """The bytes a VM launched with this initdata digest reports in a ``size``-byte field.
+
+    Confidential Containers' initdata convention: the digest goes into TDX ``MRCONFIGID`` (48
+    bytes) or SEV-SNP ``HOST_DATA`` (32 bytes), padded with zero bytes at the end when shorter,
+    cut at the end when longer (SHA-384 on SEV-SNP keeps its first 32 bytes).
+    """
+    algorithm, sep, hexpart = digest.partition(":")
+    want = INITDATA_ALGORITHMS.get(algorithm.lower().replace("-", ""))
+    if not sep or want is None:
+        raise PolicyError(
+            f"{where}: {digest!r} is not ALGORITHM:HEX",
+            hint=f"algorithm one of {', '.join(INITDATA_ALGORITHMS)} (the initdata's `algorithm`)",
+        )
+    try:
+        raw = bytes.fromhex(hexpart)
+    except ValueError:
+        raise PolicyError(f"{where}: {digest!r} is not hex after the algorithm") from None
+    if len(raw) != want:
+        raise PolicyError(f"{where}: a {algorithm} digest has {want} bytes, not {len(raw)}")
+    return raw[:size].ljust(size, b"\0")
+
+
+def initdata_digest(document: bytes, algorithm: str | None = None) -> str:
+    """``ALGORITHM:HEX`` of an initdata document (the TOML bytes exactly as given to the VM).
+
+    ``algorithm`` defaults to the document's own top-level ``algorithm`` field (``sha384`` when
+    it has none); the digest is taken over the whole document, as Confidential Containers does.
+    """
+    if algorithm is None:
+        try:
+            algorithm = str(tomllib.loads(document.decode("utf-8")).get("algorithm", "sha384"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise PolicyError(f"initdata is not valid TOML: {e}") from e
+    name = algorithm.lower().replace("-", "")
+    if name not in INITDATA_ALGORITHMS:
+        raise PolicyError(
+            f"initdata algorithm {algorithm!r} is not one of {', '.join(INITDATA_ALGORITHMS)}"
+        )
+    return f"{name}:{hashlib.new(name, document).hexdigest()}"

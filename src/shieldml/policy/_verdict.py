@@ -12,7 +12,7 @@ from typing import Any
 
 from shieldml.attest import Claims, RootKind, TeeKind
 from shieldml.errors import PolicyDenied
-from shieldml.policy._model import ANY, Policy, Profile
+from shieldml.policy._model import ANY, INITDATA_FIELD, Policy, Profile
 
 log = logging.getLogger("shieldml.policy")
 
@@ -28,10 +28,18 @@ _ATTR = {
     "rtmr2": ("rtmr2", "in"),
     "rtmr3": ("rtmr3", "in"),
     "mr_config_id": ("mr_config_id", "in"),
+    "mr_owner": ("mr_owner", "in"),
+    "mr_owner_config": ("mr_owner_config", "in"),
     "measurement": ("measurement", "in"),
     "host_data": ("host_data", "in"),
+    "id_key_digest": ("id_key_digest", "in"),
+    "author_key_digest": ("author_key_digest", "in"),
     "vmpl": ("vmpl", "eq"),
 }
+_LAUNCH = (
+    "the VM was launched with another configuration than the owner approved (another job, "
+    "another initdata): MRCONFIGID / HOST_DATA are set by whoever launches the VM"
+)
 _HINTS = {
     "tee": "this profile is for another kind of TEE",
     "root": "evidence from simulated or custom roots is not hardware; allow it only for tests (insecure_allow_*)",
@@ -40,6 +48,13 @@ _HINTS = {
     "advisory_ids": "the platform is exposed to advisories the owner has not accepted",
     "workload_digest": "the job (manifest or trusted files) differs from the one the owner approved: `shieldml job measure`",
     "min_reported_tcb": "the platform firmware is older than the policy allows",
+    "mr_config_id": _LAUNCH,
+    "host_data": _LAUNCH,
+    "initdata_digest": _LAUNCH,
+    "mr_owner": _LAUNCH,
+    "mr_owner_config": _LAUNCH,
+    "id_key_digest": "the VM's ID block was signed by another key than the policy pins",
+    "author_key_digest": "the VM's ID key was certified by another author key than the policy pins",
 }
 
 
@@ -187,6 +202,11 @@ def _check_profile(
                 _fmt(ref),
                 ", ".join(f"{k}={v}" for k, v in have.items()),
             )
+            continue
+        if name == "initdata_digest":  # the value expected in MRCONFIGID / HOST_DATA
+            field = INITDATA_FIELD[p.tee]
+            actual = getattr(m, field)
+            add(name, actual in ref, f"{field} {_fmt(ref)}", f"{field} {_fmt(actual)}")  # type: ignore[operator]
             continue
         attr, op = _ATTR[name]
         actual = getattr(m, attr)

@@ -36,7 +36,16 @@ path = "result.txt"                # a file, or a directory if it ends with "/"
 ciphertext = "out/result.txt.enc"
 key = "results"
 broker = "data-owner"
+
+[tdx]                              # optional; TDX guests (Linux >= 6.16 tdx_guest measurements)
+rtmr = 3                           # the RTMR the workload digest is extended into (2 or 3)
+extend = "if-available"            # | "required" (refuse to run without it) | "off"
 ```
+
+``[tdx]``, when present, is part of the workload digest. Before its first evidence the runner
+extends the RTMR once with ``SHA-384("shieldml/v1 workload rtmr\\0" || workload digest)``
+(:func:`shieldml.runner.evidence.rtmr_extend_value`), so a TDX policy can pin the RTMR a VM
+reaches after running exactly this job (:func:`shieldml.runner.evidence.expected_rtmr`).
 
 The **workload digest** is ``sha256:`` + SHA-256 over the canonical JSON of the manifest's content
 (paths resolved relative to its directory, trusted files listed with their hashes). Changing the
@@ -78,6 +87,8 @@ from typing import Any, TypeGuard
 from shieldml.errors import ManifestError, TrustedFileError
 
 TEES = ("auto", "simulated", "tdx", "snp", "gramine")
+RTMR_EXTEND = ("if-available", "required", "off")
+EXTENDABLE_RTMRS = (2, 3)  # RTMR0/1 hold the firmware's and the boot loader's measurements
 FORMATS = ("stream", "gramine-pf")
 MAX_MANIFEST = 1 << 20
 
@@ -159,6 +170,14 @@ class Trusted:
     sha256: str | None
 
 
+@dataclass(frozen=True)
+class TdxSettings:
+    """``[tdx]``: which RTMR the runner extends with the workload digest, and whether it must."""
+
+    rtmr: int = 3
+    extend: str = "if-available"  # one of RTMR_EXTEND
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobManifest:
     source: Path
@@ -173,10 +192,15 @@ class JobManifest:
     inputs: tuple[Protected, ...]
     outputs: tuple[Protected, ...]
     simulated: dict[str, str] = field(default_factory=dict)
+    tdx: TdxSettings | None = None  # None: no [tdx] table (the defaults apply, nothing measured)
 
     @property
     def base(self) -> Path:
         return self.source.parent
+
+    @property
+    def tdx_settings(self) -> TdxSettings:
+        return self.tdx or TdxSettings()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> JobManifest:
@@ -210,6 +234,7 @@ class JobManifest:
                 "input",
                 "output",
                 "simulated",
+                "tdx",
             },
             where,
         )
@@ -297,6 +322,7 @@ class JobManifest:
         sim = d.get("simulated", {})
         if not isinstance(sim, dict) or not all(isinstance(v, str) for v in sim.values()):
             raise ManifestError(f"{where}: [simulated] maps names to strings")
+        tdx = _tdx(d["tdx"], tee, f"{where}: [tdx]") if "tdx" in d else None
         return cls(
             source=source,
             tee=tee,
@@ -310,6 +336,7 @@ class JobManifest:
             inputs=ins,
             outputs=outs,
             simulated=dict(sim),
+            tdx=tdx,
         )
 
     # -- trusted files and the workload digest ---------------------------------------------------
@@ -372,7 +399,7 @@ class JobManifest:
         def rel(p: str) -> str:
             return os.path.relpath(p, base) if p.startswith(base + os.sep) or p == base else p
 
-        return {
+        doc: dict[str, Any] = {
             "shieldml_job": 1,
             "tee": self.tee,
             "argv": list(self.argv),
@@ -385,6 +412,9 @@ class JobManifest:
             "inputs": [_protected_doc(x, rel) for x in self.inputs],
             "outputs": [_protected_doc(x, rel) for x in self.outputs],
         }  # [simulated] describes the stand-in hardware, not the workload: it is not measured
+        if self.tdx is not None:
+            doc["tdx"] = asdict(self.tdx)
+        return doc
 
     def workload_digest(
         self, cache: HashCache | None = None, keep: dict[str, tuple[int, bytes]] | None = None
@@ -565,6 +595,24 @@ def _trusted(t: Any, where: str) -> Trusted:
     if "glob" in t and any(ch in str(t["glob"]) for ch in "\0"):
         raise ManifestError(f"{where}: bad glob")
     return Trusted(t.get("path"), t.get("glob"), sha)
+
+
+def _tdx(t: Any, tee: str, where: str) -> TdxSettings:
+    _only(t, {"rtmr", "extend"}, where)
+    rtmr, extend = t.get("rtmr", 3), t.get("extend", "if-available")
+    if isinstance(rtmr, bool) or rtmr not in EXTENDABLE_RTMRS:
+        raise ManifestError(
+            f"{where}: rtmr must be 2 or 3, not {rtmr!r}",
+            hint="RTMR0 and RTMR1 hold the firmware's and the boot loader's measurements",
+        )
+    if extend not in RTMR_EXTEND:
+        raise ManifestError(f"{where}: extend must be one of {', '.join(RTMR_EXTEND)}")
+    if extend == "required" and tee in ("snp", "gramine"):
+        raise ManifestError(
+            f'{where}: extend = "required" with tee = "{tee}": only TDX has RTMRs',
+            hint='use tee = "tdx" (or "auto"), or extend = "if-available"',
+        )
+    return TdxSettings(int(rtmr), str(extend))
 
 
 def _broker(b: Any, where: str) -> Broker:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from shieldml.broker import protocol
 from shieldml.errors import FormatError, ReceiptError
-from shieldml.runner.evidence import Evidence, Provider
+from shieldml.runner.evidence import Evidence, Provider, WorkloadExtension
 from shieldml.runner.manifest import JobManifest, sha256_file, tree_sha256
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ def write_receipt(
     status: int,
     started: datetime,
     provider: Provider,
+    binding: WorkloadExtension | None = None,
 ) -> None:
     from shieldml.attest import iso_utc
 
@@ -69,6 +70,8 @@ def write_receipt(
         "started": iso_utc(started),
         "finished": iso_utc(datetime.now(UTC)),
     }
+    if binding is not None:  # TDX: which RTMR the run extended with the digest, and to what
+        body["rtmr_extension"] = binding.to_dict()
     ev: Evidence = provider.evidence(receipt_report_data(body))
     doc = {
         "receipt": body,

@@ -2,7 +2,8 @@
 
 Steps (each refusal stops the run before the program starts):
  1. check every trusted file against the manifest; compute the workload digest  TrustedFileError
- 2. for each broker: challenge -> evidence binding nonce, HPKE key and digest -> release
+ 2. TDX: the digest extended into an RTMR ([tdx] in the manifest)          EvidenceError
+    for each broker: challenge -> evidence binding nonce, HPKE key and digest -> release
                                                                   PolicyDenied / BrokerError
  3-5. the decrypted view (``shieldml.runner.view``): tmpfs mounts, inputs decrypted, program run
       with signals forwarded, outputs sealed atomically                        ViewError / IntegrityError
@@ -143,8 +144,13 @@ def run_job(
     digest = m.workload_digest(keep=trusted)
     times.measure_s = time.perf_counter() - t0
     say(f"workload digest {digest}")
-    provider = provider_for(m.tee, m.simulated, base=m.base)
+    tdx = m.tdx_settings
+    provider = provider_for(m.tee, m.simulated, base=m.base, rtmr=tdx.rtmr, extend=tdx.extend)
     t1 = time.perf_counter()
+    # TDX: the digest measured into an RTMR before any evidence ([tdx]; fails closed if required)
+    binding = provider.bind_workload(digest)
+    if binding is not None:
+        say(binding.describe())
     keys, audit = release_keys(m, provider, digest, say)  # 2
     times.attest_s = time.perf_counter() - t1
     t2 = time.perf_counter()
@@ -170,6 +176,7 @@ def run_job(
             status=status,
             started=started,
             provider=provider,
+            binding=binding,
         )
         say(f"receipt written to {receipt}")
     say(

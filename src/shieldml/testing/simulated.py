@@ -433,12 +433,18 @@ class SimulatedPlatform:
         mrtd: bytes = bytes(48),
         rtmrs: tuple[bytes, bytes, bytes, bytes] = (bytes(48),) * 4,
         mr_config_id: bytes = bytes(48),
+        mr_owner: bytes = bytes(48),
+        mr_owner_config: bytes = bytes(48),
         debug: bool = False,
         sept_ve_disable: bool = True,
         tcb_status: str = "UpToDate",
         now: datetime | None = None,
     ) -> tuple[bytes, IntelCollateral]:
-        """A TDX DCAP quote v4 (TD 1.0 body) and its collateral."""
+        """A TDX DCAP quote v4 (TD 1.0 body) and its collateral.
+
+        ``mr_config_id``, ``mr_owner`` and ``mr_owner_config`` are what the host sets when it
+        launches the TD (a job's or an initdata's digest); ``rtmrs`` the four RTMRs as they stand.
+        """
         now = now or self.clock()
         body = bytearray(584)
         body[0:16] = TEE_TCB_SVN
@@ -446,7 +452,10 @@ class SimulatedPlatform:
         body[120:128] = attrs.to_bytes(8, "little")
         body[128:136] = (0xE7).to_bytes(8, "little")
         body[136:184] = mrtd
-        body[184:232] = mr_config_id
+        for off, value in ((184, mr_config_id), (232, mr_owner), (280, mr_owner_config)):
+            if len(value) != 48:
+                raise ValueError("MRCONFIGID, MROWNER and MROWNERCONFIG are 48 bytes")
+            body[off : off + 48] = value
         for i, r in enumerate(rtmrs):
             body[328 + 48 * i : 376 + 48 * i] = r
         body[520:584] = report_data.ljust(64, b"\0")
@@ -513,6 +522,8 @@ class SimulatedPlatform:
         report_data: bytes = bytes(64),
         measurement: bytes = bytes(48),
         host_data: bytes = bytes(32),
+        id_key_digest: bytes = bytes(48),
+        author_key_digest: bytes = bytes(48),
         policy: int = 0x30000,
         vmpl: int = 0,
         debug: bool = False,
@@ -520,6 +531,9 @@ class SimulatedPlatform:
         now: datetime | None = None,
     ) -> tuple[bytes, bytes, list[x509.Certificate]]:
         """An SEV-SNP report v2, its VCEK (DER) and the ASK + ARK chain.
+
+        ``host_data`` is what the host sets at launch (a job's or an initdata's digest);
+        ``id_key_digest`` / ``author_key_digest`` those of the ID block's signing keys.
 
         ``reported_tcb`` (keys bl, tee, snp, ucode) picks the platform's TCB; as with AMD's KDS,
         the VCEK returned certifies exactly that TCB.
@@ -532,7 +546,11 @@ class SimulatedPlatform:
         struct.pack_into("<Q", r, 0x38, tcb)
         r[0x050:0x090] = report_data.ljust(64, b"\0")
         r[0x090:0x0C0] = measurement
+        if len(host_data) != 32 or len(id_key_digest) != 48 or len(author_key_digest) != 48:
+            raise ValueError("HOST_DATA is 32 bytes, ID_KEY_DIGEST and AUTHOR_KEY_DIGEST 48")
         r[0x0C0:0x0E0] = host_data
+        r[0x0E0:0x110] = id_key_digest
+        r[0x110:0x140] = author_key_digest
         struct.pack_into("<Q", r, 0x180, tcb)
         r[0x1A0:0x1E0] = self.chip_id
         struct.pack_into("<Q", r, 0x1E0, tcb)
