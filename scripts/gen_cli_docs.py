@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from shieldml.cli import cli
+from shieldml.cli import EXIT_CODES, cli
 
 
 def render() -> str:
@@ -15,6 +15,14 @@ def render() -> str:
         "# CLI reference",
         "",
         "Generated from the code by `scripts/gen_cli_docs.py`; do not edit by hand.",
+        "",
+        "## Exit codes",
+        "",
+        "Every command exits with one of these (`shieldml run`: with the exit code of its job).",
+        "",
+        "| code | meaning |",
+        "| --- | --- |",
+        *(f"| {code} | {meaning} |" for code, meaning in EXIT_CODES.items()),
         "",
     ]
 

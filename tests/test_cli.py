@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shieldml.cli import EXIT_ERROR, EXIT_INTEGRITY, EXIT_USAGE, main
+from shieldml.cli import EXIT_CODES, EXIT_ERROR, EXIT_INTEGRITY, EXIT_USAGE, main
 from shieldml.files import Format, open_protected
 from tests.conftest import vector_plaintext
 
@@ -166,3 +166,37 @@ def test_demo_tells_the_whole_story(capsys: pytest.CaptureFixture[str]):
 
 def test_format_enum_values_are_the_cli_choices():
     assert [f.value for f in Format] == ["stream", "gramine-pf"]
+
+
+def test_exit_codes_are_documented():
+    import shieldml.cli
+
+    doc = " ".join((shieldml.cli.__doc__ or "").split())
+    reference = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    assert EXIT_CODES[EXIT_ERROR] and EXIT_CODES[EXIT_USAGE] and EXIT_CODES[EXIT_INTEGRITY]
+    for code, meaning in EXIT_CODES.items():
+        assert f"- {code}: {meaning}" in doc, code
+        assert f"| {code} | {meaning} |" in reference, code
+
+
+@pytest.mark.parametrize(
+    ("missing", "argv"),
+    [
+        ("fastapi", ["broker", "serve"]),
+        ("uvicorn", ["broker", "serve"]),
+        ("sqlalchemy", ["broker", "rotate-kek"]),
+    ],
+)
+def test_broker_without_the_extra_is_one_error_line(tmp_path: Path, missing: str, argv: list[str]):
+    """An install without the [broker] extra: `error: ...` naming the extra, exit 1, no traceback."""
+    code = (
+        f"import sys; sys.modules[{missing!r}] = None; from shieldml.cli import main; "
+        f"sys.exit(main({[*argv, '--state', str(tmp_path / 'state')]!r}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == EXIT_ERROR, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: the key broker needs the [broker] extra")
+    assert f"{missing} is missing" in lines[0] and "pip install 'shieldml[broker]'" in lines[0]
+    assert proc.stdout == "" and not (tmp_path / "state").exists()

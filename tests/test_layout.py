@@ -134,9 +134,6 @@ def test_cloud_side_imports_no_server_stack():
     assert not bad, "\n".join(sorted(bad))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the CLI modules still import private helpers (CLI package pending)"
-)
 def test_private_modules_stay_inside_their_package():
     """``shieldml.pkg._mod`` is imported only from ``shieldml.pkg``. One exception:
     ``shieldml.testing.simulated`` builds evidence byte for byte from the attest parsers' layouts."""
@@ -157,9 +154,6 @@ def test_private_modules_stay_inside_their_package():
     assert not bad, "\n".join(sorted(set(bad)))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the CLI modules still import private helpers (CLI package pending)"
-)
 def test_test_machinery_is_reached_only_by_name():
     bad = [
         f"{mod} imports {n}"

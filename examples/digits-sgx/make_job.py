@@ -26,7 +26,7 @@ def make_job(out: Path, broker: str, fingerprint: str) -> Path:
         "",
     ]
     for name in ("digits_net.py", "infer.py"):
-        text = resources.files("shieldml.demo").joinpath(f"digits/{name}").read_text()
+        text = resources.files("shieldml.demo").joinpath(f"digits-job/{name}").read_text()
         (out / "work" / name).write_text(text)
         lines += [
             "[[trusted]]",

@@ -111,3 +111,52 @@ def test_trust_import_then_snp_without_chain(
     assert rc == 0 and json.loads(out)["tee"] == "snp"
     rc, out, _ = run(capsys, "trust", "list", "--json")
     assert len(json.loads(out)["certificates"]) == 3
+
+
+def test_unreadable_inputs_are_errors_not_verdicts(
+    att: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """Collateral or a chain that does not parse is an input error (`error:` on stderr), not a
+    verdict on the evidence (`not genuine` on stdout); both exit 1."""
+    d = att / "intel" / "phala"
+    bad = tmp_path / "collateral.json"
+    bad.write_text("{}")
+    rc, out, err = run(
+        capsys, "attest", "verify", str(d / "sgx_quote.bin"), "--collateral", str(bad)
+    )
+    assert rc == 1 and "error:" in err and "malformed collateral" in err and "genuine" not in out
+    a = att / "amd" / "go-sev-guest"
+    (tmp_path / "chain.pem").write_text("not a chain")
+    rc, out, err = run(capsys, "attest", "explain", str(a / "attestation.bin"), "--vcek",
+                       str(a / "vcek_milan.der"), "--cert-chain", str(tmp_path / "chain.pem"))  # fmt: skip
+    assert rc == 1 and "not a PEM certificate chain" in err and out == ""
+
+
+def test_cert_chain_with_text_before_the_certificates(
+    att: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    a = att / "amd" / "go-sev-guest"
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(b"AMD ASK and ARK for Milan\n" + (a / "ask_ark_milan.pem").read_bytes())
+    rc, out, _ = run(capsys, "attest", "verify", str(a / "attestation.bin"), "--vcek", str(a / "vcek_milan.der"),
+                     "--cert-chain", str(chain), "--at", "2026-01-01", "--json")  # fmt: skip
+    assert rc == 0 and json.loads(out)["genuine"] is True
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    certs = x509.load_pem_x509_certificates((a / "ask_ark_milan.pem").read_bytes())
+    chain.write_bytes(b"".join(c.public_bytes(Encoding.DER) for c in certs))  # a DER chain
+    rc, out, _ = run(capsys, "attest", "verify", str(a / "attestation.bin"), "--vcek", str(a / "vcek_milan.der"),
+                     "--cert-chain", str(chain), "--at", "2026-01-01", "--json")  # fmt: skip
+    assert rc == 0 and json.loads(out)["genuine"] is True
+
+
+def test_failure_json_names_the_failed_check(att: Path, capsys: pytest.CaptureFixture[str]):
+    a = att / "amd" / "virtee"
+    rc, out, _ = run(capsys, "attest", "verify", str(att / "negative" / "snp_v2_reported_tcb_snp_flipped.bin"),
+                     "--vcek", str(a / "vcek_milan.der"), "--cert-chain", str(a / "cert_chain_milan.pem"),
+                     "--at", "2026-01-01", "--json")  # fmt: skip
+    doc = json.loads(out)
+    assert rc == 1 and doc["genuine"] is False and doc["error"].endswith("Error")
+    assert doc["checks"] and doc["checks"][-1]["name"] == doc["failed_check"]
+    assert not doc["checks"][-1]["passed"]

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shieldml.cli import main
 from shieldml.errors import ManifestError, TrustedFileError
-from shieldml.runner.manifest import HashCache, JobManifest
+from shieldml.runner.manifest import HashCache, JobManifest, to_toml, toml_string
 
 
 def scaffold(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
@@ -279,3 +282,70 @@ def test_protected_file_beside_a_trusted_file_is_fine(tmp_path: Path):
         '[[output]]\npath = "out/"\nciphertext = "enc/o"\nkey = "o"\nbroker = "model"\n',
     )
     assert JobManifest.load(m).workload_digest().startswith("sha256:")
+
+
+# -- the TOML emitter behind `shieldml job init` -----------------------------------------------
+
+NASTY = ['say "hi"', "a\\b", "line\nbreak\r\n", "tab\tand\bbell\x07\x00", "del\x7f", "ünï ☃ 𝄞",
+         "'single'", '"""', "# not a comment", "[not] = a table", "\u2028\u0085"]  # fmt: skip
+
+
+def test_toml_strings_round_trip():
+    for s in NASTY:
+        assert tomllib.loads(f"k = {toml_string(s)}\n") == {"k": s}, s
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_any_text_round_trips(s: str):
+    assert tomllib.loads(f"k = {toml_string(s)}\n") == {"k": s}
+
+
+def test_not_unicode_is_refused():
+    with pytest.raises(ManifestError, match="not valid Unicode"):
+        toml_string("name\udcff.py")  # a non-UTF-8 file name, as os.fsdecode gives it
+
+
+def test_documents_round_trip():
+    doc = {
+        "version": 1,
+        "tee": NASTY[0],
+        "flag": False,
+        "empty": [],
+        "command": {"argv": NASTY, "cwd": ".", "insecure_allow_extra_args": True},
+        "env": {"allow": ["LANG"], "set": {"A B": 'x"y', "C": "ü"}, "none": {}},
+        "trusted": [{"path": s, "sha256": "0" * 64} for s in NASTY],
+        "key with spaces": {"ü": "x", "": "empty key"},
+        "after": {"x": [1, 2, {"inline": [True]}]},
+    }
+    text = to_toml(doc, {"tee": "a comment", "env": "two\nlines", "command.cwd": "the cwd"})
+    assert tomllib.loads(text) == doc
+    assert 'cwd = "."  # the cwd' in text and "[env]\n# two\n# lines\n" in text
+    assert text.index("flag = false") < text.index("[command]")  # plain values before tables
+    with pytest.raises(TypeError):
+        to_toml({"x": 1.5})
+
+
+def test_init_with_names_toml_must_escape(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    app = tmp_path / 'my "app"\n☃'
+    app.mkdir()
+    script = app / 'in"fer\\.py'
+    script.write_text("print('hi')\n")
+    extra = app / "tab\there.py"
+    extra.write_text("X = 1\n")
+    out = tmp_path / "job.toml"
+    for tee in ("simulated", "tdx"):
+        args = ["job", "init", str(script), str(extra), "-o", str(out), "--tee", tee]
+        assert main([*args, "--python", "/usr/bin/env"]) == 0
+        m = JobManifest.load(out)
+        assert m.tee == tee and m.argv == ("/usr/bin/env", script.name)
+        assert Path(m.cwd) == app.resolve()
+        assert [Path(p).name for p, _h in m.trusted_files()] == [script.name, extra.name]
+        assert m.simulated == (
+            {"platform": "sim-platform", "kind": "sgx"} if tee == "simulated" else {}
+        )
+        text = out.read_text(encoding="utf-8")
+        assert "# [[broker]]" in text and "# [[input]]" in text and "# [[output]]" in text
+        assert tomllib.loads(text)["env"] == {"allow": ["LANG"]}
+        out.unlink()
+    capsys.readouterr()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shieldml.errors import PolicyDenied, ReceiptError, ShieldError, TrustedFileError
+from shieldml.errors import ReceiptError, ReleaseDenied, ShieldError, TrustedFileError
 from shieldml.files import open_protected
 from shieldml.policy import Policy
 from shieldml.runner.receipt import verify_receipt
@@ -79,9 +79,9 @@ def test_policy_for_another_digest_is_refused_with_verdict(job: Job):
     with job.admin() as c:
         c.set_policy("model", job.policy("sha256:" + "00" * 32))
         c.set_policy("results", job.policy("sha256:" + "00" * 32))
-    with pytest.raises(PolicyDenied) as e:
+    with pytest.raises(ReleaseDenied) as e:
         run_job(job.manifest)
-    assert "workload_digest" in str(e.value.verdict)
+    assert "workload_digest" in str(e.value.detail)
     assert not (job.dir / "out").exists()
 
 
@@ -107,18 +107,18 @@ def test_debug_tee_is_refused(job: Job):
     text = job.manifest.read_text().replace('debug = "false"', 'debug = "true"')
     job.manifest.write_text(text)
     job.authorize()
-    with pytest.raises(PolicyDenied) as e:
+    with pytest.raises(ReleaseDenied) as e:
         run_job(job.manifest)
-    assert '"name": "debug"' in json_dump(e.value.verdict) and not (job.dir / "out").exists()
+    assert '"name": "debug"' in json_dump(e.value.detail) and not (job.dir / "out").exists()
 
 
 def test_simulated_root_needs_the_insecure_switch(job: Job):
     digest = job.authorize()
     with job.admin() as c:
         c.set_policy("model", job.policy(digest).replace("insecure_allow_simulated = true\n", ""))
-    with pytest.raises(PolicyDenied) as e:
+    with pytest.raises(ReleaseDenied) as e:
         run_job(job.manifest)
-    assert '"name": "root"' in json_dump(e.value.verdict)
+    assert '"name": "root"' in json_dump(e.value.detail)
 
 
 def test_sigkill_of_the_runner_leaves_no_plaintext_and_no_partial_output(job: Job):

@@ -27,7 +27,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from shieldml.broker.client import BrokerClient
-from shieldml.errors import PolicyDenied, ShieldError
+from shieldml.errors import ReleaseDenied, ShieldError
 from shieldml.files import decrypt_path, encrypt_file, generate_key
 from shieldml.runner.manifest import JobManifest
 from shieldml.runner.run import run_job
@@ -382,10 +382,9 @@ class Demo:
     def attack(self, what: str, action: Any) -> None:
         try:
             action()
-        except PolicyDenied as e:
-            detail: dict[str, Any] = e.verdict if isinstance(e.verdict, dict) else {}
+        except ReleaseDenied as e:
             names: set[str] = set()
-            for v in detail.get("verdicts", {}).values():  # per key, the closest profile
+            for v in e.verdicts:  # per key, the closest profile
                 fails: list[list[str]] = [
                     [str(c["name"]) for c in p.get("checks", []) if not c.get("passed")]
                     for p in v.get("profiles", [])

@@ -19,14 +19,31 @@ from shieldml.files._api import (
     inspect_file,
     open_protected,
 )
-from shieldml.files._common import Format, check_key, generate_key, key_id, load_key, write_key_file
+from shieldml.files._common import (
+    Format,
+    ProgressCallback,
+    check_key,
+    generate_key,
+    key_id,
+    load_key,
+    write_key_file,
+)
 from shieldml.files._gramine import gramine_norm_path
 from shieldml.files._reader import ProtectedFile
-from shieldml.files._tree import decrypt_path, encrypt_path, rekey_path
+from shieldml.files._tree import (
+    Planned,
+    decrypt_path,
+    encrypt_path,
+    plan_decrypt,
+    plan_encrypt,
+    rekey_path,
+)
 
 __all__ = [
     "FileInfo",
     "Format",
+    "Planned",
+    "ProgressCallback",
     "ProtectedFile",
     "atomic_output",
     "check_key",
@@ -42,6 +59,8 @@ __all__ = [
     "key_id",
     "load_key",
     "open_protected",
+    "plan_decrypt",
+    "plan_encrypt",
     "rekey_path",
     "write_key_file",
 ]

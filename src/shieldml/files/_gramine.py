@@ -223,6 +223,7 @@ class GramineReader(ProtectedFile):
         self._node_index = -1
         self._run_bufs: list[bytearray] = []
         self._run_views: list[memoryview] = []
+        self._run_ct: bytearray | None = None
         # step 7: the root MHT node is checked at open
         if size > MD_USER_DATA_SIZE:
             self._mht_node(0)
@@ -300,11 +301,14 @@ class GramineReader(ProtectedFile):
         n = min(full_nodes, (m + 1) * DATA_SLOTS, d + len(out) // NODE_SIZE) - d
         mht = self._mht_node(m)
         if _native is not None:
-            try:
-                with self._src.view(_phys_data(d) * NODE_SIZE, n * NODE_SIZE) as ct:
+            # from private memory, never a shared mapping of the host's file (see StreamReader)
+            if self._run_ct is None:
+                self._run_ct = bytearray(DATA_SLOTS * NODE_SIZE)
+            with memoryview(self._run_ct)[: n * NODE_SIZE] as ct:
+                if self._src.readv(_phys_data(d) * NODE_SIZE, [ct]) != n * NODE_SIZE:
+                    bad = 0  # the file is shorter than its metadata says
+                else:
                     bad = _native.decrypt_nodes(mht, d % DATA_SLOTS, ct, out, n)
-            except ValueError:  # the file is shorter than its metadata says
-                bad = 0
             if bad >= 0:
                 out[: n * NODE_SIZE] = bytes(n * NODE_SIZE)
                 self._read_run_checked(d, n)

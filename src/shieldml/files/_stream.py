@@ -158,6 +158,7 @@ class StreamReader(ProtectedFile):
         self._aead = derive_segment_key(key, tink[1 : 1 + SALT_SIZE], raw[:HEADER_SIZE], bind)
         self._buf = bytearray(self._geo.plain)
         self._buf_index = -1
+        self._ct: bytearray | None = None
 
     @property
     def size(self) -> int:
@@ -173,7 +174,15 @@ class StreamReader(ProtectedFile):
         n = geo.plain_len(i)
         last = i == geo.count - 1
         nonce = self._prefix + _NONCE_TAIL.pack(i, last)
-        with self._src.view(HEADER_SIZE + geo.ct_start(i), n + TAG_SIZE) as ct:
+        # The ciphertext is copied into private memory first: AES-GCM may read its input more
+        # than once (GHASH, then the counter-mode pass), and a shared mapping of a host-writable
+        # file could change in between, so the tag would vouch for other bytes than those decrypted.
+        if self._ct is None:
+            self._ct = bytearray(geo.seg)
+        with memoryview(self._ct)[: n + TAG_SIZE] as ct:
+            if self._src.readv(HEADER_SIZE + geo.ct_start(i), [ct]) != n + TAG_SIZE:
+                out[:n] = bytes(n)
+                raise IntegrityError(self.name, f"segment {i}", reason="truncated")
             try:
                 self._aead.decrypt_into(nonce, ct, None, out[:n])
             except InvalidTag:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from shieldml.runner.evidence import Evidence, Provider, provider_for
     from shieldml.runner.manifest import HashCache, JobManifest, ciphertext_digest
     from shieldml.runner.receipt import VerifiedReceipt, verify_receipt, write_receipt
-    from shieldml.runner.recipient import new_recipient, open_key, sealed_key_path
+    from shieldml.runner.recipient import new_recipient, open_key, open_output_key, sealed_key_path
     from shieldml.runner.run import RunTimes, run_job
 
 _WHERE = {
@@ -37,6 +37,7 @@ _WHERE = {
     "write_receipt": "receipt",
     "new_recipient": "recipient",
     "open_key": "recipient",
+    "open_output_key": "recipient",
     "sealed_key_path": "recipient",
     "RunTimes": "run",
     "run_job": "run",
@@ -52,6 +53,7 @@ __all__ = [
     "ciphertext_digest",
     "new_recipient",
     "open_key",
+    "open_output_key",
     "provider_for",
     "run_job",
     "sealed_key_path",

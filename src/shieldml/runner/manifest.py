@@ -649,3 +649,153 @@ def _protected(
         rec_key,
         pin.lower() if pin else None,
     )
+
+
+# -- writing manifests: `shieldml job init` ---------------------------------------------------------
+# A TOML emitter for what a manifest holds: strings, booleans, integers, arrays and inline tables as
+# values; top-level tables and arrays of tables. tomllib reads back exactly the document given.
+
+_BARE_KEY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
+def toml_string(text: str) -> str:
+    """``text`` as a TOML basic string: quotes, backslashes and control characters escaped."""
+    chars = []
+    for ch in text:
+        if ch in _ESCAPES:
+            chars.append(_ESCAPES[ch])
+        elif ch < " " or ch == "\x7f":
+            chars.append(f"\\u{ord(ch):04X}")
+        elif "\ud800" <= ch <= "\udfff":
+            raise ManifestError(
+                f"{text!r} is not valid Unicode (a name in another encoding than UTF-8?): "
+                "a TOML manifest cannot hold it"
+            )
+        else:
+            chars.append(ch)
+    return '"' + "".join(chars) + '"'
+
+
+def _toml_key(key: str) -> str:
+    return key if key and set(key) <= _BARE_KEY else toml_string(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return toml_string(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        return (
+            "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        )
+    raise TypeError(f"no TOML form for a manifest value of type {type(value).__name__}")
+
+
+def _is_table_array(value: Any) -> bool:
+    return (
+        isinstance(value, list | tuple) and bool(value) and all(isinstance(v, dict) for v in value)
+    )
+
+
+def to_toml(doc: dict[str, Any], comments: dict[str, str] | None = None) -> str:
+    """``doc`` as TOML: its plain values first, then a ``[table]`` for each dict and a
+    ``[[table]]`` for each list of dicts (nested dicts and lists become inline values).
+
+    ``comments`` maps ``"key"`` or ``"table.key"`` to a comment at the end of that line, and a
+    table's name to comment lines under its header (one per line of the text).
+    """
+    notes = comments or {}
+
+    def line(path: str, key: str, value: Any) -> str:
+        text = f"{_toml_key(key)} = {_toml_value(value)}"
+        note = notes.get(path)
+        return f"{text}  # {note}" if note else text
+
+    def body(name: str, table: dict[str, Any]) -> list[str]:
+        lines = [f"# {c}" if c else "#" for c in notes[name].splitlines()] if name in notes else []
+        return lines + [line(f"{name}.{k}", k, v) for k, v in table.items()]
+
+    tables = {k: v for k, v in doc.items() if isinstance(v, dict) or _is_table_array(v)}
+    lines = [line(k, k, v) for k, v in doc.items() if k not in tables]
+    for name, value in tables.items():
+        for table in [value] if isinstance(value, dict) else value:
+            header = f"[{_toml_key(name)}]" if isinstance(value, dict) else f"[[{_toml_key(name)}]]"
+            lines += ["", header, *body(name, table)] if lines else [header, *body(name, table)]
+    return "\n".join(lines) + "\n"
+
+
+_SCAFFOLD_COMMENTS = {
+    "command.cwd": "the script's directory",
+    "env": "names passed through from the host, which chooses their values; PATH, HOME, PYTHON*,\n"
+    "LD_* and other names that decide what code runs are refused: give those fixed values in\n"
+    '`set`, e.g. set = { OMP_NUM_THREADS = "4" }',
+}
+_SCAFFOLD_EXAMPLES = """
+# [[broker]]
+# name = "model-owner"
+# url = "https://127.0.0.1:8443"
+# fingerprint = "…"
+
+# [[input]]
+# path = "model.pt"
+# ciphertext = "enc/model.pt.enc"
+# key = "model"
+# broker = "model-owner"
+
+# [[output]]
+# path = "result.txt"
+# ciphertext = "out/result.txt.enc"
+# key = "results"
+# broker = "model-owner"
+"""
+
+
+def scaffold_manifest(
+    files: list[str] | tuple[str, ...],
+    *,
+    output: str | os.PathLike[str],
+    tee: str,
+    interpreter: str,
+) -> str:
+    """The text of a new manifest at ``output``: ``interpreter`` runs the first of ``files`` from
+    its directory; every file is trusted with its SHA-256 now; commented examples of brokers,
+    inputs and outputs to fill in. Paths are relative to the manifest's directory where they lie
+    below it."""
+    if tee not in TEES:
+        raise ManifestError(f"tee must be one of {', '.join(TEES)}")
+    if not files:
+        raise ManifestError("a manifest needs the script it runs")
+    base = Path(output).resolve().parent
+
+    def rel(p: Path) -> str:
+        return str(p.relative_to(base)) if p.is_relative_to(base) else str(p)
+
+    script = Path(files[0]).resolve()
+    doc: dict[str, Any] = {
+        "version": 1,
+        "tee": tee,
+        "command": {"argv": [interpreter, script.name], "cwd": rel(script.parent)},
+        "env": {"allow": ["LANG"]},
+    }
+    if tee == "simulated":
+        doc["simulated"] = {"platform": "sim-platform", "kind": "sgx"}
+    doc["trusted"] = [
+        {"path": rel(p), "sha256": sha256_file(str(p))} for p in (Path(f).resolve() for f in files)
+    ]
+    return to_toml(doc, _SCAFFOLD_COMMENTS) + _SCAFFOLD_EXAMPLES

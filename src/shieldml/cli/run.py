@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import sys
@@ -12,14 +10,28 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
-from shieldml.cli_attest import _time, _trust, out
-from shieldml.errors import OutputExistsError, ShieldError
+from shieldml.cli._common import (
+    AT_OPTION,
+    EXISTING_FILE,
+    JSON_OPTION,
+    load_policy,
+    parse_time,
+    trust_anchors,
+    trust_root_options,
+)
+from shieldml.cli._output import emit_json, out
+from shieldml.errors import OutputExistsError, PolicyDenied, ReceiptError, ShieldError
+from shieldml.runner.manifest import (
+    TEES,
+    HashCache,
+    JobManifest,
+    ciphertext_digest,
+    scaffold_manifest,
+)
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
-@click.option(
-    "-m", "--manifest", required=True, type=click.Path(exists=True, dir_okay=False), help="job.toml"
-)
+@click.option("-m", "--manifest", required=True, type=EXISTING_FILE, help="job.toml")
 @click.option("--receipt", type=click.Path(dir_okay=False), help="Write a run receipt here.")
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
@@ -48,16 +60,11 @@ def job() -> None:
 
 
 @job.command("init")
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=EXISTING_FILE)
 @click.option(
     "-o", "--output", default="job.toml", show_default=True, type=click.Path(dir_okay=False)
 )
-@click.option(
-    "--tee",
-    type=click.Choice(["auto", "simulated", "tdx", "snp", "gramine"]),
-    default="auto",
-    show_default=True,
-)
+@click.option("--tee", type=click.Choice(TEES), default="auto", show_default=True)
 @click.option(
     "--python",
     "python",
@@ -70,14 +77,6 @@ def job_init(files: tuple[str, ...], output: str, tee: str, python: str | None) 
     becomes trusted."""
     if Path(output).exists():
         raise OutputExistsError(f"{output}: already exists")
-    base = Path(output).resolve().parent
-
-    def rel(p: Path) -> str:
-        return str(p.relative_to(base)) if p.is_relative_to(base) else str(p)
-
-    def q(text: str) -> str:  # a TOML basic string
-        return json.dumps(text, ensure_ascii=False)
-
     # argv[0] must be absolute (never looked up on a PATH in the TEE). Not resolved through
     # symbolic links: a virtual environment's python is a link, and resolving it loses the venv.
     # Default: the interpreter running shieldml (a `python3` found on PATH may be a wrapper, such
@@ -89,51 +88,24 @@ def job_init(files: tuple[str, ...], output: str, tee: str, python: str | None) 
         if found is None:
             raise ShieldError(f"--python {python}: not found on PATH; give its absolute path")
         interpreter = str(Path(found).absolute())
-    script = Path(files[0]).resolve()
-    lines = [
-        "version = 1",
-        f"tee = {q(tee)}",
-        "",
-        "[command]",
-        f"argv = [{q(interpreter)}, {q(script.name)}]",
-        f"cwd = {q(rel(script.parent))}  # the script's directory",
-        "",
-        "[env]",
-        "# names passed through from the host, which chooses their values; PATH, HOME, PYTHON*, LD_*",
-        "# and other names that decide what code runs are refused: give those fixed values in `set`",
-        'allow = ["LANG"]',
-        '# set = { OMP_NUM_THREADS = "4" }',
-        "",
-    ]
-    for f in files:
-        digest = hashlib.sha256(Path(f).read_bytes()).hexdigest()
-        lines += ["[[trusted]]", f"path = {q(rel(Path(f).resolve()))}", f'sha256 = "{digest}"', ""]
-    lines += [
-        "# [[broker]]", '# name = "model-owner"', '# url = "https://127.0.0.1:8443"', '# fingerprint = "…"', "",
-        "# [[input]]", '# path = "model.pt"', '# ciphertext = "enc/model.pt.enc"', '# key = "model"', '# broker = "model-owner"', "",
-        "# [[output]]", '# path = "result.txt"', '# ciphertext = "out/result.txt.enc"', '# key = "results"', '# broker = "model-owner"',
-    ]  # fmt: skip
-    if tee == "simulated":
-        lines += ["", "[simulated]", 'platform = "sim-platform"', 'kind = "sgx"']
-    Path(output).write_text("\n".join(lines) + "\n")
+    text = scaffold_manifest(files, output=output, tee=tee, interpreter=interpreter)
+    Path(output).write_text(text, encoding="utf-8")
     out.print(
         f"wrote {escape(output)} (interpreter {escape(interpreter)}); fill in brokers, inputs and outputs, then `shieldml job measure {escape(output)}`"
     )
 
 
 @job.command("measure")
-@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.argument("manifest", type=EXISTING_FILE)
 @click.option(
     "--hash-cache",
     type=click.Path(dir_okay=False),
     help="Reuse hashes of unchanged files (size, mtime, inode): for the owner's machine; "
     "`shieldml run` always hashes in full.",
 )
-@click.option("--json", "as_json", is_flag=True)
+@JSON_OPTION
 def job_measure(manifest: str, hash_cache: str | None, as_json: bool) -> None:
     """Print the workload digest owners put in their policies."""
-    from shieldml.runner.manifest import HashCache, JobManifest, ciphertext_digest
-
     m = JobManifest.load(manifest)
     cache = HashCache(hash_cache)
     files = m.trusted_files(cache)
@@ -145,15 +117,12 @@ def job_measure(manifest: str, hash_cache: str | None, as_json: bool) -> None:
             for i in m.inputs
             if os.path.exists(i.ciphertext)
         ]
-        click.echo(
-            json.dumps(
-                {
-                    "workload_digest": digest,
-                    "trusted_files": [{"path": p, "sha256": h} for p, h in files],
-                    "inputs": inputs,
-                },
-                indent=2,
-            )
+        emit_json(
+            {
+                "workload_digest": digest,
+                "trusted_files": [{"path": p, "sha256": h} for p, h in files],
+                "inputs": inputs,
+            }
         )
     else:
         out.print(digest)
@@ -173,16 +142,15 @@ _RECEIPT_MEASUREMENTS = {
 
 
 @receipt.command("verify")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("file", type=EXISTING_FILE)
 @click.option(
     "--policy",
     "policy_file",
-    type=click.Path(exists=True, dir_okay=False),
+    type=EXISTING_FILE,
     help="Required. The release policy (TOML, as set on the broker) the receipt's TEE must satisfy.",
 )
-@click.option("--at", help="Verification time (ISO 8601).")
-@click.option("--trust-root", multiple=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--insecure-custom-root", is_flag=True)
+@AT_OPTION
+@trust_root_options
 @click.option(
     "--simulated-platform",
     type=click.Path(file_okay=False),
@@ -191,7 +159,7 @@ _RECEIPT_MEASUREMENTS = {
 @click.option(
     "--no-files", is_flag=True, help="Do not compare the ciphertext files with the receipt."
 )
-@click.option("--json", "as_json", is_flag=True)
+@JSON_OPTION
 @click.pass_context
 def receipt_verify(
     ctx: click.Context,
@@ -212,11 +180,7 @@ def receipt_verify(
     insecure_allow_* switches say so. Then (by default) the files must match the receipt.
     Exit 1 if the policy denies the receipt's TEE or the files differ.
     """
-    from shieldml.cli_policy import _load
-    from shieldml.errors import PolicyDenied, ReceiptError
-    from shieldml.policy import Verdict
     from shieldml.runner.receipt import VerifiedReceipt, verify_receipt
-    from shieldml.testing.simulated import SimulatedPlatform, fixed_clock
 
     if policy_file is None:
         raise click.UsageError(
@@ -224,10 +188,12 @@ def receipt_verify(
             " receipt; give the release policy the owner set on the broker"
             " (`shieldml broker policy set`), which pins the measurements and workload digest"
         )
-    pol = _load(policy_file)
-    anchors = _trust(trust_root, insecure_custom_root)
-    when = _time(at)
-    if simulated_platform:
+    pol = load_policy(policy_file)
+    anchors = trust_anchors(trust_root, insecure_custom_root)
+    when = parse_time(at)
+    if simulated_platform:  # asked for by name: only then is the test machinery loaded
+        from shieldml.testing.simulated import SimulatedPlatform, fixed_clock
+
         anchors = SimulatedPlatform.open(simulated_platform, clock=fixed_clock(when)).trust(anchors)
     problems: list[str] = []
     try:
@@ -239,10 +205,10 @@ def receipt_verify(
             raise
         verified, problems = e.verified, e.problems
     except PolicyDenied as e:
-        if not isinstance(e.verdict, Verdict):  # unreachable: the policy gate raises a Verdict
+        if e.verdict is None:
             raise
         if as_json:
-            click.echo(json.dumps({"ok": False, "verdict": e.verdict.to_dict()}, indent=2))
+            emit_json({"ok": False, "verdict": e.verdict.to_dict()})
         else:
             out.print(
                 f"[bold red]receipt refused: {escape(policy_file)} does not accept its TEE[/bold red]"
@@ -252,7 +218,7 @@ def receipt_verify(
         ctx.exit(1)
     result = verified.to_dict() | {"ok": not problems, "problems": problems}
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        emit_json(result)
     else:
         r, c, v = result["receipt"], result["claims"], result["verdict"]
         out.print(
@@ -285,54 +251,4 @@ def receipt_verify(
         raise ShieldError("the files no longer match the receipt")
 
 
-@click.group()
-def gramine() -> None:
-    """SGX with Gramine: manifests for shieldml jobs, policies from SIGSTRUCTs."""
-
-
-@gramine.command("manifest")
-@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
-@click.option(
-    "--broker-ca",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="The broker's TLS certificate (PEM).",
-)
-@click.option("--secret-prov-port", type=int, default=4433, show_default=True)
-@click.option(
-    "-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of standard output."
-)
-def gramine_manifest_cmd(
-    manifest: str, broker_ca: str, secret_prov_port: int, output: str | None
-) -> None:
-    """Write a Gramine manifest template for the job in MANIFEST."""
-    from shieldml.gramine.manifest import gramine_manifest
-    from shieldml.runner.manifest import JobManifest
-
-    text = gramine_manifest(
-        JobManifest.load(manifest),
-        broker_ca=Path(broker_ca).resolve(),
-        secret_prov_port=secret_prov_port,
-    )
-    if output:
-        Path(output).write_text(text)
-        out.print(
-            f"wrote {escape(output)}: render with gramine-manifest, sign with gramine-sgx-sign"
-        )
-    else:
-        click.echo(text, nl=False)
-
-
-@gramine.command("policy")
-@click.argument("sigstruct", type=click.Path(exists=True, dir_okay=False))
-def gramine_policy(sigstruct: str) -> None:
-    """Print the policy profile that accepts the enclave signed in SIGSTRUCT (app.sig)."""
-    from shieldml.gramine.sigstruct import Sigstruct
-
-    sig = Sigstruct.from_bytes(Path(sigstruct).read_bytes(), sigstruct)
-    sig.verify(sigstruct)
-    if sig.debug:
-        click.echo(
-            "# WARNING: this enclave is signed with sgx.debug = true; policies refuse it", err=True
-        )
-    click.echo(sig.policy_profile(), nl=False)
+COMMANDS = (run, job, receipt)

@@ -2,19 +2,47 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.markup import escape
 
-from shieldml.cli_attest import out
+from shieldml.cli._common import (
+    EXISTING_FILE,
+    FORMAT_CHOICE,
+    JSON_OPTION,
+    F,
+    read_policy,
+    trust_root_options,
+)
+from shieldml.cli._output import emit, emit_json, out
 from shieldml.errors import ShieldError
+from shieldml.files import Format, load_key
+
+if TYPE_CHECKING:
+    from shieldml.broker.client import BrokerClient
 
 DEFAULT_URL = "https://127.0.0.1:8443"
+
+
+@contextmanager
+def _broker_extra() -> Iterator[None]:
+    """Around the imports of the broker's server stack: without the ``[broker]`` extra, a
+    :class:`ShieldError` that names it (one error line, exit 1) instead of a traceback."""
+    try:
+        yield
+    except ImportError as e:
+        if e.name is None:  # shieldml.broker.server's own message names the extra
+            raise ShieldError(str(e)) from e
+        raise ShieldError(
+            f"the key broker needs the [broker] extra ({e.name} is missing): "
+            "pip install 'shieldml[broker]'"
+        ) from e
 
 
 def _state(state: str | None) -> Path:
@@ -24,9 +52,11 @@ def _state(state: str | None) -> Path:
     return (Path(home) if home else Path.home() / ".shieldml") / "broker"
 
 
-def _client(
-    url: str, fingerprint: str | None, token_file: str | None, need_token: bool = True
-) -> Any:
+def _database(database: str | None, state_dir: Path) -> str:
+    return database or f"sqlite:///{state_dir / 'broker.db'}"
+
+
+def _client(url: str, fingerprint: str | None, token_file: str | None) -> BrokerClient:
     from shieldml.broker.client import BrokerClient
 
     token = os.environ.get("SHIELDML_BROKER_TOKEN")
@@ -35,7 +65,7 @@ def _client(
             token = Path(token_file).read_text().strip()
         except OSError as e:
             raise ShieldError(f"{token_file}: cannot read the admin token: {e.strerror}") from e
-    if need_token and not token:
+    if not token:
         raise ShieldError(
             "admin operations need the broker's token",
             hint="--token-file FILE or SHIELDML_BROKER_TOKEN",
@@ -47,7 +77,8 @@ def _client(
     return BrokerClient(url, fingerprint=fingerprint, token=token)
 
 
-def _conn(f: Any) -> Any:
+def _conn(f: F) -> F:
+    """``--url``, ``--fingerprint`` and ``--token-file``: how to reach a broker as its admin."""
     f = click.option(
         "--token-file",
         type=click.Path(dir_okay=False),
@@ -61,6 +92,16 @@ def _conn(f: Any) -> Any:
     return click.option(
         "--url", envvar="SHIELDML_BROKER_URL", default=DEFAULT_URL, show_default=True
     )(f)
+
+
+def _timeout_option(name: str, what: str) -> Callable[[F], F]:
+    return click.option(
+        name,
+        type=click.FloatRange(min=0.1),
+        default=10.0,
+        show_default=True,
+        help=f"Seconds a client has to send {what} (slower ones get 408).",
+    )
 
 
 @click.group()
@@ -80,16 +121,10 @@ def broker() -> None:
 )
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8443, show_default=True)
-@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False))
-@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False))
+@click.option("--tls-cert", type=EXISTING_FILE)
+@click.option("--tls-key", type=EXISTING_FILE)
 @click.option("--insecure-no-tls", is_flag=True, help="Plain HTTP (tests only; logged).")
-@click.option(
-    "--trust-root",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="Extra root for evidence.",
-)
-@click.option("--insecure-custom-root", is_flag=True)
+@trust_root_options
 @click.option(
     "--simulated-platform",
     multiple=True,
@@ -109,44 +144,61 @@ def broker() -> None:
     show_default=True,
     help="Seconds a challenge stays valid.",
 )
-@click.option(
-    "--body-timeout",
-    type=click.FloatRange(min=0.1),
-    default=10.0,
-    show_default=True,
-    help="Seconds a client has to send a request body (slower ones get 408).",
-)
-@click.option(
+@_timeout_option("--body-timeout", "a request body")
+@_timeout_option(
     "--header-timeout",
-    type=click.FloatRange(min=0.1),
-    default=10.0,
-    show_default=True,
-    help="Seconds a client has to send a request line and headers, from connecting or from the "
-    "first byte of a kept-alive request (slower ones get 408).",
+    "a request line and headers, from connecting or from the first byte of a kept-alive request",
 )
 @click.option(
     "--pccs", "pccs_url", help="PCCS or Intel PCS URL for collateral runners do not send."
 )
 @click.option("--secret-prov-port", type=int, help="Also serve Gramine's secret provisioning here.")
 @click.option("--secret-prov-key", help="The gramine-pf key released over secret provisioning.")
-def serve(database: str | None, state: str | None, host: str, port: int, tls_cert: str | None, tls_key: str | None,
-          insecure_no_tls: bool, trust_root: tuple[str, ...], insecure_custom_root: bool, simulated_platform: tuple[str, ...],
-          admin_token_file: str | None, workers: int, nonce_ttl: float, body_timeout: float, header_timeout: float,
-          pccs_url: str | None,
-          secret_prov_port: int | None, secret_prov_key: str | None) -> None:  # fmt: skip
+def serve(
+    database: str | None,
+    state: str | None,
+    host: str,
+    port: int,
+    tls_cert: str | None,
+    tls_key: str | None,
+    insecure_no_tls: bool,
+    trust_root: tuple[str, ...],
+    insecure_custom_root: bool,
+    simulated_platform: tuple[str, ...],
+    admin_token_file: str | None,
+    workers: int,
+    nonce_ttl: float,
+    body_timeout: float,
+    header_timeout: float,
+    pccs_url: str | None,
+    secret_prov_port: int | None,
+    secret_prov_key: str | None,
+) -> None:
     """Run the broker (HTTPS by default, with a self-signed certificate made on first start)."""
-    import uvicorn
+    with _broker_extra():
+        import uvicorn
 
-    from shieldml.broker.server import BrokerConfig, self_signed
-    from shieldml.broker.server.storage import Store
+        from shieldml.broker.server import BrokerConfig, Store, self_signed
+        from shieldml.broker.server.http import HeaderTimeoutProtocol
 
     state_dir = _state(state)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    url = database or f"sqlite:///{state_dir / 'broker.db'}"
+    url = _database(database, state_dir)
     if (secret_prov_port is None) != (secret_prov_key is None):
         raise ShieldError("--secret-prov-port and --secret-prov-key go together")
-    cfg = BrokerConfig(url, str(state_dir), trust_root, insecure_custom_root, simulated_platform,
-                       nonce_ttl, pccs_url, secret_prov_port, secret_prov_key, body_timeout, header_timeout)  # fmt: skip
+    cfg = BrokerConfig(
+        database=url,
+        state_dir=str(state_dir),
+        trust_roots=trust_root,
+        insecure_custom_root=insecure_custom_root,
+        simulated_platforms=simulated_platform,
+        nonce_ttl_s=nonce_ttl,
+        pccs_url=pccs_url,
+        secret_prov_port=secret_prov_port,
+        secret_prov_key=secret_prov_key,
+        body_timeout_s=body_timeout,
+        header_timeout_s=header_timeout,
+    )
     cfg.trust()  # fail early on bad roots
     store = Store(url, state_dir)
     token = store.init_admin_token()
@@ -162,9 +214,11 @@ def serve(database: str | None, state: str | None, host: str, port: int, tls_cer
     if not insecure_no_tls:
         if bool(tls_cert) != bool(tls_key):
             raise ShieldError("--tls-cert and --tls-key go together")
-        files = (Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None
-        tls = self_signed(state_dir, [host]) if files is None else None
-        cert, key = files or (tls.cert, tls.key)  # type: ignore[union-attr]
+        if tls_cert and tls_key:
+            cert, key = Path(tls_cert), Path(tls_key)
+        else:
+            made = self_signed(state_dir, [host])
+            cert, key = made.cert, made.key
         from shieldml.broker.tls import cert_fingerprint
 
         out.print(
@@ -173,11 +227,19 @@ def serve(database: str | None, state: str | None, host: str, port: int, tls_cer
         ssl_kw = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
         scheme = "https"
         if secret_prov_port is not None and secret_prov_key is not None:
-            from shieldml.broker.server.secret_prov import SecretProvServer
+            with _broker_extra():
+                from shieldml.broker.server.secret_prov import SecretProvServer
 
-            settings = cfg.settings()
-            sp = SecretProvServer(Store(url, state_dir), settings, secret_prov_key, str(cert), str(key),
-                                  cfg.collateral_source(), host, secret_prov_port)  # fmt: skip
+            sp = SecretProvServer(
+                store=Store(url, state_dir),
+                settings=cfg.settings(),
+                key_name=secret_prov_key,
+                cert_file=str(cert),
+                key_file=str(key),
+                collateral_for=cfg.collateral_source(),
+                host=host,
+                port=secret_prov_port,
+            )
             sp.start()
             out.print(
                 f"Gramine secret provisioning on {host}:{sp.port} (key {escape(secret_prov_key)})"
@@ -191,10 +253,17 @@ def serve(database: str | None, state: str | None, host: str, port: int, tls_cer
     )
     sys.stdout.flush()
     os.environ["SHIELDML_BROKER_CONFIG"] = cfg.to_env()
-    from shieldml.broker.server.http import HeaderTimeoutProtocol
-
-    uvicorn.run("shieldml.broker.server:app_from_env", factory=True, host=host, port=port, workers=workers,
-                http=HeaderTimeoutProtocol, log_level="warning", access_log=False, **ssl_kw)  # fmt: skip
+    uvicorn.run(
+        "shieldml.broker.server:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        http=HeaderTimeoutProtocol,
+        log_level="warning",
+        access_log=False,
+        **ssl_kw,
+    )
 
 
 @broker.command("rotate-kek")
@@ -202,10 +271,11 @@ def serve(database: str | None, state: str | None, host: str, port: int, tls_cer
 @click.option("--state", type=click.Path(file_okay=False))
 def rotate_kek(database: str | None, state: str | None) -> None:
     """Re-wrap every stored key under a new key-encryption key (data is not re-encrypted)."""
-    from shieldml.broker.server.storage import Store
+    with _broker_extra():
+        from shieldml.broker.server import Store
 
     state_dir = _state(state)
-    store = Store(database or f"sqlite:///{state_dir / 'broker.db'}", state_dir)
+    store = Store(_database(database, state_dir), state_dir)
     n = store.rotate_kek()
     store.audit("kek_rotated", {"keys": n, "kek_id": store.kek.id})
     out.print(f"re-wrapped {n} key(s) under KEK {store.kek.id}")
@@ -219,17 +289,11 @@ def key_group() -> None:
 @key_group.command("add")
 @click.argument("name")
 @_conn
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["stream", "gramine-pf"]),
-    default="stream",
-    show_default=True,
-)
+@click.option("--format", "fmt", type=FORMAT_CHOICE, default="stream", show_default=True)
 @click.option(
     "--key",
     "key_file",
-    type=click.Path(exists=True, dir_okay=False),
+    type=EXISTING_FILE,
     help="Raw key file; generated by the broker when absent.",
 )
 @click.option("--replace", is_flag=True)
@@ -243,8 +307,6 @@ def key_add(
     replace: bool,
 ) -> None:
     """Add (or generate) the key NAME."""
-    from shieldml.files import Format, load_key
-
     key = load_key(key_file, Format(fmt)) if key_file else None
     with _client(url, fingerprint, token_file) as c:
         doc = c.add_key(name, fmt, key, replace=replace)
@@ -253,13 +315,13 @@ def key_add(
 
 @key_group.command("list")
 @_conn
-@click.option("--json", "as_json", is_flag=True)
+@JSON_OPTION
 def key_list(url: str, fingerprint: str | None, token_file: str | None, as_json: bool) -> None:
     """List the keys (never their values)."""
     with _client(url, fingerprint, token_file) as c:
         rows = c.list_keys()
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        emit_json(rows)
         return
     for r in rows:
         out.print(
@@ -274,16 +336,13 @@ def policy_group() -> None:
 
 @policy_group.command("set")
 @click.argument("name")
-@click.argument("policy_file", metavar="POLICY", type=click.Path(exists=True, dir_okay=False))
+@click.argument("policy_file", metavar="POLICY", type=EXISTING_FILE)
 @_conn
 def policy_set(
     name: str, policy_file: str, url: str, fingerprint: str | None, token_file: str | None
 ) -> None:
     """Set the release policy of key NAME from a TOML file (validated first)."""
-    from shieldml.policy import Policy
-
-    text = Path(policy_file).read_text(encoding="utf-8")
-    Policy.from_toml(text, policy_file)
+    text, _ = read_policy(policy_file)
     with _client(url, fingerprint, token_file) as c:
         doc = c.set_policy(name, text)
     out.print(
@@ -299,7 +358,7 @@ def audit() -> None:
 @audit.command("show")
 @_conn
 @click.option("--after", type=int, default=0)
-@click.option("--json", "as_json", is_flag=True)
+@JSON_OPTION
 def audit_show(
     url: str, fingerprint: str | None, token_file: str | None, after: int, as_json: bool
 ) -> None:
@@ -308,7 +367,7 @@ def audit_show(
         records, head = c.audit_all()
     records = [r for r in records if r["seq"] > after]
     if as_json:
-        click.echo(json.dumps({"head": head, "records": records}, indent=2))
+        emit_json({"head": head, "records": records})
         return
     for r in records:
         allowed = r["data"].get("allowed")
@@ -328,7 +387,7 @@ def audit_show(
     type=click.Path(dir_okay=False),
     help="File remembering the last verified head (detects truncation).",
 )
-@click.option("--json", "as_json", is_flag=True)
+@JSON_OPTION
 @click.pass_context
 def audit_verify(
     ctx: click.Context,
@@ -353,11 +412,13 @@ def audit_verify(
         ok, reason = True, f"{verified.seq} records, chain intact"
         if checkpoint:
             reason += f", checkpoint {checkpoint} updated"
-    if as_json:
-        click.echo(json.dumps({"ok": ok, "reason": reason, "head": head}, indent=2))
-    else:
-        out.print(
-            ("[green]ok[/green] " if ok else "[bold red]broken:[/bold red] ") + escape(reason)
-        )
+    emit(
+        {"ok": ok, "reason": reason, "head": head},
+        as_json,
+        ("[green]ok[/green] " if ok else "[bold red]broken:[/bold red] ") + escape(reason),
+    )
     if not ok:
         ctx.exit(1)
+
+
+COMMANDS = (broker, audit)

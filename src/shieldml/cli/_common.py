@@ -1,0 +1,207 @@
+"""What several command groups share: exit codes, options, reading inputs, verifying evidence."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from shieldml.attest import (
+    TEE_CHOICES,
+    Check,
+    Claims,
+    IntelCollateral,
+    TrustAnchors,
+    TrustStore,
+    anchors_from_files,
+    load_pem_chain,
+    verify_evidence,
+)
+from shieldml.errors import (
+    AttestationError,
+    CollateralError,
+    FormatError,
+    PolicyError,
+    ShieldError,
+)
+from shieldml.files import Format
+from shieldml.policy import Policy
+
+# The exit codes of every command (main() is the only place that maps errors to them).
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTEGRITY = 3
+EXIT_INTERRUPTED = 130
+
+#: what each exit code means (the CLI's docstring and docs/cli.md say the same)
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_ERROR: "an error in the input, a key or the environment; also evidence that is not "
+    "genuine, a policy that denies, an audit chain that is broken",
+    EXIT_USAGE: "usage error (a missing or malformed option or argument)",
+    EXIT_INTEGRITY: "integrity failure (a protected file failed authentication or a key does "
+    "not match)",
+    EXIT_INTERRUPTED: "interrupted",
+}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: an option or argument that names a file that must exist
+EXISTING_FILE = click.Path(exists=True, dir_okay=False)
+
+FORMAT_CHOICE = click.Choice([f.value for f in Format])
+
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+AT_OPTION = click.option("--at", help="Verification time, ISO 8601 (default: now).")
+
+
+def read_bytes(path: str, what: str) -> bytes:
+    """The content of ``path``; a :class:`ShieldError` naming ``what`` if it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ShieldError(f"{path}: cannot read {what}: {e.strerror}") from e
+
+
+def parse_time(value: str | None) -> datetime:
+    """``--at``: an ISO 8601 time (UTC unless it names a zone); now when absent."""
+    if value is None:
+        return datetime.now(UTC)
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"not an ISO 8601 time: {value!r}", param_hint="--at") from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def trust_anchors(roots: tuple[str, ...], insecure_custom_root: bool) -> TrustAnchors:
+    """The pinned vendor roots plus ``--trust-root`` files."""
+    return anchors_from_files(roots, insecure_custom_root=insecure_custom_root)
+
+
+def read_policy(path: str) -> tuple[str, Policy]:
+    """A release policy's TOML text and the policy it validates into."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PolicyError(f"{path}: cannot read policy: {e}") from e
+    return text, Policy.from_toml(text, path)
+
+
+def load_policy(path: str) -> Policy:
+    """A release policy from a TOML file."""
+    return read_policy(path)[1]
+
+
+def trust_root_options(f: F) -> F:
+    """``--trust-root`` (repeatable) and ``--insecure-custom-root``."""
+    f = click.option(
+        "--insecure-custom-root",
+        is_flag=True,
+        help="Allow --trust-root certificates that are not vendor roots.",
+    )(f)
+    return click.option(
+        "--trust-root",
+        multiple=True,
+        type=EXISTING_FILE,
+        help="Extra root certificate.",
+    )(f)
+
+
+def evidence_options(f: F) -> F:
+    """FILE and the options of :func:`verify` (``attest verify|explain``, ``policy eval``)."""
+    f = trust_root_options(f)
+    for opt in reversed(
+        [
+            click.argument("file", type=EXISTING_FILE),
+            click.option(
+                "--tee", type=click.Choice(TEE_CHOICES), default="auto", show_default=True
+            ),
+            click.option(
+                "--collateral",
+                type=EXISTING_FILE,
+                help="Intel collateral JSON.",
+            ),
+            click.option(
+                "--vcek",
+                type=EXISTING_FILE,
+                help="SEV-SNP VCEK/VLEK (DER or PEM), or the extended report's certificate table.",
+            ),
+            click.option(
+                "--cert-chain",
+                type=EXISTING_FILE,
+                help="AMD ASK/ARK chain (PEM).",
+            ),
+            AT_OPTION,
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+class NotGenuine(Exception):  # noqa: N818 - a verdict, like PolicyDenied
+    """:func:`verify` refused the evidence; ``error`` says which check failed and why."""
+
+    def __init__(self, error: AttestationError | FormatError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+    @property
+    def failed_check(self) -> str:
+        """The name of the check that failed (``format``: the evidence does not parse)."""
+        return self.error.check if isinstance(self.error, AttestationError) else "format"
+
+    @property
+    def checks(self) -> list[Check]:
+        """The checks run up to the failure (the failed one last); none if it did not parse."""
+        return list(self.error.checks) if isinstance(self.error, AttestationError) else []
+
+
+def verify(
+    *,
+    file: str,
+    tee: str,
+    collateral: str | None,
+    vcek: str | None,
+    cert_chain: str | None,
+    at: str | None,
+    trust_root: tuple[str, ...],
+    insecure_custom_root: bool,
+) -> Claims:
+    """Verify the evidence in ``file`` with the options of :func:`evidence_options`.
+
+    Raises :class:`NotGenuine` if the evidence is refused; inputs that cannot be read or parsed
+    (the evidence file, collateral, a certificate chain) raise their :class:`ShieldError`.
+    """
+    data = read_bytes(file, "evidence")
+    col = None
+    if collateral:
+        col = IntelCollateral.from_json(read_bytes(collateral, "collateral"))
+    chain = None
+    if cert_chain:
+        pem = read_bytes(cert_chain, "certificate chain")
+        start = pem.find(b"-----BEGIN")  # text before the first certificate is no part of it
+        try:
+            chain = load_pem_chain(pem[start:] if start > 0 else pem, cert_chain)
+        except CollateralError as e:
+            raise ShieldError(f"{cert_chain}: not a PEM certificate chain") from e
+    elif vcek:
+        chain = TrustStore().certificates() or None  # ASK/ARK from `shieldml trust import|fetch`
+    vcek_bytes = read_bytes(vcek, "VCEK") if vcek else None
+    when = parse_time(at)
+    try:
+        return verify_evidence(
+            data,
+            tee=tee,
+            collateral=col,
+            vcek=vcek_bytes,
+            cert_chain=chain,
+            now=when,
+            trust=trust_anchors(trust_root, insecure_custom_root),
+        )
+    except (AttestationError, FormatError) as e:
+        raise NotGenuine(e) from e
