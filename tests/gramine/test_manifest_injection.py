@@ -164,7 +164,7 @@ def test_emitter_round_trips_through_tomllib(doc: dict[str, Any]):
     text = dumps(doc, header="generated")
     assert tomllib.loads(text) == _plain(doc)
     assert "{{" not in text.replace("{ ", "").replace(" }", "")  # no Jinja opener from data
-    assert all(0x20 <= ord(c) < 0x7F for c in text.replace("\n", ""))  # ASCII, no controls
+    assert all(c >= " " and c != "\x7f" for c in text.replace("\n", ""))  # no control characters
 
 
 def _plain(v: Any) -> Any:
@@ -188,7 +188,7 @@ def test_only_template_strings_keep_their_placeholders():
 
 
 def test_emitter_refuses_what_toml_cannot_hold():
-    with pytest.raises(ManifestError, match="surrogate"):
+    with pytest.raises(ManifestError, match="not valid Unicode"):
         dumps({"a": "\ud800"})
     with pytest.raises(TypeError):
         dumps({"a": 1.5})  # type: ignore[dict-item]

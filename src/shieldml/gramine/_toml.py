@@ -3,10 +3,11 @@
 Gramine reads the template in two passes: ``gramine-manifest`` renders it with Jinja2, then parses
 the result as TOML. A string from a job (a path, a URL, an argument) must survive both as data:
 
-- TOML: every string is a basic string; ``"``, ``\\``, every control character and everything
-  outside printable ASCII is escaped (``\\uXXXX`` / ``\\UXXXXXXXX``), so no value can end its
-  string, start a new line, or add a key. Keys that are not bare (``A-Za-z0-9_-``) are quoted the
-  same way. A lone surrogate cannot be written at all and is refused.
+- TOML: every string is a basic string written by :func:`shieldml.runner.manifest.toml_string`
+  (the same escaper ``shieldml job init`` writes ``job.toml`` with): ``"``, ``\\`` and every
+  control character escaped, so no value can end its string, start a new line, or add a key.
+  Keys that are not bare (``A-Za-z0-9_-``) are quoted the same way. A lone surrogate cannot be
+  written at all and is refused.
 - Jinja: ``{`` and ``}`` in a string are escaped too (``\\u007B``, ``\\u007D``), so no value can
   open a ``{{ … }}``, ``{% … %}`` or ``{# … #}`` that the renderer would run. Only
   :class:`Template` strings (the generator's own constants) keep their braces.
@@ -21,11 +22,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from shieldml.errors import ManifestError
+from shieldml.runner.manifest import toml_string
 
 Value = str | bool | int | Sequence["Value"] | Mapping[str, "Value"]
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
-_SHORT = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 
 
 class Template(str):
@@ -39,25 +39,15 @@ class Inline(dict[str, Value]):
 
 
 def string(s: str) -> str:
-    """``s`` as a TOML basic string (and, unless a :class:`Template`, inert under Jinja)."""
-    keep_braces = isinstance(s, Template)
-    out = ['"']
-    for ch in s:
-        o = ord(ch)
-        if ch in _SHORT:
-            out.append(_SHORT[ch])
-        elif 0xD800 <= o <= 0xDFFF:
-            raise ManifestError(f"a string for the Gramine manifest holds a lone surrogate: {s!r}")
-        elif ch in "{}" and not keep_braces:
-            out.append(f"\\u{o:04X}")
-        elif 0x20 <= o < 0x7F:
-            out.append(ch)
-        elif o <= 0xFFFF:
-            out.append(f"\\u{o:04X}")
-        else:
-            out.append(f"\\U{o:08X}")
-    out.append('"')
-    return "".join(out)
+    """``s`` as a TOML basic string (and, unless a :class:`Template`, inert under Jinja).
+
+    Escaping the braces after :func:`toml_string` is exact: it never writes a brace itself, and a
+    ``\\u007B`` in a basic string reads back as ``{``.
+    """
+    text = toml_string(s)
+    if isinstance(s, Template):
+        return text
+    return text.replace("{", "\\u007B").replace("}", "\\u007D")
 
 
 def key(k: str) -> str:
