@@ -15,6 +15,7 @@ reading a closed file). The CLI catches ``ShieldError`` once and prints
     │   ├── WrongKeyError           the key does not belong to the file (detected before decrypting)
     │   ├── RollbackError           an input is not the ciphertext version the job pins
     │   └── AuditChainError         a broker's audit log was edited, cut or reordered
+    ├── InputReadError              an input file or directory that is missing or cannot be read
     ├── KeyFileError                a key file that is missing, unreadable or of the wrong size
     ├── OutputExistsError           refusing to overwrite something the user did not ask to replace
     ├── AttestationError            evidence is not genuine TEE evidence (names the failed check)
@@ -23,10 +24,12 @@ reading a closed file). The CLI catches ``ShieldError`` once and prints
     │   ├── RevokedError            a certificate in the chain is revoked
     │   ├── CollateralError         collateral is missing, malformed or does not fit the evidence
     │   └── TcbError                no TCB level matches, or the matched level is Revoked
+    ├── TrustRootError              a trust root file that is unreadable, not a certificate or not allowed
     ├── PolicyError                 a release policy that is malformed, empty or has unknown fields
     ├── PolicyDenied                genuine evidence that the policy does not accept (has the verdict)
     ├── BrokerError                 a key broker refused a request (``status``: the HTTP status)
     │   ├── BrokerUnavailable       the broker cannot be reached, or answers that it is not ready
+    │   ├── FingerprintMismatchError the broker's TLS certificate is not the pinned one
     │   ├── NonceError              the challenge nonce is unknown, expired or already used
     │   ├── NotGenuineError         the broker found the evidence not genuine (also an AttestationError)
     │   ├── BindingError            the evidence does not bind the nonce, runner key and workload
@@ -53,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from shieldml.attest import Check
     from shieldml.policy import Verdict
+    from shieldml.runner.receipt import VerifiedReceipt
 
 __all__ = [
     "AttestationError",
@@ -63,7 +67,9 @@ __all__ = [
     "CollateralError",
     "EvidenceError",
     "ExpiredError",
+    "FingerprintMismatchError",
     "FormatError",
+    "InputReadError",
     "IntegrityError",
     "KeyExistsError",
     "KeyFileError",
@@ -81,6 +87,7 @@ __all__ = [
     "RollbackError",
     "ShieldError",
     "TcbError",
+    "TrustRootError",
     "TrustedFileError",
     "UnknownKeyError",
     "UnsupportedVersionError",
@@ -156,6 +163,13 @@ class WrongKeyError(IntegrityError):
         self.actual = actual
 
 
+class InputReadError(ShieldError):
+    """An input file or directory that does not exist or cannot be read (the OS's reason given).
+
+    Not a :class:`FormatError` or :class:`IntegrityError`: nothing was read that could be judged.
+    """
+
+
 class KeyFileError(ShieldError):
     """A key file that is missing, unreadable, or has the wrong size for its format."""
 
@@ -216,6 +230,14 @@ class TcbError(AttestationError):
     """No TCB level matches the platform, or the matched level is Revoked."""
 
 
+class TrustRootError(ShieldError):
+    """A trust root given by the caller that cannot be used: unreadable, not a certificate, or a
+    custom root without the insecure switch.
+
+    Not an :class:`AttestationError`: the configuration is refused before any evidence is judged.
+    """
+
+
 class PolicyError(ShieldError):
     """A release policy that cannot be used: malformed, empty, unknown fields, bad values."""
 
@@ -268,6 +290,21 @@ class BrokerError(ShieldError):
 
 class BrokerUnavailable(BrokerError):  # noqa: N818 - reads as a state, like PolicyDenied
     """The broker cannot be reached, or answers that it cannot serve now (503)."""
+
+
+class FingerprintMismatchError(BrokerError):
+    """The broker's TLS certificate is not the pinned one (possibly an impostor); nothing was sent.
+
+    ``pinned`` and ``found`` are the two SHA-256 fingerprints, lower-case hex.
+    """
+
+    def __init__(self, url: str, *, pinned: str, found: str, hint: str | None = None) -> None:
+        super().__init__(
+            None, f"{url}: TLS certificate fingerprint {found} is not the pinned one", hint=hint
+        )
+        self.url = url
+        self.pinned = pinned
+        self.found = found
 
 
 class NonceError(BrokerError):
@@ -383,7 +420,11 @@ class ReceiptError(ShieldError):
     """
 
     def __init__(
-        self, message: str, *, problems: list[str] | None = None, verified: object = None
+        self,
+        message: str,
+        *,
+        problems: list[str] | None = None,
+        verified: VerifiedReceipt | None = None,
     ) -> None:
         super().__init__(message)
         self.problems = list(problems or [])

@@ -120,3 +120,37 @@ def test_crl_entries_are_decoded_at_load(platform: SimulatedPlatform):
     assert _certs.der_crl(der).issuer == col.pck_crl.issuer
     with pytest.raises(ValueError):
         _certs.der_crl(der[:-1])
+
+
+def test_a_crl_issuer_whose_key_cannot_sign_is_refused_not_a_type_error():
+    """A certificate may carry an X25519 key; as a CRL's issuer it signed nothing (cryptography
+    raised TypeError for it in the middle of verification)."""
+    from datetime import timedelta
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, x25519
+
+    from shieldml.attest._checks import CheckLog
+    from shieldml.attest._x509 import check_crl
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "no signer")])
+    issuer = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(x25519.X25519PrivateKey.generate().public_key())
+        .serial_number(1)
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())
+    )
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(name)
+        .last_update(NOW - timedelta(hours=1))
+        .next_update(NOW + timedelta(hours=1))
+        .sign(ca_key, hashes.SHA256())
+    )
+    with pytest.raises(AttestationError, match="is not signed by 'no signer'"):
+        check_crl(crl, issuer, [], NOW, CheckLog(), "test CRL")

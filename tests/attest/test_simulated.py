@@ -9,7 +9,7 @@ import pytest
 from cryptography import x509
 
 from shieldml.attest import TcbStatus, TeeKind, TrustAnchors, verify_evidence
-from shieldml.errors import AttestationError, ExpiredError, ShieldError, UntrustedRootError
+from shieldml.errors import AttestationError, ExpiredError, UntrustedRootError
 from shieldml.testing.simulated import SimulatedPlatform, fixed_clock, system_clock
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
@@ -134,11 +134,11 @@ def test_platform_dates_everything_by_its_clock(tmp_path: Path, years: int):
 def test_kept_platform_outside_its_validity_is_refused(tmp_path: Path):
     SimulatedPlatform.open(tmp_path, clock=fixed_clock(NOW))
     later = NOW + timedelta(days=3651)
-    with pytest.raises(ShieldError, match=r"valid .* but the clock reads 2036") as e:
+    with pytest.raises(ExpiredError, match=r"valid .* but the clock reads 2036") as e:
         SimulatedPlatform.open(tmp_path, clock=fixed_clock(later))
     assert "remove the directory" in (e.value.hint or "")
     earlier = NOW - timedelta(days=2)
-    with pytest.raises(ShieldError, match="but the clock reads"):
+    with pytest.raises(ExpiredError, match="but the clock reads"):
         SimulatedPlatform.open(tmp_path, clock=fixed_clock(earlier))
 
 

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from shieldml.broker.audit import verify_chain
 from shieldml.broker.server.storage import Store, audit_t, keys_t
-from shieldml.errors import AuditChainError, IntegrityError
+from shieldml.errors import AuditChainError, BrokerError, IntegrityError, KeyFileError
 from tests.pg import PgCluster
 
 
@@ -157,3 +157,24 @@ def test_nonce_expiry_uses_the_database_clock(
     )  # clock behind
     assert not store.consume_nonce(expired)
     store.engine.dispose()
+
+
+def test_a_key_whose_kek_file_is_gone_is_a_key_file_error(tmp_path: Path):
+    s = Store(f"sqlite:///{tmp_path}/s.db", tmp_path / "state")
+    s.put_key("a", "stream", b"A" * 32)
+    s.engine.dispose()
+    (tmp_path / "state" / "kek").write_bytes(b"\x01" * 32)  # another KEK: the old one is lost
+    again = Store(f"sqlite:///{tmp_path}/s.db", tmp_path / "state")
+    with pytest.raises(KeyFileError, match="'a' is wrapped under an unknown key-encryption key"):
+        again.get_key("a")
+    again.engine.dispose()
+
+
+@pytest.mark.parametrize("name", ["", "a b", "a/b", "x" * 129])
+def test_an_invalid_key_name_is_answered_400(tmp_path: Path, name: str):
+    s = Store(f"sqlite:///{tmp_path}/s.db", tmp_path / "state")
+    with pytest.raises(BrokerError, match="invalid key name") as e:
+        s.put_key(name, "stream", b"A" * 32)
+    assert e.value.status == 400 and str(e.value.detail).startswith("invalid key name")
+    assert s.list_keys() == []
+    s.engine.dispose()

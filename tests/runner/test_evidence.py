@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shieldml.attest import Quote, SnpReport
+from shieldml.attest import Quote, SnpReport, TeeKind
 from shieldml.runner.evidence import (
     ConfigfsTsmProvider,
     EvidenceError,
@@ -110,3 +110,15 @@ def test_simulated_provider_and_selection(tmp_path: Path, sim: SimulatedPlatform
     with pytest.raises(EvidenceError, match="platform"):
         provider_for("simulated", {})
     assert provider_for("tdx").name == "configfs-tsm" and provider_for("gramine").name == "gramine"
+
+
+@pytest.mark.parametrize("kind", [k.value for k in TeeKind])
+def test_the_simulated_kinds_are_the_tee_kinds(tmp_path: Path, sim: SimulatedPlatform, kind: str):
+    sim.save(tmp_path / "p")
+    assert SimulatedProvider(tmp_path / "p", kind).evidence(bytes(64)).tee == kind
+
+
+def test_an_unknown_simulated_kind_names_the_tee_kinds(tmp_path: Path, sim: SimulatedPlatform):
+    sim.save(tmp_path / "p")
+    with pytest.raises(EvidenceError, match="must be sgx, tdx or snp, not 'ratls'"):
+        SimulatedProvider(tmp_path / "p", "ratls")

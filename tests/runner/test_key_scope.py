@@ -24,7 +24,7 @@ import pytest
 
 from shieldml.broker import protocol
 from shieldml.broker.client import BrokerClient
-from shieldml.errors import ShieldError
+from shieldml.errors import BrokerError
 from shieldml.files import generate_key, key_id, open_protected
 from shieldml.policy import Policy
 from shieldml.runner.manifest import JobManifest
@@ -160,7 +160,7 @@ def test_other_owners_broker_cannot_replace_a_key_by_name(job: Job, stolen: str)
     attacker_key = generate_key()
     with hostile({"data": generate_key()}, extra={stolen: attacker_key}) as srv:
         two_owner_job(job, srv.url, None, data_output=False)
-        with pytest.raises(ShieldError, match=rf"keys not asked for: '{stolen}'"):
+        with pytest.raises(BrokerError, match=rf"keys not asked for: '{stolen}'"):
             run_job(job.manifest)
         assert srv.released == [["data"]]
     assert not (job.dir / "out").exists(), "nothing may be sealed after a refused release"
@@ -169,7 +169,7 @@ def test_other_owners_broker_cannot_replace_a_key_by_name(job: Job, stolen: str)
 def test_broker_that_omits_a_key_is_refused_before_the_program_starts(job: Job):
     with hostile({"data": generate_key()}, omit=("data",)) as srv:
         two_owner_job(job, srv.url, None, data_output=False)
-        with pytest.raises(ShieldError, match=r"keys missing: 'data'"):
+        with pytest.raises(BrokerError, match=r"keys missing: 'data'"):
             run_job(job.manifest)
     assert not (job.dir / "out").exists()
 
@@ -222,7 +222,7 @@ def test_key_of_another_format_is_refused_before_the_program_starts(job: Job):
         c.add_key("results", "gramine-pf", replace=True)
     job.authorize()
     with pytest.raises(
-        ShieldError, match="'results' is a gramine-pf key, the job uses it as stream"
+        BrokerError, match="'results' is a gramine-pf key, the job uses it as stream"
     ):
         run_job(job.manifest)
     assert not (job.dir / "out").exists()

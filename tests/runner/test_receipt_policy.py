@@ -49,7 +49,14 @@ def _receipt(job: Job, *, debug: bool = False, measurements: dict[str, str] | No
         clock=system_clock,
     )
     write_receipt(
-        str(path), m, m.workload_digest(), {}, {"outputs": []}, 0, datetime.now(UTC), provider
+        str(path),
+        m,
+        digest=m.workload_digest(),
+        audit={},
+        result={"outputs": []},
+        status=0,
+        started=datetime.now(UTC),
+        provider=provider,
     )
     return path
 

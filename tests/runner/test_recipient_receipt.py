@@ -95,3 +95,27 @@ def test_receipt_of_another_workload_does_not_open_the_output(job: Job):
             out, rec, receipt=receipt, policy=Policy.from_toml(policy_for("ab" * 32)),
             trust=_trust(job),
         )  # fmt: skip
+
+
+def test_decrypt_of_a_forged_recipient_output_fails_and_writes_nothing(
+    job: Job, capsys: pytest.CaptureFixture[str]
+):
+    from shieldml.cli import main
+
+    rec, out, receipt, digest = _recipient_run(job)
+    tee_path = str((job.dir / "work").resolve() / "result.txt")
+    forged_key = generate_key(Format.STREAM)
+    sealed_key_path(out).write_bytes(
+        seal_key(Path(str(rec) + ".pub").read_bytes(), tee_path, forged_key)
+    )
+    (job.dir / "forged").write_bytes(b"forged")
+    encrypt_file(job.dir / "forged", out, forged_key, bind=tee_path, overwrite=True)
+    policy = job.dir / "policy.toml"
+    policy.write_text(policy_for(digest))
+    plain = job.dir / "result.txt"
+    code = main(
+        ["decrypt", str(out), str(plain), "--recipient-key", str(rec), "--receipt", str(receipt),
+         "--policy", str(policy), "--simulated-platform", str(job.sim_dir)]
+    )  # fmt: skip
+    assert code == 1 and not plain.exists()
+    assert "lists no output with this sealed key" in capsys.readouterr().err

@@ -290,12 +290,15 @@ def test_output_sealed_to_a_recipient(job: Job, capsys: pytest.CaptureFixture[st
     )
     assert "recipient.key.pub" in text
     job.manifest.write_text(text)
-    job.authorize()
-    assert run_job(job.manifest) == 0
+    digest = job.authorize()
+    receipt = job.dir / "run.receipt"
+    assert run_job(job.manifest, receipt=str(receipt)) == 0
     work = (job.dir / "work").resolve()
     out = job.dir / "out" / "result.txt.enc"
     assert (job.dir / "out" / "result.txt.enc.sealed-key").exists()
     plain = job.dir / "result.txt"
+    policy = job.dir / "owner-policy.toml"
+    policy.write_text(job.policy(digest))
     args = [
         "decrypt",
         str(out),
@@ -304,7 +307,15 @@ def test_output_sealed_to_a_recipient(job: Job, capsys: pytest.CaptureFixture[st
         str(rec),
         "--bind",
         str(work / "result.txt"),
+        "--receipt",
+        str(receipt),
+        "--policy",
+        str(policy),
+        "--simulated-platform",
+        str(job.sim_dir),
     ]
+    assert main(args[:5]) == 2  # a recipient output opens only with the run's receipt
+    assert "needs --receipt and --policy" in capsys.readouterr().err
     assert main(args) == 0
     assert plain.read_text().endswith("HELLO SHIELDED WORLD INPUT-MARKER")
     capsys.readouterr()

@@ -13,6 +13,7 @@ from shieldml.attest._claims import (
     TcbStatus,
     TdxMeasurements,
     TeeKind,
+    iso_utc,
 )
 from shieldml.attest._evidence import TEE_CHOICES, detect_tee, verify_evidence
 from shieldml.attest._fetch import (
@@ -68,6 +69,7 @@ __all__ = [
     "fetch_vcek",
     "fingerprint",
     "http_fetcher",
+    "iso_utc",
     "load_pem_chain",
     "verify_evidence",
     "verify_pck_chain",

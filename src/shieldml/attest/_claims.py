@@ -7,9 +7,9 @@ an unverified :class:`~shieldml.attest.Quote` or ``SnpReport`` never becomes Cla
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, fields
-from datetime import datetime
-from typing import Any
+from dataclasses import Field, dataclass, fields
+from datetime import UTC, datetime
+from typing import Any, ClassVar
 
 from shieldml.attest._checks import Check
 from shieldml.attest._trust import RootKind
@@ -35,6 +35,14 @@ class TcbStatus(enum.StrEnum):
     REVOKED = "Revoked"
 
 
+def iso_utc(t: datetime) -> str:
+    """``t`` in UTC, ISO 8601 to the second: ``2025-07-01T00:00:00Z``. A naive ``t`` is taken as
+    UTC already. The one form claims, receipts, collateral and messages write times in."""
+    if t.tzinfo is not None:
+        t = t.astimezone(UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.hex()
@@ -43,16 +51,18 @@ def _plain(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return iso_utc(value)
     return value
 
 
 class _Dict:
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # set by @dataclass on each subclass
+
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SgxMeasurements(_Dict):
     mrenclave: bytes
     mrsigner: bytes
@@ -66,7 +76,7 @@ class SgxMeasurements(_Dict):
     isv_family_id: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TdxMeasurements(_Dict):
     mrtd: bytes
     rtmr0: bytes
@@ -87,7 +97,7 @@ class TdxMeasurements(_Dict):
     mr_service_td: bytes | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SnpMeasurements(_Dict):
     measurement: bytes
     host_data: bytes
@@ -105,7 +115,7 @@ class SnpMeasurements(_Dict):
 Measurements = SgxMeasurements | TdxMeasurements | SnpMeasurements
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Claims:
     """Verified facts about a TEE: genuine hardware at a TCB level, with its measurements.
 

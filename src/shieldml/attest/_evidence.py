@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from cryptography import x509
 
 from shieldml.attest._checks import Check, CheckLog, VerificationCache
-from shieldml.attest._claims import Claims
+from shieldml.attest._claims import Claims, TeeKind
 from shieldml.attest._intel_collateral import IntelCollateral
 from shieldml.attest._intel_quote import TEE_TDX
 from shieldml.attest._intel_verify import verify_quote
@@ -24,7 +24,8 @@ from shieldml.attest._snp import (
 from shieldml.attest._trust import TrustAnchors
 from shieldml.errors import AttestationError, CollateralError, FormatError
 
-TEE_CHOICES = ("auto", "sgx", "tdx", "snp", "ratls")
+#: what ``tee=`` accepts: detect it, one TEE kind, or an RA-TLS certificate carrying the evidence
+TEE_CHOICES = ("auto", *(k.value for k in TeeKind), "ratls")
 MAX_EVIDENCE = 64 * 1024
 
 

@@ -135,9 +135,10 @@ def signed_member(body: bytes, member: str) -> tuple[bytes, bytes]:
     return text[start:end].encode(), bytes.fromhex(sig)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TcbLevel:
-    """One TCB level. ``*_names`` label components ("BIOS Early Microcode Update") where known."""
+    """One TCB level. ``*_names`` label components ("BIOS Early Microcode Update") where known,
+    ``*_categories`` are their categories alone ("BIOS", "OS/VMM"; "" where not given)."""
 
     sgx_components: tuple[int, ...]
     pcesvn: int
@@ -147,6 +148,12 @@ class TcbLevel:
     advisory_ids: tuple[str, ...]
     sgx_names: tuple[str, ...] = ()
     tdx_names: tuple[str, ...] = ()
+    sgx_categories: tuple[str, ...] = ()
+    tdx_categories: tuple[str, ...] = ()
+
+
+def _categories(components: list[dict[str, Any]]) -> tuple[str, ...]:
+    return tuple(str(c.get("category") or "") for c in components)
 
 
 def _names(components: list[dict[str, Any]]) -> tuple[str, ...]:
@@ -198,12 +205,16 @@ class TcbInfo:
             tcb = lv["tcb"]
             sgx_names: tuple[str, ...] = ()
             tdx_names: tuple[str, ...] = ()
+            sgx_cats: tuple[str, ...] = ()
+            tdx_cats: tuple[str, ...] = ()
             if version >= 3:
                 sgx = tuple(int(c["svn"]) for c in tcb["sgxtcbcomponents"])
                 sgx_names = _names(tcb["sgxtcbcomponents"])
+                sgx_cats = _categories(tcb["sgxtcbcomponents"])
                 tdx = tcb.get("tdxtcbcomponents")
                 tdx_t = tuple(int(c["svn"]) for c in tdx) if tdx is not None else None
                 tdx_names = _names(tdx) if tdx is not None else ()
+                tdx_cats = _categories(tdx) if tdx is not None else ()
             else:
                 sgx = tuple(int(tcb[f"sgxtcbcomp{i:02d}svn"]) for i in range(1, 17))
                 tdx_t = None
@@ -211,14 +222,16 @@ class TcbInfo:
                 raise CollateralError("TCB info", "a TCB level needs 16 components")
             levels.append(
                 TcbLevel(
-                    sgx,
-                    int(tcb["pcesvn"]),
-                    tdx_t,
-                    str(lv.get("tcbDate", "")),
-                    str(lv["tcbStatus"]),
-                    tuple(lv.get("advisoryIDs", ())),
-                    sgx_names,
-                    tdx_names,
+                    sgx_components=sgx,
+                    pcesvn=int(tcb["pcesvn"]),
+                    tdx_components=tdx_t,
+                    date=str(lv.get("tcbDate", "")),
+                    status=str(lv["tcbStatus"]),
+                    advisory_ids=tuple(lv.get("advisoryIDs", ())),
+                    sgx_names=sgx_names,
+                    tdx_names=tdx_names,
+                    sgx_categories=sgx_cats,
+                    tdx_categories=tdx_cats,
                 )
             )
 

@@ -16,6 +16,7 @@ Pipeline (each step raises the named error through the check log):
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
@@ -25,7 +26,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from shieldml.attest._checks import CheckLog, VerificationCache
-from shieldml.attest._claims import Claims, SgxMeasurements, TcbStatus, TdxMeasurements, TeeKind
+from shieldml.attest._claims import (
+    Claims,
+    SgxMeasurements,
+    TcbStatus,
+    TdxMeasurements,
+    TeeKind,
+    iso_utc,
+)
 from shieldml.attest._intel_collateral import (
     EnclaveIdentity,
     IntelCollateral,
@@ -79,10 +87,6 @@ def _ecdsa_ok(key: ec.EllipticCurvePublicKey, sig: bytes, data: bytes) -> bool:
     except InvalidSignature:
         return False
     return True
-
-
-def _iso(t: datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _signing_key(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:
@@ -251,11 +255,11 @@ def _fresh(name: str, issue: datetime, nxt: datetime, now: datetime, log: CheckL
         raise log.fail(
             ExpiredError(
                 name,
-                f"{name} expired on {_iso(nxt)}"
+                f"{name} expired on {iso_utc(nxt)}"
                 if now > nxt
-                else f"{name} issued only on {_iso(issue)}",
-                expected=f"current at {_iso(now)}",
-                found=f"valid {_iso(issue)} .. {_iso(nxt)}",
+                else f"{name} issued only on {iso_utc(issue)}",
+                expected=f"current at {iso_utc(now)}",
+                found=f"valid {iso_utc(issue)} .. {iso_utc(nxt)}",
                 hint="fetch fresh collateral, or verify at a time inside its validity (--at)",
             )
         )
@@ -403,15 +407,15 @@ def _tcb_status(
     )
     if level is None:
         newest = info.levels[0] if info.levels else None
-        behind = _behind(newest, ext, tdx_svn) if newest else "no TCB levels"
+        lags = _behind(newest, ext, tdx_svn) if newest else []
         raise log.fail(
             TcbError(
                 "TCB level",
                 "no TCB level matches the platform (TCB not supported): evidence is not trusted",
                 expected="a TCB level with every component <= the platform's",
-                found=behind,
+                found=_text(lags) if newest else "no TCB levels",
                 hint="the platform's TCB is older than any level Intel still evaluates: "
-                + _update_hint(behind),
+                + _update_hint(lags),
             )
         )
     status = _status(level.status, log)
@@ -437,10 +441,10 @@ def _tcb_status(
     hint = _HINTS.get(status)
     extra = f"; {hint}" if hint else ""
     if status is not S.UP_TO_DATE and info.levels:
-        behind = _behind(info.levels[0], ext, tdx_svn)
-        extra += f"; behind the newest level: {behind}"
+        lags = _behind(info.levels[0], ext, tdx_svn)
+        extra += f"; behind the newest level: {_text(lags)}"
         if status in (S.OUT_OF_DATE, S.OUT_OF_DATE_CONFIGURATION_NEEDED):
-            extra += f"; {_update_hint(behind)}"
+            extra += f"; {_update_hint(lags)}"
     log.ok(
         "TCB level",
         f"{detail} -> {status}"
@@ -450,37 +454,60 @@ def _tcb_status(
     return status, tuple(dict.fromkeys(advisories))
 
 
-def _update_hint(behind: str) -> str:
-    """Which kind of update the components named in ``behind`` call for."""
-    kinds = []
-    if "BIOS" in behind:
-        kinds.append("a BIOS (firmware/microcode) update")
-    if "OS/VMM" in behind or "PCESVN" in behind:
-        kinds.append("an OS/VMM update (late microcode, SEAMLDR, PCE)")
-    if "TDX Module" in behind or "TEE_TCB_SVN" in behind:
-        kinds.append("a TDX module update")
+#: The update a component behind the newest TCB level calls for, by its kind, in the order the
+#: advice names them. A component's kinds: the category Intel's TCB info gives it ("BIOS",
+#: "OS/VMM"); the PCE's SVN is the OS/VMM's to update; every TDX component is also the TDX module's.
+_UPDATE_FOR = {
+    "BIOS": "a BIOS (firmware/microcode) update",
+    "OS/VMM": "an OS/VMM update (late microcode, SEAMLDR, PCE)",
+    "TDX": "a TDX module update",
+}
+
+
+@dataclass(frozen=True)
+class _Lag:
+    """One component of the platform's TCB below the newest level, and what kind of thing it is."""
+
+    text: str
+    kinds: frozenset[str]
+
+
+def _update_hint(lags: list[_Lag]) -> str:
+    """The kinds of update the components in ``lags`` call for (a platform update if unknown)."""
+    kinds = [hint for kind, hint in _UPDATE_FOR.items() if any(kind in lag.kinds for lag in lags)]
     return " and ".join(kinds or ["a platform update"]) + " is needed"
 
 
-def _behind(newest: TcbLevel, ext: PckExtension, tdx_svn: bytes | None) -> str:
+def _text(lags: list[_Lag]) -> str:
+    return "; ".join(lag.text for lag in lags) or "no component behind"
+
+
+def _behind(newest: TcbLevel, ext: PckExtension, tdx_svn: bytes | None) -> list[_Lag]:
     names = newest.sgx_names or tuple(f"component {i + 1}" for i in range(16))
     tdx_names = newest.tdx_names or tuple(f"TEE_TCB_SVN[{i}]" for i in range(16))
-    parts = [
-        f"SGX {names[i]} (#{i + 1}): {have} < {want}"
+
+    def kinds(categories: tuple[str, ...], i: int, *extra: str) -> frozenset[str]:
+        return frozenset((categories[i] if i < len(categories) else "", *extra)) - {""}
+
+    lags = [
+        _Lag(f"SGX {names[i]} (#{i + 1}): {have} < {want}", kinds(newest.sgx_categories, i))
         for i, (want, have) in enumerate(
             zip(newest.sgx_components, ext.cpu_svn_components, strict=True)
         )
         if have < want
     ]
     if ext.pcesvn < newest.pcesvn:
-        parts.append(f"PCESVN {ext.pcesvn} < {newest.pcesvn}")
+        lags.append(_Lag(f"PCESVN {ext.pcesvn} < {newest.pcesvn}", frozenset({"OS/VMM"})))
     if tdx_svn is not None and newest.tdx_components is not None:
-        parts += [
-            f"TDX {tdx_names[i]} (TEE_TCB_SVN[{i}]): {tdx_svn[i]} < {newest.tdx_components[i]}"
+        lags += [
+            _Lag(
+                f"TDX {tdx_names[i]} (TEE_TCB_SVN[{i}]): {tdx_svn[i]} < {newest.tdx_components[i]}",
+                kinds(newest.tdx_categories, i, "TDX"),
+            )
             for i in range(16)
             if tdx_svn[i] < newest.tdx_components[i] and not (tdx_svn[1] > 0 and i < 2)
         ]
-    return "; ".join(parts) or "no component behind"
+    return lags
 
 
 def _tdx_module(
@@ -565,18 +592,39 @@ def _claims(
     }
     if isinstance(body, SgxReportBody):
         m: SgxMeasurements | TdxMeasurements = SgxMeasurements(
-            body.mr_enclave, body.mr_signer, body.isv_prod_id, body.isv_svn, body.attributes,
-            body.misc_select, body.config_id, body.config_svn, body.isv_ext_prod_id, body.isv_family_id,
-        )  # fmt: skip
+            mrenclave=body.mr_enclave,
+            mrsigner=body.mr_signer,
+            isv_prod_id=body.isv_prod_id,
+            isv_svn=body.isv_svn,
+            attributes=body.attributes,
+            misc_select=body.misc_select,
+            config_id=body.config_id,
+            config_svn=body.config_svn,
+            isv_ext_prod_id=body.isv_ext_prod_id,
+            isv_family_id=body.isv_family_id,
+        )
         tee = TeeKind.SGX
     else:
         r = body.rtmrs
         m = TdxMeasurements(
-            body.mr_td, r[0], r[1], r[2], r[3], body.mr_config_id, body.mr_owner,
-            body.mr_owner_config, body.td_attributes, body.xfam, body.sept_ve_disable, body.mr_seam,
-            body.mr_signer_seam, body.seam_attributes, body.tee_tcb_svn, body.tee_tcb_svn2,
-            body.mr_service_td,
-        )  # fmt: skip
+            mrtd=body.mr_td,
+            rtmr0=r[0],
+            rtmr1=r[1],
+            rtmr2=r[2],
+            rtmr3=r[3],
+            mr_config_id=body.mr_config_id,
+            mr_owner=body.mr_owner,
+            mr_owner_config=body.mr_owner_config,
+            td_attributes=body.td_attributes,
+            xfam=body.xfam,
+            sept_ve_disable=body.sept_ve_disable,
+            mr_seam=body.mr_seam,
+            mr_signer_seam=body.mr_signer_seam,
+            seam_attributes=body.seam_attributes,
+            tee_tcb_svn=body.tee_tcb_svn,
+            tee_tcb_svn2=body.tee_tcb_svn2,
+            mr_service_td=body.mr_service_td,
+        )
         tee = TeeKind.TDX
     return Claims(
         tee=tee,

@@ -10,12 +10,13 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from shieldml.attest import _certs
-from shieldml.errors import UntrustedRootError
+from shieldml.errors import FormatError, TrustRootError, UntrustedRootError
 
 log = logging.getLogger("shieldml.attest")
 
@@ -108,23 +109,24 @@ def anchors_from_files(
     """The pinned anchors plus the roots in ``paths`` (PEM or DER files).
 
     A pinned vendor root adds nothing; a simulated platform's root (``O=shieldml simulated``) is
-    trusted as simulated; any other root only with ``insecure_custom_root`` (and logged).
+    trusted as simulated; any other root only with ``insecure_custom_root`` (and logged). A file
+    that cannot be read or is not a certificate, or a custom root without the switch, is a
+    :class:`TrustRootError`.
     """
     from shieldml.attest._snp import load_certificate
-    from shieldml.errors import FormatError, ShieldError
 
     anchors = TrustAnchors()
     for path in paths:
         try:
-            with open(path, "rb") as f:
+            with Path(path).open("rb") as f:
                 data = f.read(1 << 20)
             certs = (
                 _certs.pem_certificates(data) if b"-----BEGIN" in data else [load_certificate(data)]
             )
         except OSError as e:
-            raise ShieldError(f"{path}: cannot read trust root: {e.strerror}") from e
+            raise TrustRootError(f"{path}: cannot read trust root: {e.strerror}") from e
         except (ValueError, FormatError) as e:
-            raise ShieldError(f"{path}: not a certificate") from e
+            raise TrustRootError(f"{path}: not a certificate") from e
         for cert in certs:
             org = cert.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)
             if org and org[0].value == "shieldml simulated":
@@ -132,7 +134,7 @@ def anchors_from_files(
             elif any(fingerprint(cert) in fps for fps in anchors.vendor.values()):
                 continue  # a pinned vendor root is trusted anyway
             elif not insecure_custom_root:
-                raise ShieldError(
+                raise TrustRootError(
                     f"{path}: '{cert.subject.rfc4514_string()}' is not a pinned vendor root",
                     hint="a custom root needs --insecure-custom-root (and is reported in every result)",
                 )

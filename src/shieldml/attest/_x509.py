@@ -7,21 +7,27 @@ from datetime import datetime
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
 from shieldml.attest._checks import CheckLog
+from shieldml.attest._claims import iso_utc
 from shieldml.attest._trust import RootKind, TrustAnchors, Vendor
 from shieldml.errors import AttestationError, ExpiredError, RevokedError
 
 MAX_CHAIN = 5
+# keys that can sign a CRL (an X25519 or ML-KEM key in a certificate signs nothing)
+_CRL_SIGNERS = (
+    ec.EllipticCurvePublicKey,
+    rsa.RSAPublicKey,
+    dsa.DSAPublicKey,
+    ed25519.Ed25519PublicKey,
+    ed448.Ed448PublicKey,
+)
 
 
 def cn(name: x509.Name) -> str:
     attrs = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     return str(attrs[0].value) if attrs else name.rfc4514_string()
-
-
-def _iso(t: datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def check_validity(cert: x509.Certificate, now: datetime, log: CheckLog, what: str) -> None:
@@ -32,9 +38,9 @@ def check_validity(cert: x509.Certificate, now: datetime, log: CheckLog, what: s
             ExpiredError(
                 "certificate validity",
                 f"{what} certificate '{cn(cert.subject)}' {state} "
-                f"{_iso(end if now > end else start)}",
-                expected=f"valid at {_iso(now)}",
-                found=f"valid {_iso(start)} .. {_iso(end)}",
+                f"{iso_utc(end if now > end else start)}",
+                expected=f"valid at {iso_utc(now)}",
+                found=f"valid {iso_utc(start)} .. {iso_utc(end)}",
                 hint="fetch fresh collateral, or verify at a time inside its validity (--at)",
             )
         )
@@ -119,7 +125,12 @@ def check_crl(
         if hit is not None:
             log.ok("revocation list", hit[0] + " [cached]")
             return
-    if crl.issuer != issuer.subject or not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
+    issuer_key = issuer.public_key()
+    if (
+        crl.issuer != issuer.subject
+        or not isinstance(issuer_key, _CRL_SIGNERS)
+        or not crl.is_signature_valid(issuer_key)
+    ):
         raise log.fail(
             AttestationError(
                 "revocation list",
@@ -132,9 +143,9 @@ def check_crl(
         raise log.fail(
             ExpiredError(
                 "revocation list",
-                f"{what} from '{cn(crl.issuer)}' expired on {_iso(nxt) if nxt else '?'}",
-                expected=f"current at {_iso(now)}",
-                found=f"valid {_iso(crl.last_update_utc)} .. {_iso(nxt) if nxt else '?'}",
+                f"{what} from '{cn(crl.issuer)}' expired on {iso_utc(nxt) if nxt else '?'}",
+                expected=f"current at {iso_utc(now)}",
+                found=f"valid {iso_utc(crl.last_update_utc)} .. {iso_utc(nxt) if nxt else '?'}",
                 hint="fetch fresh collateral, or verify at a time inside its validity (--at)",
             )
         )

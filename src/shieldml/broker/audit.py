@@ -164,13 +164,14 @@ def verify_log(
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent or Path(), prefix=f".{path.name}.")
+    fd, name = tempfile.mkstemp(dir=path.parent or Path(), prefix=f".{path.name}.")
+    tmp = Path(name)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp.replace(path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink()
         raise

@@ -20,11 +20,11 @@ from shieldml.errors import (
     BindingError,
     BrokerError,
     BrokerUnavailable,
+    FormatError,
     KeyExistsError,
     NonceError,
     NotGenuineError,
     ReleaseDenied,
-    ShieldError,
     UnknownKeyError,
 )
 
@@ -60,7 +60,7 @@ def _error(status: int, detail: Any, path: str) -> BrokerError:
 
 def _int(v: Any, what: str) -> int:
     if not isinstance(v, int) or isinstance(v, bool):
-        raise ShieldError(f"{what}: not an integer in the release answer")
+        raise FormatError(f"{what}: not an integer in the release answer")
     return v
 
 
@@ -160,11 +160,12 @@ class BrokerClient:
         name, say ``model`` from the data owner's broker) would otherwise replace that owner's key.
         """
         if not isinstance(answer, dict):
-            raise ShieldError(f"{self.url}: the release answer has no keys")
+            raise FormatError(f"{self.url}: the release answer has no keys")
         extra = sorted(set(answer) - set(asked))
         missing = sorted(set(asked) - set(answer))
         if extra or missing:
-            raise ShieldError(
+            raise BrokerError(
+                None,
                 f"{self.url}: the release answer does not match the request"
                 + (f"; keys not asked for: {', '.join(map(repr, extra))}" if extra else "")
                 + (f"; keys missing: {', '.join(map(repr, missing))}" if missing else ""),
@@ -174,11 +175,11 @@ class BrokerClient:
         for name in asked:
             k = answer[name]
             if not isinstance(k, dict) or not isinstance(k.get("format"), str):
-                raise ShieldError(f"{self.url}: key {name!r}: malformed release answer")
+                raise FormatError(f"{self.url}: key {name!r}: malformed release answer")
             try:
                 sealed = base64.b64decode(str(k.get("sealed", "")), validate=True)
             except ValueError as e:
-                raise ShieldError(f"{self.url}: key {name!r}: sealed value is not base64") from e
+                raise FormatError(f"{self.url}: key {name!r}: sealed value is not base64") from e
             out[name] = (k["format"], runner_key.open(name, sealed))
         return out
 

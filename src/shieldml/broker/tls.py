@@ -11,7 +11,7 @@ import hashlib
 import ssl
 import urllib.parse
 
-from shieldml.errors import ShieldError
+from shieldml.errors import BrokerUnavailable, FingerprintMismatchError
 
 __all__ = ["cert_fingerprint", "pinned_context"]
 
@@ -32,11 +32,14 @@ def pinned_context(url: str, fingerprint: str) -> ssl.SSLContext:
     try:
         pem = ssl.get_server_certificate((u.hostname or "localhost", u.port or 443), timeout=10)
     except OSError as e:
-        raise ShieldError(f"{url}: cannot reach the broker: {e}") from e
+        raise BrokerUnavailable(None, f"{url}: cannot reach the broker: {e}") from e
     got = cert_fingerprint(pem.encode())
-    if got != fingerprint.lower().replace(":", ""):
-        raise ShieldError(
-            f"{url}: TLS certificate fingerprint {got} is not the pinned one",
+    pinned = fingerprint.lower().replace(":", "")
+    if got != pinned:
+        raise FingerprintMismatchError(
+            url,
+            pinned=pinned,
+            found=got,
             hint="check --fingerprint; a different certificate may mean an impostor",
         )
     ctx = ssl.create_default_context(cadata=pem)

@@ -112,6 +112,32 @@ def trust_root_options(f: F) -> F:
     )(f)
 
 
+def simulated_platform_option(f: F) -> F:
+    """``--simulated-platform DIR``: trust a simulated platform's root (tests, demo)."""
+    return click.option(
+        "--simulated-platform",
+        type=click.Path(file_okay=False),
+        help="Trust this simulated platform (tests, demo); the policy must still allow simulated"
+        " evidence.",
+    )(f)
+
+
+def receipt_trust(
+    roots: tuple[str, ...],
+    insecure_custom_root: bool,
+    simulated_platform: str | None,
+    when: datetime,
+) -> TrustAnchors:
+    """The anchors a receipt's evidence is verified against; the simulated platform's root only
+    when asked for by name (only then is the test machinery loaded)."""
+    anchors = trust_anchors(roots, insecure_custom_root)
+    if simulated_platform:
+        from shieldml.testing.simulated import SimulatedPlatform, fixed_clock
+
+        anchors = SimulatedPlatform.open(simulated_platform, clock=fixed_clock(when)).trust(anchors)
+    return anchors
+
+
 def evidence_options(f: F) -> F:
     """FILE and the options of :func:`verify` (``attest verify|explain``, ``policy eval``)."""
     f = trust_root_options(f)

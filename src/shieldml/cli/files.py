@@ -6,7 +6,17 @@ from __future__ import annotations
 import click
 from rich.markup import escape
 
-from shieldml.cli._common import EXISTING_FILE, FORMAT_CHOICE, JSON_OPTION
+from shieldml.cli._common import (
+    AT_OPTION,
+    EXISTING_FILE,
+    FORMAT_CHOICE,
+    JSON_OPTION,
+    load_policy,
+    parse_time,
+    receipt_trust,
+    simulated_platform_option,
+    trust_root_options,
+)
 from shieldml.cli._output import emit, emit_json, out, progress_bar
 from shieldml.errors import ShieldError
 from shieldml.files import (
@@ -106,8 +116,24 @@ def encrypt(
 @click.option(
     "--recipient-key",
     type=EXISTING_FILE,
-    help="Private recipient key, for outputs a runner sealed to its public key.",
+    help="Private recipient key, for outputs a runner sealed to its public key"
+    " (with --receipt and --policy).",
 )
+@click.option(
+    "--receipt",
+    "receipt_file",
+    type=EXISTING_FILE,
+    help="With --recipient-key: the run's receipt, which must list IN's sealed key.",
+)
+@click.option(
+    "--policy",
+    "policy_file",
+    type=EXISTING_FILE,
+    help="With --recipient-key: the release policy the receipt's TEE must satisfy.",
+)
+@AT_OPTION
+@trust_root_options
+@simulated_platform_option
 @click.option("--bind", help="Path the file was bound to at encryption. Default: IN as given.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True)
 @click.option("--force", is_flag=True, help="Replace existing output files.")
@@ -117,6 +143,12 @@ def decrypt(
     dst: str,
     key_path: str | None,
     recipient_key: str | None,
+    receipt_file: str | None,
+    policy_file: str | None,
+    at: str | None,
+    trust_root: tuple[str, ...],
+    insecure_custom_root: bool,
+    simulated_platform: str | None,
     bind: str | None,
     workers: int,
     force: bool,
@@ -124,20 +156,34 @@ def decrypt(
 ) -> None:
     """Decrypt IN (a file or a directory, recursively) into OUT.
 
-    Nothing is written at OUT unless all of it verifies.
+    Nothing is written at OUT unless all of it verifies. An output a runner sealed to a
+    recipient's public key opens only with the run's receipt: anyone holding the public key can
+    seal a key, so the receipt (verified against --policy) must list IN's sealed key; the
+    in-TEE path to decrypt with is the one the receipt names.
     """
     if (key_path is None) == (recipient_key is None):
         raise click.UsageError("give exactly one of --key and --recipient-key")
     if recipient_key is not None:
-        from shieldml.runner.recipient import open_key, sealed_key_path
+        if receipt_file is None or policy_file is None:
+            raise click.UsageError(
+                "--recipient-key needs --receipt and --policy: HPKE does not say who sealed the"
+                " key, so the run's receipt, accepted by the owner's policy, must vouch for it"
+            )
+        from shieldml.runner import open_output_key
 
-        sealed = sealed_key_path(src)
-        try:
-            blob = sealed.read_bytes()
-        except OSError as e:
-            raise ShieldError(f"{sealed}: cannot read the sealed key: {e.strerror}") from e
-        k = open_key(recipient_key, bind if bind is not None else src.rstrip("/"), blob)
+        when = parse_time(at)
+        k, bind, _ = open_output_key(
+            src,
+            recipient_key,
+            receipt=receipt_file,
+            policy=load_policy(policy_file),
+            trust=receipt_trust(trust_root, insecure_custom_root, simulated_platform, when),
+            now=when,
+            bind=bind,
+        )
     else:
+        if receipt_file or policy_file:
+            raise click.UsageError("--receipt and --policy go with --recipient-key")
         k = load_key(key_path or "")
     items = plan_decrypt(src, dst, bind)
     with progress_bar(sum(i.size for i in items), "decrypting") as tick:

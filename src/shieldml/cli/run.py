@@ -16,7 +16,8 @@ from shieldml.cli._common import (
     JSON_OPTION,
     load_policy,
     parse_time,
-    trust_anchors,
+    receipt_trust,
+    simulated_platform_option,
     trust_root_options,
 )
 from shieldml.cli._output import emit_json, out
@@ -151,11 +152,7 @@ _RECEIPT_MEASUREMENTS = {
 )
 @AT_OPTION
 @trust_root_options
-@click.option(
-    "--simulated-platform",
-    type=click.Path(file_okay=False),
-    help="Trust this simulated platform (tests, demo); the policy must still allow simulated evidence.",
-)
+@simulated_platform_option
 @click.option(
     "--no-files", is_flag=True, help="Do not compare the ciphertext files with the receipt."
 )
@@ -180,7 +177,7 @@ def receipt_verify(
     insecure_allow_* switches say so. Then (by default) the files must match the receipt.
     Exit 1 if the policy denies the receipt's TEE or the files differ.
     """
-    from shieldml.runner.receipt import VerifiedReceipt, verify_receipt
+    from shieldml.runner.receipt import verify_receipt
 
     if policy_file is None:
         raise click.UsageError(
@@ -189,19 +186,15 @@ def receipt_verify(
             " (`shieldml broker policy set`), which pins the measurements and workload digest"
         )
     pol = load_policy(policy_file)
-    anchors = trust_anchors(trust_root, insecure_custom_root)
     when = parse_time(at)
-    if simulated_platform:  # asked for by name: only then is the test machinery loaded
-        from shieldml.testing.simulated import SimulatedPlatform, fixed_clock
-
-        anchors = SimulatedPlatform.open(simulated_platform, clock=fixed_clock(when)).trust(anchors)
+    anchors = receipt_trust(trust_root, insecure_custom_root, simulated_platform, when)
     problems: list[str] = []
     try:
         verified = verify_receipt(
             file, policy=pol, now=when, trust=anchors, check_files=not no_files
         )
     except ReceiptError as e:
-        if not isinstance(e.verified, VerifiedReceipt):
+        if e.verified is None:  # the evidence does not bind the receipt
             raise
         verified, problems = e.verified, e.problems
     except PolicyDenied as e:

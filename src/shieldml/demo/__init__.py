@@ -130,7 +130,7 @@ class Demo:
 
     def prepare_data(self) -> None:
         import torch
-        from sklearn.datasets import load_digits  # type: ignore[import-untyped]
+        from sklearn.datasets import load_digits  # type: ignore[import-untyped]  # scikit-learn has no stubs
 
         digits = load_digits()
         images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
@@ -423,5 +423,7 @@ class Demo:
 
 
 def assert_ok(status: int) -> None:
+    # The root class on purpose: the job's own program failed, which no library call treats as an
+    # error (run_job returns the status); only the demo's story stops here.
     if status != 0:
         raise ShieldError(f"the shielded job exited with {status}")

@@ -13,7 +13,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from shieldml.errors import FormatError, NotProtectedError, OutputExistsError, ShieldError
+from shieldml.errors import (
+    FormatError,
+    InputReadError,
+    NotProtectedError,
+    OutputExistsError,
+    ShieldError,
+)
 from shieldml.files import _gramine, _stream
 from shieldml.files._common import Format, MappedSource, ProgressCallback, StrPath, check_key
 from shieldml.files._reader import ProtectedFile
@@ -30,7 +36,7 @@ def detect_format(path: StrPath) -> Format:
         with open(name, "rb") as f:
             magic = f.read(8)
     except OSError as e:
-        raise ShieldError(f"{name}: cannot read: {e.strerror}") from e
+        raise InputReadError(f"{name}: cannot read: {e.strerror}") from e
     fmt = MAGICS.get(magic)
     if fmt is None:
         raise NotProtectedError(
@@ -55,7 +61,7 @@ def open_protected(path: StrPath, key: bytes, *, bind: str | None = None) -> Pro
             return _stream.StreamReader(name, key, expected)
         return _gramine.GramineReader(name, key, expected)
     except OSError as e:
-        raise ShieldError(f"{name}: cannot read: {e.strerror}") from e
+        raise InputReadError(f"{name}: cannot read: {e.strerror}") from e
 
 
 @contextlib.contextmanager
@@ -134,7 +140,7 @@ def _open_source(src: StrPath) -> MappedSource:
     try:
         return MappedSource(src)
     except OSError as e:
-        raise ShieldError(f"{os.fspath(src)}: cannot read: {e.strerror}") from e
+        raise InputReadError(f"{os.fspath(src)}: cannot read: {e.strerror}") from e
 
 
 def decrypt_file(

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from shieldml.errors import OutputExistsError, ShieldError
+from shieldml.errors import InputReadError, OutputExistsError
 from shieldml.files._api import decrypt_file, detect_format, encrypt_file, inspect_file
 from shieldml.files._common import Format, ProgressCallback, StrPath
 
@@ -34,7 +34,7 @@ def plan(src: StrPath, dst: StrPath, bind_root: str | None, *, default_root: str
     """
     s, d = os.fspath(src), os.fspath(dst)
     if not os.path.exists(s):
-        raise ShieldError(f"{s}: no such file or directory")
+        raise InputReadError(f"{s}: no such file or directory")
     if os.path.isfile(s):
         if os.path.isdir(d):
             d = os.path.join(d, os.path.basename(s))
@@ -42,7 +42,7 @@ def plan(src: StrPath, dst: StrPath, bind_root: str | None, *, default_root: str
         bind = bind_root if bind_root is not None else default_root
         return [Planned(s, d, bind, os.path.getsize(s))]
     if os.path.exists(d) and not os.path.isdir(d):
-        raise ShieldError(f"{d}: exists and is not a directory, but {s} is a directory")
+        raise OutputExistsError(f"{d}: exists and is not a directory, but {s} is a directory")
     root = bind_root if bind_root is not None else default_root
     out: list[Planned] = []
     for dirpath, dirnames, filenames in os.walk(s):

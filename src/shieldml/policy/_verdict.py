@@ -191,7 +191,7 @@ def _check_profile(
         attr, op = _ATTR[name]
         actual = getattr(m, attr)
         if op == "in":
-            ok = actual in ref  # type: ignore[operator]
+            ok = isinstance(ref, tuple) and actual in ref
         elif op == "eq":
             ok = actual == ref
         else:

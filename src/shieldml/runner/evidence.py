@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from shieldml.attest import TeeKind
 from shieldml.errors import EvidenceError
 
 TSM_ROOT = Path("/sys/kernel/config/tsm/report")
@@ -146,8 +147,11 @@ class SimulatedProvider:
         from shieldml.testing.simulated import SimulatedPlatform, system_clock
 
         self.platform = SimulatedPlatform.open(platform_dir, clock=clock or system_clock)
-        if kind not in ("sgx", "tdx", "snp"):
-            raise EvidenceError(f"simulated TEE kind must be sgx, tdx or snp, not {kind!r}")
+        if kind not in tuple(TeeKind):
+            *first, last = (k.value for k in TeeKind)
+            raise EvidenceError(
+                f"simulated TEE kind must be {', '.join(first)} or {last}, not {kind!r}"
+            )
         self.kind = kind
         self.m = {
             k: bytes.fromhex(v)
@@ -193,7 +197,7 @@ def provider_for(
         return SimulatedProvider(
             path, sim.get("kind", "sgx"), sim, sim.get("debug", "false") == "true"
         )
-    if tee in ("tdx", "snp"):
+    if tee in (TeeKind.TDX, TeeKind.SNP):  # the guests configfs-tsm serves
         return ConfigfsTsmProvider()
     if tee == "gramine":
         return GramineProvider()

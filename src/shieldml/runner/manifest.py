@@ -70,10 +70,11 @@ import json
 import os
 import re
 import stat
+import string
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeGuard
 
 from shieldml.errors import ManifestError, TrustedFileError
 
@@ -142,7 +143,7 @@ class Broker:
     fingerprint: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Protected:
     path: str  # in-TEE path, absolute after loading
     ciphertext: str  # host path, absolute after loading
@@ -167,7 +168,7 @@ class Trusted:
     sha256: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class JobManifest:
     source: Path
     tee: str
@@ -307,18 +308,18 @@ class JobManifest:
         if not isinstance(sim, dict) or not all(isinstance(v, str) for v in sim.values()):
             raise ManifestError(f"{where}: [simulated] maps names to strings")
         return cls(
-            source,
-            tee,
-            tuple(argv),
-            cwd,
-            bool(cmd.get("insecure_allow_extra_args", False)),
-            tuple(allow),
-            dict(env_set),
-            trusted,
-            brokers,
-            ins,
-            outs,
-            dict(sim),
+            source=source,
+            tee=tee,
+            argv=tuple(argv),
+            cwd=cwd,
+            insecure_allow_extra_args=bool(cmd.get("insecure_allow_extra_args", False)),
+            env_allow=tuple(allow),
+            env_set=dict(env_set),
+            trusted=trusted,
+            brokers=brokers,
+            inputs=ins,
+            outputs=outs,
+            simulated=dict(sim),
         )
 
     # -- trusted files and the workload digest ---------------------------------------------------
@@ -359,7 +360,7 @@ class JobManifest:
                 out[p] = digest
             else:
                 matches = sorted(glob.glob(str(self.base / (t.glob or "")), recursive=True))
-                files = [m for m in matches if os.path.isfile(m)]
+                files = [m for m in matches if Path(m).is_file()]
                 if not files:
                     problems.append(f"{t.glob}: matches no file")
                 for m in files:
@@ -485,11 +486,11 @@ def read_trusted(path: str) -> tuple[int, bytes]:
 
 
 def sha256_file(path: str, cache: HashCache | None = None) -> str:
-    st = os.stat(path)
+    st = Path(path).stat()
     if cache is not None and (hit := cache.get(path, st)) is not None:
         return hit
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with Path(path).open("rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     digest = h.hexdigest()
@@ -557,16 +558,17 @@ def _only(d: Any, allowed: set[str], where: str) -> None:
         raise ManifestError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
 
 
+def _is_sha256_hex(v: object) -> TypeGuard[str]:
+    """A SHA-256 written as 64 hex digits, either case."""
+    return isinstance(v, str) and len(v) == 64 and all(c in string.hexdigits for c in v)
+
+
 def _trusted(t: Any, where: str) -> Trusted:
     _only(t, {"path", "glob", "sha256"}, where)
     if ("path" in t) == ("glob" in t):
         raise ManifestError(f"{where}: give exactly one of path or glob")
     sha = t.get("sha256")
-    if "path" in t and (
-        not isinstance(sha, str)
-        or len(sha) != 64
-        or not all(c in "0123456789abcdefABCDEF" for c in sha)
-    ):
+    if "path" in t and not _is_sha256_hex(sha):
         raise ManifestError(
             f"{where}: a trusted path needs its sha256 (64 hex digits); `shieldml job init` fills it"
         )
@@ -631,23 +633,19 @@ def _protected(
                 f"{where}: {recipient} is not a 32-byte X25519 public key (`shieldml key recipient`)"
             )
     pin = x.get("sha256")
-    if pin is not None and (
-        not isinstance(pin, str)
-        or len(pin) != 64
-        or any(c not in "0123456789abcdef" for c in pin.lower())
-    ):
+    if pin is not None and not _is_sha256_hex(pin):
         raise ManifestError(
             f"{where}: sha256 pins the input's ciphertext: 64 hex digits (`shieldml job measure --json`)"
         )
     return Protected(
-        path,
-        str((base / x["ciphertext"]).resolve()),
-        x["key"],
-        x["broker"],
-        fmt,
-        rec,
-        rec_key,
-        pin.lower() if pin else None,
+        path=path,
+        ciphertext=str((base / x["ciphertext"]).resolve()),
+        key=x["key"],
+        broker=x["broker"],
+        format=fmt,
+        recipient=rec,
+        recipient_key=rec_key,
+        sha256=pin.lower() if pin else None,
     )
 
 

@@ -44,6 +44,7 @@ def receipt_report_data(body: dict[str, Any]) -> bytes:
 def write_receipt(
     path: str,
     m: JobManifest,
+    *,
     digest: str,
     audit: dict[str, int],
     result: dict[str, Any],
@@ -51,6 +52,8 @@ def write_receipt(
     started: datetime,
     provider: Provider,
 ) -> None:
+    from shieldml.attest import iso_utc
+
     inputs = []
     for i in m.inputs:
         p = Path(i.ciphertext)
@@ -63,8 +66,8 @@ def write_receipt(
         "outputs": result["outputs"],
         "broker_audit_seq": audit,
         "exit_code": status,
-        "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "finished": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "started": iso_utc(started),
+        "finished": iso_utc(datetime.now(UTC)),
     }
     ev: Evidence = provider.evidence(receipt_report_data(body))
     doc = {

@@ -26,7 +26,7 @@ from typing import Any
 
 from shieldml.broker import protocol
 from shieldml.broker.client import BrokerClient
-from shieldml.errors import ManifestError, ShieldError
+from shieldml.errors import BrokerError, ManifestError, MountChangedError, ViewError
 from shieldml.runner.evidence import Provider, provider_for
 from shieldml.runner.manifest import JobManifest
 from shieldml.runner.receipt import write_receipt
@@ -85,7 +85,8 @@ def release_keys(
             )
         for name, (fmt, _key) in got.keys.items():
             if fmt != need[b.name][name]:
-                raise ShieldError(
+                raise BrokerError(
+                    None,
                     f"{b.name}: key {name!r} is a {fmt} key, the job uses it as {need[b.name][name]}",
                     hint="the broker holds a key of another format under this name; nothing was used",
                 )
@@ -160,7 +161,16 @@ def run_job(
             }
         )
     if receipt:
-        write_receipt(receipt, m, digest, audit, result, status, started, provider)  # 6
+        write_receipt(  # 6
+            receipt,
+            m,
+            digest=digest,
+            audit=audit,
+            result=result,
+            status=status,
+            started=started,
+            provider=provider,
+        )
         say(f"receipt written to {receipt}")
     say(
         f"program exited with {status}; measure {times.measure_s:.2f} s, attest+release {times.attest_s:.2f} s, view {times.view_s:.2f} s"
@@ -231,7 +241,7 @@ def _view(
     }
     try:
         if proc.stdin is None:
-            raise ShieldError("could not start the decrypted view")
+            raise ViewError("could not start the decrypted view")
         proc.stdin.write(json.dumps(plan).encode())
         proc.stdin.close()
         with os.fdopen(r, "rb") as f:
@@ -244,12 +254,12 @@ def _view(
         result: dict[str, Any] = json.loads(raw) if raw else {}
     except ValueError:
         result = {}
-    if "error" in result and result.get("started"):
-        raise ShieldError(f"the program ran, but its outputs were not sealed: {result['error']}")
-    if "error" in result:
-        raise ShieldError(f"the program was not started: {result['error']}")
-    if "status" not in result:
-        raise ShieldError(
-            f"the decrypted view failed (exit {proc.returncode}); no output was sealed"
+    if "error" in result and result.get("started"):  # only a mount changed under the program
+        raise MountChangedError(
+            f"the program ran, but its outputs were not sealed: {result['error']}"
         )
+    if "error" in result:
+        raise ViewError(f"the program was not started: {result['error']}")
+    if "status" not in result:
+        raise ViewError(f"the decrypted view failed (exit {proc.returncode}); no output was sealed")
     return result

@@ -33,12 +33,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from shieldml.attest import _der
+from shieldml.attest import _der, iso_utc
 from shieldml.attest._intel_collateral import SGX_EXTENSION_OID, IntelCollateral
 from shieldml.attest._intel_quote import HEADER, INTEL_QE_VENDOR_ID, TEE_SGX, TEE_TDX
 from shieldml.attest._snp import AMD_OID, REPORT_SIZE, SIGNED_SIZE, build_cert_table
 from shieldml.attest._trust import TrustAnchors
-from shieldml.errors import ShieldError
+from shieldml.errors import ExpiredError, FormatError
 
 Clock = Callable[[], datetime]
 
@@ -87,10 +87,6 @@ def fixed_clock(at: datetime) -> Clock:
     if at.tzinfo is None:
         raise ValueError("fixed_clock needs an aware datetime")
     return lambda: at
-
-
-def _iso(t: datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -142,9 +138,10 @@ class SimulatedPlatform:
         for name, cert in self.certs.items():
             start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
             if not start <= now <= end:
-                raise ShieldError(
-                    f"{d}: the simulated platform's {name} certificate is valid "
-                    f"{_iso(start)} .. {_iso(end)}, but the clock reads {_iso(now)}",
+                raise ExpiredError(
+                    str(d),
+                    f"the simulated platform's {name} certificate is valid "
+                    f"{iso_utc(start)} .. {iso_utc(end)}, but the clock reads {iso_utc(now)}",
                     hint="remove the directory to make a new simulated platform",
                 )
 
@@ -170,16 +167,19 @@ class SimulatedPlatform:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f)
-        os.replace(tmp, d / "platform.json")
+        tmp.replace(d / "platform.json")
 
     @classmethod
     def _load(cls, d: Path, clock: Clock) -> SimulatedPlatform:
         doc = json.loads((d / "platform.json").read_text())
-        keys = {
-            k: serialization.load_pem_private_key(v.encode(), None) for k, v in doc["keys"].items()
-        }
+        keys: dict[str, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey] = {}
+        for name, pem in doc["keys"].items():
+            key = serialization.load_pem_private_key(pem.encode(), None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+                raise FormatError(f"{d}: the simulated platform's {name} key is neither EC nor RSA")
+            keys[name] = key
         certs = {k: x509.load_pem_x509_certificate(v.encode()) for k, v in doc["certs"].items()}
-        return cls(keys, certs, bytes.fromhex(doc["chip_id"]), clock)  # type: ignore[arg-type]
+        return cls(keys, certs, bytes.fromhex(doc["chip_id"]), clock)
 
     def trust(self, anchors: TrustAnchors | None = None) -> TrustAnchors:
         """``anchors`` (default: the vendor roots) plus this platform's simulated roots."""
@@ -315,18 +315,22 @@ class SimulatedPlatform:
             )
             return b.sign(signer, hashes.SHA256())
 
+        tcb: dict[str, object] = {
+            "sgxtcbcomponents": [{"svn": v} for v in CPU_SVN],
+            "pcesvn": PCESVN,
+        }
         level: dict[str, object] = {
-            "tcb": {"sgxtcbcomponents": [{"svn": v} for v in CPU_SVN], "pcesvn": PCESVN},
+            "tcb": tcb,
             "tcbDate": "2025-01-01T00:00:00Z",
             "tcbStatus": status,
             "advisoryIDs": ADVISORIES.get(status, []),
         }
         info: dict[str, object] = {
-            "id": tee, "version": 3, "issueDate": _iso(issue), "nextUpdate": _iso(nxt),
+            "id": tee, "version": 3, "issueDate": iso_utc(issue), "nextUpdate": iso_utc(nxt),
             "fmspc": FMSPC.hex().upper(), "pceId": PCE_ID.hex(), "tcbType": 0, "tcbEvaluationDataNumber": 1,
         }  # fmt: skip
         if tee == "TDX":
-            level["tcb"]["tdxtcbcomponents"] = [{"svn": v} for v in TEE_TCB_SVN]  # type: ignore[index]
+            tcb["tdxtcbcomponents"] = [{"svn": v} for v in TEE_TCB_SVN]
             zero = "00" * 48
             info["tdxModule"] = {
                 "mrsigner": zero,
@@ -339,7 +343,7 @@ class SimulatedPlatform:
             ]  # fmt: skip
         info["tcbLevels"] = [level]
         qe = {
-            "id": "TD_QE" if tee == "TDX" else "QE", "version": 2, "issueDate": _iso(issue), "nextUpdate": _iso(nxt),
+            "id": "TD_QE" if tee == "TDX" else "QE", "version": 2, "issueDate": iso_utc(issue), "nextUpdate": iso_utc(nxt),
             "tcbEvaluationDataNumber": 1, "miscselect": "00000000", "miscselectMask": "FFFFFFFF",
             "attributes": "11000000000000000000000000000000", "attributesMask": "FBFFFFFFFFFFFFFF0000000000000000",
             "mrsigner": QE_MRSIGNER.hex().upper(), "isvprodid": 2 if tee == "TDX" else 1,

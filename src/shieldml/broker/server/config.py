@@ -76,7 +76,7 @@ def self_signed(state_dir: Path, hosts: list[str]) -> TlsFiles:
     return TlsFiles(cert_path, key_path)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BrokerConfig:
     """What ``shieldml broker serve`` starts with (passed to worker processes as JSON)."""
 

@@ -65,7 +65,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
             self.transport.write(_408)
             self.transport.close()
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn's own signature, narrower than asyncio's
         super().connection_made(transport)
         self._arm()
 

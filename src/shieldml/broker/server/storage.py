@@ -27,10 +27,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from shieldml.broker.audit import GENESIS, AuditRecord, ChainHead, record_hash
 from shieldml.errors import (
+    BrokerError,
     IntegrityError,
     KeyExistsError,
     KeyFileError,
-    ShieldError,
     UnknownKeyError,
 )
 
@@ -178,8 +178,8 @@ class Store:
         if kek is None:
             self.keks = {**self.keks, **self._load_keks()}
             kek = self.keks.get(kek_id)
-        if kek is None:
-            raise ShieldError(
+        if kek is None:  # its file is gone (kek / kek.new): the key cannot be unwrapped
+            raise KeyFileError(
                 f"key {name!r} is wrapped under an unknown key-encryption key {kek_id}"
             )
         return kek
@@ -270,7 +270,7 @@ class Store:
                     .where(keys_t.c.name == r.name)
                     .values(kek_id=new.id, wrapped=new.wrap(r.name, r.format, secret))
                 )
-        os.replace(new_path, self.state_dir / "kek")
+        new_path.replace(self.state_dir / "kek")
         self.kek = new
         self.keks = {new.id: new}
         return len(rows)
@@ -408,8 +408,9 @@ class Store:
 
 def _check_name(name: str) -> None:
     if not valid_key_name(name):
-        raise ShieldError(
-            f"invalid key name {name!r}: ASCII letters, digits, '-', '_', '.', at most {NAME_MAX}"
+        raise BrokerError(
+            400,
+            f"invalid key name {name!r}: ASCII letters, digits, '-', '_', '.', at most {NAME_MAX}",
         )
 
 
