@@ -32,6 +32,7 @@ reading a closed file). The CLI catches ``ShieldError`` once and prints
     │   ├── BrokerUnavailable       the broker cannot be reached, or answers that it is not ready
     │   ├── FingerprintMismatchError the broker's TLS certificate is not the pinned one
     │   ├── NonceError              the challenge nonce is unknown, expired or already used
+    │   ├── NotGenuineError         the broker found the evidence not genuine (also an AttestationError)
     │   ├── BindingError            the evidence does not bind the nonce, runner key and workload
     │   ├── UnknownKeyError         no key of that name on the broker
     │   ├── KeyExistsError          a key of that name exists already
@@ -44,7 +45,8 @@ reading a closed file). The CLI catches ``ShieldError`` once and prints
     └── ReceiptError                a run receipt not bound by its evidence, or files that differ
 
 ``ReleaseDenied`` is also a ``PolicyDenied``: a caller that handles every policy refusal the
-same way, local or the broker's, catches ``PolicyDenied``.
+same way, local or the broker's, catches ``PolicyDenied``; likewise ``NotGenuineError`` is also an
+``AttestationError``.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ __all__ = [
     "ManifestError",
     "MountChangedError",
     "NonceError",
+    "NotGenuineError",
     "NotProtectedError",
     "OutputExistsError",
     "OutputWriteError",
@@ -322,6 +325,30 @@ class FingerprintMismatchError(BrokerError):
 
 class NonceError(BrokerError):
     """The challenge nonce is unknown, expired, or was used already (a replay)."""
+
+
+class NotGenuineError(BrokerError, AttestationError):
+    """The broker's verification of the evidence failed: not genuine, untrusted, out of date.
+
+    ``cause`` is the failed check where the broker raised it itself (its own release core); a
+    client that only has the broker's answer gets ``check == "evidence"`` and the reasons in
+    ``detail``.
+    """
+
+    def __init__(
+        self,
+        status: int | None,
+        detail: Any,
+        *,
+        cause: AttestationError | None = None,
+        hint: str | None = None,
+    ) -> None:
+        BrokerError.__init__(self, status, detail, hint=hint)
+        self.cause = cause
+        self.check = cause.check if cause is not None else "evidence"
+        self.expected = cause.expected if cause is not None else None
+        self.found = cause.found if cause is not None else None
+        self.checks = list(cause.checks) if cause is not None else []
 
 
 class BindingError(BrokerError):

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 from OpenSSL import SSL
 
+from shieldml.attest import IntelCollateral
 from shieldml.broker.server import self_signed
 from shieldml.broker.server.app import Settings
 from shieldml.broker.server.secret_prov import REQUEST, RESPONSE, SecretProvServer
 from shieldml.broker.server.storage import Store
-from shieldml.testing.simulated import SimulatedPlatform
+from shieldml.testing.simulated import SimulatedPlatform, system_clock
 from tests.conftest import sgx_policy
 
 MRENCLAVE = b"\x42" * 32
@@ -157,3 +158,52 @@ def test_connections_beyond_the_cap_are_closed_and_service_resumes(
         s.close()
     cert, key = sim.ratls_certificate(mrenclave=MRENCLAVE)
     assert enclave_request(srv.port, cert, key, tmp_path)[: len(RESPONSE)] == RESPONSE
+
+
+def test_untrusted_ratls_certificate_triggers_no_collateral_lookup(
+    tmp_path: Path, sim: SimulatedPlatform
+):
+    """Secret provisioning asked its collateral source (a PCCS, in production) for the quote of
+    any client certificate before verifying a thing: a certificate from an untrusted platform
+    made the broker look its platform up. The same release core as ``/v1/release`` now verifies
+    the PCK chain first, and audits the refusal once."""
+    asked: list[bytes] = []
+
+    def source(quote: bytes) -> IntelCollateral:
+        asked.append(quote)
+        return sim.collateral("sgx")
+
+    store = Store(f"sqlite:///{tmp_path}/b.db", tmp_path / "state")
+    store.put_key("wrap", "gramine-pf", WRAP_KEY)
+    store.set_policy("wrap", POLICY)
+    tls = self_signed(tmp_path / "state", ["127.0.0.1"])
+    srv = SecretProvServer(store, Settings(trust=sim.trust()), "wrap", str(tls.cert), str(tls.key),
+                           collateral_for=source, port=0)  # fmt: skip
+    srv.start()
+    try:
+        stranger = SimulatedPlatform.create(clock=system_clock)
+        cert, key = stranger.ratls_certificate(mrenclave=MRENCLAVE)
+        before = store.audit_head().seq
+        assert enclave_request(srv.port, cert, key, tmp_path) == b""
+        assert asked == [], "collateral was looked up for an unverified platform"
+        records = store.audit_records(before)
+        assert len(records) == 1 and records[0].data["allowed"] is False
+        assert "untrusted root" in records[0].data["reason"]
+        cert, key = sim.ratls_certificate(mrenclave=MRENCLAVE)  # the approved enclave still gets it
+        assert enclave_request(srv.port, cert, key, tmp_path)[: len(RESPONSE)] == RESPONSE
+        assert len(asked) == 1
+    finally:
+        srv.stop()
+        store.engine.dispose()
+
+
+def test_secret_provisioning_refuses_a_key_of_another_format(
+    server: tuple[SecretProvServer, Store], sim: SimulatedPlatform, tmp_path: Path
+):
+    srv, store = server
+    store.put_key("wrap", "stream", bytes(32), replace=True)
+    cert, key = sim.ratls_certificate(mrenclave=MRENCLAVE)
+    assert enclave_request(srv.port, cert, key, tmp_path) == b""
+    last = store.audit_records()[-1]
+    assert last.event == "secret_prov" and last.data["allowed"] is False
+    assert last.data["denied"] == ["wrap"]

@@ -25,7 +25,7 @@ from shieldml.attest._fetch import (
 )
 from shieldml.attest._intel_collateral import IntelCollateral, load_pem_chain
 from shieldml.attest._intel_quote import Quote
-from shieldml.attest._intel_verify import verify_quote
+from shieldml.attest._intel_verify import verify_pck_chain, verify_quote
 from shieldml.attest._ratls import RaTlsEvidence, extract
 from shieldml.attest._snp import SnpReport, verify_report
 from shieldml.attest._trust import (
@@ -72,6 +72,7 @@ __all__ = [
     "iso_utc",
     "load_pem_chain",
     "verify_evidence",
+    "verify_pck_chain",
     "verify_quote",
     "verify_report",
 ]

@@ -110,6 +110,65 @@ def verify_quote(
     :class:`VerificationCache`); every per-quote signature is always checked.
     """
     log = CheckLog(cache=cache)
+    quote, chain, root_kind = _quote_and_pck_chain(raw, now, trust, log)  # 1-3
+    cert = quote.certification
+    pck, pck_ca, root = chain
+    check_crl(collateral.root_ca_crl, root, [pck_ca], now, log, "root CA CRL")  # 4
+    check_crl(collateral.pck_crl, pck_ca, [pck], now, log, "PCK CRL")
+    try:
+        ext = PckExtension.from_certificate(pck)
+    except FormatError as e:
+        raise log.fail(AttestationError("PCK certificate", e.message)) from e
+    qe = cert.qe_report  # 5
+    if not _ecdsa_ok(_signing_key(pck), cert.qe_report_signature, qe.raw):
+        raise log.fail(
+            AttestationError("QE report signature", "QE report is not signed by the PCK key")
+        )
+    log.ok("QE report signature", "QE report signed by the PCK key")
+    expected = hashlib.sha256(quote.attestation_key + cert.qe_auth_data).digest() + bytes(32)  # 6
+    if qe.report_data != expected:
+        raise log.fail(
+            AttestationError(
+                "attestation key binding",
+                "QE report data does not bind the attestation key",
+                expected=expected.hex(),
+                found=qe.report_data.hex(),
+            )
+        )
+    log.ok("attestation key binding", "QE report data = SHA-256(attestation key || auth data)")
+    try:  # 7
+        att_key = _p256(quote.attestation_key)
+    except ValueError:
+        raise log.fail(
+            AttestationError("quote signature", "attestation key is not a P-256 point")
+        ) from None
+    if not _ecdsa_ok(att_key, quote.signature, quote.signed_bytes):
+        raise log.fail(
+            AttestationError("quote signature", "quote body is not signed by the attestation key")
+        )
+    log.ok("quote signature", "header and report body signed by the attestation key")
+    tcb = _tcb_info(quote, ext, collateral, now, trust, log)  # 8
+    identity = _qe_identity(quote, collateral, now, trust, log)  # 9
+    status, advisories = _tcb_status(quote, ext, tcb, identity, log)  # 10
+    return _claims(quote, ext, status, advisories, root_kind, now, log)
+
+
+def verify_pck_chain(
+    raw: bytes, *, now: datetime, trust: TrustAnchors, cache: VerificationCache | None = None
+) -> RootKind:
+    """Steps 1-3 of :func:`verify_quote` alone: the quote parses, comes from Intel's QE and
+    carries a PCK chain that ends at a trusted root, valid at ``now``.
+
+    What a collateral source must check before it looks anything up (or fetches it from a PCCS)
+    by the quote's PCK certificate: a quote whose chain does not verify names an FMSPC nobody
+    vouched for. Raises the failing check, like :func:`verify_quote`.
+    """
+    return _quote_and_pck_chain(raw, now, trust, CheckLog(cache=cache))[2]
+
+
+def _quote_and_pck_chain(
+    raw: bytes, now: datetime, trust: TrustAnchors, log: CheckLog
+) -> tuple[Quote, list[x509.Certificate], RootKind]:
     try:  # 1
         quote = Quote.from_bytes(raw)
     except FormatError as e:
@@ -158,45 +217,7 @@ def verify_quote(
             )
         )
     root_kind = verify_chain(chain, Vendor.INTEL, trust, now, log, "PCK chain")
-    pck, pck_ca, root = chain
-    check_crl(collateral.root_ca_crl, root, [pck_ca], now, log, "root CA CRL")  # 4
-    check_crl(collateral.pck_crl, pck_ca, [pck], now, log, "PCK CRL")
-    try:
-        ext = PckExtension.from_certificate(pck)
-    except FormatError as e:
-        raise log.fail(AttestationError("PCK certificate", e.message)) from e
-    qe = cert.qe_report  # 5
-    if not _ecdsa_ok(_signing_key(pck), cert.qe_report_signature, qe.raw):
-        raise log.fail(
-            AttestationError("QE report signature", "QE report is not signed by the PCK key")
-        )
-    log.ok("QE report signature", "QE report signed by the PCK key")
-    expected = hashlib.sha256(quote.attestation_key + cert.qe_auth_data).digest() + bytes(32)  # 6
-    if qe.report_data != expected:
-        raise log.fail(
-            AttestationError(
-                "attestation key binding",
-                "QE report data does not bind the attestation key",
-                expected=expected.hex(),
-                found=qe.report_data.hex(),
-            )
-        )
-    log.ok("attestation key binding", "QE report data = SHA-256(attestation key || auth data)")
-    try:  # 7
-        att_key = _p256(quote.attestation_key)
-    except ValueError:
-        raise log.fail(
-            AttestationError("quote signature", "attestation key is not a P-256 point")
-        ) from None
-    if not _ecdsa_ok(att_key, quote.signature, quote.signed_bytes):
-        raise log.fail(
-            AttestationError("quote signature", "quote body is not signed by the attestation key")
-        )
-    log.ok("quote signature", "header and report body signed by the attestation key")
-    tcb = _tcb_info(quote, ext, collateral, now, trust, log)  # 8
-    identity = _qe_identity(quote, collateral, now, trust, log)  # 9
-    status, advisories = _tcb_status(quote, ext, tcb, identity, log)  # 10
-    return _claims(quote, ext, status, advisories, root_kind, now, log)
+    return quote, chain, root_kind
 
 
 def _signed_json(

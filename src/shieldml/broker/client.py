@@ -23,6 +23,7 @@ from shieldml.errors import (
     FormatError,
     KeyExistsError,
     NonceError,
+    NotGenuineError,
     ReleaseDenied,
     UnknownKeyError,
 )
@@ -42,6 +43,8 @@ def _error(status: int, detail: Any, path: str) -> BrokerError:
         )
     if status == 403 and isinstance(reason, str) and reason.startswith("report data does not bind"):
         return BindingError(status, detail)
+    if status == 403 and reason == "evidence is not genuine":
+        return NotGenuineError(status, detail)
     if status == 409 and path == "/v1/release":
         return NonceError(
             status, detail, hint="ask the broker for a new challenge (a run does so itself)"

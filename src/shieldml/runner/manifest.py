@@ -77,6 +77,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import stat
 import string
 import tomllib
@@ -91,6 +92,14 @@ RTMR_EXTEND = ("if-available", "required", "off")
 EXTENDABLE_RTMRS = (2, 3)  # RTMR0/1 hold the firmware's and the boot loader's measurements
 FORMATS = ("stream", "gramine-pf")
 MAX_MANIFEST = 1 << 20
+#: What an environment variable name in ``[env]`` may be (POSIX portable names): a newline or a
+#: quote in a name would otherwise reach the Gramine manifest generated from the job (issue 13).
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+
+
+def valid_env_name(name: str) -> bool:
+    """Whether ``name`` is ``^[A-Za-z_][A-Za-z0-9_]*$`` (a full match: no trailing newline)."""
+    return ENV_NAME.fullmatch(name) is not None
 
 
 # Names ``env.allow`` refuses: each decides which code runs, or where code, configuration that
@@ -277,9 +286,10 @@ class JobManifest:
         ):
             raise ManifestError(f"{where}: env.allow must list names, env.set map names to strings")
         for name in [*allow, *env_set]:
-            if not name or "=" in name or "\0" in name:
+            if not valid_env_name(name):
                 raise ManifestError(
-                    f"{where}: {name!r} is not an environment variable name (empty, '=' or NUL)"
+                    f"{where}: {name[:80]!r} is not an environment variable name "
+                    "(letters, digits and '_', not starting with a digit)"
                 )
         if any("\0" in v for v in env_set.values()):
             raise ManifestError(f"{where}: an env.set value holds a NUL character")

@@ -1,11 +1,13 @@
 """The key broker's HTTP API (FastAPI): challenge, release, and bearer-token admin endpoints.
 
-Release pipeline (each step audited, no key material ever in the log):
- 1. consume the nonce (single use, unexpired; one conditional UPDATE)          409
- 2. verify the evidence: genuine hardware, chain to a trusted root, TCB level   403 + reasons
- 3. REPORTDATA == binding(nonce, HPKE key, workload digest)                     403
- 4. every requested key exists and has a policy that accepts the Claims          404 / 403 + verdicts
- 5. seal each key to the runner's HPKE key                                      200
+The release decision is :func:`shieldml.broker.server.release.decide` (also used by Gramine
+secret provisioning); this module maps its refusals to answers, keeping their statuses and JSON
+``detail`` shapes: 409 nonce (a string), 403 not genuine ``{"reason", "reasons", "audit_seq"}``,
+403 binding ``{"reason", "expected", "found", "audit_seq"}``, 404 unknown key ``{"reason",
+"audit_seq"}``, 403 policy ``{"reason", "verdicts", "audit_seq"}``. Endpoints that touch the
+database, verify evidence or may wait on a PCCS are plain ``def``: FastAPI runs them in its
+worker threads, so one slow release never holds the event loop (``/v1/health`` answers meanwhile).
+``/v1/challenge`` is rate-limited per client address (token bucket per worker process): 429.
 """
 
 from __future__ import annotations
@@ -13,14 +15,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import functools
 import hashlib
-import json
 import logging
+import math
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import sqlalchemy.exc
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
@@ -29,39 +30,35 @@ from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shieldml import __version__
-from shieldml.attest import (
-    Claims,
-    IntelCollateral,
-    TrustAnchors,
-    VerificationCache,
-    detect_tee,
-    extract,
-    load_pem_chain,
-    verify_evidence,
-)
 from shieldml.broker import protocol
-from shieldml.broker.server.storage import Store
-from shieldml.errors import AttestationError, BrokerError, FormatError, PolicyError, ShieldError
+from shieldml.broker.server.release import (
+    BODY_TIMEOUT,
+    MAX_BODY,
+    MAX_KEYS_PER_RELEASE,
+    NonceBinding,
+    ReleaseRequest,
+    Settings,
+    decide,
+)
+from shieldml.broker.server.storage import KEY_NAME_PATTERN, NAME_MAX, Store
+from shieldml.errors import BrokerError, FormatError, PolicyError, ShieldError
 from shieldml.files import Format, generate_key
-from shieldml.policy import Policy, Verdict, evaluate
+from shieldml.policy import Policy
+
+__all__ = [
+    "BODY_TIMEOUT",
+    "MAX_BODY",
+    "MAX_KEYS_PER_RELEASE",
+    "BodyLimit",
+    "ChallengeLimiter",
+    "Settings",
+    "create_app",
+]
 
 log = logging.getLogger("shieldml.broker")
-MAX_BODY = 1 << 20
-BODY_TIMEOUT = 10.0
-MAX_KEYS_PER_RELEASE = 32
+MAX_CLIENTS_TRACKED = 65536  # addresses whose challenge budget a worker remembers (LRU)
 
-
-@dataclass
-class Settings:
-    nonce_ttl: timedelta = timedelta(seconds=60)
-    trust: TrustAnchors = field(default_factory=TrustAnchors)
-    max_body: int = MAX_BODY
-    #: seconds a client has to send a whole request body (slow-body clients get 408)
-    body_timeout: float = BODY_TIMEOUT
-    now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
-    cache: VerificationCache = field(default_factory=VerificationCache)
-    #: collateral for a DCAP quote the runner sent without it (e.g. from a PCCS cache)
-    collateral_for: Callable[[bytes], IntelCollateral] | None = None
+KeyName = Annotated[str, Field(min_length=1, max_length=NAME_MAX, pattern=KEY_NAME_PATTERN)]
 
 
 class ChallengeResponse(BaseModel):
@@ -69,7 +66,7 @@ class ChallengeResponse(BaseModel):
     expires_at: str
 
 
-class ReleaseRequest(BaseModel):
+class ReleaseBody(BaseModel):
     nonce: str = Field(pattern="^[0-9a-f]{64}$")
     tee: Literal["auto", "sgx", "tdx", "snp", "ratls"] = "auto"
     evidence: str = Field(
@@ -85,7 +82,7 @@ class ReleaseRequest(BaseModel):
     hpke_kem: Literal["X25519", "MLKEM768-X25519"] = "X25519"
     hpke_public_key: str = Field(description="base64", max_length=4096)
     workload_digest: str = Field(pattern="^sha256:[0-9a-f]{64}$")
-    keys: list[str] = Field(min_length=1, max_length=MAX_KEYS_PER_RELEASE)
+    keys: list[KeyName] = Field(min_length=1, max_length=MAX_KEYS_PER_RELEASE)
 
 
 class SealedKey(BaseModel):
@@ -101,7 +98,7 @@ class ReleaseResponse(BaseModel):
 
 
 class KeyIn(BaseModel):
-    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    name: KeyName
     format: Literal["stream", "gramine-pf"] = "stream"
     key: str | None = Field(default=None, description="base64 raw key; generated when absent")
     replace: bool = False
@@ -118,10 +115,49 @@ def _b64(value: str, what: str) -> bytes:
         raise HTTPException(400, f"{what} is not valid base64") from None
 
 
+class ChallengeLimiter:
+    """A token bucket per client address: ``rate`` challenges a second sustained, ``burst`` at
+    once. In memory, per worker process; at most ``max_clients`` addresses remembered (the least
+    recently seen is forgotten first, which gives it a full bucket again). Thread-safe."""
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        clock: Callable[[], float],
+        max_clients: int = MAX_CLIENTS_TRACKED,
+    ) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1.0)
+        self.clock = clock
+        self.max_clients = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, at
+        self._lock = threading.Lock()
+
+    def take(self, client: str) -> float:
+        """0 if ``client`` may have a challenge now (one token taken), else seconds to wait."""
+        if self.rate <= 0:
+            return 0.0
+        now = self.clock()
+        with self._lock:
+            tokens, at = self._buckets.pop(client, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - at) * self.rate)
+            wait = 0.0
+            if tokens >= 1.0:
+                tokens -= 1.0
+            else:
+                wait = (1.0 - tokens) / self.rate
+            self._buckets[client] = (tokens, now)
+            while len(self._buckets) > self.max_clients:
+                self._buckets.popitem(last=False)
+            return wait
+
+
 def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
     cfg = settings or Settings()
     app = FastAPI(title="shieldml key broker", version=__version__, description=__doc__)
     app.add_middleware(BodyLimit, max_body=cfg.max_body, timeout=cfg.body_timeout)
+    limiter = ChallengeLimiter(cfg.challenge_rate, cfg.challenge_burst, cfg.monotonic)
 
     @app.exception_handler(sqlalchemy.exc.DBAPIError)
     async def database_down(_request: Request, exc: sqlalchemy.exc.DBAPIError) -> JSONResponse:
@@ -147,131 +183,54 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    @app.post("/v1/challenge", response_model=ChallengeResponse)
-    async def challenge() -> ChallengeResponse:
+    @app.post("/v1/challenge", response_model=ChallengeResponse, responses={429: {}})
+    def challenge(request: Request) -> ChallengeResponse:
+        client = request.client.host if request.client else "unknown"
+        wait = limiter.take(client)
+        if wait > 0:
+            raise HTTPException(
+                429,
+                f"too many challenges from {client}: at most {cfg.challenge_rate:g} a second "
+                f"(bursts of {cfg.challenge_burst:g}) per address; retry in {wait:.2f} s",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
         nonce, expires = store.new_nonce(cfg.nonce_ttl, audit=("challenge", {}))
         return ChallengeResponse(nonce=nonce.hex(), expires_at=expires.isoformat())
 
     @app.post("/v1/release", response_model=ReleaseResponse, responses={403: {}, 404: {}, 409: {}})
-    async def release(req: ReleaseRequest) -> ReleaseResponse:
-        nonce = bytes.fromhex(req.nonce)
-        base = {
-            "nonce_sha256": protocol_hash(nonce),
-            "keys": req.keys,
-            "workload_digest": req.workload_digest,
-        }
+    def release(req: ReleaseBody) -> ReleaseResponse:
         evidence = _b64(req.evidence, "evidence")
         pk = _b64(req.hpke_public_key, "hpke_public_key")
+        vcek = _b64(req.vcek, "vcek") if req.vcek else None
         kem_id = protocol.KEMS[req.hpke_kem]
+        nonce = bytes.fromhex(req.nonce)
         try:
             protocol.load_public_key(kem_id, pk)
-        except FormatError as e:
-            raise HTTPException(400, e.message) from None
-        if not store.consume_nonce(nonce):  # 1
-            store.audit(
-                "release",
-                {**base, "allowed": False, "reason": "nonce unknown, expired or already used"},
-            )
-            raise HTTPException(
-                409, "nonce unknown, expired or already used: ask /v1/challenge for a new one"
-            )
-        try:  # 2
-            claims = verify_evidence(
-                evidence, tee=req.tee, collateral=_collateral(req.collateral) or _lookup(cfg, evidence, req.tee),
-                vcek=_b64(req.vcek, "vcek") if req.vcek else None,
-                cert_chain=load_pem_chain(req.cert_chain, "cert_chain") if req.cert_chain else None,
-                now=cfg.now(), trust=cfg.trust, cache=cfg.cache,
-            )  # fmt: skip
-        except (AttestationError, FormatError) as e:
-            seq = store.audit("release", {**base, "allowed": False, "reason": e.diagnostics()})
-            raise HTTPException(
-                403,
-                {
-                    "reason": "evidence is not genuine",
-                    "reasons": [e.diagnostics()],
-                    "audit_seq": seq,
-                },
-            ) from None
-        try:  # 3
             expected = protocol.report_data(nonce, kem_id, pk, req.workload_digest)
         except FormatError as e:
             raise HTTPException(400, e.message) from None
-        if not protocol.binding_matches(expected, claims.report_data):
-            seq = store.audit(
-                "release",
-                {
-                    **base,
-                    "allowed": False,
-                    "tee": claims.tee.value,
-                    "reason": "report data does not bind nonce, HPKE key and workload digest",
-                },
-            )
-            raise HTTPException(
-                403,
-                {
-                    "reason": "report data does not bind the nonce, HPKE key and workload digest",
-                    "expected": expected.hex(),
-                    "found": claims.report_data.hex(),
-                    "audit_seq": seq,
-                },
-            )
-        verdicts: dict[str, Verdict] = {}  # 4
-        denied: dict[str, Any] = {}
-        secrets_: dict[str, tuple[str, bytes]] = {}
-        for name in dict.fromkeys(req.keys):
-            entry = store.key_with_policy(name)
-            if entry is None:
-                seq = store.audit(
-                    "release",
-                    {
-                        **base,
-                        "allowed": False,
-                        "tee": claims.tee.value,
-                        "reason": f"unknown key {name}",
-                    },
-                )
-                raise HTTPException(404, {"reason": f"unknown key {name!r}", "audit_seq": seq})
-            fmt, secret, text = entry
-            if text is None:
-                denied[name] = {"reason": "no policy set for this key: denied by default"}
-                continue
-            verdicts[name] = v = evaluate(_parse_policy(text, name), claims, req.workload_digest)
-            if not v.allowed:
-                denied[name] = v.to_dict()
-            secrets_[name] = (fmt, secret)
-        summary = _claims_summary(claims)
-        if denied:
-            seq = store.audit(
-                "release",
-                {
-                    **base,
-                    "allowed": False,
-                    **summary,
-                    "denied": sorted(denied),
-                    "reasons": [f for v in verdicts.values() for f in v.failures()],
-                },
-            )
-            raise HTTPException(
-                403, {"reason": "policy denied", "verdicts": denied, "audit_seq": seq}
-            )
-        sealed = {
-            n: SealedKey(
-                format=fmt, sealed=base64.b64encode(protocol.seal(kem_id, pk, n, s)).decode()
-            )
-            for n, (fmt, s) in secrets_.items()
-        }  # 5
-        seq = store.audit(
-            "release",
-            {
-                **base,
-                "allowed": True,
-                **summary,
-                "matched_profiles": {n: v.matched for n, v in verdicts.items()},
-            },
-        )
+        released = decide(
+            store,
+            cfg,
+            ReleaseRequest(
+                evidence=evidence,
+                keys=req.keys,
+                binding=NonceBinding(nonce, expected, req.workload_digest),
+                tee=req.tee,
+                collateral=req.collateral,
+                vcek=vcek,
+                cert_chain=req.cert_chain,
+            ),
+        )  # raises the refusal; the ShieldError handler answers its status and detail
+        claims = released.claims
         return ReleaseResponse(
-            keys=sealed,
-            audit_seq=seq,
+            keys={
+                n: SealedKey(
+                    format=fmt, sealed=base64.b64encode(protocol.seal(kem_id, pk, n, s)).decode()
+                )
+                for n, (fmt, s) in released.keys.items()
+            },
+            audit_seq=released.audit_seq,
             tee=claims.tee.value,
             tcb_status=claims.tcb_status.value if claims.tcb_status else None,
         )
@@ -324,7 +283,7 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
         return {"head": head.to_dict(), "records": [r.to_dict() for r in records]}
 
     @app.get("/v1/health")
-    def health() -> dict[str, str]:
+    async def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
     return app
@@ -369,41 +328,5 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-@functools.lru_cache(maxsize=256)
-def _parse_policy(text: str, name: str) -> Policy:
-    """Policies are re-read from the store on every release, so replicas see changes at once;
-    parsing the same text again is what this cache saves."""
-    return Policy.from_toml(text, f"policy of {name}")
-
-
 def protocol_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _lookup(cfg: Settings, evidence: bytes, tee: str) -> IntelCollateral | None:
-    """The broker's own collateral source, for Intel evidence that came without collateral."""
-    if cfg.collateral_for is None:
-        return None
-    kind = detect_tee(evidence) if tee == "auto" else tee
-    if kind == "snp":
-        return None
-    return cfg.collateral_for(extract(evidence).quote if kind == "ratls" else evidence)
-
-
-def _collateral(doc: dict[str, str] | None) -> IntelCollateral | None:
-    if doc is None:
-        return None
-    return IntelCollateral.from_json(json.dumps(doc))
-
-
-def _claims_summary(c: Claims) -> dict[str, Any]:
-    m = c.measurements.to_dict()
-    keep = ("mrenclave", "mrsigner", "mrtd", "measurement", "isv_svn", "host_data")
-    return {
-        "tee": c.tee.value,
-        "tcb_status": c.tcb_status.value if c.tcb_status else None,
-        "advisory_ids": list(c.advisory_ids),
-        "debug": c.debug,
-        "root": c.root.value,
-        "measurements": {k: v for k, v in m.items() if k in keep},
-    }

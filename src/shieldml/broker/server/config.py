@@ -20,6 +20,7 @@ from fastapi import FastAPI
 
 from shieldml.attest import IntelCollateral, Quote, TrustAnchors
 from shieldml.broker.server.app import Settings, create_app
+from shieldml.broker.server.release import CHALLENGE_BURST, CHALLENGE_RATE
 from shieldml.broker.server.storage import Store
 from shieldml.broker.tls import cert_fingerprint
 
@@ -90,6 +91,9 @@ class BrokerConfig:
     secret_prov_key: str | None = None
     body_timeout_s: float = 10.0
     header_timeout_s: float = 10.0
+    #: ``/v1/challenge`` per client address and worker: sustained per second, burst (0: no limit)
+    challenge_rate: float = CHALLENGE_RATE
+    challenge_burst: float = CHALLENGE_BURST
 
     def to_env(self) -> str:
         return json.dumps(self.__dict__)
@@ -117,6 +121,8 @@ class BrokerConfig:
         return Settings(
             nonce_ttl=dt.timedelta(seconds=self.nonce_ttl_s),
             body_timeout=self.body_timeout_s,
+            challenge_rate=self.challenge_rate,
+            challenge_burst=self.challenge_burst,
             trust=self.trust(),
             collateral_for=self.collateral_source(),
         )

@@ -3,8 +3,10 @@
 An unmodified Gramine enclave (``SECRET_PROVISION_*`` variables, ``secret_prov`` library) connects
 with mutual TLS, presenting its RA-TLS certificate as client certificate, and sends
 ``"SECRET_PROVISION_RA_TLS_REQUEST_V1\\0"`` (35 bytes). The broker verifies the quote inside the
-certificate (and its binding to the certificate key) exactly like ``/v1/release`` evidence,
-evaluates the policy of the configured ``gramine-pf`` key, and answers
+certificate (and its binding to the certificate key) through the same release decision as
+``/v1/release`` (:func:`shieldml.broker.server.release.decide`: one audit record, collateral
+looked up only after the PCK chain verified, the key unwrapped only after its policy accepted),
+with the configured ``gramine-pf`` key as the one key asked for, and answers
 ``"SECRET_PROVISION_RA_TLS_RESPONSE_V1:\\0"`` + ``u32be(len)`` (41 bytes) followed by the 16-byte
 key, which Gramine writes to ``/dev/attestation/keys/<name>`` (``SECRET_PROVISION_SET_KEY``).
 Spec: ``shared/docs/specs/gramine-formats.md`` §4.3. On refusal the connection is closed without
@@ -19,16 +21,15 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from OpenSSL import SSL, crypto
 
-from shieldml.attest import IntelCollateral, extract, verify_evidence
-from shieldml.broker.server.app import Settings
+from shieldml.attest import IntelCollateral
+from shieldml.broker.server.release import ReleaseRequest, Settings, decide
 from shieldml.broker.server.storage import Store
-from shieldml.errors import AttestationError, FormatError, ShieldError
+from shieldml.errors import BrokerError, ShieldError
 from shieldml.files import Format
-from shieldml.policy import Policy, evaluate
 
 log = logging.getLogger("shieldml.broker.server.secret_prov")
 REQUEST = b"SECRET_PROVISION_RA_TLS_REQUEST_V1\0"
@@ -36,6 +37,7 @@ RESPONSE = b"SECRET_PROVISION_RA_TLS_RESPONSE_V1:\0"
 TIMEOUT = 30.0  # per read or write
 DEADLINE = 30.0  # for the whole exchange: handshake, request, answer
 MAX_CONNECTIONS = 64  # in progress at once; more are closed on accept
+CHANNEL = "gramine secret provisioning"
 
 
 @dataclass
@@ -52,6 +54,10 @@ class SecretProvServer:
     port: int = 4433
     deadline: float = DEADLINE
     max_connections: int = MAX_CONNECTIONS
+
+    def __post_init__(self) -> None:
+        # the release core asks the settings' collateral source: make it this server's own
+        self._settings = replace(self.settings, collateral_for=self.collateral_for)
 
     def start(self) -> None:
         ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
@@ -108,7 +114,12 @@ class SecretProvServer:
             request = _read_exact(conn, len(REQUEST))
             if request != REQUEST:
                 self.store.audit(
-                    "secret_prov", {"allowed": False, "reason": "not a secret-provisioning request"}
+                    "secret_prov",
+                    {
+                        "channel": CHANNEL,
+                        "allowed": False,
+                        "reason": "not a secret-provisioning request",
+                    },
                 )
                 return
             peer = conn.get_peer_certificate()
@@ -125,33 +136,25 @@ class SecretProvServer:
             raw.close()
 
     def decide(self, cert_der: bytes) -> bytes | None:
-        """The key for an RA-TLS certificate, or None (audited either way)."""
-        base = {"key": self.key_name, "channel": "gramine secret provisioning"}
+        """The key for an RA-TLS certificate, or None (the decision audited either way)."""
         try:
-            ev = extract(cert_der)
-            claims = verify_evidence(
-                cert_der, tee="ratls", collateral=self.collateral_for(ev.quote),
-                now=self.settings.now(), trust=self.settings.trust, cache=self.settings.cache,
-            )  # fmt: skip
-        except (AttestationError, FormatError) as e:
-            self.store.audit("secret_prov", {**base, "allowed": False, "reason": e.diagnostics()})
+            released = decide(
+                self.store,
+                self._settings,
+                ReleaseRequest(
+                    evidence=cert_der,
+                    keys=[self.key_name],
+                    binding=None,  # the RA-TLS certificate binds the key of this TLS connection
+                    channel=CHANNEL,
+                    event="secret_prov",
+                    tee="ratls",
+                    key_format=Format.GRAMINE_PF.value,
+                ),
+            )
+        except BrokerError as e:  # refused: close without an answer, as Gramine's server does
+            log.info("secret provisioning refused (%s): %s", e.status, type(e).__name__)
             return None
-        entry = self.store.key_with_policy(self.key_name)
-        if entry is None or entry[0] != Format.GRAMINE_PF.value or entry[2] is None:
-            reason = "the secret-provisioning key is missing, not gramine-pf, or has no policy"
-            self.store.audit("secret_prov", {**base, "allowed": False, "reason": reason})
-            return None
-        verdict = evaluate(Policy.from_toml(entry[2], f"policy of {self.key_name}"), claims, None)
-        self.store.audit(
-            "secret_prov",
-            {
-                **base,
-                "allowed": verdict.allowed,
-                "tee": claims.tee.value,
-                "reasons": verdict.failures(),
-            },
-        )
-        return entry[1] if verdict.allowed else None
+        return released.keys[self.key_name][1]
 
 
 def _read_exact(conn: SSL.Connection, n: int) -> bytes:

@@ -11,10 +11,12 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -74,10 +76,34 @@ meta_t = sa.Table(
 )
 _HEAD_FOR_UPDATE = sa.select(meta_t.c.v).where(meta_t.c.k == "audit_head").with_for_update()
 NAME_MAX = 128
+#: The one rule for key names, for the HTTP API's models and for the store: ASCII letters, digits,
+#: '.', '_', '-', 1 to NAME_MAX characters (no Unicode look-alikes, nothing a log or path mangles).
+KEY_NAME_PATTERN = rf"^[A-Za-z0-9._-]{{1,{NAME_MAX}}}$"
+_KEY_NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{NAME_MAX}}}", re.ASCII)
+
+
+def valid_key_name(name: str) -> bool:
+    """Whether ``name`` follows :data:`KEY_NAME_PATTERN` (a full match: no trailing newline)."""
+    return _KEY_NAME.fullmatch(name) is not None
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    """A key's format and policy, read in one query; its material stays wrapped until
+    :meth:`unwrap` (the release core unwraps only after every requested key's policy accepted)."""
+
+    name: str
+    format: str
+    policy: str | None
+    kek: Kek = field(repr=False)
+    wrapped: bytes = field(repr=False)
+
+    def unwrap(self) -> bytes:
+        return self.kek.unwrap(self.name, self.format, self.wrapped)
 
 
 class Kek:
@@ -185,8 +211,9 @@ class Store:
             else:
                 c.execute(keys_t.insert().values(**row))
 
-    def key_with_policy(self, name: str) -> tuple[str, bytes, str | None] | None:
-        """``(format, key, policy TOML or None)`` in one query, or None for an unknown key."""
+    def key_entry(self, name: str) -> KeyEntry | None:
+        """The key's format, policy TOML (or None) and wrapped material in one query, or None for
+        an unknown key. The KEK is resolved now, so a rotation in between does not strand it."""
         q = (
             sa.select(keys_t, policies_t.c.toml)
             .select_from(keys_t.outerjoin(policies_t, policies_t.c.key_name == keys_t.c.name))
@@ -196,8 +223,7 @@ class Store:
             r = c.execute(q).first()
         if r is None:
             return None
-        kek = self._kek(r.kek_id, name)
-        return r.format, kek.unwrap(name, r.format, r.wrapped), r.toml
+        return KeyEntry(name, r.format, r.toml, self._kek(r.kek_id, name), r.wrapped)
 
     def get_key(self, name: str) -> tuple[str, bytes] | None:
         with self.engine.connect() as c:
@@ -381,9 +407,10 @@ class Store:
 
 
 def _check_name(name: str) -> None:
-    if not name or len(name) > NAME_MAX or not all(ch.isalnum() or ch in "-_." for ch in name):
+    if not valid_key_name(name):
         raise BrokerError(
-            400, f"invalid key name {name!r}: letters, digits, '-', '_', '.', at most {NAME_MAX}"
+            400,
+            f"invalid key name {name!r}: ASCII letters, digits, '-', '_', '.', at most {NAME_MAX}",
         )
 
 
