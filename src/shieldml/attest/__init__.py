@@ -24,7 +24,7 @@ from shieldml.attest._fetch import (
     http_fetcher,
 )
 from shieldml.attest._intel_collateral import IntelCollateral, load_pem_chain
-from shieldml.attest._intel_quote import Quote
+from shieldml.attest._intel_quote import Quote, SgxReportBody, TdReportBody
 from shieldml.attest._intel_verify import verify_pck_chain, verify_quote
 from shieldml.attest._ratls import RaTlsEvidence, extract
 from shieldml.attest._snp import SnpReport, verify_report
@@ -52,9 +52,11 @@ __all__ = [
     "RaTlsEvidence",
     "RootKind",
     "SgxMeasurements",
+    "SgxReportBody",
     "SnpMeasurements",
     "SnpReport",
     "TcbStatus",
+    "TdReportBody",
     "TdxMeasurements",
     "TeeKind",
     "TrustAnchors",

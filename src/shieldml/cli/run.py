@@ -116,7 +116,7 @@ def job_measure(manifest: str, hash_cache: str | None, as_json: bool) -> None:
         inputs = [
             {"path": i.path, "ciphertext": i.ciphertext, "sha256": ciphertext_digest(i.ciphertext)}
             for i in m.inputs
-            if os.path.exists(i.ciphertext)
+            if Path(i.ciphertext).exists()
         ]
         emit_json(
             {

@@ -29,9 +29,9 @@ from shieldml.files._reader import ProtectedFile
 try:  # the optional accelerator (setup.py); the pure-Python path below is the reference
     from shieldml.files import _pfnative as _native
 except ImportError:  # not built here (no compiler or OpenSSL headers at install time)
-    _native = None  # type: ignore[assignment]
+    _native = None  # type: ignore[assignment]  # None = no helper; the stub types the module
 if os.environ.get("SHIELDML_NO_NATIVE"):
-    _native = None  # type: ignore[assignment]
+    _native = None  # type: ignore[assignment]  # as above
 
 
 def native_accelerator() -> bool:

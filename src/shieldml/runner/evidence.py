@@ -233,16 +233,16 @@ class ConfigfsTsmProvider:
         b = self.binding
         if b is None or not b.extended or b.after is None:
             return
-        from shieldml.attest import Quote
+        from shieldml.attest import Quote, TdReportBody
         from shieldml.errors import FormatError
 
         try:
             q = Quote.from_bytes(quote)
         except FormatError as e:
             raise EvidenceError(f"the TEE returned a quote that does not parse: {e}") from e
-        if not q.is_tdx:
+        if not isinstance(q.body, TdReportBody):
             raise EvidenceError("the TEE returned an SGX quote where a TD quote was expected")
-        found: bytes = q.body.rtmrs[b.rtmr]  # type: ignore[union-attr]
+        found: bytes = q.body.rtmrs[b.rtmr]
         if found != b.after:
             raise EvidenceError(
                 f"the quote's RTMR{b.rtmr} is {found.hex()}, not {b.after.hex()} (its value "
