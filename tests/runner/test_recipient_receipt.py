@@ -44,6 +44,17 @@ def _recipient_run(job: Job) -> tuple[Path, Path, Path, str]:
     return rec, job.dir / "out" / "result.txt.enc", receipt, digest
 
 
+def _forge(job: Job, rec: Path, out: Path, text: bytes) -> None:
+    """The host (or anyone) holds the public key: it seals its own key and forges the output."""
+    tee_path = str((job.dir / "work").resolve() / "result.txt")
+    forged_key = generate_key(Format.STREAM)
+    sealed_key_path(out).write_bytes(
+        seal_key(Path(str(rec) + ".pub").read_bytes(), tee_path, forged_key)
+    )
+    (job.dir / "forged").write_bytes(text)
+    encrypt_file(job.dir / "forged", out, forged_key, bind=tee_path, overwrite=True)
+
+
 def _trust(job: Job):  # type: ignore[no-untyped-def]
     return SimulatedPlatform.open(job.sim_dir, clock=system_clock).trust()
 
@@ -61,14 +72,7 @@ def test_the_runs_own_output_opens_with_its_receipt(job: Job):
 
 def test_output_forged_with_the_recipients_public_key_is_refused(job: Job):
     rec, out, receipt, digest = _recipient_run(job)
-    # the host (or anyone) holds the public key: it seals its own key and forges the output
-    tee_path = str((job.dir / "work").resolve() / "result.txt")
-    forged_key = generate_key(Format.STREAM)
-    sealed_key_path(out).write_bytes(
-        seal_key(Path(str(rec) + ".pub").read_bytes(), tee_path, forged_key)
-    )
-    (job.dir / "forged").write_bytes(b"the model says: approve the loan")
-    encrypt_file(job.dir / "forged", out, forged_key, bind=tee_path, overwrite=True)
+    _forge(job, rec, out, b"the model says: approve the loan")
     with pytest.raises(ReceiptError, match="lists no output with this sealed key"):
         open_output_key(
             out,
@@ -103,13 +107,7 @@ def test_decrypt_of_a_forged_recipient_output_fails_and_writes_nothing(
     from shieldml.cli import main
 
     rec, out, receipt, digest = _recipient_run(job)
-    tee_path = str((job.dir / "work").resolve() / "result.txt")
-    forged_key = generate_key(Format.STREAM)
-    sealed_key_path(out).write_bytes(
-        seal_key(Path(str(rec) + ".pub").read_bytes(), tee_path, forged_key)
-    )
-    (job.dir / "forged").write_bytes(b"forged")
-    encrypt_file(job.dir / "forged", out, forged_key, bind=tee_path, overwrite=True)
+    _forge(job, rec, out, b"forged")
     policy = job.dir / "policy.toml"
     policy.write_text(policy_for(digest))
     plain = job.dir / "result.txt"
