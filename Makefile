@@ -28,9 +28,11 @@ demo: $(STAMP)
 CLOCK_SHIFT ?= +730d
 DATED_TESTS := tests/attest tests/policy tests/broker tests/runner
 
-# Two pytest-xdist workers: most tests wait on child processes (brokers, the view, the
-# program), so two workers on CI's two cores take about 0.6x the time of one.
-TEST_WORKERS ?= 2
+# pytest-xdist workers (0: in one process, the default). TEST_WORKERS=2 takes the suite from
+# about 10 to 6 minutes on two cores (most tests wait on child processes), but one run in four
+# had a shielded run stall under it (tests/runner/test_run.py::test_sigkill_of_...): serial
+# until that is understood.
+TEST_WORKERS ?= 0
 
 test: $(STAMP)
 	$(BIN)/python scripts/clock_shift.py --what "the suite" -- $(BIN)/pytest -n $(TEST_WORKERS)

@@ -142,15 +142,17 @@ def test_sigkill_of_the_runner_leaves_no_plaintext_and_no_partial_output(job: Jo
         [sys.executable, "-m", "shieldml.cli", "run", "-m", str(job.manifest)],
         start_new_session=True,
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not _program_running(proc.pid):
-        time.sleep(0.2)
-    assert _program_running(proc.pid), "the program never started"
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _program_running(proc.pid):
+            time.sleep(0.2)
+        assert _program_running(proc.pid), "the program never started"
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     time.sleep(1.0)
-    assert not _program_running(proc.pid)
+    assert not _any_program_running()  # wherever it went (a program may leave the session)
     assert not (job.dir / "out").exists()  # nothing sealed, nothing half-written
     for p in job.dir.rglob("*"):
         if p.is_file():
@@ -158,11 +160,23 @@ def test_sigkill_of_the_runner_leaves_no_plaintext_and_no_partial_output(job: Jo
 
 
 def _program_running(runner_pid: int) -> bool:
+    """Whether the job's program runs in the session the runner was started in (its process
+    group and session survive the runner's death; other tests' programs are not counted)."""
     import subprocess
 
     out = subprocess.run(
-        ["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True
+        ["ps", "-eo", "sid,args"], capture_output=True, text=True, check=True
     ).stdout
+    return any(
+        line.split(None, 1)[0] == str(runner_pid) and "app.py" in line and "shieldml" not in line
+        for line in out.splitlines()[1:]
+    )
+
+
+def _any_program_running() -> bool:
+    import subprocess
+
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
     return any("app.py" in line and "shieldml" not in line for line in out.splitlines())
 
 
@@ -250,7 +264,7 @@ def test_two_owners_directories_and_signals(tmp_path: Path, sim_dir: Path):
                     c.set_policy(n, policy)
         proc = subprocess.Popen([sys.executable, "-m", "shieldml.cli", "run", "-m", str(m)])
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not _program_running(proc.pid):
+        while time.monotonic() < deadline and not _any_program_running():
             time.sleep(0.2)
         time.sleep(1.0)
         proc.send_signal(signal.SIGTERM)
