@@ -151,10 +151,12 @@ def check_key(key: bytes, fmt: Format | None, name: str = "key") -> bytes:
 
 
 class MappedSource:
-    """Read-only access to a ciphertext file through a sliding memory map.
+    """Read-only access to a file: ``read``/``readv`` copy into private memory, ``view`` maps.
 
-    Slices are zero-copy views of the page cache, so decryption reads ciphertext straight from it;
-    only one window is mapped at a time, which keeps the resident set bounded for files of any size.
+    Ciphertext that AES-GCM authenticates and decrypts is always copied first (``read``/
+    ``readv``): the host may rewrite a mapped file while it is read. ``view`` (a zero-copy slice of
+    a sliding memory map, one window at a time so the resident set stays bounded) serves the
+    plaintext an owner encrypts, and copies made before use (a gramine-pf node into scratch).
     """
 
     WINDOW = 32 << 20
