@@ -26,7 +26,15 @@ demo: $(STAMP)
 # scripts/clock_shift.py says SKIPPED when no working libfaketime is there). Under an outer
 # `faketime '-30 days' make test` the first run keeps that shift, the second has CLOCK_SHIFT.
 CLOCK_SHIFT ?= +730d
-DATED_TESTS := tests/attest tests/policy tests/broker tests/runner
+# What the shifted run repeats: everything that reads a clock or a validity window (evidence,
+# collateral, certificates, policies, the broker, manifests, receipts, shielded runs that end in a
+# receipt). The runner's isolation tests (private root, mounts, pinned trees, faults, formats,
+# torch, multi-node) assert on the file system view, run the same simulated evidence path as
+# test_run.py, and take about 150 s: they run once.
+DATED_TESTS := tests/attest tests/policy tests/broker \
+	tests/runner/test_run.py tests/runner/test_receipt_policy.py tests/runner/test_recipient_receipt.py \
+	tests/runner/test_evidence.py tests/runner/test_rtmr.py tests/runner/test_rtmr_run.py \
+	tests/runner/test_manifest.py tests/runner/test_key_scope.py
 
 # pytest-xdist workers (0: in one process, the default). TEST_WORKERS=2 takes the suite from
 # about 10 to 6 minutes on two cores (most tests wait on child processes), but one run in four
