@@ -50,10 +50,9 @@ def _receipt(job: Job, *, debug: bool = False, measurements: dict[str, str] | No
     )
     write_receipt(
         str(path),
-        m,
         digest=m.workload_digest(),
         audit={},
-        result={"outputs": []},
+        result={"inputs": [], "outputs": []},
         status=0,
         started=datetime.now(UTC),
         provider=provider,

@@ -528,3 +528,55 @@ def test_edited_script_with_same_size_and_mtime_gets_a_new_digest_in_run(job: Jo
     with pytest.raises(Denied):
         run_job(job.manifest)  # the owners' policies pin the old digest
     assert not marker.exists() and not (job.dir / "out").exists()
+
+
+def test_input_swapped_while_the_program_runs_does_not_change_the_receipts_digest(job: Job):
+    """The host replaces an (unpinned) input's ciphertext with another valid one while the
+    program runs: the receipt states the digest of the bytes that were decrypted, not of the
+    file the host put back, and the owner's check of the files then notices the swap."""
+    import hashlib
+    import threading
+    import time
+
+    from shieldml.runner.manifest import sha256_file
+    from shieldml.testing.simulated import SimulatedPlatform, system_clock
+    from tests.runner.conftest import encrypt_file_plain
+
+    (job.dir / "work" / "app.py").write_text(
+        "import time\nopen('result.txt','w').write(open('input.txt').read())\ntime.sleep(4)\n"
+    )
+    text = job.manifest.read_text()
+    old = text.split('sha256 = "')[1].split('"')[0]
+    job.manifest.write_text(
+        text.replace(old, hashlib.sha256((job.dir / "work" / "app.py").read_bytes()).hexdigest())
+    )
+    digest = job.authorize()
+    enc = job.dir / "enc" / "input.txt.enc"
+    used = sha256_file(str(enc))
+    other = job.dir / "other.enc"
+    bound = str((job.dir / "work" / "input.txt").resolve())
+    encrypt_file_plain(
+        job.dir / "other.plain", b"the host's other input", other, job.model_key, bound
+    )
+    receipt = job.dir / "receipt.json"
+    status: list[int] = []
+    runner = threading.Thread(
+        target=lambda: status.append(run_job(job.manifest, receipt=str(receipt)))
+    )
+    runner.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not _any_program_running():
+        time.sleep(0.1)
+    assert _any_program_running(), "the program never started"
+    os.replace(other, enc)  # the host swaps the input under the running program
+    runner.join(120)
+    assert status == [0]
+    body = __import__("json").loads(receipt.read_text())["receipt"]
+    [entry] = [i for i in body["inputs"] if i["path"].endswith("input.txt")]
+    assert entry["sha256"] == {"": used} != {"": sha256_file(str(enc))}
+    with pytest.raises(ReceiptError):  # the owner's check of today's files sees the swap
+        verify_receipt(
+            str(receipt),
+            policy=Policy.from_toml(job.policy(digest)),
+            trust=SimulatedPlatform.open(job.sim_dir, clock=system_clock).trust(),
+        )

@@ -29,6 +29,7 @@ from shieldml.files._common import (
     write_key_file,
 )
 from shieldml.files._gramine import gramine_norm_path
+from shieldml.files._output import Outputs
 from shieldml.files._reader import ProtectedFile
 from shieldml.files._tree import (
     Planned,
@@ -42,6 +43,7 @@ from shieldml.files._tree import (
 __all__ = [
     "FileInfo",
     "Format",
+    "Outputs",
     "Planned",
     "ProgressCallback",
     "ProtectedFile",

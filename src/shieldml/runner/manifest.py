@@ -479,7 +479,11 @@ class HashCache:
 def ciphertext_digest(path: str | os.PathLike[str]) -> str:
     """What an input's ``sha256`` pins: the file's SHA-256, or for a directory the SHA-256 of the
     canonical JSON map of its files' SHA-256s."""
-    tree = tree_sha256(path)
+    return combined_digest(tree_sha256(path))
+
+
+def combined_digest(tree: dict[str, str]) -> str:
+    """:func:`ciphertext_digest` from a :func:`tree_sha256` map (however its bytes were read)."""
     if list(tree) == [""]:
         return tree[""]
     return hashlib.sha256(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from shieldml.broker import protocol
 from shieldml.errors import FormatError, ReceiptError
 from shieldml.runner.evidence import Evidence, Provider, WorkloadExtension
-from shieldml.runner.manifest import JobManifest, sha256_file, tree_sha256
+from shieldml.runner.manifest import sha256_file
 
 if TYPE_CHECKING:
     from shieldml.attest import Claims, TrustAnchors
@@ -43,7 +43,6 @@ def receipt_report_data(body: dict[str, Any]) -> bytes:
 
 def write_receipt(
     path: str,
-    m: JobManifest,
     *,
     digest: str,
     audit: dict[str, int],
@@ -55,15 +54,12 @@ def write_receipt(
 ) -> None:
     from shieldml.attest import iso_utc
 
-    inputs = []
-    for i in m.inputs:
-        p = Path(i.ciphertext)
-        files = tree_sha256(p)
-        inputs.append({"path": i.path, "ciphertext": i.ciphertext, "sha256": files})
     body = {
         "shieldml_receipt": 1,
         "workload_digest": digest,
-        "inputs": inputs,
+        # the digests of the bytes the view decrypted (and below, sealed), never re-read from the
+        # host's paths: the host can swap a file between the run and this receipt
+        "inputs": result["inputs"],
         "outputs": result["outputs"],
         "broker_audit_seq": audit,
         "exit_code": status,

@@ -169,7 +169,6 @@ def run_job(
     if receipt:
         write_receipt(  # 6
             receipt,
-            m,
             digest=digest,
             audit=audit,
             result=result,

@@ -298,17 +298,42 @@ def open_tree(root: str) -> Iterator[dict[str, int]]:
             os.close(fd)
 
 
-def tree_digest(tree: dict[str, int], copy_to: str) -> str:
-    """:func:`shieldml.runner.manifest.ciphertext_digest` of a directory, from open descriptors;
-    the bytes hashed are copied to ``copy_to`` (same relative paths) as they are read."""
+def copy_tree_hashing(tree: dict[str, int], copy_to: str) -> dict[str, str]:
+    """Copy every file of an :func:`open_tree` to ``copy_to`` (same relative paths); the
+    :func:`shieldml.runner.manifest.tree_sha256` map of exactly the bytes copied."""
     digests = {}
     for rel, fd in tree.items():
         dst = os.path.join(copy_to, rel)
         os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
         digests[rel] = _copy_hashing(fd, dst)
-    return hashlib.sha256(
-        json.dumps(digests, sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()
+    return digests
+
+
+def publish_hashing(private: str, dst: str) -> dict[str, str]:
+    """Copy the sealed file or tree ``private`` (in the staging tmpfs) to the host path ``dst``,
+    all or nothing; the :func:`~shieldml.runner.manifest.tree_sha256` map of the bytes copied.
+
+    The receipt states these digests: they are of what the TEE wrote, never of what the host's
+    path holds afterwards (the host can put an older sealed output there at any moment)."""
+    from shieldml.files import Outputs
+
+    single = not os.path.isdir(private)
+    rels = [""] if single else sorted(_files_under(private))
+    digests = {}
+    with Outputs(overwrite=True) as outputs:
+        for rel in rels:
+            src = private if single else os.path.join(private, rel)
+            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                with outputs.file(dst if single else os.path.join(dst, rel)) as out:
+                    h = hashlib.sha256()
+                    while chunk := os.read(fd, 1 << 20):
+                        h.update(chunk)
+                        out.write(chunk)
+                    digests[rel] = h.hexdigest()
+            finally:
+                os.close(fd)
+    return digests
 
 
 def _copy_hashing(fd: int, dst: str) -> str:
@@ -410,7 +435,7 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
         generate_key,
         key_id,
     )
-    from shieldml.runner.manifest import tree_sha256
+    from shieldml.runner.manifest import combined_digest
     from shieldml.runner.recipient import seal_key, sealed_key_path
 
     die_with_parent()
@@ -441,23 +466,24 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
             _create(staged)
             files.append((item, staged))
 
+    input_digests: dict[int, dict[str, str]] = {}
+
     def decrypt(entry: tuple[dict[str, Any], str]) -> None:
+        """Copy the ciphertext into the staging tmpfs, hashing it as it is copied, check the pin,
+        and decrypt from the copy: the host can rewrite its file at any moment, but not the
+        copy, and the receipt names the digest of exactly the bytes decrypted."""
         item, where = entry
         bound = item["path"].rstrip("/")
         pin = item.get("sha256")
-        if pin is None:
-            decrypt_path(item["ciphertext"], where, keys[_ref(item)], bind=bound, overwrite=True)
-            return
-        # A pinned input is copied into the staging tmpfs, hashed as it is copied, and decrypted
-        # from the copy: the host can rewrite its file in place, but not the copy.
-        copy = f"c{files.index(entry)}"
+        k = files.index(entry)
+        copy = f"c{k}"
         try:
             if os.path.isdir(item["ciphertext"]):
                 with open_tree(item["ciphertext"]) as tree:
-                    digest = tree_digest(tree, copy)
-                if digest != pin:
+                    digests = copy_tree_hashing(tree, copy)
+                if pin is not None and combined_digest(digests) != pin:
                     raise RollbackError(item["ciphertext"], pin)
-                for rel in sorted(_files_under(copy)):
+                for rel in sorted(digests):
                     dst = os.path.join(where, rel)
                     Path(dst).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                     decrypt_path(
@@ -467,15 +493,21 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
                         bind=f"{bound}/{rel}",
                         overwrite=True,
                     )
-                return
-            fd = os.open(item["ciphertext"], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                digest = _copy_hashing(fd, copy)
-            finally:
-                os.close(fd)
-            if digest != pin:
-                raise RollbackError(item["ciphertext"], pin)
-            decrypt_path(copy, where, keys[_ref(item)], bind=bound, overwrite=True)
+            else:
+                fd = os.open(item["ciphertext"], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    digests = {"": _copy_hashing(fd, copy)}
+                finally:
+                    os.close(fd)
+                if pin is not None and digests[""] != pin:
+                    raise RollbackError(item["ciphertext"], pin)
+                decrypt_path(copy, where, keys[_ref(item)], bind=bound, overwrite=True)
+            input_digests[k] = digests
+        except ShieldError as e:  # name the host's file, not our private copy of it
+            if e.message.startswith(copy):
+                e.message = item["ciphertext"].rstrip("/") + e.message[len(copy) :]
+                e.args = (e.message,)
+            raise
         finally:
             _remove(copy)
 
@@ -504,7 +536,7 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
     program_s = time.perf_counter() - t1
     t2 = time.perf_counter()
     check_mounts(made)
-    sealed = []
+    sealed: list[dict[str, Any]] = []
     for item, where in files[n_in:]:
         _clear_stale_partials(item["ciphertext"])
         fmt = item.get("format", "stream")
@@ -524,16 +556,12 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
             raise ViewError(f"no key for output {item['path']}")
         if "sealed_by" in entry:
             entry["sealed_by"]["key_id"] = key_id(key).hex()  # as `shieldml inspect` shows it
-        encrypt_path(
-            where,
-            item["ciphertext"],
-            key,
-            bind=item["path"].rstrip("/"),
-            fmt=Format(fmt),
-            overwrite=True,
-        )
-        out = Path(item["ciphertext"])
-        digests = tree_sha256(out)
+        private = f"s{len(sealed)}"  # sealed in the staging tmpfs, hashed, then published
+        encrypt_path(where, private, key, bind=item["path"].rstrip("/"), fmt=Format(fmt))
+        try:
+            digests = publish_hashing(private, item["ciphertext"])
+        finally:
+            _remove(private)
         sealed.append(
             {"path": item["path"], "ciphertext": item["ciphertext"], "sha256": digests, **entry}
         )
@@ -544,7 +572,16 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
         "program_s": program_s,
         "seal_s": time.perf_counter() - t2,
     }
-    os.write(result_fd, json.dumps({"status": status, "outputs": sealed, "times": times}).encode())
+    inputs = [
+        {"path": item["path"], "ciphertext": item["ciphertext"], "sha256": input_digests[k]}
+        for k, (item, _where) in enumerate(files[:n_in])
+    ]
+    os.write(
+        result_fd,
+        json.dumps(
+            {"status": status, "inputs": inputs, "outputs": sealed, "times": times}
+        ).encode(),
+    )
     remove_stage(stage)
     return status
 
