@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -221,5 +226,94 @@ def test_slow_client_gets_408_and_fast_clients_are_served(tmp_path: Path, sim_di
         assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
         assert 0.5 < waited < 5
         assert closed, "the broker kept the slow connection open after 408"
+    finally:
+        bp.stop()
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+    """``shieldml broker serve`` that is expected to exit (it refuses to start)."""
+    return subprocess.run(
+        [sys.executable, "-m", "shieldml.cli", "broker", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "500"},
+    )
+
+
+def test_admin_token_is_not_printed_to_stdout_and_its_file_is_0600(served: BrokerProcess):
+    token = served.token_file.read_text().strip()
+    assert len(token) >= 40
+    assert stat.S_IMODE(served.token_file.stat().st_mode) == 0o600
+    log = served.log.read_text()
+    assert token not in log
+    assert f"admin token written to {served.token_file} (mode 0600)" in log
+
+
+def test_print_admin_token_prints_it_once(tmp_path: Path, sim_dir: Path):
+    bp = start_broker(
+        tmp_path / "state", "--simulated-platform", str(sim_dir), "--print-admin-token"
+    )
+    try:
+        token = bp.token_file.read_text().strip()
+        assert bp.log.read_text().count(f"admin token: {token}") == 1
+    finally:
+        bp.stop()
+    again = start_broker(
+        tmp_path / "state", "--simulated-platform", str(sim_dir), "--print-admin-token"
+    )
+    try:  # a second start creates no token and prints none
+        assert "admin token" not in again.log.read_text()
+        assert again.token_file.read_text().strip() == token
+    finally:
+        again.stop()
+
+
+@pytest.mark.parametrize("kind", ["world-readable", "group-readable", "symlink"])
+def test_admin_token_file_others_can_read_is_refused_before_any_state(tmp_path: Path, kind: str):
+    """A host that pre-creates the token file 0644 (or links it somewhere) would read the token:
+    ``serve`` refuses it, exit 1, and creates no state (so no token exists that someone else has)."""
+    token_file = tmp_path / "token"
+    if kind == "symlink":
+        (tmp_path / "elsewhere").write_text("")
+        (tmp_path / "elsewhere").chmod(0o600)
+        token_file.symlink_to(tmp_path / "elsewhere")
+    else:
+        token_file.write_text("")
+        token_file.chmod(0o644 if kind == "world-readable" else 0o640)
+    state = tmp_path / "state"
+    r = _serve("--state", str(state), "--port", "0", "--admin-token-file", str(token_file))
+    assert r.returncode == 1, r
+    assert "refusing to write the admin token" in r.stderr
+    assert not state.exists()
+    assert token_file.read_text() == ""
+
+
+def test_port_in_use_exits_1_and_leaves_no_state(tmp_path: Path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        state = tmp_path / "state"
+        r = _serve("--state", str(state), "--port", str(port))
+    assert r.returncode == 1, r
+    assert f"127.0.0.1:{port}: cannot listen" in r.stderr
+    assert "--port" in r.stderr  # the hint
+    assert not state.exists()
+    assert r.stdout == ""  # no "listening", no token
+
+
+def test_challenge_flood_from_one_address_gets_429_at_the_served_limit(tmp_path: Path):
+    """``--challenge-rate/--challenge-burst`` reach the workers, and the limit counts the real
+    peer address of the socket ``serve`` bound itself."""
+    bp = start_broker(tmp_path / "state", "--challenge-rate", "0.001", "--challenge-burst", "2")
+    try:
+        with BrokerClient(bp.url, fingerprint=bp.fingerprint) as c:
+            c.challenge()
+            c.challenge()
+            with pytest.raises(BrokerError) as e:
+                c.challenge()
+        assert e.value.status == 429
+        assert "too many challenges from 127.0.0.1" in str(e.value)
     finally:
         bp.stop()

@@ -30,6 +30,10 @@ from shieldml.errors import FormatError, IntegrityError
 
 DOMAIN = b"shieldml/v1\0"
 NONCE_SIZE = 32
+#: challenges per second (sustained) and at once (burst) per client address and broker worker
+#: process before ``/v1/challenge`` answers 429 (``broker serve --challenge-rate/--challenge-burst``)
+CHALLENGE_RATE = 200.0
+CHALLENGE_BURST = 400.0
 KEM_X25519 = 0x0020
 KEM_MLKEM768_X25519 = 0x647A
 KEMS = {"X25519": KEM_X25519, "MLKEM768-X25519": KEM_MLKEM768_X25519}

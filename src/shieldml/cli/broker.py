@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
+import socket
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.markup import escape
 
+from shieldml.broker.protocol import CHALLENGE_BURST, CHALLENGE_RATE
 from shieldml.cli._common import (
     EXISTING_FILE,
     FORMAT_CHOICE,
@@ -134,7 +139,13 @@ def broker() -> None:
 @click.option(
     "--admin-token-file",
     type=click.Path(dir_okay=False),
-    help="On first start, also write the admin token here (mode 0600).",
+    help="On first start, write the admin token here (mode 0600; default STATE/admin-token). "
+    "An existing file that others can read is refused.",
+)
+@click.option(
+    "--print-admin-token",
+    is_flag=True,
+    help="On first start, also print the admin token to stdout (it is never printed otherwise).",
 )
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True)
 @click.option(
@@ -143,6 +154,21 @@ def broker() -> None:
     default=60.0,
     show_default=True,
     help="Seconds a challenge stays valid.",
+)
+@click.option(
+    "--challenge-rate",
+    type=click.FloatRange(min=0),
+    default=CHALLENGE_RATE,
+    show_default=True,
+    help="Challenges a second per client address and worker (beyond them and the burst: 429; "
+    "0 turns the limit off).",
+)
+@click.option(
+    "--challenge-burst",
+    type=click.FloatRange(min=1),
+    default=CHALLENGE_BURST,
+    show_default=True,
+    help="Challenges a client address may ask for at once before the rate applies.",
 )
 @_timeout_option("--body-timeout", "a request body")
 @_timeout_option(
@@ -166,8 +192,11 @@ def serve(
     insecure_custom_root: bool,
     simulated_platform: tuple[str, ...],
     admin_token_file: str | None,
+    print_admin_token: bool,
     workers: int,
     nonce_ttl: float,
+    challenge_rate: float,
+    challenge_burst: float,
     body_timeout: float,
     header_timeout: float,
     pccs_url: str | None,
@@ -181,11 +210,16 @@ def serve(
         from shieldml.broker.server import BrokerConfig, Store, self_signed
         from shieldml.broker.server.http import HeaderTimeoutProtocol
 
-    state_dir = _state(state)
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    url = _database(database, state_dir)
     if (secret_prov_port is None) != (secret_prov_key is None):
         raise ShieldError("--secret-prov-port and --secret-prov-key go together")
+    # The port first: in use, or not ours to bind, means exit 1 before any state exists.
+    sock = _listen(host, port)
+    port = sock.getsockname()[1]
+    state_dir = _state(state)
+    token_path = Path(admin_token_file) if admin_token_file else state_dir / "admin-token"
+    _check_token_file(token_path)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    url = _database(database, state_dir)
     cfg = BrokerConfig(
         database=url,
         state_dir=str(state_dir),
@@ -198,17 +232,37 @@ def serve(
         secret_prov_key=secret_prov_key,
         body_timeout_s=body_timeout,
         header_timeout_s=header_timeout,
+        challenge_rate=challenge_rate,
+        challenge_burst=challenge_burst,
     )
     cfg.trust()  # fail early on bad roots
     store = Store(url, state_dir)
-    token = store.init_admin_token()
+    if not store.has_admin_token():
+        # The broker stores only the token's hash; the token itself goes to a 0600 file written
+        # before the hash is stored and renamed into place after (a full disk leaves no token
+        # nobody has; of two replicas starting at once, the one whose hash was stored wins).
+        token = secrets.token_urlsafe(32)
+        tmp = _new_token_file(token_path, token)
+        try:
+            won = store.init_admin_token(token) is not None
+        except BaseException:
+            tmp.unlink()
+            raise
+        if not won:
+            tmp.unlink()
+        else:
+            try:
+                _check_token_file(token_path)  # nothing was put there meanwhile
+                tmp.replace(token_path)
+            except (ShieldError, OSError) as e:
+                raise ShieldError(
+                    f"the admin token is in {tmp}; it could not be moved to {token_path}: {e}"
+                ) from e
+        if won:
+            out.print(f"admin token written to {escape(str(token_path))} (mode 0600)")
+            if print_admin_token:
+                out.print(f"admin token: {token}", markup=False, highlight=False)
     store.engine.dispose()
-    if token:
-        out.print(f"admin token (shown once, stored only as a hash): [bold]{token}[/bold]")
-        if admin_token_file:
-            fd = os.open(admin_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(token + "\n")
     ssl_kw: dict[str, Any] = {}
     scheme = "http"
     if not insecure_no_tls:
@@ -253,17 +307,88 @@ def serve(
     )
     sys.stdout.flush()
     os.environ["SHIELDML_BROKER_CONFIG"] = cfg.to_env()
-    uvicorn.run(
+    # Served on the socket bound above (uvicorn's own ``fd=`` would re-wrap it as AF_UNIX and lose
+    # the peer addresses the per-client challenge limit counts).
+    config = uvicorn.Config(
         "shieldml.broker.server:app_from_env",
         factory=True,
-        host=host,
-        port=port,
         workers=workers,
         http=HeaderTimeoutProtocol,
         log_level="warning",
         access_log=False,
         **ssl_kw,
     )
+    server = uvicorn.Server(config)
+    try:
+        if workers > 1:
+            from uvicorn.supervisors import Multiprocess
+
+            Multiprocess(config, sockets=[sock]).run()
+        else:
+            config.load_app()
+            server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    if workers == 1 and not server.started:
+        raise ShieldError("the broker did not start (see the log above)")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The broker's listening socket, bound now (uvicorn serves it by descriptor)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise ShieldError(
+            f"{host}:{port}: cannot listen: {e.strerror}",
+            hint="another process uses this port? choose one with --port"
+            if e.errno == errno.EADDRINUSE
+            else None,
+        ) from e
+    sock.set_inheritable(True)
+    return sock
+
+
+def _check_token_file(path: Path) -> None:
+    """An existing admin-token file must be a regular file of ours that nobody else can read."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ShieldError(f"{path}: {e.strerror}") from e
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise ShieldError(
+            f"{path}: refusing to write the admin token into a file others can read or that is "
+            f"not ours (mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}, "
+            f"{'regular file' if stat.S_ISREG(st.st_mode) else 'not a regular file'})",
+            hint=f"remove it, or make it yours with mode 0600: chmod 600 {path}",
+        )
+
+
+def _new_token_file(path: Path, token: str) -> Path:
+    """Write the token to a new 0600 file beside ``path`` (renamed into place once its hash is
+    stored: a token nobody could read is never the broker's token)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        raise ShieldError(f"{path}: cannot write the admin token: {e.strerror}") from e
+    return tmp
 
 
 @broker.command("rotate-kek")

@@ -67,15 +67,19 @@ def start_broker(
             text=True,
             env={**os.environ, "COLUMNS": "500", **(env or {})},
         )
+    # serve binds its port before it creates any state, so an accepted connection alone does not
+    # mean the certificate exists yet: wait for the line it prints once everything is in place
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"broker exited: {log.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            time.sleep(0.1)
+        if "broker listening on" in log.read_text():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                pass
+        time.sleep(0.1)
     else:
         proc.kill()
         raise RuntimeError(f"broker did not start: {log.read_text()}")

@@ -66,9 +66,8 @@ from shieldml.policy import Policy, Verdict, require
 MAX_BODY = 1 << 20
 BODY_TIMEOUT = 10.0
 MAX_KEYS_PER_RELEASE = 32
-#: challenges per second (sustained) and at once (burst) per client address, per worker process
-CHALLENGE_RATE = 200.0
-CHALLENGE_BURST = 400.0
+CHALLENGE_RATE = protocol.CHALLENGE_RATE
+CHALLENGE_BURST = protocol.CHALLENGE_BURST
 #: how long a failed collateral lookup for the exact same quote is remembered (seconds)
 COLLATERAL_MISS_TTL = 30.0
 MAX_AUDIT_REASON = 4096  # characters of a verification failure kept in the audit record

@@ -385,9 +385,15 @@ class Store:
         ]
 
     # -- admin token --------------------------------------------------------------------------
-    def init_admin_token(self) -> str | None:
-        """Create the admin token on first start; return it (once) or None if it exists."""
-        token = secrets.token_urlsafe(32)
+    def has_admin_token(self) -> bool:
+        with self.tx() as c:
+            row = c.execute(sa.select(meta_t.c.v).where(meta_t.c.k == "admin_token_sha256"))
+            return row.first() is not None
+
+    def init_admin_token(self, token: str | None = None) -> str | None:
+        """Create the admin token on first start (``token``, or a fresh one); return it (once) or
+        None if one exists."""
+        token = token or secrets.token_urlsafe(32)
         with self.tx() as c:
             if c.execute(sa.select(meta_t.c.v).where(meta_t.c.k == "admin_token_sha256")).first():
                 return None
