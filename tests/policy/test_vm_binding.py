@@ -194,12 +194,16 @@ def test_policy_pinning_id_keys_denies_a_vm_whose_id_block_another_key_signed(
     assert _denied(policy, _claims(providers, "snp", **{field: theirs})) == {field: (mine, theirs)}
 
 
-def test_initdata_digest_alone_names_an_snp_vm(providers: dict[str, SimulatedProvider]):
-    """HOST_DATA identifies the launch; pinned through initdata it counts as the profile's pin."""
+def test_initdata_digest_with_the_measurement_names_an_snp_vm(
+    providers: dict[str, SimulatedProvider],
+):
+    """HOST_DATA pinned through initdata binds the launch; the measurement names the code."""
     digest = initdata_digest(INITDATA)
-    policy = snp_policy(measurement='"any"', host_data="", initdata_digest=f'"{digest}"')
+    policy = snp_policy(host_data="", initdata_digest=f'"{digest}"')
     launched = hashlib.sha384(INITDATA).hexdigest()[:64]
     assert evaluate(policy, _claims(providers, "snp", host_data=launched)).allowed
+    with pytest.raises(PolicyError, match="measurement must be pinned"):
+        snp_policy(measurement='"any"', host_data="", initdata_digest=f'"{digest}"')
 
 
 # -- schema -------------------------------------------------------------------------------------

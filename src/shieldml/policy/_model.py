@@ -17,8 +17,14 @@ advisory_ids = []                # allowed advisories; default none
 Every reference field of a profile's TEE must be set; ``"any"`` skips one explicitly. Unknown
 fields, empty policies and profiles that pin no measurement at all are errors, never passes.
 
-A few fields are optional (``"any"`` when absent): TDX ``mr_owner`` and ``mr_owner_config``, SEV-SNP
-``id_key_digest`` and ``author_key_digest``. ``initdata_digest`` (TDX and SEV-SNP) pins the VM's
+TDX profiles must pin ``mrtd`` and SEV-SNP profiles ``measurement`` (the launch measurement of
+the code; RTMRs, ``host_data`` and initdata are set or extended by whoever launches the VM).
+
+A few fields are optional (``"any"`` when absent): TDX ``mr_owner``, ``mr_owner_config``,
+``td_attributes`` and ``xfam`` (exact 8-byte values as the quote carries them) and
+``sept_ve_disable`` (true/false); SEV-SNP ``id_key_digest``, ``author_key_digest`` and the guest
+policy bits ``smt_allowed`` and ``migrate_ma_allowed`` (false: the bit must be clear). Debug is
+always checked (``insecure_allow_debug``). ``initdata_digest`` (TDX and SEV-SNP) pins the VM's
 launch configuration the way Confidential Containers binds its *initdata* document: the digest
 (``sha256:``/``sha384:``/``sha512:`` + hex, of the initdata TOML as written) is the value expected in
 TDX ``MRCONFIGID`` (48 bytes) or SEV-SNP ``HOST_DATA`` (32 bytes), zero-padded at the end when
@@ -64,6 +70,9 @@ FIELDS: dict[TeeKind, dict[str, tuple[str, int]]] = {
         "mr_owner": ("hexlist", 48),
         "mr_owner_config": ("hexlist", 48),
         "initdata_digest": ("initdata", 48),
+        "td_attributes": ("hexlist", 8),
+        "xfam": ("hexlist", 8),
+        "sept_ve_disable": ("bool", 0),
     },
     TeeKind.SNP: {
         "measurement": ("hexlist", 48),
@@ -73,13 +82,19 @@ FIELDS: dict[TeeKind, dict[str, tuple[str, int]]] = {
         "id_key_digest": ("hexlist", 48),
         "author_key_digest": ("hexlist", 48),
         "initdata_digest": ("initdata", 32),
+        "smt_allowed": ("bool", 0),
+        "migrate_ma_allowed": ("bool", 0),
     },
 }
 #: fields that may be left out (then ``"any"``)
 OPTIONAL = {
     TeeKind.SGX: frozenset[str](),
-    TeeKind.TDX: frozenset({"mr_owner", "mr_owner_config"}),
-    TeeKind.SNP: frozenset({"id_key_digest", "author_key_digest"}),
+    TeeKind.TDX: frozenset(
+        {"mr_owner", "mr_owner_config", "td_attributes", "xfam", "sept_ve_disable"}
+    ),
+    TeeKind.SNP: frozenset(
+        {"id_key_digest", "author_key_digest", "smt_allowed", "migrate_ma_allowed"}
+    ),
 }
 #: the launch-configuration field ``initdata_digest`` stands for: give one of the two
 INITDATA_FIELD = {TeeKind.TDX: "mr_config_id", TeeKind.SNP: "host_data"}
@@ -89,6 +104,12 @@ IDENTITY = {
     TeeKind.TDX: ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3"),
     TeeKind.SNP: ("measurement", "host_data", "initdata_digest"),
 }
+#: the measurement of the code itself, which a profile must pin (RTMRs, HOST_DATA or initdata
+#: alone are set or extended by whoever launches the VM: with the launch measurement "any", a VM
+#: of other firmware and kernel that reproduces them would pass)
+PINNED = {TeeKind.TDX: "mrtd", TeeKind.SNP: "measurement"}
+#: SEV-SNP guest policy bits a profile may require (``NAME = false``: the bit must be clear)
+SNP_POLICY_BITS = {"smt_allowed": 16, "migrate_ma_allowed": 18}
 #: initdata digest algorithms (the initdata document's ``algorithm``) -> digest length
 INITDATA_ALGORITHMS = {"sha256": 32, "sha384": 48, "sha512": 64}
 TCB_PARTS = ("bl", "tee", "snp", "ucode", "fmc")
@@ -180,6 +201,13 @@ def _profile(p: Any, where: str) -> Profile:
             f"{where}: pins none of {', '.join(IDENTITY[tee])}",
             hint="a profile must name the code it accepts",
         )
+    pinned = PINNED.get(tee)
+    if pinned is not None and refs.get(pinned, ANY) == ANY:
+        raise PolicyError(
+            f'{where}: {pinned} must be pinned for {tee} (not "any")',
+            hint=f"{pinned} measures the code the {tee} VM launched with; the other fields "
+            "are set or extended by whoever launches it: `shieldml attest verify --json` shows it",
+        )
     insecure = frozenset(k for k in INSECURE if _bool(p.get(k, False), f"{where}: {k}"))
     statuses = _statuses(p.get("tcb_status", ["UpToDate"]), where)
     if statuses & OUT_OF_DATE and "insecure_allow_out_of_date" not in insecure:
@@ -246,6 +274,10 @@ def _value(v: Any, kind: str, size: int, where: str) -> Value:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise PolicyError(f'{where}: must be a non-negative integer or "any"')
         return v
+    if kind == "bool":
+        if not isinstance(v, bool):
+            raise PolicyError(f'{where}: must be true, false or "any"')
+        return int(v)
     if kind == "tcb":
         if (
             not isinstance(v, dict)

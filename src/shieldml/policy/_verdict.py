@@ -10,9 +10,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from shieldml.attest import Claims, RootKind, TeeKind
+from shieldml.attest import Claims, RootKind, SnpMeasurements, TeeKind
 from shieldml.errors import PolicyDenied
-from shieldml.policy._model import ANY, INITDATA_FIELD, Policy, Profile
+from shieldml.policy._model import ANY, INITDATA_FIELD, SNP_POLICY_BITS, Policy, Profile
 
 log = logging.getLogger("shieldml.policy")
 
@@ -35,6 +35,9 @@ _ATTR = {
     "id_key_digest": ("id_key_digest", "in"),
     "author_key_digest": ("author_key_digest", "in"),
     "vmpl": ("vmpl", "eq"),
+    "td_attributes": ("td_attributes", "in"),
+    "xfam": ("xfam", "in"),
+    "sept_ve_disable": ("sept_ve_disable", "bool"),
 }
 _LAUNCH = (
     "the VM was launched with another configuration than the owner approved (another job, "
@@ -55,6 +58,11 @@ _HINTS = {
     "mr_owner_config": _LAUNCH,
     "id_key_digest": "the VM's ID block was signed by another key than the policy pins",
     "author_key_digest": "the VM's ID key was certified by another author key than the policy pins",
+    "td_attributes": "the TD was launched with other attributes than the policy pins",
+    "xfam": "the TD was launched with other extended features (XFAM) than the policy pins",
+    "sept_ve_disable": "without SEPT_VE_DISABLE the host can inject #VE exceptions through the TD's page tables",
+    "smt_allowed": "the guest policy lets the host schedule other code on the sibling hyperthread",
+    "migrate_ma_allowed": "the guest policy admits a migration agent, which can read the guest's memory",
 }
 
 
@@ -135,6 +143,10 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _bool(v: bool) -> str:
+    return "true" if v else "false"
+
+
 def _check_profile(
     i: int, p: Profile, claims: Claims, workload_digest: str | None
 ) -> ProfileResult:
@@ -203,6 +215,12 @@ def _check_profile(
                 ", ".join(f"{k}={v}" for k, v in have.items()),
             )
             continue
+        if name in SNP_POLICY_BITS:  # a guest policy bit the profile requires set or clear
+            bit = isinstance(m, SnpMeasurements) and bool(
+                m.guest_policy >> SNP_POLICY_BITS[name] & 1
+            )
+            add(name, bit == bool(ref), _bool(bool(ref)), _bool(bit))
+            continue
         if name == "initdata_digest":  # the value expected in MRCONFIGID / HOST_DATA
             field = INITDATA_FIELD[p.tee]
             actual = getattr(m, field)
@@ -211,6 +229,9 @@ def _check_profile(
             continue
         attr, op = _ATTR[name]
         actual = getattr(m, attr)
+        if op == "bool":
+            add(name, bool(actual) == bool(ref), _bool(bool(ref)), _bool(bool(actual)))
+            continue
         if op == "in":
             ok = isinstance(ref, tuple) and actual in ref
         elif op == "eq":

@@ -437,6 +437,7 @@ class SimulatedPlatform:
         mr_owner_config: bytes = bytes(48),
         debug: bool = False,
         sept_ve_disable: bool = True,
+        xfam: bytes = (0xE7).to_bytes(8, "little"),
         tcb_status: str = "UpToDate",
         now: datetime | None = None,
     ) -> tuple[bytes, IntelCollateral]:
@@ -450,7 +451,9 @@ class SimulatedPlatform:
         body[0:16] = TEE_TCB_SVN
         attrs = (1 if debug else 0) | ((1 << 28) if sept_ve_disable else 0)
         body[120:128] = attrs.to_bytes(8, "little")
-        body[128:136] = (0xE7).to_bytes(8, "little")
+        if len(xfam) != 8:
+            raise ValueError("XFAM is 8 bytes")
+        body[128:136] = xfam
         body[136:184] = mrtd
         for off, value in ((184, mr_config_id), (232, mr_owner), (280, mr_owner_config)):
             if len(value) != 48:
