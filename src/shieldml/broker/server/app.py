@@ -41,7 +41,7 @@ from shieldml.broker.server.release import (
     decide,
 )
 from shieldml.broker.server.storage import KEY_NAME_PATTERN, NAME_MAX, Store
-from shieldml.errors import BrokerError, FormatError, PolicyError, ShieldError
+from shieldml.errors import BrokerError, FormatError, IntegrityError, PolicyError, ShieldError
 from shieldml.files import Format, generate_key
 from shieldml.policy import Policy
 
@@ -171,6 +171,9 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(ShieldError)
     async def shield_error(_request: Request, exc: ShieldError) -> JSONResponse:
         status = exc.status if isinstance(exc, BrokerError) and exc.status else 400
+        if isinstance(exc, IntegrityError):  # the broker's own state failed authentication
+            log.error("integrity: %s", exc.message)
+            status = 500
         detail = exc.detail if isinstance(exc, BrokerError) else exc.diagnostics()
         return JSONResponse({"detail": detail}, status_code=status)
 

@@ -53,6 +53,7 @@ from shieldml.errors import (
     BindingError,
     BrokerError,
     FormatError,
+    IntegrityError,
     NonceError,
     NotGenuineError,
     PolicyDenied,
@@ -286,10 +287,17 @@ def _decide(
         )
     entries: dict[str, KeyEntry] = {}
     for name in names:  # 5
-        entry = store.key_entry(name)
+        try:
+            entry = store.key_entry(name)
+        except IntegrityError as e:  # a row edited outside the broker: nothing released
+            _refuse({"reason": e.message[:MAX_AUDIT_REASON]}, _raise_as_is(e))
         if entry is None:
             _refuse({"reason": f"unknown key {name}"}, _unknown_key(name))
         entries[name] = entry
+    # the policies decided on, by hash: `audit verify` checks each against the last policy_set
+    record["policy_sha256"] = {
+        n: e.policy_sha256 for n, e in entries.items() if e.policy_sha256 is not None
+    }
     workload = binding.workload_digest if binding is not None else None
     verdicts: dict[str, Verdict] = {}
     denied: dict[str, dict[str, Any]] = {}
@@ -330,6 +338,10 @@ def _decide(
         failed = e
         _refuse({"reason": f"key material did not unwrap: {e.message}"}, lambda _seq: failed)
     return Released(keys, claims, verdicts, 0)
+
+
+def _raise_as_is(e: ShieldError) -> Callable[[int], ShieldError]:
+    return lambda _seq: e
 
 
 def _unknown_key(name: str) -> Callable[[int], ShieldError]:

@@ -3,6 +3,15 @@
 Tables: ``keys`` (wrapped by the key-encryption key), ``policies``, ``nonces`` (single use,
 enforced by one conditional UPDATE, so it holds across replicas), ``audit`` (hash chain, appended
 under a row lock on ``meta.audit_head``), ``meta`` (admin token hash, audit head).
+
+Whoever can write the database cannot edit what decides a release: every ``keys`` row, every
+``policies`` row and the admin token's hash carry an HMAC-SHA256 under a key derived from the
+key-encryption key (which lives in the state directory, not in the database), over the row's
+table, key name and every field; it is verified on every read, and a row that fails is an
+:class:`~shieldml.errors.IntegrityError` (the release is refused). A MAC binds the row to its key
+name, so a policy row copied onto another key fails too. What a MAC cannot stop, putting back an
+older row of the same key, shows in the audit log: each release record carries the SHA-256 of the
+policy it was decided on, which ``audit verify`` compares with the last ``policy_set`` record.
 """
 
 from __future__ import annotations
@@ -23,7 +32,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from shieldml.broker.audit import GENESIS, AuditRecord, ChainHead, record_hash
 from shieldml.errors import (
@@ -43,6 +54,7 @@ keys_t = sa.Table(
     sa.Column("kek_id", sa.String(32), nullable=False),
     sa.Column("wrapped", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("mac", sa.String(112), nullable=False),
 )
 policies_t = sa.Table(
     "policies",
@@ -50,6 +62,7 @@ policies_t = sa.Table(
     sa.Column("key_name", sa.String(128), primary_key=True),
     sa.Column("toml", sa.Text, nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("mac", sa.String(112), nullable=False),
 )
 nonces_t = sa.Table(
     "nonces",
@@ -91,6 +104,11 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _utc(t: datetime) -> str:
+    """A timestamp as the MAC sees it: UTC, microseconds (SQLite hands back naive UTC)."""
+    return (t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)).isoformat()
+
+
 @dataclass(frozen=True)
 class KeyEntry:
     """A key's format and policy, read in one query; its material stays wrapped until
@@ -102,6 +120,12 @@ class KeyEntry:
     kek: Kek = field(repr=False)
     wrapped: bytes = field(repr=False)
 
+    @property
+    def policy_sha256(self) -> str | None:
+        """SHA-256 hex of the policy TOML (release records name the policy they applied, as
+        ``policy_set`` records name the one set)."""
+        return None if self.policy is None else policy_sha256(self.policy)
+
     def unwrap(self) -> bytes:
         return self.kek.unwrap(self.name, self.format, self.wrapped)
 
@@ -112,6 +136,15 @@ class Kek:
     def __init__(self, key: bytes) -> None:
         self.key = key
         self.id = hashlib.sha256(b"shieldml kek id" + key).hexdigest()[:32]
+        self._mac_key = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=None, info=b"shieldml broker row mac v1"
+        ).derive(key)
+
+    def mac(self, table: str, *fields: str | bytes) -> str:
+        """``<kek id>:<HMAC-SHA256 hex>`` of a row: its table and fields, unambiguously encoded."""
+        msg = json.dumps([table, *(f.hex() if isinstance(f, bytes) else f for f in fields)])
+        tag = hmac.new(self._mac_key, msg.encode(), hashlib.sha256).hexdigest()
+        return f"{self.id}:{tag}"
 
     @classmethod
     def load_or_create(cls, path: Path) -> Kek:
@@ -158,6 +191,7 @@ class Store:
             )
         self._lock = threading.Lock()  # SQLite writers in one process
         md.create_all(self.engine)
+        _check_schema(self.engine)
         self._ensure_head()
         self.keks = self._load_keks()
 
@@ -184,6 +218,40 @@ class Store:
             )
         return kek
 
+    def _verify_mac(self, mac: str | None, what: str, table: str, *fields: str | bytes) -> None:
+        """Check a row's MAC (under the KEK it names); an edited row is an IntegrityError."""
+        kek_id, _, _tag = (mac or "").partition(":")
+        kek = self.keks.get(kek_id)
+        if kek is None and kek_id:
+            self.keks = {**self.keks, **self._load_keks()}  # rotated by another process
+            kek = self.keks.get(kek_id)
+        if kek is None or not hmac.compare_digest(kek.mac(table, *fields), mac or ""):
+            raise IntegrityError(
+                what,
+                "broker database",
+                reason="row MAC does not verify: the row was written or edited outside the broker"
+                if kek is not None or not kek_id
+                else f"row MAC is under an unknown key-encryption key {kek_id[:32]!r}",
+                hint="restore the database from a backup you trust; `shieldml audit verify` "
+                "shows what the broker itself wrote",
+            )
+
+    def _key_mac(self, kek: Kek, r: Any) -> str:
+        return kek.mac("keys", r.name, r.format, r.kek_id, r.wrapped, _utc(r.created_at))
+
+    def _policy_mac(self, kek: Kek, name: str, toml: str, updated_at: datetime) -> str:
+        return kek.mac("policies", name, toml, _utc(updated_at))
+
+    def _check_key_row(self, r: Any) -> None:
+        self._kek(r.kek_id, r.name)  # a KEK file that is gone says so
+        self._verify_mac(
+            r.mac, f"key {r.name!r}", "keys",
+            r.name, r.format, r.kek_id, r.wrapped, _utc(r.created_at),
+        )  # fmt: skip
+
+    def _check_policy_row(self, name: str, toml: str, updated_at: datetime, mac: str) -> None:
+        self._verify_mac(mac, f"policy of key {name!r}", "policies", name, toml, _utc(updated_at))
+
     @contextmanager
     def tx(self) -> Iterator[sa.Connection]:
         if self.sqlite:
@@ -195,13 +263,16 @@ class Store:
 
     def put_key(self, name: str, fmt: str, secret: bytes, *, replace: bool = False) -> None:
         _check_name(name)
-        row = {
+        row: dict[str, Any] = {
             "name": name,
             "format": fmt,
             "kek_id": self.kek.id,
             "wrapped": self.kek.wrap(name, fmt, secret),
             "created_at": _now(),
         }
+        row["mac"] = self.kek.mac(
+            "keys", name, fmt, self.kek.id, row["wrapped"], _utc(row["created_at"])
+        )
         with self.tx() as c:
             exists = c.execute(sa.select(keys_t.c.name).where(keys_t.c.name == name)).first()
             if exists and not replace:
@@ -215,7 +286,12 @@ class Store:
         """The key's format, policy TOML (or None) and wrapped material in one query, or None for
         an unknown key. The KEK is resolved now, so a rotation in between does not strand it."""
         q = (
-            sa.select(keys_t, policies_t.c.toml)
+            sa.select(
+                keys_t,
+                policies_t.c.toml,
+                policies_t.c.updated_at.label("policy_updated_at"),
+                policies_t.c.mac.label("policy_mac"),
+            )
             .select_from(keys_t.outerjoin(policies_t, policies_t.c.key_name == keys_t.c.name))
             .where(keys_t.c.name == name)
         )
@@ -223,6 +299,9 @@ class Store:
             r = c.execute(q).first()
         if r is None:
             return None
+        self._check_key_row(r)
+        if r.toml is not None:
+            self._check_policy_row(name, r.toml, r.policy_updated_at, r.policy_mac)
         return KeyEntry(name, r.format, r.toml, self._kek(r.kek_id, name), r.wrapped)
 
     def get_key(self, name: str) -> tuple[str, bytes] | None:
@@ -230,6 +309,7 @@ class Store:
             r = c.execute(sa.select(keys_t).where(keys_t.c.name == name)).first()
         if r is None:
             return None
+        self._check_key_row(r)
         kek = self._kek(r.kek_id, name)
         return r.format, kek.unwrap(name, r.format, r.wrapped)
 
@@ -237,14 +317,19 @@ class Store:
         with self.engine.connect() as c:
             rows = c.execute(
                 sa.select(
-                    keys_t.c.name,
-                    keys_t.c.format,
-                    keys_t.c.created_at,
+                    keys_t,
+                    policies_t.c.toml,
+                    policies_t.c.updated_at.label("policy_updated_at"),
+                    policies_t.c.mac.label("policy_mac"),
                     policies_t.c.key_name.isnot(None).label("has_policy"),
                 )
                 .select_from(keys_t.outerjoin(policies_t, policies_t.c.key_name == keys_t.c.name))
                 .order_by(keys_t.c.name)
             ).all()
+        for r in rows:
+            self._check_key_row(r)
+            if r.toml is not None:
+                self._check_policy_row(r.name, r.toml, r.policy_updated_at, r.policy_mac)
         return [
             {
                 "name": r.name,
@@ -264,11 +349,28 @@ class Store:
         with self.tx() as c:
             rows = c.execute(sa.select(keys_t)).all()
             for r in rows:
+                self._check_key_row(r)
                 secret = self._kek(r.kek_id, r.name).unwrap(r.name, r.format, r.wrapped)
+                wrapped = new.wrap(r.name, r.format, secret)
+                mac = new.mac("keys", r.name, r.format, new.id, wrapped, _utc(r.created_at))
                 c.execute(
                     keys_t.update()
                     .where(keys_t.c.name == r.name)
-                    .values(kek_id=new.id, wrapped=new.wrap(r.name, r.format, secret))
+                    .values(kek_id=new.id, wrapped=wrapped, mac=mac)
+                )
+            for p in c.execute(sa.select(policies_t)).all():  # MACs follow the new KEK
+                self._check_policy_row(p.key_name, p.toml, p.updated_at, p.mac)
+                c.execute(
+                    policies_t.update()
+                    .where(policies_t.c.key_name == p.key_name)
+                    .values(mac=self._policy_mac(new, p.key_name, p.toml, p.updated_at))
+                )
+            token = self._admin_token_hash(c)
+            if token is not None:
+                c.execute(
+                    meta_t.update()
+                    .where(meta_t.c.k == "admin_token_sha256")
+                    .values(v=f"{token}:{new.mac('admin_token', token)}")
                 )
         new_path.replace(self.state_dir / "kek")
         self.kek = new
@@ -280,13 +382,24 @@ class Store:
         with self.tx() as c:
             if c.execute(sa.select(keys_t.c.name).where(keys_t.c.name == name)).first() is None:
                 raise UnknownKeyError(404, f"no key named {name!r}")
+            at = _now()
             c.execute(policies_t.delete().where(policies_t.c.key_name == name))
-            c.execute(policies_t.insert().values(key_name=name, toml=toml, updated_at=_now()))
+            c.execute(
+                policies_t.insert().values(
+                    key_name=name,
+                    toml=toml,
+                    updated_at=at,
+                    mac=self._policy_mac(self.kek, name, toml, at),
+                )
+            )
 
     def get_policy(self, name: str) -> str | None:
         with self.engine.connect() as c:
-            r = c.execute(sa.select(policies_t.c.toml).where(policies_t.c.key_name == name)).first()
-        return None if r is None else str(r.toml)
+            r = c.execute(sa.select(policies_t).where(policies_t.c.key_name == name)).first()
+        if r is None:
+            return None
+        self._check_policy_row(name, r.toml, r.updated_at, r.mac)
+        return str(r.toml)
 
     # -- nonces -------------------------------------------------------------------------------
     def new_nonce(
@@ -385,31 +498,61 @@ class Store:
         ]
 
     # -- admin token --------------------------------------------------------------------------
+    # meta row admin_token_sha256 = "<sha256 hex of the token>:<row MAC>"
+    def _admin_token_hash(self, c: sa.Connection) -> str | None:
+        """The stored token hash, its MAC verified (None when no token was made yet)."""
+        r = c.execute(sa.select(meta_t.c.v).where(meta_t.c.k == "admin_token_sha256")).first()
+        if r is None:
+            return None
+        digest, _, mac = str(r.v).partition(":")
+        self._verify_mac(mac, "the admin token's hash", "admin_token", digest)
+        return digest
+
     def has_admin_token(self) -> bool:
-        with self.tx() as c:
-            row = c.execute(sa.select(meta_t.c.v).where(meta_t.c.k == "admin_token_sha256"))
-            return row.first() is not None
+        with self.engine.connect() as c:
+            return self._admin_token_hash(c) is not None
 
     def init_admin_token(self, token: str | None = None) -> str | None:
         """Create the admin token on first start (``token``, or a fresh one); return it (once) or
         None if one exists."""
         token = token or secrets.token_urlsafe(32)
+        digest = hashlib.sha256(token.encode()).hexdigest()
         with self.tx() as c:
             if c.execute(sa.select(meta_t.c.v).where(meta_t.c.k == "admin_token_sha256")).first():
                 return None
             c.execute(
                 meta_t.insert().values(
-                    k="admin_token_sha256", v=hashlib.sha256(token.encode()).hexdigest()
+                    k="admin_token_sha256", v=f"{digest}:{self.kek.mac('admin_token', digest)}"
                 )
             )
         return token
 
     def check_admin_token(self, token: str) -> bool:
+        """Whether ``token`` is the admin token; a stored hash whose MAC fails is an
+        IntegrityError (whoever wrote the database does not thereby become the admin)."""
         with self.engine.connect() as c:
-            r = c.execute(sa.select(meta_t.c.v).where(meta_t.c.k == "admin_token_sha256")).first()
-        return r is not None and hmac.compare_digest(
-            str(r.v), hashlib.sha256(token.encode()).hexdigest()
+            digest = self._admin_token_hash(c)
+        return digest is not None and hmac.compare_digest(
+            digest, hashlib.sha256(token.encode()).hexdigest()
         )
+
+
+def policy_sha256(toml: str) -> str:
+    return hashlib.sha256(toml.encode()).hexdigest()
+
+
+def _check_schema(engine: sa.Engine) -> None:
+    """A database made before rows carried MACs is refused (no silent upgrade would be safe:
+    it would vouch for whatever the rows hold)."""
+    inspector = sa.inspect(engine)
+    for table in ("keys", "policies"):
+        if "mac" not in {c["name"] for c in inspector.get_columns(table)}:
+            raise IntegrityError(
+                f"table {table}",
+                "broker database",
+                reason="made by an earlier shieldml without row MACs",
+                hint="start the broker on a new database and add the keys and policies again",
+            )
 
 
 def _check_name(name: str) -> None:
