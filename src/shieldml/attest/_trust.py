@@ -43,6 +43,15 @@ class RootKind(enum.StrEnum):
     CUSTOM = "custom"  # added with insecure=True
 
 
+#: weakest first: a result is only as trusted as the weakest root any of its chains ended at
+_STRENGTH = (RootKind.SIMULATED, RootKind.CUSTOM, RootKind.VENDOR)
+
+
+def weakest(*kinds: RootKind) -> RootKind:
+    """The least trusted of ``kinds`` (simulated < custom < vendor)."""
+    return min(kinds, key=_STRENGTH.index)
+
+
 def fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
 
