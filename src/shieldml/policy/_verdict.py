@@ -193,12 +193,12 @@ def _check_profile(
                 ", ".join(extra) or "none",
             )
     if p.min_tcb_evaluation_data_number is not None:
-        have = claims.tcb_evaluation_data_number
+        number = claims.tcb_evaluation_data_number
         add(
             "min_tcb_evaluation_data_number",
-            have is not None and have >= p.min_tcb_evaluation_data_number,
+            number is not None and number >= p.min_tcb_evaluation_data_number,
             f">= {p.min_tcb_evaluation_data_number}",
-            "none" if have is None else str(have),
+            "none" if number is None else str(number),
         )
     m = claims.measurements
     for name, ref in p.refs.items():
