@@ -23,7 +23,12 @@ from shieldml.attest._fetch import (
     fetch_vcek,
     http_fetcher,
 )
-from shieldml.attest._intel_collateral import IntelCollateral, load_pem_chain
+from shieldml.attest._intel_collateral import (
+    EnclaveIdentity,
+    IntelCollateral,
+    TcbInfo,
+    load_pem_chain,
+)
 from shieldml.attest._intel_quote import Quote, SgxReportBody, TdReportBody
 from shieldml.attest._intel_verify import verify_pck_chain, verify_quote
 from shieldml.attest._ratls import RaTlsEvidence, extract
@@ -46,6 +51,7 @@ __all__ = [
     "Check",
     "Claims",
     "CollateralCache",
+    "EnclaveIdentity",
     "Fetcher",
     "IntelCollateral",
     "Quote",
@@ -55,6 +61,7 @@ __all__ = [
     "SgxReportBody",
     "SnpMeasurements",
     "SnpReport",
+    "TcbInfo",
     "TcbStatus",
     "TdReportBody",
     "TdxMeasurements",
