@@ -591,6 +591,34 @@ class SimulatedPlatform:
         finally:
             self.certs["vcek"] = saved
 
+    def amd_crl(
+        self,
+        *,
+        revoked: tuple[x509.Certificate, ...] = (),
+        now: datetime | None = None,
+        valid_for: timedelta = timedelta(days=7),
+    ) -> bytes:
+        """The ARK's CRL as AMD's KDS serves it (``/vcek/v1/{product}/crl``: DER, RSA-PSS
+        SHA-384 by the ARK), listing ``revoked``; issued ``now`` - 1 hour."""
+        issued = (now or self.clock()) - timedelta(hours=1)
+        b = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.certs["ark"].subject)
+            .last_update(issued)
+            .next_update(issued + valid_for)
+        )
+        for cert in revoked:
+            b = b.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(cert.serial_number)
+                .revocation_date(issued)
+                .build()
+            )
+        key = self.keys["ark"]
+        assert isinstance(key, rsa.RSAPrivateKey)
+        crl = b.sign(key, hashes.SHA384(), rsa_padding=_RSA_PSS)
+        return crl.public_bytes(serialization.Encoding.DER)
+
     def snp_cert_table(self) -> bytes:
         """The certificate table an extended report carries (configfs-tsm ``auxblob``)."""
         der = serialization.Encoding.DER
