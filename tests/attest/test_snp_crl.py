@@ -75,3 +75,35 @@ def test_amd_crl_not_signed_by_the_ark_is_refused(
 def test_a_crl_that_does_not_parse_is_a_collateral_error(sim: SimulatedPlatform):
     with pytest.raises(CollateralError, match="not a DER or PEM CRL"):
         _verify(sim, b"\x30\x03abc")
+
+
+def test_cli_verify_takes_the_amd_crl(
+    sim: SimulatedPlatform, vectors: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    import json
+
+    from shieldml.cli import main
+
+    a = vectors / "attestation" / "amd" / "virtee"
+    args = ["attest", "verify", str(a / "report_milan.bin"), "--vcek", str(a / "vcek_milan.der"),
+            "--cert-chain", str(a / "cert_chain_milan.pem"), "--at", "2026-01-01", "--json"]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["platform"]["revocation"].startswith("not checked")
+    (tmp_path / "crl.der").write_bytes(sim.amd_crl(now=SNP_AT))
+    assert main([*args, "--amd-crl", str(tmp_path / "crl.der")]) == 1
+    assert "not signed by 'ARK-Milan'" in capsys.readouterr().out
+
+
+def test_fetch_amd_crl_from_kds(sim: SimulatedPlatform):
+    from shieldml.attest import fetch_amd_crl
+    from shieldml.attest._fetch import AMD_KDS_URL, Response
+    from tests.attest.test_fetch import FakeServer
+
+    der = sim.amd_crl()
+    server = FakeServer({f"{AMD_KDS_URL}/vcek/v1/Milan/crl": Response(200, der, {})})
+    assert fetch_amd_crl("Milan", server) == der
+    with pytest.raises(CollateralError, match="HTTP 404"):
+        fetch_amd_crl("Genoa", server)
+    junk = FakeServer({f"{AMD_KDS_URL}/vcek/v1/Milan/crl": Response(200, b"<html>", {})})
+    with pytest.raises(CollateralError, match="not a DER CRL"):
+        fetch_amd_crl("Milan", junk)

@@ -19,6 +19,7 @@ from shieldml.attest._evidence import TEE_CHOICES, detect_tee, verify_evidence
 from shieldml.attest._fetch import (
     CollateralCache,
     Fetcher,
+    fetch_amd_crl,
     fetch_intel_collateral,
     fetch_vcek,
     http_fetcher,
@@ -74,6 +75,7 @@ __all__ = [
     "default_store",
     "detect_tee",
     "extract",
+    "fetch_amd_crl",
     "fetch_intel_collateral",
     "fetch_vcek",
     "fingerprint",

@@ -154,6 +154,17 @@ def fetch_vcek(
     return vcek, load_pem_chain(chain_pem, "ASK/ARK chain")
 
 
+def fetch_amd_crl(product: str, fetch: Fetcher, base_url: str = AMD_KDS_URL) -> bytes:
+    """AMD's CRL for a product generation (KDS ``/vcek/v1/{product}/crl``: DER, signed by the
+    ARK; verification checks the signature). Raises :class:`CollateralError` if it is not a CRL."""
+    body = _get(fetch, f"{base_url.rstrip('/')}/vcek/v1/{product}/crl", f"AMD {product} CRL").body
+    try:
+        _certs.der_crl(body)
+    except ValueError as e:
+        raise CollateralError("fetch", f"AMD {product} CRL: the response is not a DER CRL") from e
+    return body
+
+
 class CollateralCache:
     """Collateral and VCEKs kept on disk and reused while valid at the verification time."""
 

@@ -213,6 +213,7 @@ class ReleaseRequest:
     collateral: Mapping[str, str] | None = None  # Intel collateral JSON members, as sent
     vcek: bytes | None = None
     cert_chain: str | None = None  # PEM ASK/ARK chain
+    amd_crl: bytes | None = None  # AMD's CRL (DER or PEM), checked when sent
     #: the only key format this channel can deliver (secret provisioning: gramine-pf)
     key_format: str | None = None
 
@@ -401,6 +402,7 @@ def _verify(settings: Settings, request: ReleaseRequest) -> Claims:
     claims = verify_evidence(
         request.evidence, tee=request.tee, collateral=collateral, vcek=request.vcek,
         cert_chain=chain, now=settings.now(), trust=settings.trust, cache=settings.cache,
+        amd_crl=request.amd_crl,
     )  # fmt: skip
     key = CollateralFloor.key(claims)
     if key is None or claims.tcb_evaluation_data_number is None:
