@@ -262,7 +262,7 @@ def _signed_json(
                 found=cn(chain[0].subject),
             )
         )
-    if fingerprint(chain[-1]) != fingerprint(root):
+    if chain[-1] != root:  # same DER; fingerprints only for the message
         raise log.fail(
             CollateralError(
                 "certificate chain",
