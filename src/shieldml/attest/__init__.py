@@ -19,11 +19,17 @@ from shieldml.attest._evidence import TEE_CHOICES, detect_tee, verify_evidence
 from shieldml.attest._fetch import (
     CollateralCache,
     Fetcher,
+    fetch_amd_crl,
     fetch_intel_collateral,
     fetch_vcek,
     http_fetcher,
 )
-from shieldml.attest._intel_collateral import IntelCollateral, load_pem_chain
+from shieldml.attest._intel_collateral import (
+    EnclaveIdentity,
+    IntelCollateral,
+    TcbInfo,
+    load_pem_chain,
+)
 from shieldml.attest._intel_quote import Quote, SgxReportBody, TdReportBody
 from shieldml.attest._intel_verify import verify_pck_chain, verify_quote
 from shieldml.attest._ratls import RaTlsEvidence, extract
@@ -46,6 +52,7 @@ __all__ = [
     "Check",
     "Claims",
     "CollateralCache",
+    "EnclaveIdentity",
     "Fetcher",
     "IntelCollateral",
     "Quote",
@@ -55,6 +62,7 @@ __all__ = [
     "SgxReportBody",
     "SnpMeasurements",
     "SnpReport",
+    "TcbInfo",
     "TcbStatus",
     "TdReportBody",
     "TdxMeasurements",
@@ -67,6 +75,7 @@ __all__ = [
     "default_store",
     "detect_tee",
     "extract",
+    "fetch_amd_crl",
     "fetch_intel_collateral",
     "fetch_vcek",
     "fingerprint",

@@ -65,3 +65,7 @@ def der_certificate(data: bytes) -> x509.Certificate:
 
 def der_crl(data: bytes) -> x509.CertificateRevocationList:
     return _strict(lambda: _decoded_crl(x509.load_der_x509_crl(data)))
+
+
+def pem_crl(data: bytes) -> x509.CertificateRevocationList:
+    return _strict(lambda: _decoded_crl(x509.load_pem_x509_crl(data)))

@@ -130,9 +130,12 @@ class Claims:
     report_data: bytes
     measurements: Measurements
     platform: dict[str, str]
-    root: RootKind
+    root: RootKind  # the weakest root any chain of the evidence or its collateral ended at
     verified_at: datetime
     checks: tuple[Check, ...]
+    #: Intel: the collateral's tcbEvaluationDataNumber (the lower of the TCB info's and the QE
+    #: identity's); None for SEV-SNP
+    tcb_evaluation_data_number: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -145,6 +148,7 @@ class Claims:
             "report_data": self.report_data.hex(),
             "platform": dict(self.platform),
             "root": self.root.value,
+            "tcb_evaluation_data_number": self.tcb_evaluation_data_number,
             "verified_at": _plain(self.verified_at),
             "reasons": [c.detail for c in self.checks],
         }

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from cryptography import x509
 
+from shieldml.attest import _certs
 from shieldml.attest._checks import Check, CheckLog, VerificationCache
 from shieldml.attest._claims import Claims, TeeKind
 from shieldml.attest._intel_collateral import IntelCollateral
@@ -32,6 +33,16 @@ MAX_EVIDENCE = 64 * 1024
 def _is_cert_table(data: bytes) -> bool:
     """An SEV-SNP certificate table starts with a GUID, not with a DER SEQUENCE or PEM text."""
     return len(data) >= 24 and data[0] != 0x30 and not data.lstrip().startswith(b"-----BEGIN")
+
+
+def load_crl(data: bytes, what: str) -> x509.CertificateRevocationList:
+    """A CRL as DER or PEM; :class:`CollateralError` when it is neither."""
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return _certs.pem_crl(data)
+        return _certs.der_crl(data)
+    except ValueError as e:
+        raise CollateralError("collateral", f"{what}: not a DER or PEM CRL") from e
 
 
 def detect_tee(data: bytes) -> str:
@@ -60,11 +71,13 @@ def verify_evidence(
     now: datetime | None = None,
     trust: TrustAnchors | None = None,
     cache: VerificationCache | None = None,
+    amd_crl: bytes | None = None,
 ) -> Claims:
     """Verify SGX/TDX quotes, SEV-SNP reports or RA-TLS certificates; raise the failing check.
 
     ``now`` is the verification time (default: the current time); ``trust`` the anchors
-    (default: the pinned vendor roots only).
+    (default: the pinned vendor roots only); ``amd_crl`` AMD's CRL for an SEV-SNP report's
+    product (DER or PEM, as KDS serves it), checked when given.
     """
     if len(data) > MAX_EVIDENCE:
         raise FormatError(f"evidence too large ({len(data)} bytes)")
@@ -85,7 +98,8 @@ def verify_evidence(
                 "an SEV-SNP report needs its VCEK/VLEK and the ASK/ARK chain",
                 hint="pass --vcek and --cert-chain (AMD's key distribution service serves both)",
             )
-        return verify_report(data, vcek, cert_chain, now=at, trust=anchors, cache=cache)
+        crl = load_crl(amd_crl, "AMD CRL") if amd_crl is not None else None
+        return verify_report(data, vcek, cert_chain, now=at, trust=anchors, cache=cache, crl=crl)
     quote, binding = data, None
     if kind == "ratls":
         log = CheckLog()

@@ -154,6 +154,17 @@ def fetch_vcek(
     return vcek, load_pem_chain(chain_pem, "ASK/ARK chain")
 
 
+def fetch_amd_crl(product: str, fetch: Fetcher, base_url: str = AMD_KDS_URL) -> bytes:
+    """AMD's CRL for a product generation (KDS ``/vcek/v1/{product}/crl``: DER, signed by the
+    ARK; verification checks the signature). Raises :class:`CollateralError` if it is not a CRL."""
+    body = _get(fetch, f"{base_url.rstrip('/')}/vcek/v1/{product}/crl", f"AMD {product} CRL").body
+    try:
+        _certs.der_crl(body)
+    except ValueError as e:
+        raise CollateralError("fetch", f"AMD {product} CRL: the response is not a DER CRL") from e
+    return body
+
+
 class CollateralCache:
     """Collateral and VCEKs kept on disk and reused while valid at the verification time."""
 
@@ -180,14 +191,9 @@ class CollateralCache:
         """Cached collateral for the quote's platform if still valid at ``now``, else fetched."""
         tee, ext, ca = _platform(quote_bytes)
         name = f"intel-{tee}-{ext.fmspc.hex()}-{ca}.json"
-        path = self._path(name)
-        if path.exists():
-            try:
-                col = IntelCollateral.from_json(path.read_bytes())
-                if _intel_valid(col, now):
-                    return col
-            except (CollateralError, FormatError):
-                pass  # a damaged cache entry is refetched
+        cached = self._cached(name, now)
+        if cached is not None:
+            return cached
         if fetch is None:
             raise CollateralError(
                 "collateral",
@@ -197,6 +203,21 @@ class CollateralCache:
         col = fetch_intel_collateral(quote_bytes, fetch, base_url)
         self._store(name, col.to_json().encode())
         return col
+
+    def cached_intel(self, quote_bytes: bytes, *, now: datetime) -> IntelCollateral | None:
+        """The cached collateral for the quote's platform if valid at ``now``; never fetches."""
+        tee, ext, ca = _platform(quote_bytes)
+        return self._cached(f"intel-{tee}-{ext.fmspc.hex()}-{ca}.json", now)
+
+    def _cached(self, name: str, now: datetime) -> IntelCollateral | None:
+        path = self._path(name)
+        if not path.exists():
+            return None
+        try:
+            col = IntelCollateral.from_json(path.read_bytes())
+        except (CollateralError, FormatError):
+            return None  # a damaged cache entry is refetched
+        return col if _intel_valid(col, now) else None
 
     def vcek(
         self, report_bytes: bytes, *, fetch: Fetcher | None = None, product: str | None = None

@@ -280,6 +280,7 @@ class EnclaveIdentity:
     mrsigner: bytes
     isvprodid: int
     levels: tuple[tuple[int, str, tuple[str, ...]], ...]
+    evaluation_data_number: int = 0
 
     @classmethod
     def from_json(cls, raw: bytes) -> EnclaveIdentity:
@@ -300,6 +301,7 @@ class EnclaveIdentity:
                     (int(x["tcb"]["isvsvn"]), str(x["tcbStatus"]), tuple(x.get("advisoryIDs", ())))
                     for x in d["tcbLevels"]
                 ),
+                evaluation_data_number=int(d.get("tcbEvaluationDataNumber", 0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             if isinstance(e, CollateralError):

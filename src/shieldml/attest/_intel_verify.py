@@ -8,8 +8,9 @@ Pipeline (each step raises the named error through the check log):
  5. QE report signed by the PCK key                      AttestationError
  6. QE report binds the attestation key (auth data)      AttestationError
  7. quote signed by the attestation key                  AttestationError
- 8. TCB info: chain, CRL, signature over exact JSON, FMSPC/PCE-ID, validity   CollateralError / ExpiredError
- 9. QE identity: chain, CRL, signature, QE match, QE TCB level               CollateralError
+ 8. TCB info: chain (TCB Signing <- the PCK chain's root), root CRL, signature over exact JSON,
+    FMSPC/PCE-ID, validity                                                   CollateralError / ExpiredError
+ 9. QE identity: chain (as 8), root CRL, signature, QE match, QE TCB level   CollateralError
 10. platform TCB level; TDX module identity; convergence; Revoked / no match TcbError
 """
 
@@ -50,7 +51,7 @@ from shieldml.attest._intel_quote import (
     SgxReportBody,
     TdReportBody,
 )
-from shieldml.attest._trust import RootKind, TrustAnchors, Vendor
+from shieldml.attest._trust import RootKind, TrustAnchors, Vendor, fingerprint, weakest
 from shieldml.attest._x509 import cert_bytes, check_crl, cn, verify_chain
 from shieldml.errors import (
     AttestationError,
@@ -147,10 +148,12 @@ def verify_quote(
             AttestationError("quote signature", "quote body is not signed by the attestation key")
         )
     log.ok("quote signature", "header and report body signed by the attestation key")
-    tcb = _tcb_info(quote, ext, collateral, now, trust, log)  # 8
-    identity = _qe_identity(quote, collateral, now, trust, log)  # 9
+    tcb, tcb_root = _tcb_info(quote, ext, collateral, root, now, trust, log)  # 8
+    identity, qe_root, qe_number = _qe_identity(quote, collateral, root, now, trust, log)  # 9
     status, advisories = _tcb_status(quote, ext, tcb, identity, log)  # 10
-    return _claims(quote, ext, status, advisories, root_kind, now, log)
+    kind = weakest(root_kind, tcb_root, qe_root)
+    number = min(tcb.evaluation_data_number, qe_number)
+    return _claims(quote, ext, status, advisories, kind, number, now, log)
 
 
 def verify_pck_chain(
@@ -220,24 +223,62 @@ def _quote_and_pck_chain(
     return quote, chain, root_kind
 
 
+#: The subject (CN) of the certificate Intel signs TCB info and QE identities with.
+TCB_SIGNING_CN = "Intel SGX TCB Signing"
+
+
 def _signed_json(
     name: str,
     chain: list[x509.Certificate],
     raw: bytes,
     sig: bytes,
     collateral: IntelCollateral,
+    root: x509.Certificate,
     now: datetime,
     trust: TrustAnchors,
     log: CheckLog,
-) -> None:
-    verify_chain(chain, Vendor.INTEL, trust, now, log, f"{name} signing chain")
-    if len(chain) > 1:
-        check_crl(collateral.root_ca_crl, chain[-1], chain[:-1], now, log, "root CA CRL")
+) -> RootKind:
+    """Check ``name``'s signing chain and signature; return how its root is trusted.
+
+    Intel's shape only: exactly TCB Signing <- root, the root the quote's PCK chain ends at (one
+    piece of evidence has one root: collateral re-signed under another trusted root, such as a
+    simulated platform's, must not vouch for a real quote), and the root CA CRL always checked.
+    """
+    what = f"{name} signing chain"
+    if len(chain) != 2:
+        raise log.fail(
+            CollateralError(
+                "certificate chain",
+                f"{what} has {len(chain)} certificate(s), expected 2 certificates "
+                f"('{TCB_SIGNING_CN}' <- root)",
+            )
+        )
+    if cn(chain[0].subject) != TCB_SIGNING_CN:
+        raise log.fail(
+            CollateralError(
+                "certificate chain",
+                f"{name} is signed by '{cn(chain[0].subject)}', not by '{TCB_SIGNING_CN}'",
+                expected=TCB_SIGNING_CN,
+                found=cn(chain[0].subject),
+            )
+        )
+    if chain[-1] != root:  # same DER; fingerprints only for the message
+        raise log.fail(
+            CollateralError(
+                "certificate chain",
+                f"{what} ends at another root than the PCK chain",
+                expected=f"'{cn(root.subject)}' (SHA-256 {fingerprint(root)})",
+                found=f"'{cn(chain[-1].subject)}' (SHA-256 {fingerprint(chain[-1])})",
+                hint="TCB info and QE identity must come from the same root as the quote",
+            )
+        )
+    kind = verify_chain(chain, Vendor.INTEL, trust, now, log, what)
+    check_crl(collateral.root_ca_crl, chain[-1], chain[:-1], now, log, "root CA CRL")
     key = log.cache.key("signed", name, raw, sig, cert_bytes(chain[0])) if log.cache else None
     hit = log.cache.get(key, now) if log.cache is not None and key is not None else None
     if hit is not None:
         log.ok(name, hit[0] + " [cached]")
-        return
+        return kind
     if len(sig) != 64 or not _ecdsa_ok(_signing_key(chain[0]), sig, raw):
         raise log.fail(
             CollateralError(name, f"{name} signature does not verify over its exact JSON bytes")
@@ -248,6 +289,7 @@ def _signed_json(
         log.cache.put(
             key, chain[0].not_valid_before_utc, chain[0].not_valid_after_utc, detail, None
         )
+    return kind
 
 
 def _fresh(name: str, issue: datetime, nxt: datetime, now: datetime, log: CheckLog) -> None:
@@ -269,16 +311,18 @@ def _tcb_info(
     quote: Quote,
     ext: PckExtension,
     col: IntelCollateral,
+    root: x509.Certificate,
     now: datetime,
     trust: TrustAnchors,
     log: CheckLog,
-) -> TcbInfo:
-    _signed_json(
+) -> tuple[TcbInfo, RootKind]:
+    kind = _signed_json(
         "TCB info",
         col.tcb_info_issuer_chain,
         col.tcb_info,
         col.tcb_info_signature,
         col,
+        root,
         now,
         trust,
         log,
@@ -311,7 +355,7 @@ def _tcb_info(
         "TCB info",
         f"{info.id} TCB info for FMSPC {info.fmspc.hex()}, evaluation #{info.evaluation_data_number}",
     )
-    return info
+    return info, kind
 
 
 def _masked_equal(a: bytes, b: bytes, mask: bytes) -> bool:
@@ -321,14 +365,22 @@ def _masked_equal(a: bytes, b: bytes, mask: bytes) -> bool:
 
 
 def _qe_identity(
-    quote: Quote, col: IntelCollateral, now: datetime, trust: TrustAnchors, log: CheckLog
-) -> tuple[S, tuple[str, ...], int]:
-    _signed_json(
+    quote: Quote,
+    col: IntelCollateral,
+    root: x509.Certificate,
+    now: datetime,
+    trust: TrustAnchors,
+    log: CheckLog,
+) -> tuple[tuple[S, tuple[str, ...], int], RootKind, int]:
+    """The QE's TCB result (status, advisories, ISVSVN), the root kind and the identity's
+    tcbEvaluationDataNumber."""
+    kind = _signed_json(
         "QE identity",
         col.qe_identity_issuer_chain,
         col.qe_identity,
         col.qe_identity_signature,
         col,
+        root,
         now,
         trust,
         log,
@@ -366,10 +418,13 @@ def _qe_identity(
         )
     for isvsvn, status, adv in ident.levels:
         if isvsvn <= qe.isv_svn:
-            log.ok("QE identity", f"{want} ISVSVN {qe.isv_svn}: {status}")
-            return _status(status, log), adv, isvsvn
+            log.ok(
+                "QE identity",
+                f"{want} ISVSVN {qe.isv_svn}: {status}, evaluation #{ident.evaluation_data_number}",
+            )
+            return (_status(status, log), adv, isvsvn), kind, ident.evaluation_data_number
     log.ok("QE identity", f"{want} ISVSVN {qe.isv_svn} below every level: Revoked")
-    return S.REVOKED, (), -1
+    return (S.REVOKED, (), -1), kind, ident.evaluation_data_number
 
 
 def _status(value: str, log: CheckLog) -> S:
@@ -580,6 +635,7 @@ def _claims(
     status: S,
     advisories: tuple[str, ...],
     root: RootKind,
+    evaluation_data_number: int,
     now: datetime,
     log: CheckLog,
 ) -> Claims:
@@ -637,4 +693,5 @@ def _claims(
         root=root,
         verified_at=now,
         checks=tuple(log.checks),
+        tcb_evaluation_data_number=evaluation_data_number,
     )

@@ -6,6 +6,9 @@ Verification pipeline:
  1. parse the report (1184 bytes; or inside an Azure HCL report)     FormatError
  2. signing key: VCEK or VLEK; the endorsement certificate           CollateralError
  3. VCEK/VLEK <- ASK/ASVK <- ARK, RSA-PSS, ARK pinned, valid at now    UntrustedRootError / ExpiredError
+ 3b. AMD's CRL (KDS ``crl``, signed by the ARK) when given: current,   RevokedError / ExpiredError
+    and the ASK/ASVK not on it; without it the claims say so
+    (``platform["revocation"]``)
  4. report signature: ECDSA P-384 / SHA-384 over bytes 0x000-0x29F    AttestationError
  5. REPORTED_TCB equals the certificate's SPL extensions              AttestationError
  6. CHIP_ID equals the VCEK's hwID (VCEK only)                        AttestationError
@@ -29,7 +32,7 @@ from shieldml.attest import _certs, _der
 from shieldml.attest._checks import CheckLog, VerificationCache
 from shieldml.attest._claims import Claims, SnpMeasurements, TeeKind
 from shieldml.attest._trust import TrustAnchors, Vendor
-from shieldml.attest._x509 import cn, verify_chain
+from shieldml.attest._x509 import check_crl, cn, verify_chain
 from shieldml.errors import AttestationError, CollateralError, FormatError, UnsupportedVersionError
 
 REPORT_SIZE = 0x4A0
@@ -244,8 +247,15 @@ def verify_report(
     now: datetime,
     trust: TrustAnchors,
     cache: VerificationCache | None = None,
+    crl: x509.CertificateRevocationList | None = None,
 ) -> Claims:
-    """Verify an SEV-SNP report with its VCEK/VLEK and the ASK/ASVK + ARK certificates."""
+    """Verify an SEV-SNP report with its VCEK/VLEK and the ASK/ASVK + ARK certificates.
+
+    ``crl`` is AMD's CRL for the product (KDS ``/vcek/v1/{product}/crl``: DER, signed by the
+    ARK): when given, it must be current and must not list the ASK/ASVK. It covers what the ARK
+    issued, so the VCEK/VLEK (issued by the ASK, AMD serial 0) is not looked up in it; a revoked
+    ASK takes every VCEK under it along. Without it the claims say revocation was not checked.
+    """
     log = CheckLog(cache=cache)
     try:  # 1
         report = SnpReport.from_bytes(raw)
@@ -285,6 +295,12 @@ def verify_report(
             )
         )
     root = verify_chain([cert, ca, ark], Vendor.AMD, trust, now, log, f"{kind} chain")  # 3
+    if crl is not None:  # 3b
+        check_crl(crl, ark, [ca], now, log, f"AMD CRL of ARK-{endorse.product}")
+        revocation = f"checked: {ca_name} is not on the AMD CRL"
+    else:
+        revocation = "not checked: no AMD CRL given"
+        log.ok("revocation list", f"{ca_name} revocation not checked: no AMD CRL given")
     key = cert.public_key()  # 4
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise log.fail(AttestationError("report signature", f"{kind} key is not ECDSA P-384"))
@@ -352,6 +368,7 @@ def verify_report(
             "product": endorse.product,
             "chip_id": report.chip_id.hex(),
             **{f"reported_tcb_{k}": str(v) for k, v in reported.items()},
+            "revocation": revocation,
         },
         root=root,
         verified_at=now,

@@ -43,6 +43,15 @@ class RootKind(enum.StrEnum):
     CUSTOM = "custom"  # added with insecure=True
 
 
+#: weakest first: a result is only as trusted as the weakest root any of its chains ended at
+_STRENGTH = (RootKind.SIMULATED, RootKind.CUSTOM, RootKind.VENDOR)
+
+
+def weakest(*kinds: RootKind) -> RootKind:
+    """The least trusted of ``kinds`` (simulated < custom < vendor)."""
+    return min(kinds, key=_STRENGTH.index)
+
+
 def fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
 
@@ -91,13 +100,15 @@ class TrustAnchors:
             log.warning("insecure: %s verified against custom root %s", what, fp)
             return RootKind.CUSTOM
         subject = root.subject.rfc4514_string()
+        # the name only words the message; it never decides trust (see anchors_from_files)
         simulated = "shieldml simulated" in subject
         raise UntrustedRootError(
             "trust root",
             f"{what} chains to an untrusted root" + (" (simulated)" if simulated else ""),
             expected=f"a pinned {vendor} root",
             found=f"{subject} (SHA-256 {fp})",
-            hint="simulated evidence verifies only when its root is trusted explicitly"
+            hint="simulated evidence verifies only when its platform is trusted explicitly "
+            "(--simulated-platform)"
             if simulated
             else "evidence must chain to the genuine vendor root; a custom root needs --insecure-custom-root",
         )
@@ -108,8 +119,11 @@ def anchors_from_files(
 ) -> TrustAnchors:
     """The pinned anchors plus the roots in ``paths`` (PEM or DER files).
 
-    A pinned vendor root adds nothing; a simulated platform's root (``O=shieldml simulated``) is
-    trusted as simulated; any other root only with ``insecure_custom_root`` (and logged). A file
+    A pinned vendor root adds nothing; any other root is a *custom* root, trusted only with
+    ``insecure_custom_root`` (and logged). What a certificate says about itself never decides how
+    it is trusted: one named like the simulated platform's (``O=shieldml simulated``) is a custom
+    root too; a simulated platform's roots are trusted as simulated only through
+    :meth:`shieldml.testing.simulated.SimulatedPlatform.trust` (``--simulated-platform``). A file
     that cannot be read or is not a certificate, or a custom root without the switch, is a
     :class:`TrustRootError`.
     """
@@ -128,10 +142,7 @@ def anchors_from_files(
         except (ValueError, FormatError) as e:
             raise TrustRootError(f"{path}: not a certificate") from e
         for cert in certs:
-            org = cert.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)
-            if org and org[0].value == "shieldml simulated":
-                anchors = anchors.with_simulated(cert)
-            elif any(fingerprint(cert) in fps for fps in anchors.vendor.values()):
+            if any(fingerprint(cert) in fps for fps in anchors.vendor.values()):
                 continue  # a pinned vendor root is trusted anyway
             elif not insecure_custom_root:
                 raise TrustRootError(

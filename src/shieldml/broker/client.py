@@ -128,6 +128,7 @@ class BrokerClient:
         collateral: dict[str, Any] | None = None,
         vcek: bytes | None = None,
         cert_chain: str | None = None,
+        amd_crl: bytes | None = None,
     ) -> ReleasedKeys:
         body: dict[str, Any] = {
             "nonce": nonce.hex(),
@@ -144,6 +145,8 @@ class BrokerClient:
             body["vcek"] = base64.b64encode(vcek).decode()
         if cert_chain is not None:
             body["cert_chain"] = cert_chain
+        if amd_crl is not None:
+            body["amd_crl"] = base64.b64encode(amd_crl).decode()
         doc = self._call("POST", "/v1/release", json=body)
         return ReleasedKeys(
             self._opened(doc.get("keys"), keys, runner_key),

@@ -162,6 +162,12 @@ def evidence_options(f: F) -> F:
                 type=EXISTING_FILE,
                 help="AMD ASK/ARK chain (PEM).",
             ),
+            click.option(
+                "--amd-crl",
+                type=EXISTING_FILE,
+                help="AMD's CRL for the product (KDS /vcek/v1/PRODUCT/crl, DER or PEM); without it"
+                " SEV-SNP revocation is not checked (the claims say so).",
+            ),
             AT_OPTION,
         ]
     ):
@@ -197,6 +203,7 @@ def verify(
     at: str | None,
     trust_root: tuple[str, ...],
     insecure_custom_root: bool,
+    amd_crl: str | None = None,
 ) -> Claims:
     """Verify the evidence in ``file`` with the options of :func:`evidence_options`.
 
@@ -228,6 +235,7 @@ def verify(
             cert_chain=chain,
             now=when,
             trust=trust_anchors(trust_root, insecure_custom_root),
+            amd_crl=read_bytes(amd_crl, "AMD CRL") if amd_crl else None,
         )
     except (AttestationError, FormatError) as e:
         raise NotGenuine(e) from e

@@ -52,6 +52,8 @@ INSECURE = (
     "insecure_allow_out_of_date",
 )
 COMMON = {"tee", "workload_digest", "tcb_status", "advisory_ids", "description", *INSECURE}
+#: Intel collateral's minimum tcbEvaluationDataNumber (optional, SGX and TDX profiles only)
+MIN_EVALUATION = "min_tcb_evaluation_data_number"
 #: reference fields per TEE: name -> (kind, byte length for hex values)
 FIELDS: dict[TeeKind, dict[str, tuple[str, int]]] = {
     TeeKind.SGX: {
@@ -127,6 +129,8 @@ class Profile:
     advisory_ids: frozenset[str] | None  # None = any
     insecure: frozenset[str] = frozenset()
     description: str = ""
+    #: the oldest Intel collateral accepted (its tcbEvaluationDataNumber); None = any
+    min_tcb_evaluation_data_number: int | None = None
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,9 @@ def _profile(p: Any, where: str) -> Profile:
     except ValueError:
         raise PolicyError(f"{where}: tee must be one of sgx, tdx, snp") from None
     fields = FIELDS[tee]
-    unknown = set(p) - COMMON - set(fields)
+    unknown = (
+        set(p) - COMMON - set(fields) - ({MIN_EVALUATION} if tee is not TeeKind.SNP else set())
+    )
     if unknown:
         raise PolicyError(
             f"{where}: unknown field(s) for {tee}: {', '.join(sorted(unknown))}",
@@ -231,7 +237,14 @@ def _profile(p: Any, where: str) -> Profile:
     desc = p.get("description", "")
     if not isinstance(desc, str):
         raise PolicyError(f"{where}: description must be a string")
-    return Profile(tee, refs, wd, statuses, advisories, insecure, desc)
+    min_eval = p.get(MIN_EVALUATION)
+    if min_eval is not None and (
+        not isinstance(min_eval, int) or isinstance(min_eval, bool) or min_eval < 0
+    ):
+        raise PolicyError(f"{where}: {MIN_EVALUATION} must be a non-negative integer")
+    return Profile(
+        tee, refs, wd, statuses, advisories, insecure, desc, min_tcb_evaluation_data_number=min_eval
+    )
 
 
 def _bool(v: Any, where: str) -> bool:

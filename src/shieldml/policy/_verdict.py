@@ -49,6 +49,8 @@ _HINTS = {
     "debug": "a debug TEE lets the host read its memory; run the workload with debug off",
     "tcb_status": "the platform needs the updates its advisories name, or the policy must knowingly accept this status",
     "advisory_ids": "the platform is exposed to advisories the owner has not accepted",
+    "min_tcb_evaluation_data_number": "the collateral is older than the policy allows (an Intel"
+    " TCB recovery since): verify with fresh collateral from Intel PCS or an up-to-date PCCS",
     "workload_digest": "the job (manifest or trusted files) differs from the one the owner approved: `shieldml job measure`",
     "min_reported_tcb": "the platform firmware is older than the policy allows",
     "mr_config_id": _LAUNCH,
@@ -202,6 +204,14 @@ def _check_profile(
                 "only " + (", ".join(sorted(p.advisory_ids)) or "none"),
                 ", ".join(extra) or "none",
             )
+    if p.min_tcb_evaluation_data_number is not None:
+        number = claims.tcb_evaluation_data_number
+        add(
+            "min_tcb_evaluation_data_number",
+            number is not None and number >= p.min_tcb_evaluation_data_number,
+            f">= {p.min_tcb_evaluation_data_number}",
+            "none" if number is None else str(number),
+        )
     m = claims.measurements
     for name, ref in p.refs.items():
         if ref == ANY:

@@ -300,7 +300,9 @@ class SimulatedPlatform:
         ]
 
     # -- Intel ------------------------------------------------------------------------------
-    def _collateral(self, tee: str, status: str, now: datetime) -> IntelCollateral:
+    def _collateral(
+        self, tee: str, status: str, now: datetime, evaluation: int = 1
+    ) -> IntelCollateral:
         issue, nxt = now - timedelta(hours=1), now + timedelta(days=30)
         root, pck_ca = self.keys["intel_root"], self.keys["pck_ca"]
 
@@ -327,7 +329,7 @@ class SimulatedPlatform:
         }
         info: dict[str, object] = {
             "id": tee, "version": 3, "issueDate": iso_utc(issue), "nextUpdate": iso_utc(nxt),
-            "fmspc": FMSPC.hex().upper(), "pceId": PCE_ID.hex(), "tcbType": 0, "tcbEvaluationDataNumber": 1,
+            "fmspc": FMSPC.hex().upper(), "pceId": PCE_ID.hex(), "tcbType": 0, "tcbEvaluationDataNumber": evaluation,
         }  # fmt: skip
         if tee == "TDX":
             tcb["tdxtcbcomponents"] = [{"svn": v} for v in TEE_TCB_SVN]
@@ -344,7 +346,7 @@ class SimulatedPlatform:
         info["tcbLevels"] = [level]
         qe = {
             "id": "TD_QE" if tee == "TDX" else "QE", "version": 2, "issueDate": iso_utc(issue), "nextUpdate": iso_utc(nxt),
-            "tcbEvaluationDataNumber": 1, "miscselect": "00000000", "miscselectMask": "FFFFFFFF",
+            "tcbEvaluationDataNumber": evaluation, "miscselect": "00000000", "miscselectMask": "FFFFFFFF",
             "attributes": "11000000000000000000000000000000", "attributesMask": "FBFFFFFFFFFFFFFF0000000000000000",
             "mrsigner": QE_MRSIGNER.hex().upper(), "isvprodid": 2 if tee == "TDX" else 1,
             "tcbLevels": [{"tcb": {"isvsvn": 8}, "tcbDate": "2025-01-01T00:00:00Z", "tcbStatus": "UpToDate"}],
@@ -417,14 +419,22 @@ class SimulatedPlatform:
         return self._quote(3, TEE_SGX, bytes(body)), self.collateral("sgx", tcb_status, now)
 
     def collateral(
-        self, tee: str, tcb_status: str = "UpToDate", now: datetime | None = None
+        self,
+        tee: str,
+        tcb_status: str = "UpToDate",
+        now: datetime | None = None,
+        *,
+        evaluation_data_number: int = 1,
     ) -> IntelCollateral:
-        """Fresh collateral for this platform's ``sgx`` or ``tdx`` quotes (valid 30 days from ``now``).
+        """Fresh collateral for this platform's ``sgx`` or ``tdx`` quotes (valid 30 days from ``now``),
+        numbered ``evaluation_data_number`` (its tcbEvaluationDataNumber: higher is newer).
 
         Quotes from one platform share collateral, so a caller making many quotes can fetch it once
         (as a PCCS cache would) and take only the quote from :meth:`sgx_quote` / :meth:`tdx_quote`.
         """
-        return self._collateral(tee.upper(), tcb_status, now or self.clock())
+        return self._collateral(
+            tee.upper(), tcb_status, now or self.clock(), evaluation_data_number
+        )
 
     def tdx_quote(
         self,
@@ -583,6 +593,34 @@ class SimulatedPlatform:
             return self.certs["vcek"]
         finally:
             self.certs["vcek"] = saved
+
+    def amd_crl(
+        self,
+        *,
+        revoked: tuple[x509.Certificate, ...] = (),
+        now: datetime | None = None,
+        valid_for: timedelta = timedelta(days=7),
+    ) -> bytes:
+        """The ARK's CRL as AMD's KDS serves it (``/vcek/v1/{product}/crl``: DER, RSA-PSS
+        SHA-384 by the ARK), listing ``revoked``; issued ``now`` - 1 hour."""
+        issued = (now or self.clock()) - timedelta(hours=1)
+        b = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.certs["ark"].subject)
+            .last_update(issued)
+            .next_update(issued + valid_for)
+        )
+        for cert in revoked:
+            b = b.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(cert.serial_number)
+                .revocation_date(issued)
+                .build()
+            )
+        key = self.keys["ark"]
+        assert isinstance(key, rsa.RSAPrivateKey)
+        crl = b.sign(key, hashes.SHA384(), rsa_padding=_RSA_PSS)
+        return crl.public_bytes(serialization.Encoding.DER)
 
     def snp_cert_table(self) -> bytes:
         """The certificate table an extended report carries (configfs-tsm ``auxblob``)."""

@@ -79,6 +79,12 @@ class ReleaseBody(BaseModel):
     cert_chain: str | None = Field(
         default=None, description="PEM ASK/ARK chain", max_length=100_000
     )
+    amd_crl: str | None = Field(
+        default=None,
+        description="base64 AMD CRL (KDS /vcek/v1/PRODUCT/crl, DER); SEV-SNP revocation is checked"
+        " only with it",
+        max_length=200_000,
+    )
     hpke_kem: Literal["X25519", "MLKEM768-X25519"] = "X25519"
     hpke_public_key: str = Field(description="base64", max_length=4096)
     workload_digest: str = Field(pattern="^sha256:[0-9a-f]{64}$")
@@ -205,6 +211,7 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
         evidence = _b64(req.evidence, "evidence")
         pk = _b64(req.hpke_public_key, "hpke_public_key")
         vcek = _b64(req.vcek, "vcek") if req.vcek else None
+        amd_crl = _b64(req.amd_crl, "amd_crl") if req.amd_crl else None
         kem_id = protocol.KEMS[req.hpke_kem]
         nonce = bytes.fromhex(req.nonce)
         try:
@@ -223,6 +230,7 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
                 collateral=req.collateral,
                 vcek=vcek,
                 cert_chain=req.cert_chain,
+                amd_crl=amd_crl,
             ),
         )  # raises the refusal; the ShieldError handler answers its status and detail
         claims = released.claims

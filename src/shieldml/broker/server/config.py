@@ -125,6 +125,7 @@ class BrokerConfig:
             challenge_burst=self.challenge_burst,
             trust=self.trust(),
             collateral_for=self.collateral_source(),
+            own_collateral=self.own_collateral(),
         )
 
     def collateral_source(self) -> Callable[[bytes], IntelCollateral]:
@@ -149,6 +150,25 @@ class BrokerConfig:
             return cache.intel(quote_bytes, now=now)
 
         return source
+
+    def own_collateral(self) -> Callable[[bytes], IntelCollateral | None]:
+        """The collateral this broker has at hand for a quote, asking no one: a trusted simulated
+        platform's, else what the on-disk cache holds (what runners' collateral is compared with)."""
+        from shieldml.attest import CollateralCache, fingerprint, load_pem_chain
+        from shieldml.testing.simulated import SimulatedPlatform, system_clock
+
+        sims = [SimulatedPlatform.open(d, clock=system_clock) for d in self.simulated_platforms]
+        cache = CollateralCache(Path(self.state_dir) / "collateral")
+
+        def own(quote_bytes: bytes) -> IntelCollateral | None:
+            q = Quote.from_bytes(quote_bytes)
+            root = load_pem_chain(q.certification.cert_data, "PCK chain")[-1]
+            for sim in sims:
+                if fingerprint(sim.intel_root) == fingerprint(root):
+                    return sim.collateral("tdx" if q.is_tdx else "sgx")
+            return cache.cached_intel(quote_bytes, now=dt.datetime.now(dt.UTC))
+
+        return own
 
     def app(self) -> FastAPI:
         return create_app(Store(self.database, Path(self.state_dir)), self.settings())

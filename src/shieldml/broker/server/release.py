@@ -9,7 +9,9 @@ record per decision, written here and nowhere else; no key material in it:
     (the record of a refused nonce is fixed-size: no request data, only the nonce's hash)
  3. verify the evidence: genuine hardware, chain to a trusted root, TCB   NotGenuineError 403
     level; collateral the broker looks up itself only after the quote's
-    PCK chain verified, and a failed lookup is remembered for a while
+    PCK chain verified, and a failed lookup is remembered for a while;
+    collateral the runner sent no older (tcbEvaluationDataNumber) than
+    the broker's own for the same FMSPC (:class:`CollateralFloor`)
  4. REPORTDATA == binding(nonce, HPKE key, workload digest)             BindingError 403
     (secret provisioning: the RA-TLS certificate binds the TLS key instead)
  5. every requested key exists                                          UnknownKeyError 404
@@ -37,7 +39,9 @@ from cryptography import x509
 
 from shieldml.attest import (
     Claims,
+    EnclaveIdentity,
     IntelCollateral,
+    TcbInfo,
     TrustAnchors,
     VerificationCache,
     detect_tee,
@@ -52,6 +56,7 @@ from shieldml.errors import (
     AttestationError,
     BindingError,
     BrokerError,
+    CollateralError,
     FormatError,
     IntegrityError,
     NonceError,
@@ -120,6 +125,40 @@ class CollateralMisses:
             return len(self._entries)
 
 
+#: what collateral is compared by: (tee "SGX"/"TDX", FMSPC hex, root kind of the evidence)
+FloorKey = tuple[str, str, str]
+
+
+class CollateralFloor:
+    """The newest Intel collateral (highest tcbEvaluationDataNumber) this broker has verified, per
+    TEE, FMSPC and root kind: collateral a runner sends must not be older (the host keeps stale
+    collateral that still calls its platform current after a TCB recovery). In memory, per worker
+    process, bounded (LRU), thread-safe; it only ever rises."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[FloorKey, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(claims: Claims) -> FloorKey | None:
+        fmspc = claims.platform.get("fmspc")
+        if claims.tcb_evaluation_data_number is None or fmspc is None:
+            return None
+        return (claims.tee.value.upper(), fmspc.lower(), claims.root.value)
+
+    def get(self, key: FloorKey) -> int | None:
+        with self._lock:
+            return self._entries.get(key)
+
+    def raise_to(self, key: FloorKey, number: int) -> None:
+        with self._lock:
+            self._entries[key] = max(number, self._entries.get(key, number))
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+
 @dataclass
 class Settings:
     nonce_ttl: timedelta = timedelta(seconds=60)
@@ -134,6 +173,12 @@ class Settings:
     collateral_for: Callable[[bytes], IntelCollateral] | None = None
     #: failed lookups of ``collateral_for``, by exact quote bytes (see :class:`CollateralMisses`)
     collateral_misses: CollateralMisses = field(default_factory=CollateralMisses)
+    #: the broker's own collateral for a quote's platform where it has some at hand (its cache, a
+    #: trusted simulated platform), never asking anyone: collateral a runner sends is compared
+    #: with it. Asked only for a quote that verified.
+    own_collateral: Callable[[bytes], IntelCollateral | None] | None = None
+    #: the newest collateral verified so far, per FMSPC (see :class:`CollateralFloor`)
+    collateral_floor: CollateralFloor = field(default_factory=CollateralFloor)
     #: ``/v1/challenge`` per client address, token bucket per worker: sustained rate (per
     #: second) and burst; beyond it, 429. ``challenge_rate = 0`` turns the limit off.
     challenge_rate: float = CHALLENGE_RATE
@@ -168,6 +213,7 @@ class ReleaseRequest:
     collateral: Mapping[str, str] | None = None  # Intel collateral JSON members, as sent
     vcek: bytes | None = None
     cert_chain: str | None = None  # PEM ASK/ARK chain
+    amd_crl: bytes | None = None  # AMD's CRL (DER or PEM), checked when sent
     #: the only key format this channel can deliver (secret provisioning: gramine-pf)
     key_format: str | None = None
 
@@ -355,6 +401,7 @@ def _refuse(
 
 
 def _verify(settings: Settings, request: ReleaseRequest) -> Claims:
+    sent = request.collateral is not None
     collateral = (
         IntelCollateral.from_json(json.dumps(dict(request.collateral)))
         if request.collateral is not None
@@ -363,10 +410,59 @@ def _verify(settings: Settings, request: ReleaseRequest) -> Claims:
     chain: list[x509.Certificate] | None = (
         load_pem_chain(request.cert_chain, "cert_chain") if request.cert_chain else None
     )
-    return verify_evidence(
+    claims = verify_evidence(
         request.evidence, tee=request.tee, collateral=collateral, vcek=request.vcek,
         cert_chain=chain, now=settings.now(), trust=settings.trust, cache=settings.cache,
+        amd_crl=request.amd_crl,
     )  # fmt: skip
+    key = CollateralFloor.key(claims)
+    if key is None or claims.tcb_evaluation_data_number is None:
+        return claims
+    number = claims.tcb_evaluation_data_number
+    if sent:
+        _not_older_than_the_brokers(settings, request, key, number)
+    settings.collateral_floor.raise_to(key, number)
+    return claims
+
+
+def _not_older_than_the_brokers(
+    settings: Settings, request: ReleaseRequest, key: FloorKey, number: int
+) -> None:
+    """Refuse collateral the runner sent that is older than what the broker has for the same
+    TEE and FMSPC: its own (cached) collateral, or the newest it verified before."""
+    floor = settings.collateral_floor.get(key)
+    if settings.own_collateral is not None:
+        kind = detect_tee(request.evidence) if request.tee == "auto" else request.tee
+        quote = extract(request.evidence).quote if kind == "ratls" else request.evidence
+        own = _evaluation_number(settings.own_collateral(quote), key)
+        if own is not None:
+            floor = own if floor is None else max(floor, own)
+    if floor is None or number >= floor:
+        return
+    raise CollateralError(
+        "collateral",
+        f"the collateral sent is older than the broker's for FMSPC {key[1]}",
+        expected=f"tcbEvaluationDataNumber >= {floor}",
+        found=f"tcbEvaluationDataNumber {number}",
+        hint="send fresh collateral (Intel PCS or an up-to-date PCCS), or none: the broker then "
+        "uses its own",
+    )
+
+
+def _evaluation_number(col: IntelCollateral | None, key: FloorKey) -> int | None:
+    """The tcbEvaluationDataNumber of the broker's own collateral if it is for ``key``'s TEE and
+    FMSPC. It is the broker's own (fetched by it, or its simulated platform's), so it is read, not
+    verified again: damaged, it can only make the broker refuse, never accept older collateral."""
+    if col is None:
+        return None
+    try:
+        info = TcbInfo.from_json(col.tcb_info)
+        ident = EnclaveIdentity.from_json(col.qe_identity)
+    except CollateralError:
+        return None
+    if info.id != key[0] or info.fmspc.hex() != key[1]:
+        return None
+    return min(info.evaluation_data_number, ident.evaluation_data_number)
 
 
 def broker_collateral(settings: Settings, evidence: bytes, tee: str) -> IntelCollateral | None:
