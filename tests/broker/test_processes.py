@@ -317,3 +317,14 @@ def test_challenge_flood_from_one_address_gets_429_at_the_served_limit(tmp_path:
         assert "too many challenges from 127.0.0.1" in str(e.value)
     finally:
         bp.stop()
+
+
+def test_insecure_simulated_platform_is_said_once_and_no_cdn_docs_pages(served: BrokerProcess):
+    """One warning per insecure root (not one per configuration built), and no /docs or /redoc:
+    FastAPI's pages load scripts from a CDN (blank offline); /openapi.json stays."""
+    with admin(served) as c:
+        assert c.challenge()
+        for page in ("/docs", "/redoc"):
+            assert c.http.get(page).status_code == 404
+        assert c.http.get("/openapi.json").status_code == 200
+    assert served.log.read_text().count("insecure: trusting the simulated platform") == 1

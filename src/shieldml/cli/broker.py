@@ -235,7 +235,7 @@ def serve(
         challenge_rate=challenge_rate,
         challenge_burst=challenge_burst,
     )
-    cfg.trust()  # fail early on bad roots
+    cfg.trust(announce=False)  # fail early on bad roots (the serving process says insecure)
     store = Store(url, state_dir)
     if not store.has_admin_token():
         # The broker stores only the token's hash; the token itself goes to a 0600 file written

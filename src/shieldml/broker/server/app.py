@@ -161,7 +161,15 @@ class ChallengeLimiter:
 
 def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
     cfg = settings or Settings()
-    app = FastAPI(title="shieldml key broker", version=__version__, description=__doc__)
+    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN (blank offline, and a
+    # third-party script on the broker's origin); the schema is at /openapi.json.
+    app = FastAPI(
+        title="shieldml key broker",
+        version=__version__,
+        description=__doc__,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.add_middleware(BodyLimit, max_body=cfg.max_body, timeout=cfg.body_timeout)
     limiter = ChallengeLimiter(cfg.challenge_rate, cfg.challenge_burst, cfg.monotonic)
 

@@ -76,6 +76,9 @@ def self_signed(state_dir: Path, hosts: list[str]) -> TlsFiles:
     return TlsFiles(cert_path, key_path)
 
 
+_ANNOUNCED: set[str] = set()
+
+
 @dataclass(frozen=True, kw_only=True)
 class BrokerConfig:
     """What ``shieldml broker serve`` starts with (passed to worker processes as JSON)."""
@@ -105,7 +108,9 @@ class BrokerConfig:
         d["simulated_platforms"] = tuple(d["simulated_platforms"])
         return cls(**d)
 
-    def trust(self) -> TrustAnchors:
+    def trust(self, *, announce: bool = True) -> TrustAnchors:
+        """The roots evidence is checked against; ``announce``: log each insecure one (the
+        process that serves does; ``serve``'s early check does not, so it is said once)."""
         from shieldml.attest import anchors_from_files
         from shieldml.testing.simulated import SimulatedPlatform, system_clock
 
@@ -113,7 +118,9 @@ class BrokerConfig:
             self.trust_roots, insecure_custom_root=self.insecure_custom_root
         )
         for d in self.simulated_platforms:
-            log.warning("insecure: trusting the simulated platform in %s", d)
+            if announce and d not in _ANNOUNCED:
+                _ANNOUNCED.add(d)  # once per process, however many settings are built
+                log.warning("insecure: trusting the simulated platform in %s", d)
             anchors = SimulatedPlatform.open(d, clock=system_clock).trust(anchors)
         return anchors
 
