@@ -328,3 +328,31 @@ def test_insecure_simulated_platform_is_said_once_and_no_cdn_docs_pages(served: 
             assert c.http.get(page).status_code == 404
         assert c.http.get("/openapi.json").status_code == 200
     assert served.log.read_text().count("insecure: trusting the simulated platform") == 1
+
+
+def test_operator_commands_policy_get_list_rm_key_rm_and_metrics(
+    served: BrokerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    conn = ["--url", served.url, "--fingerprint", served.fingerprint,
+            "--token-file", str(served.token_file)]  # fmt: skip
+    pol = tmp_path / "p.toml"
+    pol.write_text(POLICY)
+    assert main(["broker", "key", "add", "model", *conn]) == 0
+    assert main(["broker", "policy", "set", "model", str(pol), *conn]) == 0
+    capsys.readouterr()
+    assert main(["broker", "policy", "get", "model", *conn]) == 0
+    assert capsys.readouterr().out == POLICY
+    assert main(["broker", "policy", "list", *conn, "--json"]) == 0
+    assert [p["name"] for p in json.loads(capsys.readouterr().out)] == ["model"]
+    assert main(["broker", "policy", "rm", "model", *conn, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "model"
+    assert main(["broker", "policy", "get", "model", *conn]) == 1
+    assert "has no policy" in capsys.readouterr().err
+    assert main(["broker", "key", "rm", "model", *conn]) == 0
+    assert "key model removed" in capsys.readouterr().out
+    assert main(["broker", "key", "list", *conn, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    with admin(served) as c:
+        text = c.http.get("/metrics").text
+    assert "shieldml_request_seconds_bucket" in text
+    assert '"route": "/v1/admin/keys"' in served.log.read_text()  # the access log on stderr

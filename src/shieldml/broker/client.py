@@ -205,6 +205,19 @@ class BrokerClient:
             )
         )
 
+    def get_policy(self, name: str) -> dict[str, Any]:
+        """``{"name", "sha256", "updated_at", "toml"}`` of key ``name``'s policy."""
+        return dict(self._call("GET", f"/v1/admin/keys/{urllib.parse.quote(name)}/policy"))
+
+    def list_policies(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/admin/policies"))
+
+    def delete_policy(self, name: str) -> dict[str, Any]:
+        return dict(self._call("DELETE", f"/v1/admin/keys/{urllib.parse.quote(name)}/policy"))
+
+    def delete_key(self, name: str) -> dict[str, Any]:
+        return dict(self._call("DELETE", f"/v1/admin/keys/{urllib.parse.quote(name)}"))
+
     def audit(self, after: int = 0, limit: int = 1000) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/admin/audit", params={"after": after, "limit": limit}))
 

@@ -406,6 +406,46 @@ def rotate_kek(database: str | None, state: str | None) -> None:
     out.print(f"re-wrapped {n} key(s) under KEK {store.kek.id}")
 
 
+@broker.command("rotate-admin-token")
+@click.option("--database")
+@click.option("--state", type=click.Path(file_okay=False))
+@click.option(
+    "--admin-token-file",
+    type=click.Path(dir_okay=False),
+    help="Where the new token goes (mode 0600; default STATE/admin-token).",
+)
+def rotate_admin_token(
+    database: str | None, state: str | None, admin_token_file: str | None
+) -> None:
+    """Replace the admin token (run beside the broker's state; the old token stops working at
+    once, on every replica). The new one is written to a 0600 file, never printed."""
+    with _broker_extra():
+        from shieldml.broker.server import Store
+
+    state_dir = _state(state)
+    if not (state_dir / "kek").exists():
+        raise ShieldError(f"{state_dir}: not a broker state directory (no kek)")
+    token_path = Path(admin_token_file) if admin_token_file else state_dir / "admin-token"
+    _check_token_file(token_path)
+    store = Store(_database(database, state_dir), state_dir)
+    token = secrets.token_urlsafe(32)
+    tmp = _new_token_file(token_path, token)
+    try:
+        store.rotate_admin_token(token)
+    except BaseException:
+        tmp.unlink()
+        raise
+    try:
+        tmp.replace(token_path)
+    except OSError as e:
+        raise ShieldError(
+            f"the new admin token is in {tmp}; it could not be moved to {token_path}: {e}"
+        ) from e
+    store.audit("admin_token_rotated", {})
+    store.engine.dispose()
+    out.print(f"new admin token written to {escape(str(token_path))} (mode 0600)")
+
+
 @broker.group("key")
 def key_group() -> None:
     """Keys held by the broker."""
@@ -454,9 +494,65 @@ def key_list(url: str, fingerprint: str | None, token_file: str | None, as_json:
         )
 
 
+@key_group.command("rm")
+@click.argument("name")
+@_conn
+@JSON_OPTION
+def key_rm(
+    name: str, url: str, fingerprint: str | None, token_file: str | None, as_json: bool
+) -> None:
+    """Remove the key NAME and its policy (nothing can release it afterwards)."""
+    with _client(url, fingerprint, token_file) as c:
+        doc = c.delete_key(name)
+    emit(doc, as_json, f"key {escape(name)} removed; audit record {doc['audit_seq']}")
+
+
 @broker.group("policy")
 def policy_group() -> None:
     """Release policies on the broker."""
+
+
+@policy_group.command("get")
+@click.argument("name")
+@_conn
+@JSON_OPTION
+def policy_get(
+    name: str, url: str, fingerprint: str | None, token_file: str | None, as_json: bool
+) -> None:
+    """Print the release policy of key NAME (the TOML as set; --json adds its SHA-256)."""
+    with _client(url, fingerprint, token_file) as c:
+        doc = c.get_policy(name)
+    if as_json:
+        emit_json(doc)
+    else:
+        click.echo(doc["toml"], nl=not doc["toml"].endswith("\n"))
+
+
+@policy_group.command("list")
+@_conn
+@JSON_OPTION
+def policy_list(url: str, fingerprint: str | None, token_file: str | None, as_json: bool) -> None:
+    """List the keys that have a policy, with its SHA-256 and when it was set."""
+    with _client(url, fingerprint, token_file) as c:
+        rows = c.list_policies()
+    if as_json:
+        emit_json([{k: v for k, v in r.items() if k != "toml"} for r in rows])
+        return
+    for r in rows:
+        out.print(f"{escape(r['name'])}  sha256:{r['sha256']}  set {r['updated_at']}")
+
+
+@policy_group.command("rm")
+@click.argument("name")
+@_conn
+@JSON_OPTION
+def policy_rm(
+    name: str, url: str, fingerprint: str | None, token_file: str | None, as_json: bool
+) -> None:
+    """Remove the policy of key NAME: its releases are denied until one is set again."""
+    with _client(url, fingerprint, token_file) as c:
+        doc = c.delete_policy(name)
+    emit(doc, as_json, f"policy of {escape(name)} removed; audit record {doc['audit_seq']}")
 
 
 @policy_group.command("set")

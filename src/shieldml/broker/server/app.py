@@ -25,17 +25,19 @@ from typing import Annotated, Any, Literal
 
 import sqlalchemy.exc
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shieldml import __version__
 from shieldml.broker import protocol
+from shieldml.broker.server.metrics import CONTENT_TYPE, AccessLog, BrokerMetrics
 from shieldml.broker.server.release import (
     BODY_TIMEOUT,
     MAX_BODY,
     MAX_KEYS_PER_RELEASE,
     NonceBinding,
+    Released,
     ReleaseRequest,
     Settings,
     decide,
@@ -171,6 +173,8 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.add_middleware(BodyLimit, max_body=cfg.max_body, timeout=cfg.body_timeout)
+    metrics = BrokerMetrics(store.nonce_count)
+    app.add_middleware(AccessLog, metrics=metrics)  # outermost: times the whole request
     limiter = ChallengeLimiter(cfg.challenge_rate, cfg.challenge_burst, cfg.monotonic)
 
     @app.exception_handler(sqlalchemy.exc.DBAPIError)
@@ -227,7 +231,8 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
             expected = protocol.report_data(nonce, kem_id, pk, req.workload_digest)
         except FormatError as e:
             raise HTTPException(400, e.message) from None
-        released = decide(
+        released = _decide_counted(
+            metrics,
             store,
             cfg,
             ReleaseRequest(
@@ -301,11 +306,52 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
         head = store.audit_head()
         return {"head": head.to_dict(), "records": [r.to_dict() for r in records]}
 
+    @app.get("/v1/admin/keys/{name}/policy", dependencies=[Depends(admin)])
+    def get_policy(name: str) -> dict[str, Any]:
+        doc = store.policy_info(name)
+        if doc is None:
+            raise HTTPException(404, f"key {name!r} has no policy (its releases are denied)")
+        return doc
+
+    @app.delete("/v1/admin/keys/{name}/policy", dependencies=[Depends(admin)])
+    def delete_policy(name: str) -> dict[str, Any]:
+        digest = store.delete_policy(name)
+        seq = store.audit("policy_removed", {"name": name, "sha256": digest})
+        return {"name": name, "sha256": digest, "audit_seq": seq}
+
+    @app.get("/v1/admin/policies", dependencies=[Depends(admin)])
+    def list_policies() -> list[dict[str, Any]]:
+        return store.list_policies()
+
+    @app.delete("/v1/admin/keys/{name}", dependencies=[Depends(admin)])
+    def delete_key(name: str) -> dict[str, Any]:
+        had_policy = store.delete_key(name)
+        seq = store.audit("key_removed", {"name": name, "had_policy": had_policy})
+        return {"name": name, "had_policy": had_policy, "audit_seq": seq}
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     @app.get("/v1/health")
     async def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
     return app
+
+
+def _decide_counted(
+    metrics: BrokerMetrics, store: Store, cfg: Settings, request: ReleaseRequest
+) -> Released:
+    """:func:`decide`, counted in the metrics; a refusal also gets its access-log line."""
+    try:
+        released = decide(store, cfg, request)
+    except ShieldError as e:
+        detail = e.detail if isinstance(e, BrokerError) else None
+        metrics.denied(e, detail.get("audit_seq") if isinstance(detail, dict) else None)
+        raise
+    metrics.allowed()
+    return released
 
 
 class BodyLimit:

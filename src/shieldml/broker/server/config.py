@@ -8,6 +8,7 @@ import ipaddress
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,13 @@ class BrokerConfig:
 
 def app_from_env() -> FastAPI:
     """uvicorn factory for worker processes (``--workers``)."""
+    access = logging.getLogger("shieldml.broker.access")
+    if not access.handlers:  # one JSON line per request (and per denial) on stderr
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+        access.propagate = False
     app = BrokerConfig.from_env().app()
     # The long-lived objects made at start-up never become garbage: keep the cyclic collector
     # from re-scanning them (fewer, shorter pauses under load).

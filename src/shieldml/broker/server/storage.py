@@ -401,6 +401,45 @@ class Store:
         self._check_policy_row(name, r.toml, r.updated_at, r.mac)
         return str(r.toml)
 
+    def policy_info(self, name: str) -> dict[str, Any] | None:
+        """The policy of key ``name`` (TOML, SHA-256, when set), its MAC verified; None if the
+        key has none. An unknown key is an UnknownKeyError."""
+        with self.engine.connect() as c:
+            if c.execute(sa.select(keys_t.c.name).where(keys_t.c.name == name)).first() is None:
+                raise UnknownKeyError(404, f"no key named {name!r}")
+            r = c.execute(sa.select(policies_t).where(policies_t.c.key_name == name)).first()
+        if r is None:
+            return None
+        self._check_policy_row(name, r.toml, r.updated_at, r.mac)
+        return _policy_doc(name, r.toml, r.updated_at)
+
+    def list_policies(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(policies_t).order_by(policies_t.c.key_name)).all()
+        for r in rows:
+            self._check_policy_row(r.key_name, r.toml, r.updated_at, r.mac)
+        return [_policy_doc(r.key_name, r.toml, r.updated_at) for r in rows]
+
+    def delete_policy(self, name: str) -> str:
+        """Remove key ``name``'s policy (its releases are then denied); returns its SHA-256."""
+        with self.tx() as c:
+            if c.execute(sa.select(keys_t.c.name).where(keys_t.c.name == name)).first() is None:
+                raise UnknownKeyError(404, f"no key named {name!r}")
+            r = c.execute(sa.select(policies_t).where(policies_t.c.key_name == name)).first()
+            if r is None:
+                raise UnknownKeyError(404, f"key {name!r} has no policy")
+            c.execute(policies_t.delete().where(policies_t.c.key_name == name))
+        return policy_sha256(r.toml)
+
+    def delete_key(self, name: str) -> bool:
+        """Remove key ``name`` and its policy; whether it had one."""
+        with self.tx() as c:
+            if c.execute(sa.select(keys_t.c.name).where(keys_t.c.name == name)).first() is None:
+                raise UnknownKeyError(404, f"no key named {name!r}")
+            had = c.execute(policies_t.delete().where(policies_t.c.key_name == name)).rowcount
+            c.execute(keys_t.delete().where(keys_t.c.name == name))
+        return bool(had)
+
     # -- nonces -------------------------------------------------------------------------------
     def new_nonce(
         self, ttl: timedelta, audit: tuple[str, dict[str, Any]] | None = None
@@ -527,6 +566,24 @@ class Store:
             )
         return token
 
+    def rotate_admin_token(self, token: str) -> None:
+        """Replace the admin token's hash (the old token stops working at once)."""
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        v = f"{digest}:{self.kek.mac('admin_token', digest)}"
+        with self.tx() as c:
+            if (
+                c.execute(
+                    meta_t.update().where(meta_t.c.k == "admin_token_sha256").values(v=v)
+                ).rowcount
+                == 0
+            ):
+                c.execute(meta_t.insert().values(k="admin_token_sha256", v=v))
+
+    def nonce_count(self) -> int:
+        """Rows in the nonce table (live and used, until pruned)."""
+        with self.engine.connect() as c:
+            return int(c.execute(sa.select(sa.func.count()).select_from(nonces_t)).scalar_one())
+
     def check_admin_token(self, token: str) -> bool:
         """Whether ``token`` is the admin token; a stored hash whose MAC fails is an
         IntegrityError (whoever wrote the database does not thereby become the admin)."""
@@ -535,6 +592,15 @@ class Store:
         return digest is not None and hmac.compare_digest(
             digest, hashlib.sha256(token.encode()).hexdigest()
         )
+
+
+def _policy_doc(name: str, toml: str, updated_at: datetime) -> dict[str, Any]:
+    return {
+        "name": name,
+        "sha256": policy_sha256(toml),
+        "updated_at": _utc(updated_at),
+        "toml": toml,
+    }
 
 
 def policy_sha256(toml: str) -> str:
