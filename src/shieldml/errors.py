@@ -445,3 +445,17 @@ class ReceiptError(ShieldError):
         super().__init__(message)
         self.problems = list(problems or [])
         self.verified = verified
+
+
+def unknown_fields_hint(unknown: set[str] | list[str], valid: set[str] | list[str]) -> str:
+    """The hint for misspelled TOML fields: "did you mean" for each close match, then every
+    valid field (policies and job manifests word it the same way)."""
+    import difflib
+
+    guesses = [
+        f"{u} -> {m[0]}"
+        for u in sorted(unknown)
+        if (m := difflib.get_close_matches(u, sorted(valid), n=1, cutoff=0.6))
+    ]
+    text = f"did you mean {', '.join(guesses)}? " if guesses else ""
+    return text + f"valid fields: {', '.join(sorted(valid))}"

@@ -186,3 +186,12 @@ def test_cli_check_and_eval(vectors: Path, tmp_path: Path, capsys: pytest.Captur
     bad.write_text("[[profile]]\ntee = 'sgx'\n")
     assert main(["policy", "check", str(bad)]) == 1
     assert "every field must be set" in capsys.readouterr().err
+
+
+def test_misspelled_policy_field_gets_did_you_mean_and_every_valid_field():
+    text = SGX_POLICY.replace("min_isv_svn", "min_isvsvn")
+    with pytest.raises(PolicyError, match="unknown field") as e:
+        Policy.from_toml(text)
+    hint = e.value.hint or ""
+    assert "did you mean min_isvsvn -> min_isv_svn?" in hint
+    assert "workload_digest" in hint and "insecure_allow_debug" in hint  # common fields listed too

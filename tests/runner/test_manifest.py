@@ -349,3 +349,11 @@ def test_init_with_names_toml_must_escape(tmp_path: Path, capsys: pytest.Capture
         assert tomllib.loads(text)["env"] == {"allow": ["LANG"]}
         out.unlink()
     capsys.readouterr()
+
+
+def test_misspelled_job_field_gets_did_you_mean(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    m = scaffold(tmp_path, capsys)
+    m.write_text(m.read_text() + '\n[[trusted]]\nglb = "lib/**/*.py"\n')
+    with pytest.raises(ManifestError) as e:
+        JobManifest.load(m)
+    assert "did you mean glb -> glob?" in (e.value.hint or "")

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shieldml.attest import TcbStatus, TeeKind
-from shieldml.errors import PolicyError
+from shieldml.errors import PolicyError, unknown_fields_hint
 
 ANY = "any"
 MAX_POLICY = 256 * 1024
@@ -154,7 +154,10 @@ class Policy:
     def from_dict(cls, doc: dict[str, Any], name: str = "policy", source: str = "") -> Policy:
         unknown = set(doc) - {"version", "profile"}
         if unknown:
-            raise PolicyError(f"{name}: unknown top-level field(s): {', '.join(sorted(unknown))}")
+            raise PolicyError(
+                f"{name}: unknown top-level field(s): {', '.join(sorted(unknown))}",
+                hint=unknown_fields_hint(unknown, {"version", "profile"}),
+            )
         if doc.get("version", 1) != 1:
             raise PolicyError(f"{name}: unsupported policy version {doc.get('version')!r}")
         profiles = doc.get("profile")
@@ -182,7 +185,10 @@ def _profile(p: Any, where: str) -> Profile:
     if unknown:
         raise PolicyError(
             f"{where}: unknown field(s) for {tee}: {', '.join(sorted(unknown))}",
-            hint=f"{tee} profiles take: {', '.join(sorted(fields))}",
+            hint=unknown_fields_hint(
+                unknown,
+                set(fields) | COMMON | ({MIN_EVALUATION} if tee is not TeeKind.SNP else set()),
+            ),
         )
     launch = INITDATA_FIELD.get(tee)
     if launch is not None and launch in p and "initdata_digest" in p:

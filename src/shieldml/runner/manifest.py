@@ -85,7 +85,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeGuard
 
-from shieldml.errors import ManifestError, TrustedFileError
+from shieldml.errors import ManifestError, TrustedFileError, unknown_fields_hint
 
 TEES = ("auto", "simulated", "tdx", "snp", "gramine")
 RTMR_EXTEND = ("if-available", "required", "off")
@@ -589,7 +589,10 @@ def _only(d: Any, allowed: set[str], where: str) -> None:
         raise ManifestError(f"{where}: must be a table")
     unknown = set(d) - allowed
     if unknown:
-        raise ManifestError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        raise ManifestError(
+            f"{where}: unknown field(s) {', '.join(sorted(unknown))}",
+            hint=unknown_fields_hint(unknown, allowed),
+        )
 
 
 def _is_sha256_hex(v: object) -> TypeGuard[str]:
