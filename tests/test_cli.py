@@ -200,3 +200,14 @@ def test_broker_without_the_extra_is_one_error_line(tmp_path: Path, missing: str
     assert lines[0].startswith("error: the key broker needs the [broker] extra")
     assert f"{missing} is missing" in lines[0] and "pip install 'shieldml[broker]'" in lines[0]
     assert proc.stdout == "" and not (tmp_path / "state").exists()
+
+
+def test_help_shows_the_environment_variables_it_reads():
+    from click.testing import CliRunner
+
+    from shieldml.cli import cli
+
+    text = CliRunner().invoke(cli, ["broker", "key", "list", "--help"], terminal_width=200).output
+    assert "env var: SHIELDML_BROKER_URL" in text
+    assert "env var: SHIELDML_BROKER_FINGERPRINT" in text
+    assert "SHIELDML_BROKER_TOKEN" in text

@@ -92,10 +92,16 @@ def _conn(f: F) -> F:
     f = click.option(
         "--fingerprint",
         envvar="SHIELDML_BROKER_FINGERPRINT",
-        help="SHA-256 of the broker's TLS certificate.",
+        show_envvar=True,
+        help="SHA-256 of the broker's TLS certificate (`shieldml broker fingerprint`).",
     )(f)
     return click.option(
-        "--url", envvar="SHIELDML_BROKER_URL", default=DEFAULT_URL, show_default=True
+        "--url",
+        envvar="SHIELDML_BROKER_URL",
+        show_envvar=True,
+        default=DEFAULT_URL,
+        show_default=True,
+        help="The broker.",
     )(f)
 
 
