@@ -211,3 +211,18 @@ def test_help_shows_the_environment_variables_it_reads():
     assert "env var: SHIELDML_BROKER_URL" in text
     assert "env var: SHIELDML_BROKER_FINGERPRINT" in text
     assert "SHIELDML_BROKER_TOKEN" in text
+
+
+def test_demo_without_torch_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
+    )
+    assert main(["demo"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "the demo needs torch" in err and "shieldml[broker,examples]" in err
+    assert "Traceback" not in err
