@@ -231,10 +231,10 @@ def test_demo_without_torch_says_what_to_install(
 @pytest.mark.parametrize(
     ("native", "shielded", "want"),
     [
-        (54.92, 41.47, "−13.45 s (shielded faster: load changed between the runs)"),
+        (54.92, 41.47, "\N{MINUS SIGN}13.45 s (shielded faster: load changed between the runs)"),
         (1.79, 2.28, "+0.49 s (+27%)"),
         (10.0, 10.5, "+0.50 s (within noise)"),
-        (1.0, 0.9, "−0.10 s (within noise)"),
+        (1.0, 0.9, "\N{MINUS SIGN}0.10 s (within noise)"),
     ],
 )
 def test_demo_never_prints_plus_minus_overhead(native: float, shielded: float, want: str):
