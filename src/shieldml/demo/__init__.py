@@ -441,7 +441,7 @@ def within_noise(native: float, shielded: float) -> bool:
 def overhead_text(native: float, shielded: float) -> str:
     """The difference as a signed number (never "+-"), and "within noise" when it is."""
     d = shielded - native
-    text = f"{'+' if d >= 0 else '\N{MINUS SIGN}'}{abs(d):.2f} s"
+    text = ("+" if d >= 0 else "\N{MINUS SIGN}") + f"{abs(d):.2f} s"
     if within_noise(native, shielded):
         return text + " (within noise)"
     if d < 0:
