@@ -95,7 +95,7 @@ def job_init(
     if simulated_platform is not None and tee != "simulated":
         raise click.UsageError("--simulated-platform goes with --tee simulated")
     # given: as the broker's --simulated-platform, relative to here; default: beside the manifest
-    platform = simulated_platform or os.path.join(os.path.dirname(output), "sim-platform")
+    platform = simulated_platform or str(Path(output).parent / "sim-platform")
     # argv[0] must be absolute (never looked up on a PATH in the TEE). Not resolved through
     # symbolic links: a virtual environment's python is a link, and resolving it loses the venv.
     # Default: the interpreter running shieldml (a `python3` found on PATH may be a wrapper, such
