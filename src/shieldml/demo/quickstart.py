@@ -47,6 +47,7 @@ def _save_model(path: Path) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(100):
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(points), labels).backward()
+        loss = torch.nn.functional.cross_entropy(model(points), labels)
+        loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
     torch.save(model.state_dict(), path)

@@ -24,9 +24,8 @@ from typing import Any
 
 from shieldml.attest import TeeKind
 from shieldml.errors import PolicyError
-from shieldml.policy import Policy
-from shieldml.policy._model import ANY, FIELDS, MIN_EVALUATION, OPTIONAL
-from shieldml.runner.evidence import RTMR_SIZE, expected_rtmr
+from shieldml.policy import ANY, FIELDS, MIN_EVALUATION, OPTIONAL, Policy
+from shieldml.runner.evidence import RTMR_SIZE, expected_rtmr, simulated_snp_tcb
 from shieldml.runner.manifest import JobManifest, to_toml
 
 #: the TEE kind a manifest's ``tee`` runs in (simulated: its [simulated] kind; auto: not known)
@@ -45,7 +44,7 @@ class JobPolicy:
 
 
 def parse_value(kind: str, raw: str) -> Any:
-    """``--set NAME=RAW`` for a field of ``kind`` (:data:`~shieldml.policy._model.FIELDS`): a
+    """``--set NAME=RAW`` for a field of ``kind`` (:data:`shieldml.policy.FIELDS`): a
     hex measurement as given (``any`` too), a list of them comma-separated; otherwise RAW as a
     TOML value (``0``, ``true``, ``{bl = 3, tee = 0, snp = 8, ucode = 115}``)."""
     raw = raw.strip()
@@ -184,12 +183,10 @@ def _simulated_refs(manifest: JobManifest, kind: TeeKind, digest: str) -> dict[s
             "min_isv_svn": 0,
         }
     if kind is TeeKind.SNP:
-        from shieldml.testing.simulated import SNP_TCB
-
         refs: dict[str, Any] = {
             "measurement": hexval("measurement", 48),
             "host_data": hexval("host_data", 32),
-            "min_reported_tcb": dict(SNP_TCB),
+            "min_reported_tcb": simulated_snp_tcb(),
             "vmpl": 0,
         }
         for name in ("id_key_digest", "author_key_digest"):
