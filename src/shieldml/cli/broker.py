@@ -397,6 +397,48 @@ def _new_token_file(path: Path, token: str) -> Path:
     return tmp
 
 
+@broker.command("fingerprint")
+@click.option(
+    "--state",
+    type=click.Path(file_okay=False),
+    help="The broker's state directory (default ~/.shieldml/broker).",
+)
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Seconds to wait for STATE/tls-cert.pem (a broker just started in the background).",
+)
+@JSON_OPTION
+def fingerprint_cmd(state: str | None, wait: float, as_json: bool) -> None:
+    """Print the SHA-256 fingerprint of STATE/tls-cert.pem, the certificate clients pin."""
+    import time
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from shieldml.broker.tls import cert_fingerprint
+
+    path = _state(state) / "tls-cert.pem"
+    deadline = time.monotonic() + wait
+    while True:
+        try:  # written once, on first start, not atomically: retry an empty or partial file
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+            fp = cert_fingerprint(cert.public_bytes(Encoding.DER))
+            break
+        except (OSError, ValueError) as e:
+            if time.monotonic() >= deadline:
+                why = e.strerror if isinstance(e, OSError) else "not a PEM certificate"
+                raise ShieldError(
+                    f"{path}: {why}",
+                    hint="the broker writes it on first start (`shieldml broker serve --state "
+                    "DIR`); --wait SECONDS waits for it",
+                ) from e
+            time.sleep(0.1)
+    emit({"path": str(path), "fingerprint": fp}, as_json, fp)
+
+
 @broker.command("rotate-kek")
 @click.option("--database")
 @click.option("--state", type=click.Path(file_okay=False))

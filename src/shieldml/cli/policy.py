@@ -1,13 +1,16 @@
-"""``shieldml policy check|eval``: validate a release policy, evaluate it offline on evidence."""
+"""``shieldml policy init|check|eval``: write a release policy from a job, validate one, evaluate
+one offline on evidence."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
 from rich.markup import escape
 from rich.table import Table
 
+from shieldml.attest import TeeKind
 from shieldml.cli._common import (
     EXISTING_FILE,
     JSON_OPTION,
@@ -17,6 +20,7 @@ from shieldml.cli._common import (
     verify,
 )
 from shieldml.cli._output import check_mark, emit_json, out
+from shieldml.errors import OutputExistsError
 from shieldml.policy import evaluate
 
 
@@ -42,6 +46,75 @@ def check(policy_file: str, as_json: bool) -> None:
     for s in summary:
         warn = f"  [yellow]insecure: {', '.join(s['insecure'])}[/yellow]" if s["insecure"] else ""
         out.print(f"  profile {s['profile']}: {s['tee']}{warn}")
+
+
+@policy.command("init")
+@click.option(
+    "--from-job",
+    "job",
+    required=True,
+    type=EXISTING_FILE,
+    help="The job manifest (job.toml) whose runs the policy accepts.",
+)
+@click.option(
+    "-o", "--output", default="policy.toml", show_default=True, type=click.Path(dir_okay=False)
+)
+@click.option(
+    "--tee",
+    type=click.Choice([k.value for k in TeeKind]),
+    help='The TEE the policy is for, where the job does not say (tee = "auto").',
+)
+@click.option(
+    "--set",
+    "values",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Pin a profile field (mrenclave, mrtd, measurement, ...; hex lists comma-separated).",
+)
+@click.option("--force", is_flag=True, help="Replace an existing OUTPUT.")
+@JSON_OPTION
+def init(
+    job: str,
+    output: str,
+    tee: str | None,
+    values: tuple[str, ...],
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Write a policy that accepts the job of --from-job: its workload digest, and the TEE's
+    measurements (a simulated TEE's from the job's [simulated] table; a real TEE's code
+    measurements with --set, the TDX RTMR the runner extends computed from the digest)."""
+    from shieldml.runner.job_policy import policy_from_job
+    from shieldml.runner.manifest import JobManifest
+
+    if Path(output).exists() and not force:
+        raise OutputExistsError(f"{output}: already exists", hint="--force replaces it")
+    pairs: dict[str, str] = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{item!r} is not FIELD=VALUE", param_hint="--set")
+        pairs[name.strip()] = value
+    made = policy_from_job(JobManifest.load(job), tee=tee, values=pairs, source=job)
+    Path(output).write_text(made.text, encoding="utf-8")
+    summary = {
+        "path": output,
+        "tee": made.tee.value,
+        "workload_digest": made.workload_digest,
+        "unpinned": list(made.unpinned),
+        "notes": list(made.notes),
+    }
+    if as_json:
+        emit_json(summary)
+        return
+    out.print(f"wrote {escape(output)}: one {made.tee} profile for workload {made.workload_digest}")
+    for note in made.notes:
+        out.print(f"  {escape(note)}")
+    if made.unpinned:
+        out.print(
+            f'[yellow]not pinned ("any"): {", ".join(made.unpinned)}; --set them to '
+            "accept only the measured TEE[/yellow]"
+        )
 
 
 @policy.command("eval")

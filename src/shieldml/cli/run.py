@@ -73,11 +73,29 @@ def job() -> None:
     help="The interpreter in the TEE (a name is looked up on PATH now); written as an absolute "
     "path [default: the one running shieldml].",
 )
-def job_init(files: tuple[str, ...], output: str, tee: str, python: str | None) -> None:
+@click.option(
+    "--simulated-platform",
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="With --tee simulated: the simulated platform's directory, made on first use; the broker "
+    "trusts the same one (`shieldml broker serve --simulated-platform DIR`).  [default: "
+    "sim-platform]",
+)
+def job_init(
+    files: tuple[str, ...],
+    output: str,
+    tee: str,
+    python: str | None,
+    simulated_platform: str | None,
+) -> None:
     """Scaffold a manifest that runs the first FILE with python from its own directory; every FILE
     becomes trusted."""
     if Path(output).exists():
         raise OutputExistsError(f"{output}: already exists")
+    if simulated_platform is not None and tee != "simulated":
+        raise click.UsageError("--simulated-platform goes with --tee simulated")
+    # given: as the broker's --simulated-platform, relative to here; default: beside the manifest
+    platform = simulated_platform or str(Path(output).parent / "sim-platform")
     # argv[0] must be absolute (never looked up on a PATH in the TEE). Not resolved through
     # symbolic links: a virtual environment's python is a link, and resolving it loses the venv.
     # Default: the interpreter running shieldml (a `python3` found on PATH may be a wrapper, such
@@ -89,11 +107,19 @@ def job_init(files: tuple[str, ...], output: str, tee: str, python: str | None) 
         if found is None:
             raise ShieldError(f"--python {python}: not found on PATH; give its absolute path")
         interpreter = str(Path(found).absolute())
-    text = scaffold_manifest(files, output=output, tee=tee, interpreter=interpreter)
+    text = scaffold_manifest(
+        files, output=output, tee=tee, interpreter=interpreter, simulated_platform=platform
+    )
     Path(output).write_text(text, encoding="utf-8")
     out.print(
         f"wrote {escape(output)} (interpreter {escape(interpreter)}); fill in brokers, inputs and outputs, then `shieldml job measure {escape(output)}`"
     )
+    if tee == "simulated":
+        out.print(
+            f"simulated TEE: platform {escape(platform)} (made on first use); brokers trust it with"
+            f" `shieldml broker serve --simulated-platform {escape(platform)}`, receipts with"
+            f" `shieldml receipt verify --simulated-platform {escape(platform)}`"
+        )
 
 
 @job.command("measure")

@@ -5,11 +5,23 @@ of every profile and report all failures at once. They consume only verified
 :class:`shieldml.attest.Claims`.
 """
 
-from shieldml.policy._model import ANY, Policy, Profile, initdata_digest, initdata_field
+from shieldml.policy._model import (
+    ANY,
+    FIELDS,
+    MIN_EVALUATION,
+    OPTIONAL,
+    Policy,
+    Profile,
+    initdata_digest,
+    initdata_field,
+)
 from shieldml.policy._verdict import PolicyCheck, ProfileResult, Verdict, evaluate, require
 
 __all__ = [
     "ANY",
+    "FIELDS",
+    "MIN_EVALUATION",
+    "OPTIONAL",
     "Policy",
     "PolicyCheck",
     "Profile",

@@ -319,6 +319,13 @@ class GramineProvider:
         return Evidence("sgx", quote)
 
 
+def simulated_snp_tcb() -> dict[str, int]:
+    """The reported TCB (bl, tee, snp, ucode) of :class:`SimulatedProvider`'s SEV-SNP reports."""
+    from shieldml.testing.simulated import SNP_TCB
+
+    return dict(SNP_TCB)
+
+
 class SimulatedProvider:
     """The simulated platform kept in ``platform_dir`` (never real hardware)."""
 

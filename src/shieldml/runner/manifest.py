@@ -825,11 +825,13 @@ def scaffold_manifest(
     output: str | os.PathLike[str],
     tee: str,
     interpreter: str,
+    simulated_platform: str | os.PathLike[str] = "sim-platform",
 ) -> str:
     """The text of a new manifest at ``output``: ``interpreter`` runs the first of ``files`` from
     its directory; every file is trusted with its SHA-256 now; commented examples of brokers,
     inputs and outputs to fill in. Paths are relative to the manifest's directory where they lie
-    below it."""
+    below it. ``tee = "simulated"`` gets ``[simulated] platform = simulated_platform`` (a relative
+    path is taken from the current directory and written relative to the manifest's)."""
     if tee not in TEES:
         raise ManifestError(f"tee must be one of {', '.join(TEES)}")
     if not files:
@@ -847,7 +849,7 @@ def scaffold_manifest(
         "env": {"allow": ["LANG"]},
     }
     if tee == "simulated":
-        doc["simulated"] = {"platform": "sim-platform", "kind": "sgx"}
+        doc["simulated"] = {"platform": rel(Path(simulated_platform).absolute()), "kind": "sgx"}
     doc["trusted"] = [
         {"path": rel(p), "sha256": sha256_file(str(p))} for p in (Path(f).resolve() for f in files)
     ]
