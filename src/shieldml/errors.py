@@ -311,7 +311,8 @@ def _detail_text(detail: Any) -> str:
         return detail
     if isinstance(detail, dict) and isinstance(detail.get("reason"), str):
         seq = detail.get("audit_seq")
-        return detail["reason"] + (f" (audit record {seq})" if isinstance(seq, int) else "")
+        reason: str = detail["reason"]
+        return reason + (f" (audit record {seq})" if isinstance(seq, int) else "")
     return json.dumps(detail)
 
 
