@@ -102,7 +102,8 @@ def test_receipt_from_a_debug_tee_is_refused(job: Job, capsys: pytest.CaptureFix
     rc = main(_cli(job, receipt, "--policy", _policy_file(job, policy_for(digest))))
     out = capsys.readouterr().out
     assert rc == 1, out
-    assert "receipt refused" in out and "debug: expected off, found on" in out
+    assert "receipt refused" in out
+    assert "✗ debug\n      expected: off\n      found:    on\n" in out
     assert "evidence genuine" not in out
 
 

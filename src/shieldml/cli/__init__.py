@@ -9,8 +9,9 @@ printed in :mod:`._output`. :func:`main` is the only place that turns errors int
   that denies, an audit chain that is broken;
 - 2: usage error (a missing or malformed option or argument);
 - 3: integrity failure (a protected file failed authentication or a key does not match);
-- 125: ``shieldml run`` only: the runner failed, whatever the reason (``--runner-exit-code``
-  picks another code); every other code of ``shieldml run`` is the program's own;
+- 125: `shieldml run` only: the runner failed (keys refused, the program not started or its
+  outputs not sealed, a usage error, an interruption before the program started); every other
+  code of `shieldml run` is the program's own; `--runner-exit-code N` picks another;
 - 130: interrupted.
 
 With ``--json`` a command prints its result as one JSON document on standard output and an

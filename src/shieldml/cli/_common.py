@@ -48,10 +48,10 @@ EXIT_CODES = {
     EXIT_USAGE: "usage error (a missing or malformed option or argument)",
     EXIT_INTEGRITY: "integrity failure (a protected file failed authentication or a key does "
     "not match)",
-    EXIT_RUNNER: "`shieldml run` only: the runner failed, whatever the reason (the program was "
-    "refused its keys, did not start, or ran but its outputs were not sealed; a usage error; "
-    "an interruption before the program started); every other code of `shieldml run` is the "
-    "program's own. `--runner-exit-code N` picks another code, one the program never uses",
+    EXIT_RUNNER: "`shieldml run` only: the runner failed (keys refused, the program not started"
+    " or its outputs not sealed, a usage error, an interruption before the program started);"
+    " every other code of `shieldml run` is the program's own; `--runner-exit-code N` picks"
+    " another",
     EXIT_INTERRUPTED: "interrupted",
 }
 

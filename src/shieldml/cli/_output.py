@@ -104,7 +104,7 @@ def print_error(kind: str, e: ShieldError, exit_code: int) -> None:
     """The error on standard error: with ``--json`` one JSON object on one line, else ``kind:
     message`` and, for a refusal, its failed checks laid out as ``attest explain`` does."""
     if _invocation.as_json:
-        emit_json_line(error_document(kind, e.message, exit_code, e))
+        emit_json_line(error_document(kind.removesuffix(" error"), e.message, exit_code, e))
         return
     lines = refusal_lines(e)
     if lines is None:
@@ -208,10 +208,12 @@ def _verification_group(checks: list[dict[str, Any]], e: AttestationError) -> _G
     g.passed = [f"{c.get('name')}: {c.get('detail')}" for c in checks if c.get("passed", False)]
     failed = [c for c in checks if not c.get("passed", False)]
     last = failed[-1] if failed else {}
+    name = _str(last.get("name")) or e.check
+    detail = _str(last.get("detail"))
     g.failed.append(
         {
-            "check": _str(last.get("name")) or e.check,
-            "detail": _str(last.get("detail")) or _without_check(e),
+            "check": name,
+            "detail": detail.removeprefix(f"{name}: ") if detail else _without_check(e),
             "expected": _str(last.get("expected")) or e.expected,
             "found": _str(last.get("found")) or e.found,
             "hint": _str(last.get("hint")) or e.hint,

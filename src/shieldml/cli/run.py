@@ -23,7 +23,7 @@ from shieldml.cli._common import (
     simulated_platform_option,
     trust_root_options,
 )
-from shieldml.cli._output import emit_json, emit_json_line, invocation, out
+from shieldml.cli._output import emit_json, emit_json_line, invocation, out, refusal_lines
 from shieldml.errors import OutputExistsError, PolicyDenied, ReceiptError, ShieldError
 from shieldml.runner.manifest import (
     TEES,
@@ -121,7 +121,10 @@ def job() -> None:
     help="The interpreter in the TEE (a name is looked up on PATH now); written as an absolute "
     "path [default: the one running shieldml].",
 )
-def job_init(files: tuple[str, ...], output: str, tee: str, python: str | None) -> None:
+@JSON_OPTION
+def job_init(
+    files: tuple[str, ...], output: str, tee: str, python: str | None, as_json: bool
+) -> None:
     """Scaffold a manifest that runs the first FILE with python from its own directory; every FILE
     becomes trusted."""
     if Path(output).exists():
@@ -139,6 +142,9 @@ def job_init(files: tuple[str, ...], output: str, tee: str, python: str | None) 
         interpreter = str(Path(found).absolute())
     text = scaffold_manifest(files, output=output, tee=tee, interpreter=interpreter)
     Path(output).write_text(text, encoding="utf-8")
+    if as_json:
+        emit_json({"output": output, "interpreter": interpreter})
+        return
     out.print(
         f"wrote {escape(output)} (interpreter {escape(interpreter)}); fill in brokers, inputs and outputs, then `shieldml job measure {escape(output)}`"
     )
@@ -254,8 +260,8 @@ def receipt_verify(
             out.print(
                 f"[bold red]receipt refused: {escape(policy_file)} does not accept its TEE[/bold red]"
             )
-            for line in e.verdict.failures():
-                out.print(f"  {escape(line)}")
+            for line in refusal_lines(e) or []:
+                out.print(line)
         ctx.exit(1)
     result = verified.to_dict() | {"ok": not problems, "problems": problems}
     if as_json:
