@@ -118,7 +118,7 @@ def print_error(kind: str, e: ShieldError, exit_code: int) -> None:
 def emit_json_line(doc: dict[str, Any]) -> None:
     """A JSON object on one line of standard error: an error's (``--json``), or the report of
     ``shieldml run --json``; the last line the command writes there."""
-    click.echo(json.dumps(doc), err=True)
+    click.echo(json.dumps(doc, default=str), err=True)
 
 
 def print_interrupted(exit_code: int) -> None:
