@@ -241,3 +241,62 @@ def test_demo_never_prints_plus_minus_overhead(native: float, shielded: float, w
     from shieldml.demo import overhead_text
 
     assert overhead_text(native, shielded) == want
+
+
+def _json_error(err: str) -> dict[str, object]:
+    """The error object of --json: one JSON object, the last line of stderr."""
+    doc = json.loads(err.strip().splitlines()[-1])
+    assert isinstance(doc, dict) and doc["ok"] is False
+    assert set(doc) == {"ok", "error", "kind", "type", "hint", "exit_code", "details"}
+    return doc
+
+
+def test_json_errors_are_one_object_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("not a protected file")
+    rc, out, err = run(capsys, "inspect", str(plain), "--json")
+    doc = _json_error(err)
+    assert rc == EXIT_ERROR == doc["exit_code"] and out == ""
+    assert doc["kind"] == "error" and doc["type"] == "NotProtectedError"
+    assert str(plain) in str(doc["error"])
+    # an integrity failure: its own kind and code, and where
+    k, c, d = tmp_path / "k", tmp_path / "c", tmp_path / "d"
+    run(capsys, "key", "new", str(k))
+    run(capsys, "encrypt", str(plain), str(c), "--key", str(k), "--bind", "/tee/p")
+    rc, out, err = run(capsys, "decrypt", str(c), str(d), "--key", str(k), "--json")
+    doc = _json_error(err)
+    assert rc == EXIT_INTEGRITY == doc["exit_code"] and doc["kind"] == "integrity"
+    details = doc["details"]
+    assert isinstance(details, dict) and details["path"] == str(c) and out == ""
+    # usage errors: found while processing the options, and by the parser itself
+    rc, _, err = run(capsys, "key", "new", "--json")
+    doc = _json_error(err)
+    assert (
+        rc == EXIT_USAGE == doc["exit_code"]
+        and doc["kind"] == "usage"
+        and "OUT" in str(doc["error"])
+    )
+    rc, _, err = run(capsys, "inspect", "--json", "--bogus", str(plain))
+    doc = _json_error(err)
+    assert rc == EXIT_USAGE and doc["kind"] == "usage" and "--bogus" in str(doc["error"])
+    # without --json: the usual line
+    rc, _, err = run(capsys, "inspect", str(plain))
+    assert rc == EXIT_ERROR and err.startswith("error: ") and "{" not in err
+
+
+def test_key_recipient_and_job_init_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    rec = tmp_path / "rec"
+    rc, out, _ = run(capsys, "key", "recipient", str(rec), "--json")
+    assert rc == 0 and json.loads(out) == {"private": str(rec), "public": str(rec) + ".pub"}
+    assert Path(str(rec) + ".pub").exists()
+    app = tmp_path / "app.py"
+    app.write_text("print(1)\n")
+    job = tmp_path / "job.toml"
+    rc, out, _ = run(
+        capsys, "job", "init", str(app), "-o", str(job), "--python", sys.executable, "--json"
+    )
+    doc = json.loads(out)
+    assert rc == 0 and doc["output"] == str(job) and job.exists()
+    assert doc["interpreter"] == str(Path(sys.executable).absolute())
+    rc, out, err = run(capsys, "job", "init", str(app), "-o", str(job), "--json")
+    assert rc == EXIT_ERROR and out == "" and _json_error(err)["type"] == "OutputExistsError"

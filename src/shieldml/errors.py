@@ -295,13 +295,25 @@ class BrokerError(ShieldError):
     """
 
     def __init__(self, status: int | None, detail: Any, *, hint: str | None = None) -> None:
-        text = detail if isinstance(detail, str) else json.dumps(detail, indent=1)
+        text = _detail_text(detail)
         # not super(): ReleaseDenied is also a PolicyDenied, whose __init__ takes a verdict
         ShieldError.__init__(
             self, f"broker answered {status}: {text}" if status is not None else text, hint=hint
         )
         self.status = status
         self.detail = detail
+
+
+def _detail_text(detail: Any) -> str:
+    """A broker's ``detail`` as a sentence: its ``reason`` and audit record where it has them
+    (the other fields are the error's attributes), else the JSON on one line."""
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, dict) and isinstance(detail.get("reason"), str):
+        seq = detail.get("audit_seq")
+        reason: str = detail["reason"]
+        return reason + (f" (audit record {seq})" if isinstance(seq, int) else "")
+    return json.dumps(detail)
 
 
 class BrokerUnavailable(BrokerError):  # noqa: N818 - reads as a state, like PolicyDenied
@@ -349,10 +361,71 @@ class NotGenuineError(BrokerError, AttestationError):
         self.expected = cause.expected if cause is not None else None
         self.found = cause.found if cause is not None else None
         self.checks = list(cause.checks) if cause is not None else []
+        #: the broker's answer, read: each check it ran (as dicts, the failed one last) and its
+        #: reasons (sentences); empty where the answer carries none
+        self.reported_checks: list[dict[str, Any]] = []
+        self.reasons: list[str] = []
+        #: whether the answer named the failed check (``message``)
+        self.named = False
+        if isinstance(detail, dict):
+            self._read(detail)
+
+    def _read(self, detail: dict[str, Any]) -> None:
+        """The failed check from a broker's answer (``check``, ``message``, ``expected``,
+        ``found``, ``hint``, ``checks``; an older broker sends only ``reasons``)."""
+
+        def text(name: str) -> str | None:
+            v = detail.get(name)
+            return v if isinstance(v, str) else None
+
+        raw = detail.get("reasons")
+        self.reasons = [r for r in raw if isinstance(r, str)] if isinstance(raw, list) else []
+        checks = detail.get("checks")
+        if isinstance(checks, list):
+            self.reported_checks = [c for c in checks if isinstance(c, dict)]
+        if self.cause is None:
+            self.check = text("check") or self.check
+            self.expected = text("expected")
+            self.found = text("found")
+            if self.hint is None:
+                self.hint = text("hint")
+        self.named = text("message") is not None
+        message = text("message") or (self.cause.message if self.cause is not None else None)
+        self.message = "the broker found the evidence not genuine" + (
+            f": {message}" if message else ""
+        )
+
+    def diagnostics(self) -> str:
+        text = super().diagnostics()
+        if not self.named and self.cause is None:
+            # an answer that names no check: its reasons, as the broker worded them
+            for reason in self.reasons:
+                text += "\n  " + reason.replace("\n", "\n  ")
+        return text
 
 
 class BindingError(BrokerError):
-    """The evidence's report data does not bind the nonce, the runner's key and the workload."""
+    """The evidence's report data does not bind the nonce, the runner's key and the workload.
+
+    ``expected`` and ``found`` are the report data the broker computed and the one the evidence
+    carries (hex), where its answer says.
+    """
+
+    def __init__(self, status: int | None, detail: Any, *, hint: str | None = None) -> None:
+        super().__init__(status, detail, hint=hint)
+        d = detail if isinstance(detail, dict) else {}
+        self.expected = d["expected"] if isinstance(d.get("expected"), str) else None
+        self.found = d["found"] if isinstance(d.get("found"), str) else None
+
+    def diagnostics(self) -> str:
+        text = self.message
+        if self.expected is not None:
+            text += f"\n  expected: {self.expected}"
+        if self.found is not None:
+            text += f"\n  found:    {self.found}"
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text
 
 
 class UnknownKeyError(BrokerError):

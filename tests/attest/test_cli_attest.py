@@ -160,3 +160,22 @@ def test_failure_json_names_the_failed_check(att: Path, capsys: pytest.CaptureFi
     assert rc == 1 and doc["genuine"] is False and doc["error"].endswith("Error")
     assert doc["checks"] and doc["checks"][-1]["name"] == doc["failed_check"]
     assert not doc["checks"][-1]["passed"]
+
+
+def test_explain_json(att: Path, capsys: pytest.CaptureFixture[str]):
+    a = att / "amd" / "go-sev-guest"
+    rc, out, _ = run(capsys, "attest", "explain", str(a / "attestation.bin"), "--vcek", str(a / "vcek_milan.der"),
+                     "--cert-chain", str(a / "ask_ark_milan.pem"), "--at", "2026-01-01", "--json")  # fmt: skip
+    doc = json.loads(out)
+    assert rc == 0 and doc.keys() >= KEYS and doc["genuine"] is True and doc["tee"] == "snp"
+    assert doc["checks"] and all(c["passed"] for c in doc["checks"])
+    assert any(c["name"] == "report signature" for c in doc["checks"])
+    v = att / "amd" / "virtee"
+    rc, out, _ = run(capsys, "attest", "explain", str(att / "negative" / "snp_v2_reported_tcb_snp_flipped.bin"),
+                     "--vcek", str(v / "vcek_milan.der"), "--cert-chain", str(v / "cert_chain_milan.pem"),
+                     "--at", "2026-01-01", "--json")  # fmt: skip
+    doc = json.loads(out)
+    assert rc == 1 and doc["genuine"] is False
+    assert doc["checks"][-1]["passed"] is False
+    assert doc["checks"][-1]["name"] == doc["failed_check"]
+    assert {"message", "expected", "found", "hint"} <= doc.keys()

@@ -86,3 +86,68 @@ def test_a_release_denial_is_a_broker_error_and_a_policy_denial():
         "the broker's policy denied the release of 'model'",
         f"  key 'model': profile 1: mrenclave: expected {'aa' * 32}, found {'bb' * 32}",
     ]
+
+
+def test_a_not_genuine_answer_is_read_by_its_parts():
+    """The broker's answer names the failed check: the message says it in one line, no JSON
+    dump with escaped newlines; an older broker's answer (reasons only) reads as worded."""
+    from shieldml.broker.client import _error
+    from shieldml.errors import AttestationError, NotGenuineError
+
+    reason = "trust root: untrusted\n  expected: a pinned intel root\n  found:    X\n  hint: fix it"
+    named = {
+        "reason": "evidence is not genuine",
+        "reasons": [reason],
+        "check": "trust root",
+        "message": "trust root: untrusted",
+        "expected": "a pinned intel root",
+        "found": "X",
+        "hint": "fix it",
+        "checks": [{"name": "quote format", "passed": True, "detail": "DCAP quote v3, SGX"}],
+        "audit_seq": 4,
+    }
+    e = _error(403, named, "/v1/release")
+    assert isinstance(e, NotGenuineError) and isinstance(e, AttestationError)
+    assert (e.check, e.expected, e.found, e.hint) == (
+        "trust root",
+        "a pinned intel root",
+        "X",
+        "fix it",
+    )
+    assert e.reported_checks == named["checks"]
+    assert e.diagnostics().splitlines() == [
+        "the broker found the evidence not genuine: trust root: untrusted",
+        "  expected: a pinned intel root",
+        "  found:    X",
+        "  hint: fix it",
+    ]
+    old = _error(
+        403,
+        {"reason": "evidence is not genuine", "reasons": [reason], "audit_seq": 4},
+        "/v1/release",
+    )
+    assert isinstance(old, NotGenuineError) and old.check == "evidence"
+    assert "{" not in old.diagnostics() and "\\n" not in old.diagnostics()
+    assert old.diagnostics().splitlines()[:3] == [
+        "the broker found the evidence not genuine",
+        "  trust root: untrusted",
+        "    expected: a pinned intel root",
+    ]
+
+
+def test_a_broker_reason_is_a_sentence():
+    from shieldml.broker.client import _error
+    from shieldml.errors import BindingError, UnknownKeyError
+
+    e = _error(404, {"reason": "unknown key x", "audit_seq": 9}, "/v1/release")
+    assert isinstance(e, UnknownKeyError)
+    assert e.message == "broker answered 404: unknown key x (audit record 9)"
+    detail = {
+        "reason": "report data does not bind",
+        "expected": "aa",
+        "found": "bb",
+        "audit_seq": 2,
+    }
+    b = _error(403, detail, "/v1/release")
+    assert isinstance(b, BindingError) and (b.expected, b.found) == ("aa", "bb")
+    assert b.diagnostics().splitlines()[1:] == ["  expected: aa", "  found:    bb"]

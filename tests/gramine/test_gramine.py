@@ -185,3 +185,35 @@ def test_digits_sgx_example(tmp_path: Path):
     assert (
         sum(1 for t in doc["sgx"]["trusted_files"] if isinstance(t, dict)) == 3
     )  # two scripts + the CA
+
+
+def test_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    import json
+
+    from shieldml.cli import main
+
+    raw, _ = build_sigstruct(b"\x09" * 32)
+    (tmp_path / "app.sig").write_bytes(raw)
+    capsys.readouterr()
+    assert main(["gramine", "policy", str(tmp_path / "app.sig"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    sig = Sigstruct.from_bytes(raw)
+    assert doc["mrenclave"] == sig.mrenclave.hex() and doc["mrsigner"] == sig.mrsigner.hex()
+    assert doc["debug"] is False and doc["profile"] == sig.policy_profile()
+    Policy.from_toml(doc["profile"])
+    job(tmp_path)
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    args = ["gramine", "manifest", str(tmp_path / "job.toml"), "--broker-ca", str(ca), "--json"]
+    assert main(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["output"] is None and "sgx.trusted_files" in doc["manifest"]
+    out = tmp_path / "app.manifest.template"
+    assert main([*args, "-o", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"output": str(out), "manifest": None}
+    assert out.read_text().startswith(doc["manifest"][:40])
+    # not a SIGSTRUCT: the error object on stderr
+    (tmp_path / "bad.sig").write_bytes(b"x" * 10)
+    assert main(["gramine", "policy", str(tmp_path / "bad.sig"), "--json"]) == 1
+    err = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert err["type"] == "FormatError" and "SIGSTRUCT" in err["error"]

@@ -102,7 +102,8 @@ def test_receipt_from_a_debug_tee_is_refused(job: Job, capsys: pytest.CaptureFix
     rc = main(_cli(job, receipt, "--policy", _policy_file(job, policy_for(digest))))
     out = capsys.readouterr().out
     assert rc == 1, out
-    assert "receipt refused" in out and "debug: expected off, found on" in out
+    assert "receipt refused" in out
+    assert "✗ debug\n      expected: off\n      found:    on\n" in out
     assert "evidence genuine" not in out
 
 
@@ -156,7 +157,7 @@ def test_receipt_from_the_simulated_platform_needs_the_policys_insecure_switch(
     rc = main(_cli(job, receipt, "--policy", _policy_file(job, strict)))
     out = capsys.readouterr().out
     assert rc == 1, out
-    assert "root: expected vendor, found simulated" in out
+    assert "✗ root\n      expected: vendor\n      found:    simulated\n" in out
 
     # with the switch the same receipt passes, and the output says what was insecure
     capsys.readouterr()

@@ -9,9 +9,15 @@ printed in :mod:`._output`. :func:`main` is the only place that turns errors int
   that denies, an audit chain that is broken;
 - 2: usage error (a missing or malformed option or argument);
 - 3: integrity failure (a protected file failed authentication or a key does not match);
+- 125: `shieldml run` only: the runner failed (keys refused, the program not started or its
+  outputs not sealed, a usage error, an interruption before the program started); every other
+  code of `shieldml run` is the program's own; `--runner-exit-code N` picks another;
 - 130: interrupted.
 
-``shieldml run`` exits with the exit code of the job it ran.
+With ``--json`` a command prints its result as one JSON document on standard output and an
+error as one JSON object on one line of standard error (``{"ok": false, "error", "kind",
+"type", "hint", "exit_code", "details"}``); ``shieldml run --json`` writes its report there too
+(standard output is the program's).
 """
 
 from __future__ import annotations
@@ -29,9 +35,17 @@ from shieldml.cli._common import (
     EXIT_INTEGRITY,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_RUNNER,
     EXIT_USAGE,
 )
-from shieldml.cli._output import print_error, print_interrupted
+from shieldml.cli._output import (
+    Invocation,
+    begin,
+    emit_json_line,
+    error_document,
+    print_error,
+    print_interrupted,
+)
 from shieldml.errors import IntegrityError, ShieldError
 
 __all__ = [
@@ -40,6 +54,7 @@ __all__ = [
     "EXIT_INTEGRITY",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "EXIT_RUNNER",
     "EXIT_USAGE",
     "cli",
     "entry",
@@ -67,28 +82,52 @@ for _command in (
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default: the process's arguments); return the exit code."""
+    args = list(argv) if argv is not None else sys.argv[1:]
+    state = begin()
+
+    def code(default: int) -> int:  # shieldml run: every failure of the runner has its code
+        return state.failure_code if state.failure_code is not None else default
+
     try:
-        rc = cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+        rc = cli.main(args=args, standalone_mode=False)
     except IntegrityError as e:
-        print_error("integrity error", e)
-        return EXIT_INTEGRITY
+        rc = code(EXIT_INTEGRITY)
+        print_error("integrity error", e, rc)
+        return rc
     except ShieldError as e:
-        print_error("error", e)
-        return EXIT_ERROR
+        rc = code(EXIT_ERROR)
+        print_error("error", e, rc)
+        return rc
     except OSError as e:  # a system error no library call turned into a ShieldError: one line
         where = f"{e.filename}: " if e.filename else ""
-        print_error("error", ShieldError(where + (e.strerror or str(e))))
-        return EXIT_ERROR
-    except click.exceptions.Abort:
-        print_interrupted()
-        return EXIT_INTERRUPTED
+        rc = code(EXIT_ERROR)
+        print_error("error", ShieldError(where + (e.strerror or str(e))), rc)
+        return rc
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        rc = code(EXIT_INTERRUPTED)
+        print_interrupted(rc)
+        return rc
     except click.ClickException as e:
-        e.show()
-        return e.exit_code
-    except KeyboardInterrupt:
-        print_interrupted()
-        return EXIT_INTERRUPTED
+        return _click_error(e, args, state)
     return rc if isinstance(rc, int) else EXIT_OK
+
+
+def _click_error(e: click.ClickException, args: list[str], state: Invocation) -> int:
+    """A usage error: click's own text, or with ``--json`` the error object."""
+    ctx = getattr(e, "ctx", None)
+    command = ctx.command if isinstance(ctx, click.Context) else None
+    rc = state.failure_code if state.failure_code is not None else e.exit_code
+    # --json not parsed yet (the parser stopped first): given before any `--`, to a command
+    # that has it
+    words = args[: args.index("--")] if "--" in args else args
+    if not state.as_json and command is not None and "--json" in words:
+        state.as_json = any(p.name == "as_json" for p in command.params)
+    if state.as_json:
+        kind = "usage" if isinstance(e, click.UsageError) else "error"
+        emit_json_line(error_document(kind, e.format_message(), rc))
+    else:
+        e.show()
+    return rc
 
 
 def entry() -> None:  # pragma: no cover - console-script shim

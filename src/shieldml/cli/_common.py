@@ -20,6 +20,7 @@ from shieldml.attest import (
     load_pem_chain,
     verify_evidence,
 )
+from shieldml.cli._output import invocation
 from shieldml.errors import (
     AttestationError,
     CollateralError,
@@ -35,6 +36,8 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTEGRITY = 3
+#: ``shieldml run``: the runner itself failed (``--runner-exit-code`` picks another)
+EXIT_RUNNER = 125
 EXIT_INTERRUPTED = 130
 
 #: what each exit code means (the CLI's docstring and docs/cli.md say the same)
@@ -45,6 +48,10 @@ EXIT_CODES = {
     EXIT_USAGE: "usage error (a missing or malformed option or argument)",
     EXIT_INTEGRITY: "integrity failure (a protected file failed authentication or a key does "
     "not match)",
+    EXIT_RUNNER: "`shieldml run` only: the runner failed (keys refused, the program not started"
+    " or its outputs not sealed, a usage error, an interruption before the program started);"
+    " every other code of `shieldml run` is the program's own; `--runner-exit-code N` picks"
+    " another",
     EXIT_INTERRUPTED: "interrupted",
 }
 
@@ -55,7 +62,27 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False)
 
 FORMAT_CHOICE = click.Choice([f.value for f in Format])
 
-JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+def _json_flag(_ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:  # main() prints the command's errors as JSON too
+        invocation().as_json = True
+    return value
+
+
+#: the callback of every ``--json``
+JSON_OPTION_CALLBACK = _json_flag
+
+
+#: ``--json``: eager, so that main() knows of it even when a later option fails to parse
+JSON_OPTION = click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    is_eager=True,
+    callback=JSON_OPTION_CALLBACK,
+    help="Machine-readable output: the result as JSON on stdout; an error as one JSON object on"
+    " one line of stderr.",
+)
 AT_OPTION = click.option("--at", help="Verification time, ISO 8601 (default: now).")
 
 

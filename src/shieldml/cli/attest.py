@@ -12,14 +12,21 @@ from rich.table import Table
 from shieldml.attest import Check, TrustStore, default_store, fingerprint, http_fetcher
 from shieldml.cli._common import EXISTING_FILE, JSON_OPTION, NotGenuine, evidence_options, verify
 from shieldml.cli._output import check_mark, emit, emit_json, out
+from shieldml.errors import AttestationError
 
 
-def _failure_dict(e: NotGenuine) -> dict[str, Any]:
+def failure_dict(e: NotGenuine) -> dict[str, Any]:
+    """Evidence refused, as JSON: the failed check by its parts, and every check run."""
+    error = e.error
     return {
         "genuine": False,
-        "error": type(e.error).__name__,
+        "error": type(error).__name__,
         "failed_check": e.failed_check,
-        "reasons": [e.error.diagnostics()],
+        "message": error.message,
+        "expected": error.expected if isinstance(error, AttestationError) else None,
+        "found": error.found if isinstance(error, AttestationError) else None,
+        "hint": error.hint,
+        "reasons": [error.diagnostics()],
         "checks": [c.to_dict() for c in e.checks],
     }
 
@@ -39,7 +46,7 @@ def attest_verify(ctx: click.Context, /, as_json: bool, **kw: Any) -> None:
         claims = verify(**kw)
     except NotGenuine as e:
         if as_json:
-            emit_json(_failure_dict(e))
+            emit_json(failure_dict(e))
         else:
             out.print(f"[bold red]not genuine:[/bold red] {escape(e.error.diagnostics())}")
         ctx.exit(1)
@@ -60,17 +67,27 @@ def attest_verify(ctx: click.Context, /, as_json: bool, **kw: Any) -> None:
 
 @attest.command()
 @evidence_options
+@JSON_OPTION
 @click.pass_context
-def explain(ctx: click.Context, /, **kw: Any) -> None:
-    """Print every check run on FILE, what it compared and what would fix a failure."""
+def explain(ctx: click.Context, /, as_json: bool, **kw: Any) -> None:
+    """Print every check run on FILE, what it compared and what would fix a failure.
+
+    Exit 1 if FILE is not genuine; with --json, every check (``checks``) and the verdict.
+    """
     try:
         claims = verify(**kw)
     except NotGenuine as e:
+        if as_json:
+            emit_json(failure_dict(e))
+            ctx.exit(1)
         _checks_table(kw["file"], e.checks)
         out.print(f"[bold red]verdict: not genuine[/bold red]\n{escape(e.error.diagnostics())}")
         ctx.exit(1)
-    _checks_table(kw["file"], list(claims.checks))
     d = claims.to_dict()
+    if as_json:
+        emit_json(d | {"checks": [c.to_dict() for c in claims.checks]})
+        return
+    _checks_table(kw["file"], list(claims.checks))
     out.print(
         f"[bold green]verdict: genuine[/bold green] {d['tee']}, TCB {d['tcb_status'] or 'n/a'}, debug {'on' if d['debug'] else 'off'}, root {d['root']}"
     )

@@ -41,12 +41,17 @@ def key() -> None:
 
 @key.command("recipient")
 @click.argument("out_path", metavar="OUT", type=click.Path(dir_okay=False))
-def key_recipient(out_path: str) -> None:
+@JSON_OPTION
+def key_recipient(out_path: str, as_json: bool) -> None:
     """Write an X25519 recipient key pair: OUT (private, 0600) and OUT.pub (for job manifests)."""
     from shieldml.runner.recipient import new_recipient
 
     pub = new_recipient(out_path)
-    out.print(f"wrote {escape(out_path)} (private, mode 0600) and {escape(str(pub))}")
+    emit(
+        {"private": out_path, "public": str(pub)},
+        as_json,
+        f"wrote {escape(out_path)} (private, mode 0600) and {escape(str(pub))}",
+    )
 
 
 @key.command("new")

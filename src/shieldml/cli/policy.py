@@ -20,6 +20,7 @@ from shieldml.cli._common import (
     verify,
 )
 from shieldml.cli._output import check_mark, emit_json, out
+from shieldml.cli.attest import failure_dict
 from shieldml.errors import OutputExistsError
 from shieldml.policy import evaluate
 
@@ -133,7 +134,7 @@ def eval_(
     except NotGenuine as e:
         reason = e.error.diagnostics()
         if as_json:
-            emit_json({"allowed": False, "genuine": False, "reasons": [reason]})
+            emit_json({"allowed": False} | failure_dict(e))
         else:
             out.print(f"[bold red]denied: evidence not genuine[/bold red]\n{escape(reason)}")
         ctx.exit(1)

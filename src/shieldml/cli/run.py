@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.markup import escape
@@ -13,14 +14,16 @@ from rich.markup import escape
 from shieldml.cli._common import (
     AT_OPTION,
     EXISTING_FILE,
+    EXIT_RUNNER,
     JSON_OPTION,
+    JSON_OPTION_CALLBACK,
     load_policy,
     parse_time,
     receipt_trust,
     simulated_platform_option,
     trust_root_options,
 )
-from shieldml.cli._output import emit_json, out
+from shieldml.cli._output import emit_json, emit_json_line, invocation, out, refusal_lines
 from shieldml.errors import OutputExistsError, PolicyDenied, ReceiptError, ShieldError
 from shieldml.runner.manifest import (
     TEES,
@@ -31,9 +34,44 @@ from shieldml.runner.manifest import (
 )
 
 
-@click.command(context_settings={"ignore_unknown_options": True})
+class _RunnerCommand(click.Command):
+    """``shieldml run``: from the first word parsed, every failure exits with the runner's code
+    (a usage error too), never with one the program could have chosen."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        invocation().failure_code = EXIT_RUNNER
+        return super().parse_args(ctx, args)
+
+
+def _runner_code(_ctx: click.Context, _param: click.Parameter, value: int) -> int:
+    invocation().failure_code = value
+    return value
+
+
+@click.command(cls=_RunnerCommand, context_settings={"ignore_unknown_options": True})
 @click.option("-m", "--manifest", required=True, type=EXISTING_FILE, help="job.toml")
 @click.option("--receipt", type=click.Path(dir_okay=False), help="Write a run receipt here.")
+@click.option(
+    "--runner-exit-code",
+    type=click.IntRange(1, 255),
+    default=EXIT_RUNNER,
+    show_default=True,
+    is_eager=True,
+    expose_value=False,
+    callback=_runner_code,
+    help="Exit with this code when the runner itself fails (the program's own exit codes pass"
+    " through): pick one the program never uses.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    is_eager=True,
+    callback=JSON_OPTION_CALLBACK,
+    help="Print the runner's report (or its error) as one JSON object on one line of stderr,"
+    " instead of its progress lines; stdout stays the program's. After `--`, --json is the"
+    " program's.",
+)
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run(
@@ -41,17 +79,27 @@ def run(
     /,
     manifest: str,
     receipt: str | None,
+    as_json: bool,
     extra: tuple[str, ...],
 ) -> None:
-    """Run the job of MANIFEST inside this TEE on its protected files; exit with its exit code."""
+    """Run the job of MANIFEST inside this TEE on its protected files; exit with its exit code.
+
+    Exit 125 (or --runner-exit-code) if the runner fails: the keys are refused, the program
+    does not start, or its outputs are not sealed. A refusal lists each failed check with what
+    was expected, what was found and the fix.
+    """
     from shieldml.runner.run import run_job
 
+    report: dict[str, Any] = {}
     status = run_job(
         manifest,
         extra_args=extra,
         receipt=receipt,
-        log=lambda s: out.print(f"[dim]shieldml:[/dim] {escape(s)}"),
+        log=None if as_json else lambda s: out.print(f"[dim]shieldml:[/dim] {escape(s)}"),
+        report=report,
     )
+    if as_json:
+        emit_json_line({"ok": True, "exit_code": status, "receipt": None} | report)
     ctx.exit(status)
 
 
@@ -81,12 +129,14 @@ def job() -> None:
     "trusts the same one (`shieldml broker serve --simulated-platform DIR`).  [default: "
     "sim-platform]",
 )
+@JSON_OPTION
 def job_init(
     files: tuple[str, ...],
     output: str,
     tee: str,
     python: str | None,
     simulated_platform: str | None,
+    as_json: bool,
 ) -> None:
     """Scaffold a manifest that runs the first FILE with python from its own directory; every FILE
     becomes trusted."""
@@ -111,6 +161,15 @@ def job_init(
         files, output=output, tee=tee, interpreter=interpreter, simulated_platform=platform
     )
     Path(output).write_text(text, encoding="utf-8")
+    if as_json:
+        emit_json(
+            {
+                "output": output,
+                "interpreter": interpreter,
+                "simulated_platform": platform if tee == "simulated" else None,
+            }
+        )
+        return
     out.print(
         f"wrote {escape(output)} (interpreter {escape(interpreter)}); fill in brokers, inputs and outputs, then `shieldml job measure {escape(output)}`"
     )
@@ -232,8 +291,8 @@ def receipt_verify(
             out.print(
                 f"[bold red]receipt refused: {escape(policy_file)} does not accept its TEE[/bold red]"
             )
-            for line in e.verdict.failures():
-                out.print(f"  {escape(line)}")
+            for line in refusal_lines(e) or []:
+                out.print(line)
         ctx.exit(1)
     result = verified.to_dict() | {"ok": not problems, "problems": problems}
     if as_json:

@@ -128,8 +128,16 @@ def run_job(
     receipt: str | None = None,
     log: Callable[[str], None] | None = None,
     stats: dict[str, Any] | None = None,
+    report: dict[str, Any] | None = None,
 ) -> int:
+    """Run the job of ``manifest_path``; return the program's exit status.
+
+    ``report``, if given, is filled as the run goes: ``workload_digest``, ``brokers`` (per
+    broker the keys it released and its audit record), ``receipt``, ``exit_code``; what is
+    there when an error is raised says how far the run got.
+    """
     say: Callable[[str], None] = log or _quiet
+    rep: dict[str, Any] = report if report is not None else {}
     times = RunTimes()
     started = datetime.now(UTC)
     t0 = time.perf_counter()
@@ -142,6 +150,7 @@ def run_job(
     # in for that); those very bytes, not the host's files, are what the program runs
     trusted: dict[str, tuple[int, bytes]] = {}
     digest = m.workload_digest(keep=trusted)
+    rep["workload_digest"] = digest
     times.measure_s = time.perf_counter() - t0
     say(f"workload digest {digest}")
     tdx = m.tdx_settings
@@ -152,11 +161,16 @@ def run_job(
     if binding is not None:
         say(binding.describe())
     keys, audit = release_keys(m, provider, digest, say)  # 2
+    rep["brokers"] = {
+        b: {"keys": sorted(n for (kb, n) in keys if kb == b), "audit_seq": seq}
+        for b, seq in audit.items()
+    }
     times.attest_s = time.perf_counter() - t1
     t2 = time.perf_counter()
     result = _view(m, keys, extra_args, trusted)  # 3-5
     times.view_s = time.perf_counter() - t2
     status = int(result["status"])
+    rep["exit_code"] = status
     if stats is not None:
         stats.update(
             {
@@ -177,6 +191,7 @@ def run_job(
             provider=provider,
             binding=binding,
         )
+        rep["receipt"] = receipt
         say(f"receipt written to {receipt}")
     say(
         f"program exited with {status}; measure {times.measure_s:.2f} s, attest+release {times.attest_s:.2f} s, view {times.view_s:.2f} s"

@@ -2,8 +2,8 @@
 
 The release decision is :func:`shieldml.broker.server.release.decide` (also used by Gramine
 secret provisioning); this module maps its refusals to answers, keeping their statuses and JSON
-``detail`` shapes: 409 nonce (a string), 403 not genuine ``{"reason", "reasons", "audit_seq"}``,
-403 binding ``{"reason", "expected", "found", "audit_seq"}``, 404 unknown key ``{"reason",
+``detail`` shapes: 409 nonce (a string), 403 not genuine ``{"reason", "reasons", "check",
+"message", "expected", "found", "hint", "checks", "audit_seq"}``, 403 binding ``{"reason", "expected", "found", "audit_seq"}``, 404 unknown key ``{"reason",
 "audit_seq"}``, 403 policy ``{"reason", "verdicts", "audit_seq"}``. Endpoints that touch the
 database, verify evidence or may wait on a PCCS are plain ``def``: FastAPI runs them in its
 worker threads, so one slow release never holds the event loop (``/v1/health`` answers meanwhile).

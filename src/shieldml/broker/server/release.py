@@ -306,11 +306,26 @@ def _decide(
     except (AttestationError, FormatError) as e:
         reason = e.diagnostics()
         cause = e if isinstance(e, AttestationError) else None
+        # the failed check by its parts (what the CLI lays out like `attest explain`), and every
+        # check run up to it: all of it about the evidence the caller sent
+        named: dict[str, Any] = {
+            "check": cause.check if cause is not None else "format",
+            "message": e.message,
+            "expected": cause.expected if cause is not None else None,
+            "found": cause.found if cause is not None else None,
+            "hint": e.hint,
+            "checks": [c.to_dict() for c in cause.checks] if cause is not None else [],
+        }
         _refuse(
             {"reason": reason[:MAX_AUDIT_REASON]},
             lambda seq: NotGenuineError(
                 403,
-                {"reason": "evidence is not genuine", "reasons": [reason], "audit_seq": seq},
+                {
+                    "reason": "evidence is not genuine",
+                    "reasons": [reason],
+                    **named,
+                    "audit_seq": seq,
+                },
                 cause=cause,
             ),
             e,
