@@ -1,8 +1,18 @@
 """Broker state through SQLAlchemy: SQLite (default, embedded) or PostgreSQL (replicas).
 
 Tables: ``keys`` (wrapped by the key-encryption key), ``policies``, ``nonces`` (single use,
-enforced by one conditional UPDATE, so it holds across replicas), ``audit`` (hash chain, appended
-under a row lock on ``meta.audit_head``), ``meta`` (admin token hash, audit head).
+enforced by one conditional UPDATE, so it holds across replicas), ``audit`` (records with their
+chain hash and Merkle leaf hash, appended under a row lock on ``meta.audit_head``), ``meta``
+(admin token hash, audit head, audit tree).
+
+The audit tree's state is the ``meta.audit_tree`` row: the tree size, its frontier (the roots of
+the perfect subtrees on its right edge, one per set bit of the size) and the checkpoint signed
+for it, all updated in the transaction that appends the record, under the head row's lock. An
+append costs O(log n) hashes and one Ed25519 signature whatever the log's size, and its inclusion
+proof is the frontier before it. The signing key is a file in the state directory
+(``log-signing-key``), never in the database: before each append the stored frontier must hash to
+the root of the stored checkpoint, signed by that key, so frontier rows written by someone who
+can write the database but not read the key file are refused (see docs/broker.md).
 """
 
 from __future__ import annotations
@@ -25,8 +35,18 @@ import sqlalchemy as sa
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from shieldml.broker.audit import GENESIS, AuditRecord, ChainHead, record_hash
+from shieldml.broker import tlog
+from shieldml.broker.audit import (
+    GENESIS,
+    AuditProof,
+    AuditRecord,
+    ChainHead,
+    canonical_data,
+    record_hash,
+    record_leaf,
+)
 from shieldml.errors import (
+    AuditChainError,
     BrokerError,
     IntegrityError,
     KeyExistsError,
@@ -67,6 +87,7 @@ audit_t = sa.Table(
     sa.Column("data", sa.Text, nullable=False),
     sa.Column("prev_hash", sa.String(64), nullable=False),
     sa.Column("hash", sa.String(64), nullable=False),
+    sa.Column("leaf", sa.String(64), nullable=True),  # Merkle leaf hash (hex); NULL only pre-tree
 )
 meta_t = sa.Table(
     "meta",
@@ -75,6 +96,8 @@ meta_t = sa.Table(
     sa.Column("v", sa.Text, nullable=False),
 )
 _HEAD_FOR_UPDATE = sa.select(meta_t.c.v).where(meta_t.c.k == "audit_head").with_for_update()
+_TREE = sa.select(meta_t.c.v).where(meta_t.c.k == "audit_tree")
+LOG_KEY_FILE = "log-signing-key"
 NAME_MAX = 128
 #: The one rule for key names, for the HTTP API's models and for the store: ASCII letters, digits,
 #: '.', '_', '-', 1 to NAME_MAX characters (no Unicode look-alikes, nothing a log or path mangles).
@@ -157,6 +180,9 @@ class Store:
                 self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE")
             )
         self._lock = threading.Lock()  # SQLite writers in one process
+        self.log_signer = tlog.NoteSigner.load_or_create(state_dir / LOG_KEY_FILE)
+        self._trusted_tree: str | None = None  # the last audit_tree row this process wrote
+        self._seen_size = 0  # the largest committed tree size this process read under the lock
         md.create_all(self.engine)
         self._ensure_head()
         self.keks = self._load_keks()
@@ -338,25 +364,88 @@ class Store:
 
     # -- audit --------------------------------------------------------------------------------
     def audit(self, event: str, data: dict[str, Any]) -> int:
-        """Append a record to the hash chain; returns its sequence number."""
+        """Append a record to the log; returns its sequence number."""
+        with self.tx() as c:
+            return self._append(c, event, data).seq
+
+    def audit_entry(self, event: str, data: dict[str, Any]) -> AuditProof:
+        """Append a record; returns it with its inclusion proof and the checkpoint signed for the
+        tree it ends (size = its sequence number)."""
         with self.tx() as c:
             return self._append(c, event, data)
 
-    def _append(self, c: sa.Connection, event: str, data: dict[str, Any]) -> int:
-        """Append inside an open transaction, holding the head row's lock (replica-safe)."""
-        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    def _append(self, c: sa.Connection, event: str, data: dict[str, Any]) -> AuditProof:
+        """Append inside an open transaction, holding the head row's lock (replica-safe): the
+        record, its chain hash and leaf hash, the new frontier and its signed checkpoint."""
+        text = canonical_data(data)
         head = c.execute(_HEAD_FOR_UPDATE).scalar_one()
         last, prev = str(head).split(":")
+        tree = self._tree(c, int(last))
         seq = int(last) + 1
         at = _now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         h = record_hash(prev, seq, at, event, text)
+        leaf = record_leaf(seq, at, event, text)
+        grown = tree.append(leaf)
+        note = self._sign(grown)
         c.execute(
-            audit_t.insert().values(seq=seq, at=at, event=event, data=text, prev_hash=prev, hash=h)
+            audit_t.insert().values(
+                seq=seq, at=at, event=event, data=text, prev_hash=prev, hash=h, leaf=leaf.hex()
+            )
         )
         c.execute(meta_t.update().where(meta_t.c.k == "audit_head").values(v=f"{seq}:{h}"))
-        return seq
+        row = _tree_row(grown, note)
+        c.execute(meta_t.update().where(meta_t.c.k == "audit_tree").values(v=row))
+        self._trusted_tree = row
+        return AuditProof(
+            seq, at, event, json.loads(text), seq, tuple(tree.next_inclusion_proof()), note
+        )
+
+    def _sign(self, tree: tlog.Frontier) -> str:
+        cp = tlog.Checkpoint(self.log_signer.name, tree.size, tree.root())
+        return self.log_signer.sign(cp.body())
+
+    def _tree(self, c: sa.Connection, size: int) -> tlog.Frontier:
+        """The stored frontier, once shown to be the tree of ``size`` records this log's key
+        signed (a row this process wrote itself is known to be; any other is checked)."""
+        row = c.execute(_TREE).scalar_one_or_none()
+        if row is None:
+            raise AuditChainError("the audit tree's state is missing from the database")
+        try:
+            doc = json.loads(row)
+            frontier = tlog.Frontier(
+                int(doc["size"]), tuple(bytes.fromhex(x) for x in doc["frontier"])
+            )
+            note = str(doc["checkpoint"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise AuditChainError(f"the audit tree's state does not parse: {e}") from None
+        if frontier.size != size:
+            raise AuditChainError(
+                f"the audit tree holds {frontier.size} records, the chain {size}: the database "
+                "was rewritten"
+            )
+        if frontier.size < self._seen_size:  # committed state this process saw: never shrinks
+            raise AuditChainError(
+                f"the audit log holds {frontier.size} records, {self._seen_size} were seen "
+                "before: it was rewound"
+            )
+        if row != self._trusted_tree:
+            cp = tlog.open_checkpoint(note, [self.log_signer.verifier])
+            if cp.size != frontier.size or cp.root != frontier.root():
+                raise AuditChainError(
+                    "the audit tree's stored state is not the tree its signed checkpoint names: "
+                    "the database was rewritten"
+                )
+        self._seen_size = frontier.size
+        return frontier
 
     def _ensure_head(self) -> None:
+        cols = {col["name"] for col in sa.inspect(self.engine).get_columns("audit")}
+        if "leaf" not in cols:  # a database from before the tree: add the column, fill it below
+            try:
+                with self.tx() as c:
+                    c.exec_driver_sql("ALTER TABLE audit ADD COLUMN leaf VARCHAR(64)")
+            except sa.exc.DBAPIError:
+                pass  # another replica added it first
         try:
             with self.tx() as c:
                 if (
@@ -366,6 +455,35 @@ class Store:
                     c.execute(meta_t.insert().values(k="audit_head", v=f"0:{GENESIS}"))
         except sa.exc.IntegrityError:
             pass  # another replica created it first
+        with self.tx() as c:
+            head = c.execute(_HEAD_FOR_UPDATE).scalar_one()  # one replica at a time from here
+            if c.execute(_TREE).first() is not None:
+                return
+            if c.execute(sa.select(audit_t.c.seq).where(audit_t.c.leaf.isnot(None))).first():
+                # records with leaf hashes were written under a tree: its state was removed, and
+                # rebuilding it from the records would sign whatever they now say
+                raise AuditChainError(
+                    "the audit tree's state is missing from the database, but its records have "
+                    "leaf hashes: refusing to sign a tree rebuilt from records that may have "
+                    "been rewritten"
+                )
+            tree = tlog.Frontier()
+            rows = c.execute(
+                sa.select(audit_t.c.seq, audit_t.c.at, audit_t.c.event, audit_t.c.data).order_by(
+                    audit_t.c.seq
+                )
+            ).all()
+            for r in rows:  # a pre-tree log: its records become the first leaves
+                leaf = record_leaf(r.seq, r.at, r.event, r.data)
+                c.execute(audit_t.update().where(audit_t.c.seq == r.seq).values(leaf=leaf.hex()))
+                tree = tree.append(leaf)
+            if tree.size != int(str(head).split(":")[0]):
+                raise AuditChainError(
+                    f"the audit head names {str(head).split(':')[0]} records, the table holds "
+                    f"{tree.size}"
+                )
+            row = _tree_row(tree, self._sign(tree))
+            c.execute(meta_t.insert().values(k="audit_tree", v=row))
 
     def audit_head(self) -> ChainHead:
         with self.engine.connect() as c:
@@ -374,6 +492,30 @@ class Store:
             return ChainHead(0, GENESIS)
         seq, h = str(r.v).split(":")
         return ChainHead(int(seq), h)
+
+    def audit_checkpoint(self) -> str:
+        """The latest signed checkpoint (a C2SP signed note)."""
+        with self.engine.connect() as c:
+            row = c.execute(_TREE).scalar_one_or_none()
+        try:
+            return str(json.loads(str(row))["checkpoint"])
+        except (ValueError, KeyError, TypeError):
+            raise AuditChainError("the audit tree's state is missing or does not parse") from None
+
+    def audit_consistency(self, first: int, second: int) -> list[bytes]:
+        """RFC 9162 consistency proof between the trees of ``first`` and ``second`` records, from
+        the stored leaf hashes (the records themselves are not read)."""
+        if not 0 <= first <= second:
+            raise BrokerError(400, "a consistency proof needs 0 <= first <= second")
+        with self.engine.connect() as c:
+            leaves = c.execute(
+                sa.select(audit_t.c.leaf).where(audit_t.c.seq <= second).order_by(audit_t.c.seq)
+            ).all()
+        if len(leaves) < second:
+            raise BrokerError(404, f"the log holds {len(leaves)} records, not {second}")
+        if any(r.leaf is None for r in leaves):
+            raise AuditChainError("a record has no leaf hash")
+        return tlog.consistency_proof(first, [bytes.fromhex(r.leaf) for r in leaves])
 
     def audit_records(self, after: int = 0, limit: int = 1000) -> list[AuditRecord]:
         with self.engine.connect() as c:
@@ -412,6 +554,13 @@ def _check_name(name: str) -> None:
             400,
             f"invalid key name {name!r}: ASCII letters, digits, '-', '_', '.', at most {NAME_MAX}",
         )
+
+
+def _tree_row(tree: tlog.Frontier, checkpoint: str) -> str:
+    return json.dumps(
+        {"size": tree.size, "frontier": [h.hex() for h in tree.hashes], "checkpoint": checkpoint},
+        separators=(",", ":"),
+    )
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
