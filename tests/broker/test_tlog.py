@@ -40,8 +40,8 @@ def ref_path(m: int, data: list[bytes]) -> list[bytes]:
     while k * 2 < n:
         k *= 2
     if m < k:
-        return ref_path(m, data[:k]) + [ref_mth(data[k:])]
-    return ref_path(m - k, data[k:]) + [ref_mth(data[:k])]
+        return [*ref_path(m, data[:k]), ref_mth(data[k:])]
+    return [*ref_path(m - k, data[k:]), ref_mth(data[:k])]
 
 
 def ref_subproof(m: int, data: list[bytes], b: bool) -> list[bytes]:
@@ -52,8 +52,8 @@ def ref_subproof(m: int, data: list[bytes], b: bool) -> list[bytes]:
     while k * 2 < n:
         k *= 2
     if m <= k:
-        return ref_subproof(m, data[:k], b) + [ref_mth(data[k:])]
-    return ref_subproof(m - k, data[k:], False) + [ref_mth(data[:k])]
+        return [*ref_subproof(m, data[:k], b), ref_mth(data[k:])]
+    return [*ref_subproof(m - k, data[k:], False), ref_mth(data[:k])]
 
 
 def entries(n: int) -> list[bytes]:

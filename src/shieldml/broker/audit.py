@@ -41,6 +41,7 @@ __all__ = [
     "verify_chain",
     "verify_log",
     "verify_tree",
+    "write_atomic",
 ]
 
 GENESIS = "0" * 64
@@ -193,7 +194,7 @@ def verify_log(
             except (OSError, ValueError) as e:
                 raise FormatError(f"{checkpoint}: not an audit checkpoint: {e}") from None
             verify_chain(recs, seen)
-        _write_atomic(checkpoint, json.dumps(verified.to_dict()))
+        write_atomic(checkpoint, json.dumps(verified.to_dict()))
     return verified
 
 
@@ -344,7 +345,8 @@ def verify_tree(
     return VerifiedTree(len(recs), cp, signed_by, old)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` all or nothing (a checkpoint file)."""
     fd, name = tempfile.mkstemp(dir=path.parent or Path(), prefix=f".{path.name}.")
     tmp = Path(name)
     try:

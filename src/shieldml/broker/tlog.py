@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import os
 import re
@@ -386,10 +387,8 @@ class NoteSigner:
                     f.write(signer.to_text())
                     f.flush()
                     os.fsync(f.fileno())
-                try:
+                with contextlib.suppress(FileExistsError):  # another process was first: theirs
                     os.link(tmp, path)
-                except FileExistsError:
-                    pass  # another process created it first: use theirs
             finally:
                 tmp.unlink()
         try:

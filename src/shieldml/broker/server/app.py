@@ -90,11 +90,41 @@ class SealedKey(BaseModel):
     sealed: str = Field(description="base64 HPKE enc || ciphertext")
 
 
+class AuditRecordOut(BaseModel):
+    seq: int
+    at: str
+    event: str
+    data: dict[str, Any]
+
+
+class AuditLogProof(BaseModel):
+    """The release's own audit record, its RFC 9162 inclusion proof (leaf ``seq - 1``) and the
+    signed checkpoint (C2SP, a signed note) of the tree of ``tree_size = seq`` records."""
+
+    record: AuditRecordOut
+    leaf_index: int
+    tree_size: int
+    inclusion: list[str] = Field(description="base64 SHA-256 hashes, innermost first")
+    checkpoint: str
+
+
 class ReleaseResponse(BaseModel):
     keys: dict[str, SealedKey]
     audit_seq: int
     tee: str
     tcb_status: str | None
+    audit_log: AuditLogProof | None = None
+
+
+class CheckpointResponse(BaseModel):
+    checkpoint: str = Field(description="C2SP tlog-checkpoint, signed (C2SP signed-note)")
+    verifier_key: str = Field(description="the log's signed-note verifier key")
+
+
+class ConsistencyResponse(BaseModel):
+    first: int
+    second: int
+    proof: list[str] = Field(description="RFC 9162 consistency proof, base64 hashes")
 
 
 class KeyIn(BaseModel):
@@ -223,6 +253,7 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
             ),
         )  # raises the refusal; the ShieldError handler answers its status and detail
         claims = released.claims
+        proof = released.audit_proof
         return ReleaseResponse(
             keys={
                 n: SealedKey(
@@ -233,6 +264,7 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
             audit_seq=released.audit_seq,
             tee=claims.tee.value,
             tcb_status=claims.tcb_status.value if claims.tcb_status else None,
+            audit_log=AuditLogProof.model_validate(proof.to_dict()) if proof else None,
         )
 
     @app.post("/v1/admin/keys", dependencies=[Depends(admin)], status_code=201)
@@ -281,6 +313,23 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
         records = store.audit_records(after, limit)
         head = store.audit_head()
         return {"head": head.to_dict(), "records": [r.to_dict() for r in records]}
+
+    @app.get("/v1/admin/audit/consistency", dependencies=[Depends(admin)])
+    def audit_consistency(
+        first: int = Query(ge=0, le=2**62), second: int = Query(ge=0, le=2**62)
+    ) -> ConsistencyResponse:
+        proof = store.audit_consistency(first, second)
+        return ConsistencyResponse(
+            first=first, second=second, proof=[base64.b64encode(h).decode() for h in proof]
+        )
+
+    @app.get("/v1/audit/checkpoint")
+    def audit_checkpoint() -> CheckpointResponse:
+        """The log's latest signed checkpoint: public, to be published and compared anywhere (it
+        tells the number of audit records and nothing else)."""
+        return CheckpointResponse(
+            checkpoint=store.audit_checkpoint(), verifier_key=store.log_signer.verifier.vkey()
+        )
 
     @app.get("/v1/health")
     async def health() -> dict[str, str]:
