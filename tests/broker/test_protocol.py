@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import x25519
 
-from shieldml.broker import protocol
-from shieldml.broker import tlog
+from shieldml.broker import protocol, tlog
 from shieldml.broker.audit import GENESIS, record_hash, record_leaf
 from shieldml.errors import FormatError, IntegrityError
 
