@@ -11,12 +11,14 @@ import base64
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
-from shieldml.broker import tlog
+from shieldml.broker import protocol, tlog
 from shieldml.broker.audit import AuditProof, record_hash, record_leaf, verify_tree
 from shieldml.broker.client import BrokerClient
 from shieldml.broker.server.storage import Store
@@ -24,7 +26,7 @@ from shieldml.cli import main
 from shieldml.errors import AuditChainError, BrokerError
 from shieldml.testing.brokers import BrokerProcess, start_broker
 from shieldml.testing.simulated import SimulatedPlatform, system_clock
-from tests.broker.conftest import POLICY, Broker, release_request
+from tests.broker.conftest import MRENCLAVE, POLICY, WD, Broker, release_request
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +292,63 @@ def test_audit_checkpoint_prints_and_saves_the_signed_checkpoint(
     out = tmp_path / "cp"
     assert main([*base, "-o", str(out)]) == 0
     assert out.read_text() == note
+
+
+class Relay(httpx.BaseTransport):
+    """The network between runner and a real broker app, editing release answers with ``edit``."""
+
+    def __init__(self, b: Broker, edit: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        self.b, self.edit = b, edit
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        r = self.b.client.request(
+            request.method, request.url.path, content=request.content, headers=request.headers
+        )
+        doc = r.json()
+        if request.url.path == "/v1/release" and r.status_code == 200:
+            doc = self.edit(doc)
+        return httpx.Response(r.status_code, json=doc)
+
+
+def _client_release(b: Broker, sim: SimulatedPlatform, client: BrokerClient) -> Any:
+    nonce = client.challenge()
+    rk = protocol.RunnerKey.generate()
+    rd = protocol.report_data(nonce, rk.kem_id, rk.public_bytes, WD)
+    quote, col = sim.sgx_quote(report_data=rd, mrenclave=MRENCLAVE)
+    return client.release(nonce, rk, WD, ["model"], quote, collateral=json.loads(col.to_json()))
+
+
+def test_release_answer_carrying_another_releases_audit_proof_is_refused(
+    broker: Broker, sim: SimulatedPlatform
+):
+    b = broker
+    b.client.post("/v1/admin/keys", json={"name": "model"}, headers=b.admin())
+    b.client.put("/v1/admin/keys/model/policy", json={"toml": POLICY}, headers=b.admin())
+    key = b.store.log_signer.verifier
+    kept: list[dict[str, Any]] = []
+
+    def keep(doc: dict[str, Any]) -> dict[str, Any]:
+        kept.append(doc["audit_log"])
+        return doc
+
+    with BrokerClient("http://broker.test", transport=Relay(b, keep), log_key=key) as c:
+        got = _client_release(b, sim, c)
+    assert got.audit_proof is not None and got.audit_proof.seq == got.audit_seq
+    # an earlier release's (valid, signed) proof in place of this one's: not this release
+    with (
+        BrokerClient(
+            "http://broker.test", transport=Relay(b, lambda d: {**d, "audit_log": kept[0]})
+        ) as c,
+        pytest.raises(AuditChainError, match="not this release's"),
+    ):
+        _client_release(b, sim, c)
+    # no proof at all, from a client that pinned the log key
+    with (
+        BrokerClient(
+            "http://broker.test",
+            transport=Relay(b, lambda d: {k: v for k, v in d.items() if k != "audit_log"}),
+            log_key=key,
+        ) as c,
+        pytest.raises(AuditChainError, match="no audit proof"),
+    ):
+        _client_release(b, sim, c)

@@ -155,11 +155,10 @@ class BrokerClient:
         if cert_chain is not None:
             body["cert_chain"] = cert_chain
         doc = self._call("POST", "/v1/release", json=body)
+        opened = self._opened(doc.get("keys"), keys, runner_key)
         seq = _int(doc.get("audit_seq"), f"{self.url}: audit_seq")
         proof = self._audit_proof(doc.get("audit_log"), seq, nonce, workload_digest, keys)
-        return ReleasedKeys(
-            self._opened(doc.get("keys"), keys, runner_key), seq, str(doc.get("tee", "")), proof
-        )
+        return ReleasedKeys(opened, seq, str(doc.get("tee", "")), proof)
 
     def _audit_proof(
         self, answer: Any, seq: int, nonce: bytes, workload_digest: str, keys: list[str]
