@@ -79,8 +79,16 @@ def rewrite_record(bp: BrokerProcess, seq: int, data: dict[str, object]) -> None
             leaf = record_leaf(s, at, event, text).hex()
             c.execute("UPDATE audit SET leaf = ? WHERE seq = ?", (leaf, s))
         prev = h
-    c.execute("UPDATE meta SET v = ? WHERE k = 'audit_head'", (f"{rows[-1][0]}:{prev}",))
+    tail = c.execute("SELECT v FROM meta WHERE k = 'audit_head'").fetchone()[0].partition("|")[2]
+    c.execute(
+        "UPDATE meta SET v = ? WHERE k = 'audit_head'", (f"{rows[-1][0]}:{prev}" + _tail(tail),)
+    )
     c.close()
+
+
+def _tail(state: str) -> str:
+    """The tree state the head row carries after the chain head (none before the tree)."""
+    return f"|{state}" if state else ""
 
 
 def truncate(bp: BrokerProcess, keep: int) -> None:
@@ -88,7 +96,8 @@ def truncate(bp: BrokerProcess, keep: int) -> None:
     c = db(bp)
     c.execute("DELETE FROM audit WHERE seq > ?", (keep,))
     h = c.execute("SELECT hash FROM audit WHERE seq = ?", (keep,)).fetchone()[0]
-    c.execute("UPDATE meta SET v = ? WHERE k = 'audit_head'", (f"{keep}:{h}",))
+    tail = c.execute("SELECT v FROM meta WHERE k = 'audit_head'").fetchone()[0].partition("|")[2]
+    c.execute("UPDATE meta SET v = ? WHERE k = 'audit_head'", (f"{keep}:{h}" + _tail(tail),))
     c.close()
 
 
@@ -115,10 +124,11 @@ def test_deleting_the_last_records_and_rewinding_the_head_is_detected(
     saved = tmp_path / "published.checkpoint"  # the owner saves the checkpoint of 6
     assert verify(served, capsys, "--checkpoint", str(saved))[0] == 0
 
-    # 1: records 5 and 6 deleted, the head rewound: the signed tree still covers 6 records
+    # 1: records 5 and 6 deleted, the head rewound: the tree state (bound to the head by a MAC
+    # under the log's key) no longer belongs to it, and the broker signs nothing
     truncate(served, 4)
     rc, reason = verify(served, capsys)
-    assert rc == 1 and "removed" in reason
+    assert rc == 1 and "not written by this log's key holder" in reason
 
     # 2: the tree's state rewound too (to the signed state of 4 kept earlier), the broker
     # restarted and serving on: the log agrees with itself, but not with what was published
@@ -152,34 +162,41 @@ def test_forged_checkpoint_signed_with_another_key_is_refused(
     served: BrokerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
     challenges(served, 3)
-    real = served.token_file.parent / "log-signing-key"
-    vkey = tlog.NoteSigner.load_or_create(real).verifier.vkey()
-    rewrite_record(served, 2, {"forged": True})
-    # the attacker signs the rewritten tree with a key of their own under the log's name
+    saved = tmp_path / "audit.checkpoint"
+    assert verify(served, capsys, "--checkpoint", str(saved))[0] == 0
+    vkey = tlog.NoteSigner.load_or_create(served.token_file.parent / "log-signing-key")
+    vkey_text = vkey.verifier.vkey()
+    challenges(served, 2)
+    # the attacker signs a tree with record 2 rewritten, with a key of their own under the log's
+    # name, and hands it to the owner as the checkpoint to compare with
     c = db(served)
     leaves = [bytes.fromhex(r[0]) for r in c.execute("SELECT leaf FROM audit ORDER BY seq")]
-    name = tlog.NoteVerifier.parse(vkey).name
-    forger = tlog.NoteSigner(name, bytes(range(32)))
-    tree = tlog.Frontier.of(leaves)
-    note = forger.sign(tlog.Checkpoint(name, tree.size, tree.root()).body())
-    row = {"size": tree.size, "frontier": [h.hex() for h in tree.hashes], "checkpoint": note}
-    c.execute("UPDATE meta SET v = ? WHERE k = 'audit_tree'", (json.dumps(row),))
     c.close()
-
-    rc, reason = verify(served, capsys, "--log-key", vkey)
+    leaves[1] = tlog.leaf_hash(b"a rewritten record 2")
+    forger = tlog.NoteSigner(vkey.name, bytes(range(32)))
+    tree = tlog.Frontier.of(leaves)
+    forged = tmp_path / "forged.checkpoint"
+    forged.write_text(forger.sign(tlog.Checkpoint(vkey.name, tree.size, tree.root()).body()))
+    rc, reason = verify(served, capsys, "--log-key", vkey_text, "--checkpoint", str(forged))
     assert rc == 1 and "forged" in reason
-    rc, reason = verify(served, capsys)  # the key the broker names is read from its state dir
-    assert rc == 1 and "forged" in reason
-    forged_file = tmp_path / "forged.checkpoint"  # a forged checkpoint handed to the owner
-    forged_file.write_text(note)
-    assert main(["audit", "checkpoint", "--url", served.url, "--fingerprint", served.fingerprint, "--log-key", vkey]) != 0  # fmt: skip
-    rc, _ = verify(served, capsys, "--log-key", vkey, "--checkpoint", str(forged_file))
-    assert rc == 1
+    # and writes the rewritten tree's frontier into the head row: without the key file its MAC
+    # is wrong, so the broker signs no checkpoint for it and appends nothing to it
+    c = db(served)
+    head, _, state = (
+        c.execute("SELECT v FROM meta WHERE k = 'audit_head'").fetchone()[0].partition("|")
+    )
+    doc = {"frontier": [h.hex() for h in tree.hashes], "mac": json.loads(state)["mac"]}
+    c.execute("UPDATE meta SET v = ? WHERE k = 'audit_head'", (f"{head}|{json.dumps(doc)}",))
+    c.close()
+    rc, reason = verify(served, capsys, "--log-key", vkey_text, "--checkpoint", str(saved))
+    assert rc == 1 and "not written by this log's key holder" in reason
+    base = ["audit", "checkpoint", "--url", served.url, "--fingerprint", served.fingerprint]
+    assert main(base) != 0
     with (
         BrokerClient(served.url, fingerprint=served.fingerprint) as cl,
         pytest.raises(BrokerError),
     ):
-        cl.challenge()  # the broker signs nothing on top of a tree state it did not sign
+        cl.challenge()
 
 
 def test_release_answer_inclusion_proof_verifies_against_its_checkpoint(
@@ -259,7 +276,7 @@ def test_a_log_from_before_the_tree_is_migrated_and_a_removed_tree_state_is_refu
         store.audit("test", {"i": i})
     store.engine.dispose()
     c = sqlite3.connect(tmp_path / "broker.db", isolation_level=None)
-    c.execute("DELETE FROM meta WHERE k = 'audit_tree'")
+    c.execute("UPDATE meta SET v = substr(v, 1, instr(v, '|') - 1) WHERE k = 'audit_head'")
     # with leaf hashes present, the tree state was removed: a restart does not rebuild it
     with pytest.raises(AuditChainError, match="missing"):
         Store(url, tmp_path / "state")

@@ -22,6 +22,7 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import hmac
 import os
 import re
 import secrets
@@ -352,6 +353,11 @@ class NoteSigner:
         sig = self._key.sign(body.encode())
         line = base64.b64encode(self.verifier.key_hash + sig).decode()
         return f"{body}\n{SIG_PREFIX}{self.name} {line}\n"
+
+    def derive_key(self, label: bytes) -> bytes:
+        """A 32-byte secret for ``label``, derived from the signing key (HMAC-SHA256 of the
+        label under the seed): whoever can sign for the log, and nobody else, has it."""
+        return hmac.new(self._key.private_bytes_raw(), label, "sha256").digest()
 
     def to_text(self) -> str:
         seed = self._key.private_bytes_raw()

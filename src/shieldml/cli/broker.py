@@ -507,7 +507,7 @@ def audit_verify(
         write_atomic,
     )
     from shieldml.broker.tlog import Checkpoint, split_note
-    from shieldml.errors import AuditChainError, FormatError
+    from shieldml.errors import AuditChainError, BrokerError, FormatError
 
     path = Path(checkpoint) if checkpoint else None
     saved = path.read_text() if path is not None and path.exists() else None
@@ -519,7 +519,18 @@ def audit_verify(
             raise FormatError(f"{checkpoint}: not an audit checkpoint: {e}") from None
         saved = None
     with _client(url, fingerprint, token_file) as c:
-        doc = c.audit_checkpoint()  # first: the records fetched next cover it
+        try:
+            doc = c.audit_checkpoint()  # first: the records fetched next cover it
+        except BrokerError as e:  # it refuses to sign a tree state its key did not write
+            if e.status is None or e.status >= 500:
+                raise
+            reason = f"the broker signs no checkpoint: {e.message}"
+            emit(
+                {"ok": False, "reason": reason},
+                as_json,
+                "[bold red]broken:[/bold red] " + escape(reason),
+            )
+            ctx.exit(1)
         raw, head = c.audit_all()
         proof: list[bytes] | None = None
         if saved is not None:

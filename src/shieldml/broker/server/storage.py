@@ -3,16 +3,16 @@
 Tables: ``keys`` (wrapped by the key-encryption key), ``policies``, ``nonces`` (single use,
 enforced by one conditional UPDATE, so it holds across replicas), ``audit`` (records with their
 chain hash and Merkle leaf hash, appended under a row lock on ``meta.audit_head``), ``meta``
-(admin token hash, audit head, audit tree).
+(admin token hash, audit head with the tree's state).
 
-The audit tree's state is the ``meta.audit_tree`` row: the tree size, its frontier (the roots of
-the perfect subtrees on its right edge, one per set bit of the size) and the checkpoint signed
-for it, all updated in the transaction that appends the record, under the head row's lock. An
-append costs O(log n) hashes and one Ed25519 signature whatever the log's size, and its inclusion
-proof is the frontier before it. The signing key is a file in the state directory
-(``log-signing-key``), never in the database: before each append the stored frontier must hash to
-the root of the stored checkpoint, signed by that key, so frontier rows written by someone who
-can write the database but not read the key file are refused (see docs/broker.md).
+The audit tree's state lives in the head row, ``meta.audit_head`` = ``seq:chain hash|{"frontier",
+"mac"}``: the frontier (the roots of the perfect subtrees on the tree's right edge, one per set
+bit of ``seq``) and an HMAC-SHA256 binding it to the chain's head, under a key derived from the
+log's signing key; the row is locked, read and rewritten once per append, in its transaction. An append costs O(log n) hashes and one HMAC whatever the
+log's size; its inclusion proof is the frontier before it, and its checkpoint is signed (Ed25519)
+after the transaction committed, outside the lock. The signing key is a file in the state
+directory (``log-signing-key``), never in the database: a frontier row written by someone who can
+write the database but not read the key file fails its MAC and is refused (see docs/broker.md).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from shieldml.broker.audit import (
 from shieldml.errors import (
     AuditChainError,
     BrokerError,
+    FormatError,
     IntegrityError,
     KeyExistsError,
     KeyFileError,
@@ -96,7 +97,6 @@ meta_t = sa.Table(
     sa.Column("v", sa.Text, nullable=False),
 )
 _HEAD_FOR_UPDATE = sa.select(meta_t.c.v).where(meta_t.c.k == "audit_head").with_for_update()
-_TREE = sa.select(meta_t.c.v).where(meta_t.c.k == "audit_tree")
 LOG_KEY_FILE = "log-signing-key"
 NAME_MAX = 128
 #: The one rule for key names, for the HTTP API's models and for the store: ASCII letters, digits,
@@ -181,7 +181,7 @@ class Store:
             )
         self._lock = threading.Lock()  # SQLite writers in one process
         self.log_signer = tlog.NoteSigner.load_or_create(state_dir / LOG_KEY_FILE)
-        self._trusted_tree: str | None = None  # the last audit_tree row this process wrote
+        self._tree_mac = self.log_signer.derive_key(b"shieldml/v1 audit tree state")
         self._seen_size = 0  # the largest committed tree size this process read under the lock
         md.create_all(self.engine)
         self._ensure_head()
@@ -366,77 +366,85 @@ class Store:
     def audit(self, event: str, data: dict[str, Any]) -> int:
         """Append a record to the log; returns its sequence number."""
         with self.tx() as c:
-            return self._append(c, event, data).seq
+            return self._append(c, event, data)[0].seq
 
     def audit_entry(self, event: str, data: dict[str, Any]) -> AuditProof:
-        """Append a record; returns it with its inclusion proof and the checkpoint signed for the
-        tree it ends (size = its sequence number)."""
+        """Append a record; returns it with its inclusion proof and the checkpoint of the tree it
+        ends (size = its sequence number), signed once the append committed."""
         with self.tx() as c:
-            return self._append(c, event, data)
+            rec, proof, grown = self._append(c, event, data)
+        return AuditProof(
+            rec.seq, rec.at, rec.event, rec.data, grown.size, tuple(proof), self._sign(grown)
+        )
 
-    def _append(self, c: sa.Connection, event: str, data: dict[str, Any]) -> AuditProof:
+    def _append(
+        self, c: sa.Connection, event: str, data: dict[str, Any]
+    ) -> tuple[AuditRecord, list[bytes], tlog.Frontier]:
         """Append inside an open transaction, holding the head row's lock (replica-safe): the
-        record, its chain hash and leaf hash, the new frontier and its signed checkpoint."""
+        record with its chain hash and leaf hash, and the new frontier; returns the record, its
+        inclusion proof (the frontier before it) and the new frontier."""
         text = canonical_data(data)
-        head = c.execute(_HEAD_FOR_UPDATE).scalar_one()
-        last, prev = str(head).split(":")
-        tree = self._tree(c, int(last))
-        seq = int(last) + 1
+        last, prev, tree = self._tree(str(c.execute(_HEAD_FOR_UPDATE).scalar_one()))
+        seq = last + 1
         at = _now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         h = record_hash(prev, seq, at, event, text)
         leaf = record_leaf(seq, at, event, text)
         grown = tree.append(leaf)
-        note = self._sign(grown)
         c.execute(
             audit_t.insert().values(
                 seq=seq, at=at, event=event, data=text, prev_hash=prev, hash=h, leaf=leaf.hex()
             )
         )
-        c.execute(meta_t.update().where(meta_t.c.k == "audit_head").values(v=f"{seq}:{h}"))
-        row = _tree_row(grown, note)
-        c.execute(meta_t.update().where(meta_t.c.k == "audit_tree").values(v=row))
-        self._trusted_tree = row
-        return AuditProof(
-            seq, at, event, json.loads(text), seq, tuple(tree.next_inclusion_proof()), note
+        c.execute(
+            meta_t.update()
+            .where(meta_t.c.k == "audit_head")
+            .values(v=self._head_row(seq, h, grown))
         )
+        rec = AuditRecord(seq, at, event, json.loads(text), prev, h)
+        return rec, tree.next_inclusion_proof(), grown
 
     def _sign(self, tree: tlog.Frontier) -> str:
         cp = tlog.Checkpoint(self.log_signer.name, tree.size, tree.root())
         return self.log_signer.sign(cp.body())
 
-    def _tree(self, c: sa.Connection, size: int) -> tlog.Frontier:
-        """The stored frontier, once shown to be the tree of ``size`` records this log's key
-        signed (a row this process wrote itself is known to be; any other is checked)."""
-        row = c.execute(_TREE).scalar_one_or_none()
-        if row is None:
-            raise AuditChainError("the audit tree's state is missing from the database")
+    def _head_row(self, seq: int, chain: str, tree: tlog.Frontier) -> str:
+        """``seq:chain hash|tree state``: the tree's frontier and a MAC binding it to the chain's
+        head, under a key derived from the log's signing key."""
+        frontier = [h.hex() for h in tree.hashes]
+        mac = hmac.new(self._tree_mac, _tree_mac_input(seq, chain, frontier), "sha256")
+        doc = {"frontier": frontier, "mac": mac.hexdigest()}
+        return f"{seq}:{chain}|{json.dumps(doc, separators=(',', ':'))}"
+
+    def _tree(self, row: str) -> tuple[int, str, tlog.Frontier]:
+        """The head row's chain head and frontier, once shown to be what this log's key holder
+        wrote (its MAC) and not smaller than a tree this process saw before."""
+        head, _, state = row.partition("|")
         try:
-            doc = json.loads(row)
-            frontier = tlog.Frontier(
-                int(doc["size"]), tuple(bytes.fromhex(x) for x in doc["frontier"])
-            )
-            note = str(doc["checkpoint"])
+            last, chain = head.split(":")
+            seq = int(last)
+            if not state:
+                raise AuditChainError("the audit tree's state is missing from the database")
+            doc = json.loads(state)
+            frontier, mac = [str(x) for x in doc["frontier"]], doc["mac"]
+            expected = hmac.new(self._tree_mac, _tree_mac_input(seq, chain, frontier), "sha256")
+            authentic = isinstance(mac, str) and hmac.compare_digest(mac, expected.hexdigest())
+            tree = tlog.Frontier(seq, tuple(bytes.fromhex(x) for x in frontier))
         except (ValueError, KeyError, TypeError) as e:
-            raise AuditChainError(f"the audit tree's state does not parse: {e}") from None
-        if frontier.size != size:
+            raise AuditChainError(f"the audit head row does not parse: {e}") from None
+        except FormatError:  # a frontier that cannot be of this size
+            authentic = False
+        if not authentic:
             raise AuditChainError(
-                f"the audit tree holds {frontier.size} records, the chain {size}: the database "
-                "was rewritten"
+                "the audit head and tree state were not written by this log's key holder: the "
+                "database was rewritten"
             )
-        if frontier.size < self._seen_size:  # committed state this process saw: never shrinks
+        if seq < self._seen_size:  # committed state this process saw: never shrinks
             raise AuditChainError(
-                f"the audit log holds {frontier.size} records, {self._seen_size} were seen "
-                "before: it was rewound"
+                f"the audit log holds {seq} records, {self._seen_size} were seen before: it "
+                "was rewound"
             )
-        if row != self._trusted_tree:
-            cp = tlog.open_checkpoint(note, [self.log_signer.verifier])
-            if cp.size != frontier.size or cp.root != frontier.root():
-                raise AuditChainError(
-                    "the audit tree's stored state is not the tree its signed checkpoint names: "
-                    "the database was rewritten"
-                )
-        self._seen_size = frontier.size
-        return frontier
+        self._seen_size = seq
+        return seq, chain, tree
 
     def _ensure_head(self) -> None:
         cols = {col["name"] for col in sa.inspect(self.engine).get_columns("audit")}
@@ -452,12 +460,16 @@ class Store:
                     c.execute(sa.select(meta_t.c.k).where(meta_t.c.k == "audit_head")).first()
                     is None
                 ):
-                    c.execute(meta_t.insert().values(k="audit_head", v=f"0:{GENESIS}"))
+                    c.execute(
+                        meta_t.insert().values(
+                            k="audit_head", v=self._head_row(0, GENESIS, tlog.Frontier())
+                        )
+                    )
         except sa.exc.IntegrityError:
             pass  # another replica created it first
         with self.tx() as c:
-            head = c.execute(_HEAD_FOR_UPDATE).scalar_one()  # one replica at a time from here
-            if c.execute(_TREE).first() is not None:
+            row = str(c.execute(_HEAD_FOR_UPDATE).scalar_one())  # one replica at a time
+            if "|" in row:
                 return
             if c.execute(sa.select(audit_t.c.seq).where(audit_t.c.leaf.isnot(None))).first():
                 # records with leaf hashes were written under a tree: its state was removed, and
@@ -467,40 +479,40 @@ class Store:
                     "leaf hashes: refusing to sign a tree rebuilt from records that may have "
                     "been rewritten"
                 )
+            last, chain = row.split(":")
             tree = tlog.Frontier()
             rows = c.execute(
                 sa.select(audit_t.c.seq, audit_t.c.at, audit_t.c.event, audit_t.c.data).order_by(
                     audit_t.c.seq
                 )
             ).all()
-            for r in rows:  # a pre-tree log: its records become the first leaves
+            for r in rows:  # a log from before the tree: its records become the first leaves
                 leaf = record_leaf(r.seq, r.at, r.event, r.data)
                 c.execute(audit_t.update().where(audit_t.c.seq == r.seq).values(leaf=leaf.hex()))
                 tree = tree.append(leaf)
-            if tree.size != int(str(head).split(":")[0]):
+            if tree.size != int(last):
                 raise AuditChainError(
-                    f"the audit head names {str(head).split(':')[0]} records, the table holds "
-                    f"{tree.size}"
+                    f"the audit head names {last} records, the table holds {tree.size}"
                 )
-            row = _tree_row(tree, self._sign(tree))
-            c.execute(meta_t.insert().values(k="audit_tree", v=row))
+            c.execute(
+                meta_t.update()
+                .where(meta_t.c.k == "audit_head")
+                .values(v=self._head_row(tree.size, chain, tree))
+            )
 
     def audit_head(self) -> ChainHead:
         with self.engine.connect() as c:
             r = c.execute(sa.select(meta_t.c.v).where(meta_t.c.k == "audit_head")).first()
         if r is None:
             return ChainHead(0, GENESIS)
-        seq, h = str(r.v).split(":")
+        seq, h = str(r.v).partition("|")[0].split(":")
         return ChainHead(int(seq), h)
 
     def audit_checkpoint(self) -> str:
-        """The latest signed checkpoint (a C2SP signed note)."""
+        """The checkpoint of the latest tree (a C2SP signed note), signed now."""
         with self.engine.connect() as c:
-            row = c.execute(_TREE).scalar_one_or_none()
-        try:
-            return str(json.loads(str(row))["checkpoint"])
-        except (ValueError, KeyError, TypeError):
-            raise AuditChainError("the audit tree's state is missing or does not parse") from None
+            row = c.execute(sa.select(meta_t.c.v).where(meta_t.c.k == "audit_head")).scalar_one()
+        return self._sign(self._tree(str(row))[2])
 
     def audit_consistency(self, first: int, second: int) -> list[bytes]:
         """RFC 9162 consistency proof between the trees of ``first`` and ``second`` records, from
@@ -556,11 +568,8 @@ def _check_name(name: str) -> None:
         )
 
 
-def _tree_row(tree: tlog.Frontier, checkpoint: str) -> str:
-    return json.dumps(
-        {"size": tree.size, "frontier": [h.hex() for h in tree.hashes], "checkpoint": checkpoint},
-        separators=(",", ":"),
-    )
+def _tree_mac_input(seq: int, chain: str, frontier: list[str]) -> bytes:
+    return f"shieldml/v1 audit head\n{seq}\n{chain}\n{','.join(frontier)}\n".encode()
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
