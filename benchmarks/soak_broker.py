@@ -41,8 +41,9 @@ from tests.pg import PgCluster  # noqa: E402
 
 from bench_files import write_page  # noqa: E402
 from shieldml.broker import protocol  # noqa: E402
-from shieldml.broker.audit import verify_log  # noqa: E402
+from shieldml.broker.audit import AuditRecord, verify_log, verify_tree  # noqa: E402
 from shieldml.broker.client import BrokerClient  # noqa: E402
+from shieldml.broker.tlog import NoteSigner  # noqa: E402
 from shieldml.errors import (  # noqa: E402
     AuditChainError,
     BrokerError,
@@ -305,6 +306,7 @@ def main() -> int:
         with BrokerClient(
             a.url, fingerprint=a.fingerprint, token=a.token_file.read_text().strip()
         ) as c:
+            checkpoint = c.audit_checkpoint()["checkpoint"]  # first: the records cover it
             raw, head = c.audit_all()
     finally:
         a.stop()
@@ -321,6 +323,12 @@ def main() -> int:
         chain_ok, why = True, "chain intact"
     except AuditChainError as e:
         chain_ok, why = False, e.message
+    try:  # the tree: records 1..N are what the log key (in the state directory) signed for N
+        log_key = NoteSigner.load_or_create(work / "state" / "log-signing-key").verifier
+        tree = verify_tree([AuditRecord.from_dict(r) for r in raw], checkpoint, [log_key])
+        tree_ok, tree_why = True, f"records 1 to {tree.checkpoint.size} match the signed checkpoint"
+    except AuditChainError as e:
+        tree_ok, tree_why = False, e.message
     audited = [
         x["data"]["nonce_sha256"]
         for x in raw
@@ -347,6 +355,7 @@ def main() -> int:
         f"| releases served | {ok} ({ok / args.seconds:.1f}/s) |",
         f"| release latency p50 / p99 (ms) | {lat[len(lat) // 2] * 1e3:.0f} / {lat[int(len(lat) * 0.99) - 1] * 1e3:.0f} |",
         f"| audit chain | {'intact' if chain_ok else 'BROKEN: ' + why} ({len(raw)} records) |",
+        f"| audit tree | {'intact: ' if tree_ok else 'BROKEN: '}{tree_why} |",
         f"| audit records lost / duplicated | {lost} / {duplicated} |",
         f"| releases audited whose response the client never got (connection cut by the kill) | {unacknowledged} |",
         f"| nonces accepted twice (replays, expired) | {twice} |",
@@ -363,7 +372,11 @@ def main() -> int:
     if args.markdown:
         write_page(Path(args.markdown), table, "soak_broker")
     slow_ok = slow["opened"] > 0 and slow["still open at the end"] == 0
-    return 0 if chain_ok and lost == 0 and duplicated == 0 and twice == 0 and slow_ok else 1
+    return (
+        0
+        if chain_ok and tree_ok and lost == 0 and duplicated == 0 and twice == 0 and slow_ok
+        else 1
+    )
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import x25519
 
-from shieldml.broker import protocol
-from shieldml.broker.audit import GENESIS, record_hash
+from shieldml.broker import protocol, tlog
+from shieldml.broker.audit import GENESIS, record_hash, record_leaf
 from shieldml.errors import FormatError, IntegrityError
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
@@ -49,6 +49,17 @@ def test_audit_vector():
     assert record_hash(GENESIS, 1, "2026-01-01T00:00:00.000000Z", "challenge", data) == vector(
         "audit record 1"
     )
+
+
+def test_audit_tree_and_checkpoint_vectors():
+    row = next(line for line in DOC.splitlines() if line.startswith("| audit record 1:"))
+    data = re.findall(r"`([^`]*)`", row)[2]
+    leaf = record_leaf(1, "2026-01-01T00:00:00.000000Z", "challenge", data)
+    assert leaf.hex() == vector("audit record 1 (above) as leaf 0")
+    signer = tlog.NoteSigner("example.com/broker", bytes(range(32)))
+    assert signer.verifier.vkey() == vector("checkpoint of that tree")
+    note = signer.sign(tlog.Checkpoint("example.com/broker", 1, tlog.tree_hash([leaf])).body())
+    assert note == vector("the same checkpoint").replace("\\n", "\n")
 
 
 @pytest.mark.parametrize("kem", ["X25519", "MLKEM768-X25519"])

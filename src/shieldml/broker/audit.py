@@ -1,43 +1,75 @@
-"""The broker's audit log as data: records, their hash chain, and its verification.
+"""The broker's audit log as data: records, their hash chain and Merkle tree, and verification.
 
 Pure Python (no database driver, no server): owners verify a log they fetched with
 ``shieldml audit verify``, the demo and the tests verify theirs, and the broker's storage writes
-records with :func:`record_hash`. Each record hashes its predecessor's hash and its own canonical
-content, so editing, deleting or reordering any record breaks every later hash; a remembered head
-(a *checkpoint*) also catches removal of the newest records, which a chain alone cannot show.
+records with :func:`record_hash` and :func:`record_leaf`.
+
+Two structures cover the same records. Each record hashes its predecessor's hash and its own
+canonical content (the *chain*, kept for existing callers); and record ``seq`` is leaf ``seq - 1``
+of an RFC 9162 Merkle tree whose heads the broker signs as C2SP checkpoints
+(:mod:`shieldml.broker.tlog`) with a key kept outside its database. A chain can be recomputed by
+whoever can write the database; a signed checkpoint cannot, and a checkpoint saved (published)
+earlier must stay a prefix of every later one: :func:`verify_tree` checks a fetched log against
+the latest checkpoint and a saved one.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shieldml.broker import tlog
 from shieldml.errors import AuditChainError, FormatError
 
 __all__ = [
     "GENESIS",
+    "AuditProof",
     "AuditRecord",
     "ChainHead",
+    "VerifiedTree",
+    "canonical_data",
+    "record_bytes",
     "record_hash",
+    "record_leaf",
     "verify_chain",
     "verify_log",
+    "verify_tree",
+    "write_atomic",
 ]
 
 GENESIS = "0" * 64
 
 
-def record_hash(prev: str, seq: int, at: str, event: str, data: str) -> str:
-    """Each audit record hashes its predecessor's hash and its own canonical content."""
+def canonical_data(data: Mapping[str, Any]) -> str:
+    """A record's ``data`` as stored and hashed: canonical JSON (sorted keys, no spaces)."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def record_bytes(seq: int, at: str, event: str, data: str) -> bytes:
+    """The bytes a record commits to: ``canonical_json({"seq", "at", "event", "data"})`` with
+    ``data`` its canonical JSON text. The chain hashes them after the previous hash; the Merkle
+    tree's leaf is ``SHA-256(0x00 || these bytes)``."""
     body = json.dumps(
         {"seq": seq, "at": at, "event": event, "data": data}, sort_keys=True, separators=(",", ":")
     )
-    return hashlib.sha256(bytes.fromhex(prev) + body.encode()).hexdigest()
+    return body.encode()
+
+
+def record_hash(prev: str, seq: int, at: str, event: str, data: str) -> str:
+    """Each audit record hashes its predecessor's hash and its own canonical content."""
+    return hashlib.sha256(bytes.fromhex(prev) + record_bytes(seq, at, event, data)).digest().hex()
+
+
+def record_leaf(seq: int, at: str, event: str, data: str) -> bytes:
+    """The record's Merkle leaf hash (leaf index ``seq - 1``)."""
+    return tlog.leaf_hash(record_bytes(seq, at, event, data))
 
 
 @dataclass(frozen=True)
@@ -58,6 +90,9 @@ class AuditRecord:
             "prev_hash": self.prev_hash,
             "hash": self.hash,
         }
+
+    def leaf(self) -> bytes:
+        return record_leaf(self.seq, self.at, self.event, canonical_data(self.data))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AuditRecord:
@@ -118,7 +153,7 @@ def verify_chain(records: Iterable[AuditRecord], head: ChainHead | None = None) 
             )
         if r.prev_hash != prev:
             raise AuditChainError(f"record {r.seq} does not follow record {r.seq - 1}", seq=r.seq)
-        data = json.dumps(r.data, sort_keys=True, separators=(",", ":"))
+        data = canonical_data(r.data)
         if record_hash(prev, r.seq, r.at, r.event, data) != r.hash:
             raise AuditChainError(f"record {r.seq} was modified", seq=r.seq)
         prev, expected = r.hash, expected + 1
@@ -159,11 +194,159 @@ def verify_log(
             except (OSError, ValueError) as e:
                 raise FormatError(f"{checkpoint}: not an audit checkpoint: {e}") from None
             verify_chain(recs, seen)
-        _write_atomic(checkpoint, json.dumps(verified.to_dict()))
+        write_atomic(checkpoint, json.dumps(verified.to_dict()))
     return verified
 
 
-def _write_atomic(path: Path, text: str) -> None:
+@dataclass(frozen=True)
+class AuditProof:
+    """One record, its inclusion proof and the signed checkpoint the proof leads to: what a
+    release answer carries for its own record, and a receipt for each broker's release."""
+
+    seq: int
+    at: str
+    event: str
+    data: dict[str, Any]
+    tree_size: int
+    inclusion: tuple[bytes, ...]
+    checkpoint: str  # the signed note
+
+    def leaf(self) -> bytes:
+        return record_leaf(self.seq, self.at, self.event, canonical_data(self.data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "record": {"seq": self.seq, "at": self.at, "event": self.event, "data": self.data},
+            "leaf_index": self.seq - 1,
+            "tree_size": self.tree_size,
+            "inclusion": [base64.b64encode(h).decode() for h in self.inclusion],
+            "checkpoint": self.checkpoint,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> AuditProof:
+        try:
+            rec = d["record"]
+            proof = cls(
+                seq=rec["seq"],
+                at=rec["at"],
+                event=rec["event"],
+                data=rec["data"],
+                tree_size=d["tree_size"],
+                inclusion=tuple(base64.b64decode(h, validate=True) for h in d["inclusion"]),
+                checkpoint=d["checkpoint"],
+            )
+            index = d["leaf_index"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"audit proof: missing or malformed field {e}") from None
+        if not (
+            _is_int(proof.seq)
+            and proof.seq >= 1
+            and isinstance(proof.at, str)
+            and isinstance(proof.event, str)
+            and isinstance(proof.data, dict)
+            and _is_int(proof.tree_size)
+            and isinstance(proof.checkpoint, str)
+            and index == proof.seq - 1
+        ):
+            raise FormatError("audit proof: a field has the wrong type or value")
+        return proof
+
+    def verify(self, verifiers: Sequence[tlog.NoteVerifier] | None = None) -> tlog.Checkpoint:
+        """The checkpoint, once the record is shown to be in it. With ``verifiers``, one of them
+        must have signed it (else :class:`AuditChainError`); without, only the proof is checked
+        (the answer is self-consistent; who signed it is not)."""
+        if verifiers is None:
+            cp = tlog.Checkpoint.parse(tlog.split_note(self.checkpoint)[0])
+        else:
+            cp = tlog.open_checkpoint(self.checkpoint, verifiers)
+        if cp.size != self.tree_size:
+            raise AuditChainError(
+                f"the proof is for a tree of {self.tree_size}, its checkpoint of {cp.size}",
+                seq=self.seq,
+            )
+        try:
+            tlog.verify_inclusion(self.leaf(), self.seq - 1, cp.size, self.inclusion, cp.root)
+        except AuditChainError as e:
+            raise AuditChainError(
+                f"record {self.seq} is not in the signed tree of {cp.size}: {e.message}",
+                seq=self.seq,
+            ) from None
+        return cp
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class VerifiedTree:
+    """What :func:`verify_tree` established: the log's records up to ``checkpoint.size`` are the
+    tree the checkpoint signs (and extend ``saved``, when one was given)."""
+
+    records: int
+    checkpoint: tlog.Checkpoint
+    signed_by: list[str]
+    saved: tlog.Checkpoint | None = None
+
+
+def verify_tree(
+    records: Iterable[AuditRecord],
+    checkpoint: str,
+    verifiers: Sequence[tlog.NoteVerifier],
+    *,
+    saved: str | None = None,
+    consistency: Sequence[bytes] | None = None,
+) -> VerifiedTree:
+    """Verify a whole log against its latest signed ``checkpoint`` and, optionally, a checkpoint
+    ``saved`` earlier (a signed note, from a file, a receipt or wherever it was published).
+
+    Checks the chain (contiguous from 1, every hash), a signature of one of ``verifiers`` on each
+    checkpoint, that the first ``size`` records hash to the signed root, and that the saved tree
+    is a prefix of the latest one: by ``consistency`` (the broker's RFC 9162 proof, when given)
+    and by recomputing its root from the records. Raises :class:`AuditChainError`.
+    """
+    recs = list(records)
+    verify_chain(recs)
+    text, signed_by = tlog.open_note(checkpoint, verifiers)
+    cp = tlog.Checkpoint.parse(text)
+    if cp.size > len(recs):
+        raise AuditChainError(
+            f"the signed checkpoint covers {cp.size} records, the log holds {len(recs)}: "
+            "records were removed",
+            seq=len(recs) + 1,
+        )
+    leaves = [r.leaf() for r in recs]
+    if tlog.tree_hash(leaves[: cp.size]) != cp.root:
+        raise AuditChainError(
+            f"records 1 to {cp.size} do not hash to the root the broker signed: records were "
+            "rewritten (or the checkpoint is of another log)"
+        )
+    old: tlog.Checkpoint | None = None
+    if saved is not None:
+        old = tlog.open_checkpoint(saved, verifiers)
+        if old.origin != cp.origin:
+            raise AuditChainError(
+                f"the saved checkpoint is of log {old.origin!r}, the broker's of {cp.origin!r}"
+            )
+        if old.size > cp.size:
+            raise AuditChainError(
+                f"the saved checkpoint covers {old.size} records, the broker's latest only "
+                f"{cp.size}: the log was rewound (records removed)",
+                seq=cp.size + 1,
+            )
+        if consistency is not None:
+            tlog.verify_consistency(old.size, cp.size, old.root, cp.root, consistency)
+        if tlog.tree_hash(leaves[: old.size]) != old.root:
+            raise AuditChainError(
+                f"records 1 to {old.size} no longer hash to the saved checkpoint's root: "
+                "records it covered were removed or rewritten"
+            )
+    return VerifiedTree(len(recs), cp, signed_by, old)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` all or nothing (a checkpoint file)."""
     fd, name = tempfile.mkstemp(dir=path.parent or Path(), prefix=f".{path.name}.")
     tmp = Path(name)
     try:

@@ -7,6 +7,7 @@ exactly that certificate, checked during the handshake, before any request (or t
 from __future__ import annotations
 
 import base64
+import hashlib
 import ssl
 import urllib.parse
 from dataclasses import dataclass
@@ -14,9 +15,11 @@ from typing import Any
 
 import httpx
 
-from shieldml.broker import protocol
+from shieldml.broker import protocol, tlog
+from shieldml.broker.audit import AuditProof
 from shieldml.broker.tls import pinned_context
 from shieldml.errors import (
+    AuditChainError,
     BindingError,
     BrokerError,
     BrokerUnavailable,
@@ -69,6 +72,9 @@ class ReleasedKeys:
     keys: dict[str, tuple[str, bytes]]  # name -> (format, key)
     audit_seq: int
     tee: str
+    #: the release's audit record, its inclusion proof and the signed checkpoint it verifies
+    #: against (None from a broker that predates the tree)
+    audit_proof: AuditProof | None = None
 
 
 class BrokerClient:
@@ -80,8 +86,12 @@ class BrokerClient:
         token: str | None = None,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        log_key: tlog.NoteVerifier | None = None,
     ) -> None:
+        """``log_key``: the broker's audit-log verifier key; with it, a release answer must carry
+        an audit proof whose checkpoint that key signed."""
         self.url = url.rstrip("/")
+        self.log_key = log_key
         verify: ssl.SSLContext | bool = True
         if transport is None and self.url.startswith("https://") and fingerprint:
             verify = pinned_context(self.url, fingerprint)
@@ -148,11 +158,38 @@ class BrokerClient:
         if amd_crl is not None:
             body["amd_crl"] = base64.b64encode(amd_crl).decode()
         doc = self._call("POST", "/v1/release", json=body)
-        return ReleasedKeys(
-            self._opened(doc.get("keys"), keys, runner_key),
-            _int(doc.get("audit_seq"), f"{self.url}: audit_seq"),
-            str(doc.get("tee", "")),
-        )
+        opened = self._opened(doc.get("keys"), keys, runner_key)
+        seq = _int(doc.get("audit_seq"), f"{self.url}: audit_seq")
+        proof = self._audit_proof(doc.get("audit_log"), seq, nonce, workload_digest, keys)
+        return ReleasedKeys(opened, seq, str(doc.get("tee", "")), proof)
+
+    def _audit_proof(
+        self, answer: Any, seq: int, nonce: bytes, workload_digest: str, keys: list[str]
+    ) -> AuditProof | None:
+        """The answer's audit proof, checked: it is this release's record (its sequence number,
+        nonce hash, workload digest and key names, allowed) and it is in the checkpoint's tree
+        (signed by ``log_key`` when one is set). A broker that sends none is accepted only
+        without ``log_key``."""
+        if answer is None:
+            if self.log_key is not None:
+                raise AuditChainError(f"{self.url}: the release answer carries no audit proof")
+            return None
+        proof = AuditProof.from_dict(answer)
+        d = proof.data
+        if not (
+            proof.seq == seq
+            and proof.event == "release"
+            and d.get("allowed") is True
+            and d.get("nonce_sha256") == hashlib.sha256(nonce).hexdigest()
+            and d.get("workload_digest") == workload_digest
+            and d.get("keys") == list(dict.fromkeys(keys))
+        ):
+            raise AuditChainError(
+                f"{self.url}: the audit record in the release answer is not this release's",
+                seq=proof.seq,
+            )
+        proof.verify([self.log_key] if self.log_key is not None else None)
+        return proof
 
     def _opened(
         self, answer: Any, asked: list[str], runner_key: protocol.RunnerKey
@@ -220,6 +257,24 @@ class BrokerClient:
 
     def audit(self, after: int = 0, limit: int = 1000) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/admin/audit", params={"after": after, "limit": limit}))
+
+    def audit_checkpoint(self) -> dict[str, str]:
+        """``{"checkpoint": signed note, "verifier_key": the key the broker says it signs with}``."""
+        doc = self._call("GET", "/v1/audit/checkpoint")
+        if not isinstance(doc, dict) or not all(
+            isinstance(doc.get(k), str) for k in ("checkpoint", "verifier_key")
+        ):
+            raise FormatError(f"{self.url}: malformed checkpoint answer")
+        return {"checkpoint": doc["checkpoint"], "verifier_key": doc["verifier_key"]}
+
+    def audit_consistency(self, first: int, second: int) -> list[bytes]:
+        doc = self._call(
+            "GET", "/v1/admin/audit/consistency", params={"first": first, "second": second}
+        )
+        try:
+            return [base64.b64decode(h, validate=True) for h in doc["proof"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{self.url}: malformed consistency proof: {e}") from None
 
     def audit_all(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         records: list[dict[str, Any]] = []

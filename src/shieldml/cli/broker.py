@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import errno
+import json
 import os
 import secrets
 import socket
@@ -494,6 +496,21 @@ def rotate_admin_token(
     out.print(f"new admin token written to {escape(str(token_path))} (mode 0600)")
 
 
+@broker.command("log-key")
+@click.option("--state", type=click.Path(file_okay=False))
+def log_key(state: str | None) -> None:
+    """Print the audit log's verifier key (signed-note format; made on first start if absent).
+
+    Give it to whoever checks checkpoints: `shieldml audit verify --log-key`, `shieldml receipt
+    verify --log-key`. It is the public half of the key file `log-signing-key` in the state
+    directory, which stays outside the database."""
+    from shieldml.broker.tlog import NoteSigner
+
+    state_dir = _state(state)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    click.echo(NoteSigner.load_or_create(state_dir / "log-signing-key").verifier.vkey())
+
+
 @broker.group("key")
 def key_group() -> None:
     """Keys held by the broker."""
@@ -635,7 +652,7 @@ def policy_set(
 
 @click.group()
 def audit() -> None:
-    """The broker's append-only, hash-chained audit log."""
+    """The broker's append-only audit log: a hash chain and a Merkle tree with signed checkpoints."""
 
 
 @audit.command("show")
@@ -663,13 +680,91 @@ def audit_show(
         out.print(f"{r['seq']:>6} {r['at']} {r['event']:<12} {mark}{escape(str(reason))}")
 
 
+def _log_key_option(f: F) -> F:
+    return click.option(
+        "--log-key",
+        "log_key",
+        help="The log's verifier key (`shieldml broker log-key`), or a file holding it: pins who "
+        "must have signed the checkpoints (default: the key the broker names, which only shows "
+        "the log agrees with itself).",
+    )(f)
+
+
+def _verifier(log_key: str | None, reported: str | None) -> tuple[Any, bool]:
+    """The verifier key to check checkpoints with, and whether it was pinned by the caller."""
+    from shieldml.broker.tlog import NoteVerifier
+
+    if log_key:
+        text = log_key
+        if not log_key.count("+") >= 2 or Path(log_key).exists():
+            try:
+                text = Path(log_key).read_text().strip()
+            except OSError as e:
+                raise ShieldError(f"{log_key}: cannot read the log key: {e.strerror}") from e
+        return NoteVerifier.parse(text), True
+    if reported is None:
+        raise ShieldError("no log verifier key: give --log-key")
+    return NoteVerifier.parse(reported), False
+
+
+@audit.command("checkpoint")
+@click.option("--url", envvar="SHIELDML_BROKER_URL", default=DEFAULT_URL, show_default=True)
+@click.option(
+    "--fingerprint",
+    envvar="SHIELDML_BROKER_FINGERPRINT",
+    help="SHA-256 of the broker's TLS certificate.",
+)
+@_log_key_option
+@click.option(
+    "--output", "-o", type=click.Path(dir_okay=False), help="Save the signed checkpoint here."
+)
+@JSON_OPTION
+def audit_checkpoint(
+    url: str, fingerprint: str | None, log_key: str | None, output: str | None, as_json: bool
+) -> None:
+    """Print (or save) the log's latest signed checkpoint: publish it anywhere; any later
+    `audit verify --checkpoint FILE` shows whether the log still extends it. No admin token."""
+    from shieldml.broker.audit import write_atomic
+    from shieldml.broker.client import BrokerClient
+    from shieldml.broker.tlog import open_checkpoint
+
+    if url.startswith("https://") and not fingerprint:
+        raise ShieldError("pin the broker's TLS certificate with --fingerprint")
+    with BrokerClient(url, fingerprint=fingerprint) as c:
+        doc = c.audit_checkpoint()
+    verifier, pinned = _verifier(log_key, doc["verifier_key"])
+    cp = open_checkpoint(doc["checkpoint"], [verifier])
+    if output:
+        write_atomic(Path(output), doc["checkpoint"])
+    if as_json:
+        emit_json(
+            {
+                "checkpoint": doc["checkpoint"],
+                "verifier_key": verifier.vkey(),
+                "key_pinned": pinned,
+                "origin": cp.origin,
+                "size": cp.size,
+                "root": base64.b64encode(cp.root).decode(),
+            }
+        )
+    elif output:
+        out.print(
+            f"checkpoint of {escape(cp.origin)}: {cp.size} records, saved to {escape(output)}"
+        )
+    else:
+        click.echo(doc["checkpoint"], nl=False)
+
+
 @audit.command("verify")
 @_conn
 @click.option(
     "--checkpoint",
     type=click.Path(dir_okay=False),
-    help="File remembering the last verified head (detects truncation).",
+    help="A signed checkpoint saved earlier (`audit checkpoint -o`, a receipt's, one published): "
+    "the log must still extend it (detects removed or rewritten records). Replaced by the "
+    "latest checkpoint once verified; created when absent.",
 )
+@_log_key_option
 @JSON_OPTION
 @click.pass_context
 def audit_verify(
@@ -679,24 +774,80 @@ def audit_verify(
     fingerprint: str | None,
     token_file: str | None,
     checkpoint: str | None,
+    log_key: str | None,
     as_json: bool,
 ) -> None:
-    """Check the whole chain: no record edited, deleted or reordered. Exit 1 if broken."""
-    from shieldml.broker.audit import verify_log
-    from shieldml.errors import AuditChainError
+    """Check the whole log against the latest signed checkpoint (and a saved one). Exit 1 if broken.
 
+    Every record chained and hashed, the first N records hashing to the root the broker signed
+    for N, and a saved checkpoint a prefix of the latest (RFC 9162 consistency proof from the
+    broker, and recomputed from the records)."""
+    from shieldml.broker.audit import (
+        AuditRecord,
+        ChainHead,
+        verify_chain,
+        verify_tree,
+        write_atomic,
+    )
+    from shieldml.broker.tlog import Checkpoint, split_note
+    from shieldml.errors import AuditChainError, BrokerError, FormatError
+
+    path = Path(checkpoint) if checkpoint else None
+    saved = path.read_text() if path is not None and path.exists() else None
+    legacy: ChainHead | None = None
+    if saved is not None and saved.lstrip().startswith("{"):  # a head file of earlier versions
+        try:
+            legacy = ChainHead.from_dict(json.loads(saved))
+        except ValueError as e:
+            raise FormatError(f"{checkpoint}: not an audit checkpoint: {e}") from None
+        saved = None
     with _client(url, fingerprint, token_file) as c:
+        try:
+            doc = c.audit_checkpoint()  # first: the records fetched next cover it
+        except BrokerError as e:  # it refuses to sign a tree state its key did not write
+            if e.status is None or e.status >= 500:
+                raise
+            reason = f"the broker signs no checkpoint: {e.message}"
+            emit(
+                {"ok": False, "reason": reason},
+                as_json,
+                "[bold red]broken:[/bold red] " + escape(reason),
+            )
+            ctx.exit(1)
         raw, head = c.audit_all()
+        proof: list[bytes] | None = None
+        if saved is not None:
+            old = Checkpoint.parse(split_note(saved)[0])
+            latest = Checkpoint.parse(split_note(doc["checkpoint"])[0])
+            if old.size <= latest.size:
+                proof = c.audit_consistency(old.size, latest.size)
+    verifier, pinned = _verifier(log_key, doc["verifier_key"])
+    head_out: dict[str, Any] = dict(head)
     try:
-        verified = verify_log(raw, head, checkpoint=Path(checkpoint) if checkpoint else None)
+        recs = [AuditRecord.from_dict(r) for r in raw]
+        verify_chain(recs, ChainHead.from_dict(head))
+        if legacy is not None:
+            verify_chain(recs, legacy)
+        tree = verify_tree(recs, doc["checkpoint"], [verifier], saved=saved, consistency=proof)
     except AuditChainError as e:
         ok, reason = False, e.message
     else:
-        ok, reason = True, f"{verified.seq} records, chain intact"
-        if checkpoint:
-            reason += f", checkpoint {checkpoint} updated"
+        ok = True
+        cp = tree.checkpoint
+        reason = (
+            f"{tree.records} records, chain intact; records 1 to {cp.size} are the tree "
+            f"{cp.origin} signed"
+            + ("" if pinned else " (key as the broker names it: pin it with --log-key)")
+        )
+        if tree.saved is not None:
+            reason += f"; it extends the saved checkpoint of {tree.saved.size}"
+        if path is not None:
+            write_atomic(path, doc["checkpoint"])
+            reason += f"; checkpoint {checkpoint} updated"
+        head_out["tree_size"] = cp.size
+        head_out["root"] = base64.b64encode(cp.root).decode()
     emit(
-        {"ok": ok, "reason": reason, "head": head},
+        {"ok": ok, "reason": reason, "head": head_out, "checkpoint": doc["checkpoint"]},
         as_json,
         ("[green]ok[/green] " if ok else "[bold red]broken:[/bold red] ") + escape(reason),
     )

@@ -11,6 +11,7 @@ from typing import Any
 import click
 from rich.markup import escape
 
+from shieldml.broker.tlog import NoteVerifier
 from shieldml.cli._common import (
     AT_OPTION,
     EXISTING_FILE,
@@ -241,6 +242,13 @@ _RECEIPT_MEASUREMENTS = {
 @click.option(
     "--no-files", is_flag=True, help="Do not compare the ciphertext files with the receipt."
 )
+@click.option(
+    "--log-key",
+    "log_keys",
+    multiple=True,
+    help="A broker's audit-log verifier key (`shieldml broker log-key`), or a file holding it: "
+    "that broker's release must be in a checkpoint it signed (repeatable).",
+)
 @JSON_OPTION
 @click.pass_context
 def receipt_verify(
@@ -253,6 +261,7 @@ def receipt_verify(
     insecure_custom_root: bool,
     simulated_platform: str | None,
     no_files: bool,
+    log_keys: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Check that a receipt was produced by a TEE that --policy accepts, running the job it names.
@@ -276,7 +285,12 @@ def receipt_verify(
     problems: list[str] = []
     try:
         verified = verify_receipt(
-            file, policy=pol, now=when, trust=anchors, check_files=not no_files
+            file,
+            policy=pol,
+            now=when,
+            trust=anchors,
+            check_files=not no_files,
+            log_keys=[_log_verifier(k) for k in log_keys],
         )
     except ReceiptError as e:
         if e.verified is None:  # the evidence does not bind the receipt
@@ -323,10 +337,21 @@ def receipt_verify(
                 else "sealed to a recipient's public key"
             )
             out.print(f"output {escape(o['path'])}: {how}")
+        for broker, size in verified.logged.items():
+            out.print(
+                f"release by broker {escape(broker)!r} is in its signed audit checkpoint of "
+                f"{size} records"
+            )
         for p in problems:
             out.print(f"[red]{escape(p)}[/red]")
     if problems:
         raise ShieldError("the files no longer match the receipt")
+
+
+def _log_verifier(text: str) -> NoteVerifier:
+    if "+" not in text or Path(text).is_file():
+        text = Path(text).read_text().strip()
+    return NoteVerifier.parse(text)
 
 
 COMMANDS = (run, job, receipt)

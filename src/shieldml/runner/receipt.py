@@ -1,8 +1,9 @@
 """Run receipts: what ``shieldml run --receipt`` writes, and how anyone checks one later.
 
 A receipt's body names the workload digest, the ciphertexts read and written (with SHA-256 of
-each file), which broker's key sealed each output, the brokers' audit positions and the exit
-code. Its hash goes into the report data of a second piece of evidence (domain
+each file), which broker's key sealed each output, the brokers' audit positions (and, from
+brokers that send them, each release's audit record with its inclusion proof and the broker's
+signed checkpoint) and the exit code. Its hash goes into the report data of a second piece of evidence (domain
 ``shieldml/v1 receipt``), so the body cannot change without the evidence no longer binding it.
 """
 
@@ -22,7 +23,10 @@ from shieldml.runner.evidence import Evidence, Provider, WorkloadExtension
 from shieldml.runner.manifest import sha256_file
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from shieldml.attest import Claims, TrustAnchors
+    from shieldml.broker.tlog import NoteVerifier
     from shieldml.policy import Policy, Verdict
 
 __all__ = [
@@ -47,6 +51,7 @@ def write_receipt(
     digest: str,
     audit: dict[str, int],
     result: dict[str, Any],
+    audit_log: dict[str, dict[str, Any]] | None = None,
     status: int,
     started: datetime,
     provider: Provider,
@@ -62,6 +67,8 @@ def write_receipt(
         "inputs": result["inputs"],
         "outputs": result["outputs"],
         "broker_audit_seq": audit,
+        # per broker: the release's audit record, its inclusion proof, the signed checkpoint
+        **({"broker_audit_log": audit_log} if audit_log else {}),
         "exit_code": status,
         "started": iso_utc(started),
         "finished": iso_utc(datetime.now(UTC)),
@@ -91,11 +98,14 @@ class VerifiedReceipt:
     claims: Claims
     verdict: Verdict
     files_checked: bool = field(default=True)
+    #: broker -> size of the signed checkpoint its release was shown to be in (``log_keys``)
+    logged: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "ok": True,
             "files_checked": self.files_checked,
+            "logged": self.logged,
             "claims": self.claims.to_dict(),
             "verdict": self.verdict.to_dict(),
             "receipt": self.body,
@@ -109,6 +119,7 @@ def verify_receipt(
     now: datetime | None = None,
     trust: TrustAnchors | None = None,
     check_files: bool = True,
+    log_keys: Sequence[NoteVerifier] = (),
 ) -> VerifiedReceipt:
     """Verify a receipt: genuine evidence that binds it, accepted by ``policy``; then the files.
 
@@ -124,6 +135,13 @@ def verify_receipt(
     :class:`~shieldml.errors.ReceiptError` when the evidence does not bind the body or (with
     ``check_files``) a file differs from the receipt; that error carries ``problems`` and the
     ``verified`` receipt.
+
+    Each of ``log_keys`` (a broker's audit-log verifier key) must have signed the checkpoint of
+    a release in the receipt (``broker_audit_log``): that release's record must be in the
+    checkpoint's tree, at the receipt's audit position for that broker, an allowed release for
+    the receipt's workload digest; else :class:`~shieldml.errors.ReceiptError`. The owner can
+    then check with ``shieldml audit verify --checkpoint`` that the broker's log still extends
+    that checkpoint.
     """
     from shieldml.attest import IntelCollateral, verify_evidence
     from shieldml.policy import require
@@ -150,7 +168,8 @@ def verify_receipt(
         )
     digest = body.get("workload_digest")
     verdict = require(policy, claims, digest if isinstance(digest, str) else None)
-    verified = VerifiedReceipt(body, claims, verdict, files_checked=check_files)
+    logged = _check_logged(path, body, log_keys)
+    verified = VerifiedReceipt(body, claims, verdict, files_checked=check_files, logged=logged)
     if check_files:
         problems = []
         for item in items:
@@ -166,3 +185,47 @@ def verify_receipt(
                 verified=verified,
             )
     return verified
+
+
+def _check_logged(
+    path: str, body: dict[str, Any], log_keys: Sequence[NoteVerifier]
+) -> dict[str, int]:
+    """Broker -> checkpoint size, for the releases whose checkpoint one of ``log_keys`` signed."""
+    from shieldml.broker.audit import AuditProof
+    from shieldml.broker.tlog import split_note
+    from shieldml.errors import AuditChainError
+
+    entries = body.get("broker_audit_log") or {}
+    seqs = body.get("broker_audit_seq") or {}
+    if not isinstance(entries, dict) or not isinstance(seqs, dict):
+        raise FormatError(f"{path}: malformed broker_audit_log")
+    logged: dict[str, int] = {}
+    for key in log_keys:
+        found = False
+        for broker, doc in entries.items():
+            proof = AuditProof.from_dict(doc)
+            signers = {(n, blob[:4]) for n, blob in split_note(proof.checkpoint)[1]}
+            if (key.name, key.key_hash) not in signers:
+                continue
+            found = True
+            try:
+                cp = proof.verify([key])
+            except AuditChainError as e:
+                raise ReceiptError(f"{path}: broker {broker!r}: {e.message}") from None
+            d = proof.data
+            if not (
+                seqs.get(broker) == proof.seq
+                and proof.event == "release"
+                and d.get("allowed") is True
+                and d.get("workload_digest") == body.get("workload_digest")
+            ):
+                raise ReceiptError(
+                    f"{path}: broker {broker!r}: the logged record is not this run's release"
+                )
+            logged[broker] = cp.size
+        if not found:
+            raise ReceiptError(
+                f"{path}: no release in the receipt is in a checkpoint signed by log key "
+                f"{key.name!r}"
+            )
+    return logged

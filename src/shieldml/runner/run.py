@@ -59,13 +59,16 @@ def needed_keys(m: JobManifest) -> dict[str, dict[str, str]]:
 
 def release_keys(
     m: JobManifest, provider: Provider, digest: str, log: Callable[[str], None]
-) -> tuple[dict[KeyRef, tuple[str, bytes]], dict[str, int]]:
+) -> tuple[dict[KeyRef, tuple[str, bytes]], dict[str, int], dict[str, dict[str, Any]]]:
     """Every key the job needs, each from its own broker: ``(keys by (broker, name), audit
-    sequence per broker)``. A broker's answer can only fill that broker's own names; one that
-    adds, omits or re-formats a key is refused before anything is decrypted."""
+    sequence per broker, audit proof per broker)`` (a proof: the release's record, its inclusion
+    proof and the broker's signed checkpoint, from brokers that send one). A broker's answer can
+    only fill that broker's own names; one that adds, omits or re-formats a key is refused before
+    anything is decrypted."""
     need = needed_keys(m)
     keys: dict[KeyRef, tuple[str, bytes]] = {}
     audit: dict[str, int] = {}
+    proofs: dict[str, dict[str, Any]] = {}
     for b in m.brokers:
         if b.name not in need:
             continue
@@ -96,7 +99,9 @@ def release_keys(
         )
         keys.update({(b.name, n): k for n, k in got.keys.items()})
         audit[b.name] = got.audit_seq
-    return keys, audit
+        if got.audit_proof is not None:
+            proofs[b.name] = got.audit_proof.to_dict()
+    return keys, audit, proofs
 
 
 def _env(m: JobManifest) -> dict[str, str]:
@@ -160,7 +165,7 @@ def run_job(
     binding = provider.bind_workload(digest)
     if binding is not None:
         say(binding.describe())
-    keys, audit = release_keys(m, provider, digest, say)  # 2
+    keys, audit, audit_proofs = release_keys(m, provider, digest, say)  # 2
     rep["brokers"] = {
         b: {"keys": sorted(n for (kb, n) in keys if kb == b), "audit_seq": seq}
         for b, seq in audit.items()
@@ -185,6 +190,7 @@ def run_job(
             receipt,
             digest=digest,
             audit=audit,
+            audit_log=audit_proofs,
             result=result,
             status=status,
             started=started,

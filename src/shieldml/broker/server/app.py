@@ -43,7 +43,14 @@ from shieldml.broker.server.release import (
     decide,
 )
 from shieldml.broker.server.storage import KEY_NAME_PATTERN, NAME_MAX, Store
-from shieldml.errors import BrokerError, FormatError, IntegrityError, PolicyError, ShieldError
+from shieldml.errors import (
+    AuditChainError,
+    BrokerError,
+    FormatError,
+    IntegrityError,
+    PolicyError,
+    ShieldError,
+)
 from shieldml.files import Format, generate_key
 from shieldml.policy import Policy
 
@@ -98,11 +105,41 @@ class SealedKey(BaseModel):
     sealed: str = Field(description="base64 HPKE enc || ciphertext")
 
 
+class AuditRecordOut(BaseModel):
+    seq: int
+    at: str
+    event: str
+    data: dict[str, Any]
+
+
+class AuditLogProof(BaseModel):
+    """The release's own audit record, its RFC 9162 inclusion proof (leaf ``seq - 1``) and the
+    signed checkpoint (C2SP, a signed note) of the tree of ``tree_size = seq`` records."""
+
+    record: AuditRecordOut
+    leaf_index: int
+    tree_size: int
+    inclusion: list[str] = Field(description="base64 SHA-256 hashes, innermost first")
+    checkpoint: str
+
+
 class ReleaseResponse(BaseModel):
     keys: dict[str, SealedKey]
     audit_seq: int
     tee: str
     tcb_status: str | None
+    audit_log: AuditLogProof | None = None
+
+
+class CheckpointResponse(BaseModel):
+    checkpoint: str = Field(description="C2SP tlog-checkpoint, signed (C2SP signed-note)")
+    verifier_key: str = Field(description="the log's signed-note verifier key")
+
+
+class ConsistencyResponse(BaseModel):
+    first: int
+    second: int
+    proof: list[str] = Field(description="RFC 9162 consistency proof, base64 hashes")
 
 
 class KeyIn(BaseModel):
@@ -189,7 +226,9 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(ShieldError)
     async def shield_error(_request: Request, exc: ShieldError) -> JSONResponse:
         status = exc.status if isinstance(exc, BrokerError) and exc.status else 400
-        if isinstance(exc, IntegrityError):  # the broker's own state failed authentication
+        # the broker's own rows failed authentication (an audit log that does not verify keeps
+        # its 400: `audit verify` reports it as the log's state, not as a broker fault)
+        if isinstance(exc, IntegrityError) and not isinstance(exc, AuditChainError):
             log.error("integrity: %s", exc.message)
             status = 500
         detail = exc.detail if isinstance(exc, BrokerError) else exc.diagnostics()
@@ -247,6 +286,7 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
             ),
         )  # raises the refusal; the ShieldError handler answers its status and detail
         claims = released.claims
+        proof = released.audit_proof
         return ReleaseResponse(
             keys={
                 n: SealedKey(
@@ -257,6 +297,7 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
             audit_seq=released.audit_seq,
             tee=claims.tee.value,
             tcb_status=claims.tcb_status.value if claims.tcb_status else None,
+            audit_log=AuditLogProof.model_validate(proof.to_dict()) if proof else None,
         )
 
     @app.post("/v1/admin/keys", dependencies=[Depends(admin)], status_code=201)
@@ -332,6 +373,23 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/admin/audit/consistency", dependencies=[Depends(admin)])
+    def audit_consistency(
+        first: int = Query(ge=0, le=2**62), second: int = Query(ge=0, le=2**62)
+    ) -> ConsistencyResponse:
+        proof = store.audit_consistency(first, second)
+        return ConsistencyResponse(
+            first=first, second=second, proof=[base64.b64encode(h).decode() for h in proof]
+        )
+
+    @app.get("/v1/audit/checkpoint")
+    def audit_checkpoint() -> CheckpointResponse:
+        """The log's latest signed checkpoint: public, to be published and compared anywhere (it
+        tells the number of audit records and nothing else)."""
+        return CheckpointResponse(
+            checkpoint=store.audit_checkpoint(), verifier_key=store.log_signer.verifier.vkey()
+        )
 
     @app.get("/v1/health")
     async def health() -> dict[str, str]:

@@ -51,6 +51,7 @@ from shieldml.attest import (
     verify_pck_chain,
 )
 from shieldml.broker import protocol
+from shieldml.broker.audit import AuditProof
 from shieldml.broker.server.storage import NAME_MAX, KeyEntry, Store, valid_key_name
 from shieldml.errors import (
     AttestationError,
@@ -225,12 +226,14 @@ class ReleaseRequest:
 @dataclass(frozen=True)
 class Released:
     """An allowed release: each key's ``(format, material)``, the claims and verdicts it was
-    allowed on, and the audit record that says so."""
+    allowed on, and the audit record that says so (with its inclusion proof and the checkpoint
+    signed for the tree it ends, in ``audit_proof``)."""
 
     keys: dict[str, tuple[str, bytes]] = field(repr=False)
     claims: Claims
     verdicts: dict[str, Verdict]
     audit_seq: int
+    audit_proof: AuditProof | None = None
 
 
 class _Refused(Exception):  # noqa: N818 - internal control flow, never escapes decide()
@@ -260,7 +263,7 @@ def decide(store: Store, settings: Settings, request: ReleaseRequest) -> Release
     except _Refused as r:
         seq = store.audit(request.event, {**record, "allowed": False, **r.record})
         raise r.make(seq) from r.cause
-    seq = store.audit(
+    entry = store.audit_entry(
         request.event,
         {
             **record,
@@ -269,7 +272,7 @@ def decide(store: Store, settings: Settings, request: ReleaseRequest) -> Release
             "matched_profiles": {n: v.matched for n, v in released.verdicts.items()},
         },
     )
-    return Released(released.keys, released.claims, released.verdicts, seq)
+    return Released(released.keys, released.claims, released.verdicts, entry.seq, entry)
 
 
 def _check_names(names: list[str]) -> None:

@@ -1,8 +1,18 @@
 """Broker state through SQLAlchemy: SQLite (default, embedded) or PostgreSQL (replicas).
 
 Tables: ``keys`` (wrapped by the key-encryption key), ``policies``, ``nonces`` (single use,
-enforced by one conditional UPDATE, so it holds across replicas), ``audit`` (hash chain, appended
-under a row lock on ``meta.audit_head``), ``meta`` (admin token hash, audit head).
+enforced by one conditional UPDATE, so it holds across replicas), ``audit`` (records with their
+chain hash and Merkle leaf hash, appended under a row lock on ``meta.audit_head``), ``meta``
+(admin token hash, audit head with the tree's state).
+
+The audit tree's state lives in the head row, ``meta.audit_head`` = ``seq:chain hash|{"frontier",
+"mac"}``: the frontier (the roots of the perfect subtrees on the tree's right edge, one per set
+bit of ``seq``) and an HMAC-SHA256 binding it to the chain's head, under a key derived from the
+log's signing key; the row is locked, read and rewritten once per append, in its transaction. An append costs O(log n) hashes and one HMAC whatever the
+log's size; its inclusion proof is the frontier before it, and its checkpoint is signed (Ed25519)
+after the transaction committed, outside the lock. The signing key is a file in the state
+directory (``log-signing-key``), never in the database: a frontier row written by someone who can
+write the database but not read the key file fails its MAC and is refused (see docs/broker.md).
 
 Whoever can write the database cannot edit what decides a release: every ``keys`` row, every
 ``policies`` row and the admin token's hash carry an HMAC-SHA256 under a key derived from the
@@ -36,9 +46,20 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from shieldml.broker.audit import GENESIS, AuditRecord, ChainHead, record_hash
+from shieldml.broker import tlog
+from shieldml.broker.audit import (
+    GENESIS,
+    AuditProof,
+    AuditRecord,
+    ChainHead,
+    canonical_data,
+    record_hash,
+    record_leaf,
+)
 from shieldml.errors import (
+    AuditChainError,
     BrokerError,
+    FormatError,
     IntegrityError,
     KeyExistsError,
     KeyFileError,
@@ -80,6 +101,7 @@ audit_t = sa.Table(
     sa.Column("data", sa.Text, nullable=False),
     sa.Column("prev_hash", sa.String(64), nullable=False),
     sa.Column("hash", sa.String(64), nullable=False),
+    sa.Column("leaf", sa.String(64), nullable=True),  # Merkle leaf hash (hex); NULL only pre-tree
 )
 meta_t = sa.Table(
     "meta",
@@ -88,6 +110,7 @@ meta_t = sa.Table(
     sa.Column("v", sa.Text, nullable=False),
 )
 _HEAD_FOR_UPDATE = sa.select(meta_t.c.v).where(meta_t.c.k == "audit_head").with_for_update()
+LOG_KEY_FILE = "log-signing-key"
 NAME_MAX = 128
 #: The one rule for key names, for the HTTP API's models and for the store: ASCII letters, digits,
 #: '.', '_', '-', 1 to NAME_MAX characters (no Unicode look-alikes, nothing a log or path mangles).
@@ -190,6 +213,9 @@ class Store:
                 self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE")
             )
         self._lock = threading.Lock()  # SQLite writers in one process
+        self.log_signer = tlog.NoteSigner.load_or_create(state_dir / LOG_KEY_FILE)
+        self._tree_mac = self.log_signer.derive_key(b"shieldml/v1 audit tree state")
+        self._seen_size = 0  # the largest committed tree size this process read under the lock
         md.create_all(self.engine)
         _check_schema(self.engine)
         self._ensure_head()
@@ -490,42 +516,170 @@ class Store:
 
     # -- audit --------------------------------------------------------------------------------
     def audit(self, event: str, data: dict[str, Any]) -> int:
-        """Append a record to the hash chain; returns its sequence number."""
+        """Append a record to the log; returns its sequence number."""
         with self.tx() as c:
-            return self._append(c, event, data)
+            return self._append(c, event, data)[0].seq
 
-    def _append(self, c: sa.Connection, event: str, data: dict[str, Any]) -> int:
-        """Append inside an open transaction, holding the head row's lock (replica-safe)."""
-        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
-        head = c.execute(_HEAD_FOR_UPDATE).scalar_one()
-        last, prev = str(head).split(":")
-        seq = int(last) + 1
+    def audit_entry(self, event: str, data: dict[str, Any]) -> AuditProof:
+        """Append a record; returns it with its inclusion proof and the checkpoint of the tree it
+        ends (size = its sequence number), signed once the append committed."""
+        with self.tx() as c:
+            rec, proof, grown = self._append(c, event, data)
+        return AuditProof(
+            rec.seq, rec.at, rec.event, rec.data, grown.size, tuple(proof), self._sign(grown)
+        )
+
+    def _append(
+        self, c: sa.Connection, event: str, data: dict[str, Any]
+    ) -> tuple[AuditRecord, list[bytes], tlog.Frontier]:
+        """Append inside an open transaction, holding the head row's lock (replica-safe): the
+        record with its chain hash and leaf hash, and the new frontier; returns the record, its
+        inclusion proof (the frontier before it) and the new frontier."""
+        text = canonical_data(data)
+        last, prev, tree = self._tree(str(c.execute(_HEAD_FOR_UPDATE).scalar_one()))
+        seq = last + 1
         at = _now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         h = record_hash(prev, seq, at, event, text)
+        leaf = record_leaf(seq, at, event, text)
+        grown = tree.append(leaf)
         c.execute(
-            audit_t.insert().values(seq=seq, at=at, event=event, data=text, prev_hash=prev, hash=h)
+            audit_t.insert().values(
+                seq=seq, at=at, event=event, data=text, prev_hash=prev, hash=h, leaf=leaf.hex()
+            )
         )
-        c.execute(meta_t.update().where(meta_t.c.k == "audit_head").values(v=f"{seq}:{h}"))
-        return seq
+        c.execute(
+            meta_t.update()
+            .where(meta_t.c.k == "audit_head")
+            .values(v=self._head_row(seq, h, grown))
+        )
+        rec = AuditRecord(seq, at, event, json.loads(text), prev, h)
+        return rec, tree.next_inclusion_proof(), grown
+
+    def _sign(self, tree: tlog.Frontier) -> str:
+        cp = tlog.Checkpoint(self.log_signer.name, tree.size, tree.root())
+        return self.log_signer.sign(cp.body())
+
+    def _head_row(self, seq: int, chain: str, tree: tlog.Frontier) -> str:
+        """``seq:chain hash|tree state``: the tree's frontier and a MAC binding it to the chain's
+        head, under a key derived from the log's signing key."""
+        frontier = [h.hex() for h in tree.hashes]
+        mac = hmac.new(self._tree_mac, _tree_mac_input(seq, chain, frontier), "sha256")
+        doc = {"frontier": frontier, "mac": mac.hexdigest()}
+        return f"{seq}:{chain}|{json.dumps(doc, separators=(',', ':'))}"
+
+    def _tree(self, row: str) -> tuple[int, str, tlog.Frontier]:
+        """The head row's chain head and frontier, once shown to be what this log's key holder
+        wrote (its MAC) and not smaller than a tree this process saw before."""
+        head, _, state = row.partition("|")
+        try:
+            last, chain = head.split(":")
+            seq = int(last)
+            if not state:
+                raise AuditChainError("the audit tree's state is missing from the database")
+            doc = json.loads(state)
+            frontier, mac = [str(x) for x in doc["frontier"]], doc["mac"]
+            expected = hmac.new(self._tree_mac, _tree_mac_input(seq, chain, frontier), "sha256")
+            authentic = isinstance(mac, str) and hmac.compare_digest(mac, expected.hexdigest())
+            tree = tlog.Frontier(seq, tuple(bytes.fromhex(x) for x in frontier))
+        except (ValueError, KeyError, TypeError) as e:
+            raise AuditChainError(f"the audit head row does not parse: {e}") from None
+        except FormatError:  # a frontier that cannot be of this size
+            authentic = False
+        if not authentic:
+            raise AuditChainError(
+                "the audit head and tree state were not written by this log's key holder: the "
+                "database was rewritten"
+            )
+        if seq < self._seen_size:  # committed state this process saw: never shrinks
+            raise AuditChainError(
+                f"the audit log holds {seq} records, {self._seen_size} were seen before: it "
+                "was rewound"
+            )
+        self._seen_size = seq
+        return seq, chain, tree
 
     def _ensure_head(self) -> None:
+        cols = {col["name"] for col in sa.inspect(self.engine).get_columns("audit")}
+        if "leaf" not in cols:  # a database from before the tree: add the column, fill it below
+            try:
+                with self.tx() as c:
+                    c.exec_driver_sql("ALTER TABLE audit ADD COLUMN leaf VARCHAR(64)")
+            except sa.exc.DBAPIError:
+                pass  # another replica added it first
         try:
             with self.tx() as c:
                 if (
                     c.execute(sa.select(meta_t.c.k).where(meta_t.c.k == "audit_head")).first()
                     is None
                 ):
-                    c.execute(meta_t.insert().values(k="audit_head", v=f"0:{GENESIS}"))
+                    c.execute(
+                        meta_t.insert().values(
+                            k="audit_head", v=self._head_row(0, GENESIS, tlog.Frontier())
+                        )
+                    )
         except sa.exc.IntegrityError:
             pass  # another replica created it first
+        with self.tx() as c:
+            row = str(c.execute(_HEAD_FOR_UPDATE).scalar_one())  # one replica at a time
+            if "|" in row:
+                return
+            if c.execute(sa.select(audit_t.c.seq).where(audit_t.c.leaf.isnot(None))).first():
+                # records with leaf hashes were written under a tree: its state was removed, and
+                # rebuilding it from the records would sign whatever they now say
+                raise AuditChainError(
+                    "the audit tree's state is missing from the database, but its records have "
+                    "leaf hashes: refusing to sign a tree rebuilt from records that may have "
+                    "been rewritten"
+                )
+            last, chain = row.split(":")
+            tree = tlog.Frontier()
+            rows = c.execute(
+                sa.select(audit_t.c.seq, audit_t.c.at, audit_t.c.event, audit_t.c.data).order_by(
+                    audit_t.c.seq
+                )
+            ).all()
+            for r in rows:  # a log from before the tree: its records become the first leaves
+                leaf = record_leaf(r.seq, r.at, r.event, r.data)
+                c.execute(audit_t.update().where(audit_t.c.seq == r.seq).values(leaf=leaf.hex()))
+                tree = tree.append(leaf)
+            if tree.size != int(last):
+                raise AuditChainError(
+                    f"the audit head names {last} records, the table holds {tree.size}"
+                )
+            c.execute(
+                meta_t.update()
+                .where(meta_t.c.k == "audit_head")
+                .values(v=self._head_row(tree.size, chain, tree))
+            )
 
     def audit_head(self) -> ChainHead:
         with self.engine.connect() as c:
             r = c.execute(sa.select(meta_t.c.v).where(meta_t.c.k == "audit_head")).first()
         if r is None:
             return ChainHead(0, GENESIS)
-        seq, h = str(r.v).split(":")
+        seq, h = str(r.v).partition("|")[0].split(":")
         return ChainHead(int(seq), h)
+
+    def audit_checkpoint(self) -> str:
+        """The checkpoint of the latest tree (a C2SP signed note), signed now."""
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(meta_t.c.v).where(meta_t.c.k == "audit_head")).scalar_one()
+        return self._sign(self._tree(str(row))[2])
+
+    def audit_consistency(self, first: int, second: int) -> list[bytes]:
+        """RFC 9162 consistency proof between the trees of ``first`` and ``second`` records, from
+        the stored leaf hashes (the records themselves are not read)."""
+        if not 0 <= first <= second:
+            raise BrokerError(400, "a consistency proof needs 0 <= first <= second")
+        with self.engine.connect() as c:
+            leaves = c.execute(
+                sa.select(audit_t.c.leaf).where(audit_t.c.seq <= second).order_by(audit_t.c.seq)
+            ).all()
+        if len(leaves) < second:
+            raise BrokerError(404, f"the log holds {len(leaves)} records, not {second}")
+        if any(r.leaf is None for r in leaves):
+            raise AuditChainError("a record has no leaf hash")
+        return tlog.consistency_proof(first, [bytes.fromhex(r.leaf) for r in leaves])
 
     def audit_records(self, after: int = 0, limit: int = 1000) -> list[AuditRecord]:
         with self.engine.connect() as c:
@@ -627,6 +781,10 @@ def _check_name(name: str) -> None:
             400,
             f"invalid key name {name!r}: ASCII letters, digits, '-', '_', '.', at most {NAME_MAX}",
         )
+
+
+def _tree_mac_input(seq: int, chain: str, frontier: list[str]) -> bytes:
+    return f"shieldml/v1 audit head\n{seq}\n{chain}\n{','.join(frontier)}\n".encode()
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
