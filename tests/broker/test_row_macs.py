@@ -140,3 +140,39 @@ def test_kek_rotation_keeps_every_row_verifiable(broker: Broker, sim: SimulatedP
     assert release(broker, sim, ["model"]).status_code == 200
     r = broker.client.get("/v1/admin/keys", headers=broker.admin())
     assert r.status_code == 200 and r.json()[0]["has_policy"] is True
+
+
+def test_older_policy_row_put_back_shows_in_the_audit_log(broker: Broker, sim: SimulatedPlatform):
+    """A MAC cannot tell an older row of the same key: the laxer policy is put back, a release
+    passes on it, and ``audit verify`` (check_policy_history) names that release."""
+    from shieldml.broker.audit import check_policy_history
+    from shieldml.errors import AuditChainError
+
+    h = broker.admin()
+    broker.store.put_key("model", "stream", KEY)
+    lax = permissive_policy()
+    assert (
+        broker.client.put("/v1/admin/keys/model/policy", json={"toml": lax}, headers=h).status_code
+        == 200
+    )
+    with broker.store.engine.connect() as c:
+        old = c.execute(
+            sa.text("SELECT toml, updated_at, mac FROM policies WHERE key_name = 'model'")
+        ).one()
+    assert (
+        broker.client.put(
+            "/v1/admin/keys/model/policy", json={"toml": POLICY}, headers=h
+        ).status_code
+        == 200
+    )
+    assert release(broker, sim, ["model"]).status_code == 200
+    check_policy_history(broker.store.audit_records(0, 10_000))  # all as set
+    sql(
+        broker,
+        "UPDATE policies SET toml = :t, updated_at = :u, mac = :m WHERE key_name = 'model'",
+        t=old.toml, u=old.updated_at, m=old.mac,
+    )  # fmt: skip
+    assert release(broker, sim, ["model"], mrenclave=b"\x77" * 32).status_code == 200  # passes...
+    with pytest.raises(AuditChainError, match="an older policy row was put back") as e:
+        check_policy_history(broker.store.audit_records(0, 10_000))  # ...and is named
+    assert e.value.seq == last_release_record(broker).seq

@@ -345,6 +345,37 @@ def verify_tree(
     return VerifiedTree(len(recs), cp, signed_by, old)
 
 
+def check_policy_history(records: Iterable[AuditRecord]) -> None:
+    """Each release must have applied the policy its key's last ``policy_set`` record set.
+
+    The broker's rows are MAC'd, so an edited policy row refuses the release; what a MAC cannot
+    tell is an *older* row of the same key put back (an earlier, laxer policy). Release records
+    name the SHA-256 of the policy they were decided on (``policy_sha256``): one that differs
+    from the last ``policy_set`` before it, or names a policy removed since, is an
+    :class:`AuditChainError` at that record. Keys with no ``policy_set`` in the log (set before
+    the log began) are not judged.
+    """
+    current: dict[str, str | None] = {}
+    for r in records:
+        name = r.data.get("name")
+        if r.event == "policy_set" and isinstance(name, str):
+            current[name] = str(r.data.get("sha256"))
+        elif r.event in ("policy_removed", "key_removed") and isinstance(name, str):
+            current[name] = None
+        elif r.event == "release":
+            applied = r.data.get("policy_sha256")
+            if not isinstance(applied, dict):
+                continue
+            for key, digest in applied.items():
+                if key in current and current[key] != digest:
+                    want = current[key] or "none (removed)"
+                    raise AuditChainError(
+                        f"release of key {key!r} applied policy sha256 {digest}, but the last "
+                        f"policy set for it is {want}: an older policy row was put back",
+                        seq=r.seq,
+                    )
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` all or nothing (a checkpoint file)."""
     fd, name = tempfile.mkstemp(dir=path.parent or Path(), prefix=f".{path.name}.")

@@ -785,6 +785,7 @@ def audit_verify(
     from shieldml.broker.audit import (
         AuditRecord,
         ChainHead,
+        check_policy_history,
         verify_chain,
         verify_tree,
         write_atomic,
@@ -826,6 +827,7 @@ def audit_verify(
     try:
         recs = [AuditRecord.from_dict(r) for r in raw]
         verify_chain(recs, ChainHead.from_dict(head))
+        check_policy_history(recs)
         if legacy is not None:
             verify_chain(recs, legacy)
         tree = verify_tree(recs, doc["checkpoint"], [verifier], saved=saved, consistency=proof)
