@@ -216,14 +216,7 @@ class AttestationError(ShieldError):
         self.checks: list[Check] = []
 
     def diagnostics(self) -> str:
-        text = self.message
-        if self.expected is not None:
-            text += f"\n  expected: {self.expected}"
-        if self.found is not None:
-            text += f"\n  found:    {self.found}"
-        if self.hint:
-            text += f"\n  hint: {self.hint}"
-        return text
+        return _with_expected(self.message, self.expected, self.found, self.hint)
 
 
 class UntrustedRootError(AttestationError):
@@ -418,14 +411,7 @@ class BindingError(BrokerError):
         self.found = d["found"] if isinstance(d.get("found"), str) else None
 
     def diagnostics(self) -> str:
-        text = self.message
-        if self.expected is not None:
-            text += f"\n  expected: {self.expected}"
-        if self.found is not None:
-            text += f"\n  found:    {self.found}"
-        if self.hint:
-            text += f"\n  hint: {self.hint}"
-        return text
+        return _with_expected(self.message, self.expected, self.found, self.hint)
 
 
 class UnknownKeyError(BrokerError):
@@ -532,3 +518,15 @@ def unknown_fields_hint(unknown: set[str] | list[str], valid: set[str] | list[st
     ]
     text = f"did you mean {', '.join(guesses)}? " if guesses else ""
     return text + f"valid fields: {', '.join(sorted(valid))}"
+
+
+def _with_expected(message: str, expected: str | None, found: str | None, hint: str | None) -> str:
+    """A message, then what was expected and found and the hint, one per line."""
+    text = message
+    if expected is not None:
+        text += f"\n  expected: {expected}"
+    if found is not None:
+        text += f"\n  found:    {found}"
+    if hint:
+        text += f"\n  hint: {hint}"
+    return text

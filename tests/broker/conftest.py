@@ -3,7 +3,7 @@ from __future__ import annotations
 import base64
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,3 +93,25 @@ def release_request(
         "keys": keys,
     }
     return body, rk
+
+
+def broker_with(tmp_path: Path, settings: Settings) -> Broker:
+    store = Store(f"sqlite:///{tmp_path}/broker.db", tmp_path / "state")
+    token = store.init_admin_token()
+    assert token is not None
+    return Broker(TestClient(create_app(store, settings)), store, token)
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Iterator[Callable[[Settings], Broker]]:
+    made: list[Broker] = []
+
+    def factory(settings: Settings) -> Broker:
+        b = broker_with(tmp_path / str(len(made)), settings)
+        made.append(b)
+        return b
+
+    yield factory
+    for b in made:
+        b.client.close()
+        b.store.engine.dispose()

@@ -10,8 +10,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from shieldml.broker import protocol
 from shieldml.broker.server.release import Settings
 from shieldml.testing.simulated import SimulatedPlatform
-from tests.broker.conftest import WD
-from tests.broker.test_release import broker_with
+from tests.broker.conftest import WD, broker_with
 
 MEASUREMENT = b"\x42" * 48
 SNP_POLICY = f"""

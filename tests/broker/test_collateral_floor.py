@@ -5,12 +5,10 @@ stale, validly signed Intel collateral from before a TCB recovery, in which its 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from shieldml.attest import IntelCollateral
 from shieldml.broker.server.config import BrokerConfig
@@ -18,22 +16,7 @@ from shieldml.broker.server.release import CollateralFloor, Settings
 from shieldml.testing.simulated import SimulatedPlatform
 from tests.attest.test_fetch import fake_pcs
 from tests.broker.conftest import Broker, release_request
-from tests.broker.test_release import add_key, broker_with, without_collateral
-
-
-@pytest.fixture
-def make(tmp_path: Path) -> Iterator[Callable[[Settings], Broker]]:
-    made: list[Broker] = []
-
-    def factory(settings: Settings) -> Broker:
-        b = broker_with(tmp_path / str(len(made)), settings)
-        made.append(b)
-        return b
-
-    yield factory
-    for b in made:
-        b.client.close()
-        b.store.engine.dispose()
+from tests.broker.test_release import add_key, without_collateral
 
 
 def _numbered(sim: SimulatedPlatform, number: int) -> IntelCollateral:

@@ -9,7 +9,7 @@ import base64
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from shieldml.attest import CollateralCache, IntelCollateral
 from shieldml.attest._fetch import Response
 from shieldml.broker import protocol
 from shieldml.broker.client import BrokerClient
-from shieldml.broker.server.app import ChallengeLimiter, create_app
+from shieldml.broker.server.app import ChallengeLimiter
 from shieldml.broker.server.release import (
     CollateralMisses,
     NonceBinding,
@@ -29,7 +29,7 @@ from shieldml.broker.server.release import (
     Settings,
     decide,
 )
-from shieldml.broker.server.storage import Kek, Store, valid_key_name
+from shieldml.broker.server.storage import Kek, valid_key_name
 from shieldml.errors import (
     AttestationError,
     BindingError,
@@ -55,28 +55,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
-
-
-def broker_with(tmp_path: Path, settings: Settings) -> Broker:
-    store = Store(f"sqlite:///{tmp_path}/broker.db", tmp_path / "state")
-    token = store.init_admin_token()
-    assert token is not None
-    return Broker(TestClient(create_app(store, settings)), store, token)
-
-
-@pytest.fixture
-def make(tmp_path: Path) -> Iterator[Callable[[Settings], Broker]]:
-    made: list[Broker] = []
-
-    def factory(settings: Settings) -> Broker:
-        b = broker_with(tmp_path / str(len(made)), settings)
-        made.append(b)
-        return b
-
-    yield factory
-    for b in made:
-        b.client.close()
-        b.store.engine.dispose()
 
 
 def add_key(b: Broker, name: str = "model", policy: str | None = POLICY) -> None:
