@@ -75,3 +75,13 @@ _db_counter = itertools.count()
 def pg_url(pg_cluster: PgCluster) -> str:
     """A fresh, empty database in the session's cluster."""
     return pg_cluster.create_database(f"test_{os.getpid()}_{next(_db_counter)}")
+
+
+@pytest.fixture(scope="module")
+def sim_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A simulated platform's directory (on the system clock), one per test module."""
+    from shieldml.testing.simulated import SimulatedPlatform, system_clock
+
+    d = tmp_path_factory.mktemp("simplatform")
+    SimulatedPlatform.open(d, clock=system_clock)
+    return d

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from shieldml.broker import protocol
 from shieldml.broker.server.app import Settings, create_app
 from shieldml.broker.server.storage import Store
+from shieldml.testing.brokers import BrokerProcess, start_broker
 from shieldml.testing.simulated import SimulatedPlatform, system_clock
 from tests.conftest import sgx_policy
 
@@ -115,3 +116,11 @@ def make(tmp_path: Path) -> Iterator[Callable[[Settings], Broker]]:
     for b in made:
         b.client.close()
         b.store.engine.dispose()
+
+
+@pytest.fixture
+def served(tmp_path: Path, sim_dir: Path) -> Iterator[BrokerProcess]:
+    """A real ``broker serve`` process trusting the module's simulated platform."""
+    bp = start_broker(tmp_path / "state", "--simulated-platform", str(sim_dir))
+    yield bp
+    bp.stop()

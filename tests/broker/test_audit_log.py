@@ -11,7 +11,7 @@ import base64
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +25,8 @@ from shieldml.broker.server.storage import Store
 from shieldml.cli import main
 from shieldml.errors import AuditChainError, BrokerError
 from shieldml.testing.brokers import BrokerProcess, start_broker
-from shieldml.testing.simulated import SimulatedPlatform, system_clock
+from shieldml.testing.simulated import SimulatedPlatform
 from tests.broker.conftest import MRENCLAVE, POLICY, WD, Broker, release_request
-
-
-@pytest.fixture(scope="module")
-def sim_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("simplatform")
-    SimulatedPlatform.open(d, clock=system_clock)
-    return d
-
-
-@pytest.fixture
-def served(tmp_path: Path, sim_dir: Path) -> Iterator[BrokerProcess]:
-    bp = start_broker(tmp_path / "state", "--simulated-platform", str(sim_dir))
-    yield bp
-    bp.stop()
 
 
 def conn(bp: BrokerProcess) -> list[str]:

@@ -8,7 +8,6 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,13 +24,6 @@ from shieldml.testing.simulated import SimulatedPlatform, system_clock
 from tests.broker.conftest import MRENCLAVE, POLICY, WD, raw_tls_socket
 
 
-@pytest.fixture(scope="module")
-def sim_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("simplatform")
-    SimulatedPlatform.open(d, clock=system_clock)
-    return d
-
-
 def admin(bp: BrokerProcess) -> BrokerClient:
     return BrokerClient(bp.url, fingerprint=bp.fingerprint, token=bp.token_file.read_text().strip())
 
@@ -45,13 +37,6 @@ def attest_and_release(
         rd = protocol.report_data(nonce, rk.kem_id, rk.public_bytes, WD)
         quote, col = sim.sgx_quote(report_data=rd, mrenclave=mrenclave, now=datetime.now(UTC))
         return c.release(nonce, rk, WD, keys, quote, collateral=json.loads(col.to_json())).keys
-
-
-@pytest.fixture
-def served(tmp_path: Path, sim_dir: Path) -> Iterator[BrokerProcess]:
-    bp = start_broker(tmp_path / "state", "--simulated-platform", str(sim_dir))
-    yield bp
-    bp.stop()
 
 
 def test_tls_pinned_release_and_cli(

@@ -3,12 +3,9 @@ recovery it knows of (stale but validly signed collateral that still calls the p
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from pathlib import Path
-
 import pytest
 
-from shieldml.attest import Claims, IntelCollateral, verify_evidence
+from shieldml.attest import Claims
 from shieldml.errors import PolicyDenied, PolicyError
 from shieldml.policy import Policy, evaluate, require
 
@@ -23,16 +20,6 @@ def _policy(extra: str = "", tee: str = "sgx") -> str:
         refs = f'mrenclave = ["{MRENCLAVE}"]\nmrsigner = "any"\nisv_prod_id = 0\nmin_isv_svn = 0\n'
         refs += 'tcb_status = ["ConfigurationAndSWHardeningNeeded"]\nadvisory_ids = "any"\n'
     return f'[[profile]]\ntee = "{tee}"\n{refs}workload_digest = "any"\n{extra}'
-
-
-@pytest.fixture(scope="module")
-def sgx_claims(vectors: Path) -> Claims:
-    """The real SGX vector: its TCB info and QE identity are tcbEvaluationDataNumber 17."""
-    d = vectors / "attestation" / "intel" / "phala"
-    col = IntelCollateral.from_json((d / "sgx_quote_collateral.json").read_text())
-    return verify_evidence(
-        (d / "sgx_quote.bin").read_bytes(), collateral=col, now=datetime(2025, 7, 1, tzinfo=UTC)
-    )
 
 
 def test_claims_carry_the_collaterals_evaluation_number(sgx_claims: Claims):

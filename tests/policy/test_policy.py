@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shieldml.attest import Claims, IntelCollateral, verify_evidence
+from shieldml.attest import Claims, verify_evidence
 from shieldml.errors import PolicyDenied, PolicyError
 from shieldml.policy import Policy, evaluate, require
 from shieldml.testing.simulated import SimulatedPlatform, fixed_clock
@@ -29,15 +29,6 @@ workload_digest = ["{WD}"]
 tcb_status = ["UpToDate", "ConfigurationAndSWHardeningNeeded"]
 advisory_ids = ["INTEL-SA-00289", "INTEL-SA-00615"]
 """
-
-
-@pytest.fixture(scope="module")
-def sgx_claims(vectors: Path) -> Claims:
-    d = vectors / "attestation" / "intel" / "phala"
-    col = IntelCollateral.from_json((d / "sgx_quote_collateral.json").read_text())
-    return verify_evidence(
-        (d / "sgx_quote.bin").read_bytes(), collateral=col, now=datetime(2025, 7, 1, tzinfo=UTC)
-    )
 
 
 @pytest.fixture(scope="module")

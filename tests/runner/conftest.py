@@ -12,7 +12,6 @@ from shieldml.broker.client import BrokerClient
 from shieldml.files import encrypt_file, generate_key
 from shieldml.runner.manifest import JobManifest
 from shieldml.testing.brokers import BrokerProcess, start_broker
-from shieldml.testing.simulated import SimulatedPlatform, system_clock
 from tests.conftest import sgx_policy
 
 MRENCLAVE = "7e" * 32
@@ -110,13 +109,6 @@ def write_manifest(
     m = d / "job.toml"
     m.write_text("\n".join(parts) + "\n")
     return m
-
-
-@pytest.fixture(scope="module")
-def sim_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("sim")
-    SimulatedPlatform.open(d, clock=system_clock)
-    return d
 
 
 @pytest.fixture
