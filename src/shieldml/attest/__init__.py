@@ -33,7 +33,7 @@ from shieldml.attest._intel_collateral import (
 from shieldml.attest._intel_quote import Quote, SgxReportBody, TdReportBody
 from shieldml.attest._intel_verify import verify_pck_chain, verify_quote
 from shieldml.attest._ratls import RaTlsEvidence, extract
-from shieldml.attest._snp import SnpReport, verify_report
+from shieldml.attest._snp import AMD_PRODUCTS, CrlSource, SnpReport, verify_report
 from shieldml.attest._trust import (
     AMD_ARK_SHA256,
     INTEL_SGX_ROOT_SHA256,
@@ -47,11 +47,13 @@ from shieldml.attest._truststore import TrustStore, default_store
 
 __all__ = [
     "AMD_ARK_SHA256",
+    "AMD_PRODUCTS",
     "INTEL_SGX_ROOT_SHA256",
     "TEE_CHOICES",
     "Check",
     "Claims",
     "CollateralCache",
+    "CrlSource",
     "EnclaveIdentity",
     "Fetcher",
     "IntelCollateral",
