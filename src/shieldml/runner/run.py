@@ -13,6 +13,7 @@ Steps (each refusal stops the run before the program starts):
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from shieldml.broker import protocol
 from shieldml.broker.client import BrokerClient
@@ -122,6 +123,18 @@ def _view_env() -> dict[str, str]:
     return env
 
 
+class ViewHook(Protocol):
+    """What ``shieldml serve`` adds to a run (``shieldml.serve``): ``prepare`` once the keys are
+    released, before the view starts; ``running`` is entered once the view process was started
+    and left when it has exited (the program's outputs are sealed as in any run)."""
+
+    def prepare(self, m: JobManifest, provider: Provider, digest: str) -> None: ...
+
+    def running(
+        self, proc: subprocess.Popen[bytes]
+    ) -> contextlib.AbstractContextManager[object]: ...
+
+
 def _quiet(_msg: str) -> None:
     pass
 
@@ -134,8 +147,11 @@ def run_job(
     log: Callable[[str], None] | None = None,
     stats: dict[str, Any] | None = None,
     report: dict[str, Any] | None = None,
+    hook: ViewHook | None = None,
 ) -> int:
     """Run the job of ``manifest_path``; return the program's exit status.
+
+    ``hook``: see :class:`ViewHook` (``shieldml serve``).
 
     ``report``, if given, is filled as the run goes: ``workload_digest``, ``brokers`` (per
     broker the keys it released and its audit record), ``receipt``, ``exit_code``; what is
@@ -171,8 +187,10 @@ def run_job(
         for b, seq in audit.items()
     }
     times.attest_s = time.perf_counter() - t1
+    if hook is not None:
+        hook.prepare(m, provider, digest)
     t2 = time.perf_counter()
-    result = _view(m, keys, extra_args, trusted)  # 3-5
+    result = _view(m, keys, extra_args, trusted, hook)  # 3-5
     times.view_s = time.perf_counter() - t2
     status = int(result["status"])
     rep["exit_code"] = status
@@ -210,6 +228,7 @@ def _view(
     keys: dict[KeyRef, tuple[str, bytes]],
     extra_args: tuple[str, ...],
     trusted: dict[str, tuple[int, bytes]],
+    hook: ViewHook | None = None,
 ) -> dict[str, Any]:
     r, w = os.pipe()
     plan = {
@@ -271,9 +290,12 @@ def _view(
             raise ViewError("could not start the decrypted view")
         proc.stdin.write(json.dumps(plan).encode())
         proc.stdin.close()
-        with os.fdopen(r, "rb") as f:
+        with (
+            hook.running(proc) if hook is not None else contextlib.nullcontext(),
+            os.fdopen(r, "rb") as f,
+        ):
             raw = f.read()
-        proc.wait()
+            proc.wait()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
