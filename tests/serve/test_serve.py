@@ -21,6 +21,7 @@ from shieldml.client import AsyncAttestedTransport, AttestedTransport, Verifier,
 from shieldml.errors import AttestationError, PolicyDenied, UntrustedRootError
 from shieldml.policy import Policy
 from shieldml.testing import free_port
+from shieldml.testing.simulated import SimulatedPlatform, system_clock
 from tests.serve.conftest import MODEL, Served, client_policy, start_serve, wait_until, write_job
 
 
@@ -120,10 +121,9 @@ class Impostor:
     the unmodified server outside any TEE), ``relay`` (forwards the client's evidence request to
     the genuine front, relays the answer), ``replay`` (answers with evidence recorded earlier)."""
 
-    def __init__(self, tmp: Path, genuine: Served, mode: str, recorded: bytes = b"") -> None:
-        from shieldml.testing.simulated import SimulatedPlatform, system_clock
-
-        other = SimulatedPlatform.open(tmp / "other-platform", clock=system_clock)
+    def __init__(
+        self, tmp: Path, other: SimulatedPlatform, genuine: Served, mode: str, recorded: bytes = b""
+    ) -> None:
         cert, key = other.ratls_certificate(mrenclave=bytes.fromhex("5e" * 32))
         (tmp / "c.pem").write_bytes(cert)
         (tmp / "k.pem").write_bytes(key)
@@ -167,6 +167,12 @@ class Impostor:
         self.sock.close()
 
 
+@pytest.fixture(scope="module")
+def other(tmp_path_factory: pytest.TempPathFactory) -> SimulatedPlatform:
+    """Another simulated platform (the impostor's: its root is trusted by no client)."""
+    return SimulatedPlatform.open(tmp_path_factory.mktemp("other"), clock=system_clock)
+
+
 def fetch(genuine: Served, head: bytes) -> bytes:
     """Send ``head`` to the genuine front on a new TLS connection; its whole answer."""
     from shieldml.client import ResponseReader
@@ -185,8 +191,10 @@ def fetch(genuine: Served, head: bytes) -> bytes:
                 return data
 
 
-def test_server_outside_the_tee_with_the_same_certificate_shape_is_refused(tmp_path, served, trust):
-    imp = Impostor(tmp_path, served, "plain")
+def test_server_outside_the_tee_with_the_same_certificate_shape_is_refused(
+    tmp_path, other, served, trust
+):
+    imp = Impostor(tmp_path, other, served, "plain")
     try:
         with (
             httpx.Client(transport=AttestedTransport(verifier(served.digest, trust))) as c,
@@ -200,9 +208,9 @@ def test_server_outside_the_tee_with_the_same_certificate_shape_is_refused(tmp_p
 
 
 def test_genuine_evidence_for_another_tls_key_relayed_by_a_man_in_the_middle_is_refused(
-    tmp_path, served, trust
+    tmp_path, other, served, trust
 ):
-    imp = Impostor(tmp_path, served, "relay")
+    imp = Impostor(tmp_path, other, served, "relay")
     try:
         with (
             httpx.Client(transport=AttestedTransport(verifier(served.digest, trust))) as c,
@@ -218,12 +226,12 @@ def test_genuine_evidence_for_another_tls_key_relayed_by_a_man_in_the_middle_is_
     assert len(imp.received) == 1  # no request byte reached the man in the middle
 
 
-def test_replayed_evidence_with_an_old_nonce_is_refused(tmp_path, served, trust):
+def test_replayed_evidence_with_an_old_nonce_is_refused(tmp_path, other, served, trust):
     old = fetch(
         served,
         f"GET /.well-known/shieldml/attestation?nonce={'11' * 32} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
     )
-    imp = Impostor(tmp_path, served, "replay", recorded=old)
+    imp = Impostor(tmp_path, other, served, "replay", recorded=old)
     try:
         with (
             httpx.Client(transport=AttestedTransport(verifier(served.digest, trust))) as c,
@@ -404,3 +412,28 @@ def test_shieldml_proxy_refuses_another_workload_with_the_verdict(tmp_path, serv
     assert "workload_digest: expected sha256:" + "cd" * 32 in r
     refused = [json.loads(line) for line in err.splitlines() if '"refused"' in line]
     assert refused and refused[0]["details"]["failed_checks"][0]["check"] == "workload_digest"
+
+
+def test_proxy_reattestation_refused_closes_open_upstream_connections(served, trust):
+    """The proxy re-attests at its interval; once that is refused (here: the owner's policy no
+    longer accepts the workload), a connection kept alive since is closed, not left open."""
+    from shieldml.client.proxy import Proxy
+
+    v = verifier(served.digest, trust)
+    p = Proxy(served.host, served.port, v, reattest_interval=0.3)
+
+    async def go() -> bytes:
+        server = await p.start("127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = await r.readuntil(b"peer ")
+        v.policy = Policy.from_toml(client_policy("sha256:" + "ef" * 32))
+        rest = await asyncio.wait_for(r.read(), 5)  # EOF once the re-attestation was refused
+        w.close()
+        server.close()
+        return first + rest
+
+    got = asyncio.run(go())
+    assert got.startswith(b"HTTP/1.0 200") or got.startswith(b"HTTP/1.1 200")
+    assert p.refusals >= 1 and len(p.attested) == 1  # the client's connection, then a refusal
