@@ -15,7 +15,6 @@ Clients verify it with :mod:`shieldml.client`. ``docs/serving.md``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import socket
@@ -131,10 +130,12 @@ class ServeHook:
         listen: str | None = None,
         log: Callable[[str], None] = lambda _s: None,
         on_ready: Callable[[tuple[str, int], TlsIdentity], None] | None = None,
+        poll: float = 1.0,
     ) -> None:
         self.listen = listen
         self.log = log
         self.on_ready = on_ready
+        self.poll = poll
         self.identity: TlsIdentity | None = None
         self.front: Front | None = None
         self.address: tuple[str, int] | None = None
@@ -142,8 +143,7 @@ class ServeHook:
         self._settings: ServeSettings | None = None
         self._provider: Provider | None = None
         self._digest = ""
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
+        self._stop = threading.Event()
 
     def prepare(self, m: JobManifest, provider: Provider, digest: str) -> None:
         if m.serve is None:
@@ -164,71 +164,58 @@ class ServeHook:
         try:
             yield self
         finally:
-            loop, stop = self._loop, self._stop
-            if loop is not None and stop is not None:
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(stop.set)
+            self._stop.set()
             thread.join(timeout=10)
+            if self.front is not None:
+                self.front.close()
 
     def _thread(self, proc: subprocess.Popen[bytes]) -> None:
         try:
-            asyncio.run(self._main(proc))
+            self._main(proc)
         except ShieldError as e:
             self.failure = e
-            self.log(f"serving stopped: {e.message}")
-            with contextlib.suppress(OSError):
-                proc.terminate()  # fail closed: a program nobody can reach safely is stopped
         except Exception as e:
             self.failure = ShieldError(f"the serving front failed: {type(e).__name__}: {e}")
-            self.log(self.failure.message)
+        if self.failure is not None:
+            self.log(f"serving stopped: {self.failure.message}")
+            if self.front is not None:
+                self.front.close()
             with contextlib.suppress(OSError):
-                proc.terminate()
+                proc.terminate()  # fail closed: a program nobody can reach safely is stopped
 
-    async def _main(self, proc: subprocess.Popen[bytes]) -> None:
+    def _own_listener(self, s: ServeSettings, proc: subprocess.Popen[bytes]) -> bool:
+        owner = listener_owner(s.port, proc.pid)
+        if owner == "other":
+            raise ViewError(
+                f"127.0.0.1:{s.port}: a process outside the job listens on the program's port",
+                hint="another process took the port (the host?); requests are never sent to "
+                "it: free the port and start again",
+            )
+        return owner == "program"
+
+    def _main(self, proc: subprocess.Popen[bytes]) -> None:
         s, provider, identity = self._settings, self._provider, self.identity
         assert s is not None and provider is not None and identity is not None
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         deadline = time.monotonic() + s.ready_timeout
-        loop = asyncio.get_running_loop()
-        while True:
+        while not (self._own_listener(s, proc) and _answers(s.port, s.ready_path)):
             if proc.poll() is not None or self._stop.is_set():
                 return  # the program ended before it answered: run_job reports its exit
-            owner = await loop.run_in_executor(None, listener_owner, s.port, proc.pid)
-            if owner == "other":
-                raise ViewError(
-                    f"127.0.0.1:{s.port}: a process outside the job listens on the program's port",
-                    hint="another process took the port first (the host?); requests are never "
-                    "sent to it: free the port and start again",
-                )
-            if owner == "program" and await loop.run_in_executor(
-                None, _answers, s.port, s.ready_path
-            ):
-                break
             if time.monotonic() > deadline:
                 raise ViewError(
                     f"the program did not answer on 127.0.0.1:{s.port}{s.ready_path} within "
                     f"{s.ready_timeout:g} s; not listening publicly"
                 )
-            await asyncio.sleep(0.05)
+            self._stop.wait(0.05)
         self.front = Front(identity, provider, self._digest, s.port, log=self.log)
         host, port = parse_listen(self.listen or s.listen)
-        server = await self.front.start(host, port)
-        sock = server.sockets[0].getsockname()
-        self.address = (str(sock[0]), int(sock[1]))
+        self.address = self.front.start(host, port)
         self.log(f"serving on https://{self.address[0]}:{self.address[1]} (attested TLS)")
         if self.on_ready is not None:
             self.on_ready(self.address, identity)
-        async with server:
-            while not self._stop.is_set():
-                # the listener must stay the program's for as long as requests go to it
-                owner = await loop.run_in_executor(None, listener_owner, s.port, proc.pid)
-                if owner == "other":
-                    raise ViewError(
-                        f"127.0.0.1:{s.port}: a process outside the job listens on the "
-                        "program's port; stopped serving"
-                    )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), 1.0)
+        # the listener must stay the program's for as long as requests go to it
+        while not self._stop.wait(self.poll):
+            if not self._own_listener(s, proc) and proc.poll() is None:
+                self.log(f"the program no longer listens on 127.0.0.1:{s.port}")
 
 
 def serve_job(
