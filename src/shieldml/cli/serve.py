@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import threading
 import urllib.parse
 from typing import Any
 
@@ -192,19 +192,17 @@ def proxy(
     )
     lhost, lport = parse_listen(listen)
 
-    async def main() -> None:
-        server = await p.start(lhost, lport)
-        sock = server.sockets[0].getsockname()
-        if as_json:
-            emit_json_line(
-                {"event": "listening", "address": f"{sock[0]}:{sock[1]}", "upstream": upstream}
-            )
-        else:
-            out.print(f"proxy on http://{sock[0]}:{sock[1]} -> {escape(upstream)} (attested)")
-        async with server:
-            await server.serve_forever()
-
-    asyncio.run(main())
+    address = p.start(lhost, lport)
+    if as_json:
+        emit_json_line(
+            {"event": "listening", "address": f"{address[0]}:{address[1]}", "upstream": upstream}
+        )
+    else:
+        out.print(f"proxy on http://{address[0]}:{address[1]} -> {escape(upstream)} (attested)")
+    try:
+        threading.Event().wait()
+    finally:
+        p.close()
 
 
 COMMANDS = (serve, proxy)

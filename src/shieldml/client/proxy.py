@@ -9,14 +9,18 @@ as they are. A refusal answers the client ``502`` with the failed checks and clo
 Every ``reattest_interval`` seconds the proxy also attests a fresh connection on its own: if that
 is refused (collateral expired, TCB revoked, another program now behind the address), every open
 upstream connection is closed.
+
+One thread per connection, which alone touches its TLS object (as the serve front does).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
+import select
+import socket
 import ssl
+import threading
 from collections.abc import Callable
 
 from shieldml.client._attest import AttestedPeer, ResponseReader, Verifier, attestation_request
@@ -45,67 +49,94 @@ class Proxy:
         reattest_interval: float | None = 300.0,
         log: Callable[[str], None] = lambda _s: None,
         on_refusal: Callable[[ShieldError], None] | None = None,
-        connect_timeout: float = 30.0,
+        timeout: float = 30.0,
     ) -> None:
         self.host, self.port = upstream_host, upstream_port
         self.verifier = verifier
         self.interval = reattest_interval
         self.log = log
         self.on_refusal = on_refusal
-        self.timeout = connect_timeout
+        self.timeout = timeout
         self.ssl: ssl.SSLContext = client_ssl_context()
         self.attested: list[AttestedPeer] = []
         self.refusals = 0
-        self._open: set[asyncio.StreamWriter] = set()
+        self._open: set[ssl.SSLSocket] = set()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._sock: socket.socket | None = None
 
-    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, AttestedPeer]:
+    def connect(self) -> tuple[ssl.SSLSocket, AttestedPeer]:
         """A new upstream TLS connection, attested; the refusal is raised (and it is closed)."""
-        r, w = await asyncio.wait_for(
-            asyncio.open_connection(
-                self.host, self.port, ssl=self.ssl, server_hostname=self.host, limit=CHUNK
-            ),
-            self.timeout,
-        )
+        raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tls = self.ssl.wrap_socket(raw, server_hostname=self.host)
+        except BaseException:
+            raw.close()
+            raise
         try:
             nonce = os.urandom(32)
             host = f"[{self.host}]" if ":" in self.host else self.host
-            w.write(attestation_request(f"{host}:{self.port}", nonce))
-            await w.drain()
+            tls.sendall(attestation_request(f"{host}:{self.port}", nonce))
             reader = ResponseReader()
-            while not reader.feed(await asyncio.wait_for(r.read(65536), self.timeout)):
+            while not reader.feed(tls.recv(65536)):
                 pass
-            ssl_object = w.get_extra_info("ssl_object")
-            der = ssl_object.getpeercert(True) if ssl_object is not None else None
+            der = tls.getpeercert(True)
             if not der:
                 raise ShieldError("the upstream TLS connection has no peer certificate")
             assert reader.status is not None
-            peer = await asyncio.to_thread(
-                self.verifier.verify, reader.status, reader.body, nonce, der
-            )
+            peer = self.verifier.verify(reader.status, reader.body, nonce, der)
         except BaseException:
-            w.close()
+            tls.close()
             raise
+        tls.settimeout(None)
         self.attested.append(peer)
-        return r, w, peer
+        return tls, peer
 
-    async def start(self, host: str, port: int) -> asyncio.Server:
-        server = await asyncio.start_server(self._connection, host, port, limit=CHUNK)
+    def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen on ``host:port`` and serve in threads; the address."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.create_server((host, port), family=family, backlog=512)
+        threading.Thread(target=self._accept, name="shieldml-proxy", daemon=True).start()
         if self.interval:
-            self._task = asyncio.ensure_future(self._reattest())
-        return server
+            threading.Thread(target=self._reattest, name="shieldml-reattest", daemon=True).start()
+        name = self._sock.getsockname()
+        return str(name[0]), int(name[1])
 
-    async def _reattest(self) -> None:
-        assert self.interval
-        while True:
-            await asyncio.sleep(self.interval)
+    def close(self) -> None:
+        self._closed.set()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+        self._close_upstreams()
+
+    def _close_upstreams(self) -> None:
+        with self._lock:
+            for up in list(self._open):
+                # the socket's own shutdown, not SSLSocket's: the pipe thread owns the TLS object
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(up, socket.SHUT_RDWR)
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        while not self._closed.is_set():
             try:
-                _r, w, _peer = await self.connect()
-                w.close()
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _reattest(self) -> None:
+        assert self.interval
+        while not self._closed.wait(self.interval):
+            try:
+                tls, _peer = self.connect()
+                tls.close()
             except ShieldError as e:
                 self._refused(e)
-                for up in list(self._open):
-                    up.close()
-            except (OSError, TimeoutError) as e:
+                self._close_upstreams()
+            except OSError as e:
                 self.log(f"re-attestation: upstream unreachable: {e}")
 
     def _refused(self, e: ShieldError) -> None:
@@ -115,66 +146,53 @@ class Proxy:
         else:
             self.log(refusal_text(e))
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
+    def _connection(self, conn: socket.socket) -> None:
+        with conn:
             try:
-                up_r, up_w, _peer = await self.connect()
-            except ShieldError as e:
-                self._refused(e)
-                body = ("upstream refused by shieldml proxy: " + refusal_text(e)).encode()
-                writer.write(
-                    b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                    + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                    + body
-                )
-                await writer.drain()
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                try:
+                    up, _peer = self.connect()
+                except ShieldError as e:
+                    self._refused(e)
+                    body = ("upstream refused by shieldml proxy: " + refusal_text(e)).encode()
+                    conn.sendall(
+                        b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                        + body
+                    )
+                    return
+                except OSError as e:
+                    self.log(f"upstream unreachable: {e}")
+                    conn.sendall(
+                        b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    )
+                    return
+                with self._lock:
+                    self._open.add(up)
+                try:
+                    _pipe(conn, up)
+                finally:
+                    with self._lock:
+                        self._open.discard(up)
+                    up.close()
+            except (OSError, ssl.SSLError, ValueError):
                 return
-            except (OSError, TimeoutError) as e:
-                self.log(f"upstream unreachable: {e}")
-                writer.write(
-                    b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                )
-                await writer.drain()
+
+
+def _pipe(conn: socket.socket, up: ssl.SSLSocket) -> None:
+    """Copy bytes both ways until either side closes (bounded: 64 KiB reads, blocking writes)."""
+    while True:
+        readable, _, _ = select.select([conn, up], [], [])
+        if conn in readable:
+            data = conn.recv(CHUNK)
+            if not data:
                 return
-            self._open.add(up_w)
-            try:
-                await _pipe(reader, writer, up_r, up_w)
-            finally:
-                self._open.discard(up_w)
-        except (ConnectionError, OSError, ssl.SSLError):
-            return
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-
-async def _pipe(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    up_r: asyncio.StreamReader,
-    up_w: asyncio.StreamWriter,
-) -> None:
-    """Copy bytes both ways until either side closes (bounded: each write is drained)."""
-
-    async def up() -> None:
-        with contextlib.suppress(ConnectionError, OSError, ssl.SSLError):
-            while data := await reader.read(CHUNK):
-                up_w.write(data)
-                await up_w.drain()
-
-    async def down() -> None:
-        with contextlib.suppress(ConnectionError, OSError, ssl.SSLError):
-            while data := await up_r.read(CHUNK):
-                writer.write(data)
-                await writer.drain()
-
-    t_up, t_down = asyncio.ensure_future(up()), asyncio.ensure_future(down())
-    try:
-        await asyncio.wait({t_up, t_down}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in (t_up, t_down):
-            t.cancel()
-        up_w.close()
-        with contextlib.suppress(Exception):
-            await up_w.wait_closed()
+            up.sendall(data)
+        if up in readable:
+            while True:  # what OpenSSL decrypted already is not visible to select
+                data = up.recv(CHUNK)
+                if not data:
+                    return
+                conn.sendall(data)
+                if not up.pending():
+                    break
