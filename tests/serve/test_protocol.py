@@ -51,7 +51,20 @@ def test_malformed_serve_table_is_refused(tmp_path: Path, table: str):
         _manifest(tmp_path, f"[serve]\n{table}\n")
 
 
-def test_binding_strings_match_docs_protocol():
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_binding_vectors_of_docs_protocol():
+    nonce = bytes(range(32))
+    spki = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d03010703420004") + bytes(64)
+    doc = (ROOT / "docs" / "protocol.md").read_text().split("## 7. Attested serving")[1]
+    fresh = doc.split("| fresh evidence | `")[1].split("`")[0]
+    cert_rd = doc.split("| certificate | `")[1].split("`")[0]
+    assert attestation_report_data(nonce, spki, DIGEST).hex() == fresh
+    assert certificate_report_data(spki, DIGEST).hex() == cert_rd
+
+
+def test_binding_strings_are_as_specified():
     nonce, spki = bytes(range(32)), b"\x30\x03\x02\x01\x00"
     want = hashlib.sha512(
         b"shieldml/v1 serve\0" + nonce + hashlib.sha256(spki).digest() + bytes.fromhex("ab" * 32)
