@@ -87,6 +87,17 @@ def test_another_workload_digest_is_refused_before_any_request(served: Served, t
     assert _count(served, trust) == before + 1  # the refused request never reached the program
 
 
+def test_idle_connection_older_than_max_age_is_replaced_by_a_newly_attested_one(served, trust):
+    t = AttestedTransport(verifier(served.digest, trust), max_age=0.3)
+    with httpx.Client(transport=t, base_url=served.url) as c:
+        c.get("/")
+        c.get("/")
+        assert len(t.attested) == 1
+        time.sleep(0.4)
+        c.get("/")
+    assert len(t.attested) == 2
+
+
 def test_plain_http_url_is_refused(served: Served, trust):
     with (
         httpx.Client(transport=AttestedTransport(verifier(served.digest, trust))) as c,
@@ -317,6 +328,24 @@ def test_debug_tee_is_refused(tmp_path, sim_dir, trust):
     assert e.value.verdict is not None
     failed = [x.name for p in e.value.verdict.profiles for x in p.checks if not x.passed]
     assert failed == ["debug"]
+
+
+def test_serve_writes_a_receipt_as_run_does(tmp_path, sim_dir, trust):
+    """The program is stopped by SIGTERM (forwarded by the runner); its exit code passes through
+    and the receipt verifies against the owner's policy, as for any run."""
+    from shieldml.runner.receipt import verify_receipt
+
+    m = write_job(tmp_path / "rcpt", sim_dir, port=free_port(), broker=None)
+    receipt = tmp_path / "receipt.json"
+    s = start_serve(m, "--receipt", str(receipt))
+    with httpx.Client(transport=AttestedTransport(verifier(s.digest, trust))) as c:
+        assert c.get(s.url + "/").text.startswith("model 0")
+    rc = s.stop()
+    assert rc == 128 + 15  # the program's own exit (SIGTERM), not the runner's 125
+    report = [e for e in s.events if "exit_code" in e][-1]
+    assert report["ok"] is True and report["receipt"] == str(receipt)
+    v = verify_receipt(str(receipt), policy=Policy.from_toml(client_policy(s.digest)), trust=trust)
+    assert v.body["workload_digest"] == s.digest and v.body["exit_code"] == rc
 
 
 def test_host_process_listening_on_the_program_port_is_never_proxied_to(tmp_path, sim_dir):
