@@ -32,7 +32,10 @@ def verifier(digest: str, trust, **extra: str) -> Verifier:  # type: ignore[no-u
 def test_requests_reach_the_program_over_one_attested_keep_alive_connection(served: Served, trust):
     t = AttestedTransport(verifier(served.digest, trust))
     with httpx.Client(transport=t, base_url=served.url) as c:
-        bodies = [c.get("/").text for _ in range(3)]
+        responses = [c.get("/") for _ in range(3)]
+    bodies = [r.text for r in responses]
+    carried = responses[-1].extensions["network_stream"].get_extra_info("shieldml_peer")
+    assert carried is t.attested[0]
     assert all(b.startswith(f"model {len(MODEL)} MODEL-MARK-7") for b in bodies)
     assert len(t.attested) == 1  # verified once per connection, not per request
     peers = {b.split(" peer ")[1] for b in bodies}

@@ -214,8 +214,7 @@ class ServeHook:
             self.on_ready(self.address, identity)
         # the listener must stay the program's for as long as requests go to it
         while not self._stop.wait(self.poll):
-            if not self._own_listener(s, proc) and proc.poll() is None:
-                self.log(f"the program no longer listens on 127.0.0.1:{s.port}")
+            self._own_listener(s, proc)  # raises when another process listens there
 
 
 def serve_job(
