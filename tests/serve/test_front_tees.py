@@ -57,3 +57,49 @@ def test_fresh_evidence_and_certificate_verify_on_each_tee(tmp_path, sim_dir, tr
     col = IntelCollateral.from_json(json.dumps(json.loads(body)["collateral"]))
     claims = verify_evidence(der, tee="ratls", collateral=col, trust=trust)
     assert claims.report_data == certificate_report_data(spki_of(der), digest)
+
+
+def _front(tmp_path: Path, sim_dir: Path, **kw: float) -> Front:
+    m = _job(tmp_path, sim_dir, "sgx")
+    provider = provider_for("simulated", m.simulated, base=m.base)
+    digest = m.workload_digest()
+    return Front(TlsIdentity.generate(None, digest), provider, digest, 1, log=lambda _s: None, **kw)  # type: ignore[arg-type]
+
+
+def test_connection_that_sends_no_request_is_closed_at_the_head_deadline(tmp_path, sim_dir):
+    import socket
+    import time
+
+    from shieldml.client import client_ssl_context
+
+    front = _front(tmp_path, sim_dir, head_timeout=0.3)
+    host, port = front.start("127.0.0.1", 0)
+    try:
+        with (
+            socket.create_connection((host, port), timeout=5) as raw,
+            client_ssl_context().wrap_socket(raw) as s,
+        ):
+            t = time.monotonic()
+            assert s.recv(1) == b""
+            assert time.monotonic() - t < 3
+    finally:
+        front.close()
+
+
+def test_connections_beyond_the_cap_are_closed(tmp_path, sim_dir):
+    import socket
+
+    from shieldml.client import client_ssl_context
+
+    front = _front(tmp_path, sim_dir, max_connections=1)
+    host, port = front.start("127.0.0.1", 0)
+    try:
+        with (
+            socket.create_connection((host, port), timeout=5) as raw,
+            client_ssl_context().wrap_socket(raw),
+            socket.create_connection((host, port), timeout=5) as second,
+            pytest.raises((ssl.SSLError, OSError)),
+        ):
+            client_ssl_context().wrap_socket(second)  # closed before any handshake
+    finally:
+        front.close()

@@ -36,6 +36,10 @@ from shieldml.serve._identity import TlsIdentity
 CHUNK = 64 * 1024
 MAX_HEAD = 64 * 1024
 HANDSHAKE_TIMEOUT = 30.0
+#: a connection must send its first request head within this (later: the program's own timeouts)
+HEAD_TIMEOUT = 60.0
+#: connections served at once; beyond, new ones are closed at once (a thread each)
+MAX_CONNECTIONS = 1024
 _ATTEST = re.compile(
     rb"GET " + re.escape(ATTESTATION_PATH.encode()) + rb"\?nonce=([0-9a-f]{64}) HTTP/1\.1\r\n"
 )
@@ -74,6 +78,8 @@ class Front:
         upstream_port: int,
         *,
         log: Callable[[str], None],
+        head_timeout: float = HEAD_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.identity = identity
         self.provider = provider
@@ -85,6 +91,8 @@ class Front:
         self.evidence_served = 0
         self._sock: socket.socket | None = None
         self._closed = threading.Event()
+        self.head_timeout = head_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
 
     def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen on ``host:port`` (0: any free port) and accept in a thread; the address."""
@@ -108,6 +116,9 @@ class Front:
                 raw, _ = self._sock.accept()
             except OSError:
                 return
+            if not self._slots.acquire(blocking=False):
+                raw.close()
+                continue
             self.connections += 1
             threading.Thread(target=self._connection, args=(raw,), daemon=True).start()
 
@@ -134,12 +145,13 @@ class Front:
             raw.settimeout(HANDSHAKE_TIMEOUT)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self.ssl.wrap_socket(raw, server_side=True) as tls:
-                tls.settimeout(None)
+                tls.settimeout(self.head_timeout)
                 self._serve(tls)
         except (OSError, ssl.SSLError, ValueError):
             pass
         finally:
             raw.close()
+            self._slots.release()
 
     def _serve(self, tls: ssl.SSLSocket) -> None:
         buf = b""
@@ -178,6 +190,7 @@ class Front:
             return
         with up:
             up.settimeout(None)
+            tls.settimeout(None)
             up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             up.sendall(first)
             client_open = True
