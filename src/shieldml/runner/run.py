@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -131,8 +132,12 @@ class ViewHook(Protocol):
     def prepare(self, m: JobManifest, provider: Provider, digest: str) -> None: ...
 
     def running(
-        self, proc: subprocess.Popen[bytes]
-    ) -> contextlib.AbstractContextManager[object]: ...
+        self, proc: subprocess.Popen[bytes], channel: socket.socket | None
+    ) -> contextlib.AbstractContextManager[object]:
+        """``channel``: with a ``[serve]`` table, the runner's end of the view's connector (the
+        program runs in a network namespace of its own: each byte sent asks for a new connection
+        to its loopback port, answered with the descriptor, SCM_RIGHTS, or ``E`` and a reason)."""
+        ...
 
 
 def _quiet(_msg: str) -> None:
@@ -231,7 +236,10 @@ def _view(
     hook: ViewHook | None = None,
 ) -> dict[str, Any]:
     r, w = os.pipe()
-    plan = {
+    channel = theirs = None
+    if hook is not None and m.serve is not None:
+        channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    plan: dict[str, Any] = {
         "result_fd": w,
         "argv": [*m.argv, *extra_args],
         "cwd": m.cwd,
@@ -270,14 +278,18 @@ def _view(
             for o in m.outputs
         ],
     }
+    if theirs is not None and m.serve is not None:
+        plan["serve"] = {"port": m.serve.port, "channel_fd": theirs.fileno()}
     proc = subprocess.Popen(
         [sys.executable, "-I", "-m", "shieldml.runner.view"],
         stdin=subprocess.PIPE,
-        pass_fds=(w,),
+        pass_fds=(w,) if theirs is None else (w, theirs.fileno()),
         cwd="/",
         env=_view_env(),
     )
     os.close(w)
+    if theirs is not None:
+        theirs.close()
     # Forward the operator's signals to the program (only the main thread may set handlers;
     # a library caller in another thread keeps its own handling).
     forwarding = threading.current_thread() is threading.main_thread()
@@ -291,7 +303,7 @@ def _view(
         proc.stdin.write(json.dumps(plan).encode())
         proc.stdin.close()
         with (
-            hook.running(proc) if hook is not None else contextlib.nullcontext(),
+            hook.running(proc, channel) if hook is not None else contextlib.nullcontext(),
             os.fdopen(r, "rb") as f,
         ):
             raw = f.read()
@@ -299,6 +311,8 @@ def _view(
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        if channel is not None:
+            channel.close()
     try:
         result: dict[str, Any] = json.loads(raw) if raw else {}
     except ValueError:

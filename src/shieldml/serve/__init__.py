@@ -5,9 +5,9 @@ decrypt into the private root, seal the outputs, write the receipt), with a :cla
 
 1. once the keys are released, a TLS key is generated in this process (never written anywhere)
    and an RA-TLS certificate made for it (:class:`TlsIdentity`);
-2. once the program runs, the hook waits until it answers on ``127.0.0.1:[serve] port`` — and
-   only through a listening socket that belongs to the program itself (a process of the host's
-   that took the port first is refused, never proxied to);
+2. the program runs in a network namespace of its own (only its loopback): no other process can
+   take its port or connect to it. The hook waits until it answers on ``127.0.0.1:[serve] port``
+   there, through connections the view's connector opens inside it (:class:`Connector`);
 3. then it listens on the public address with TLS (:class:`Front`) until the program exits.
 
 Clients verify it with :mod:`shieldml.client`. ``docs/serving.md``.
@@ -19,10 +19,10 @@ import contextlib
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 from shieldml.errors import ManifestError, ShieldError, ViewError
@@ -32,10 +32,10 @@ from shieldml.serve._front import Front
 from shieldml.serve._identity import TlsIdentity, memory_file
 
 __all__ = [
+    "Connector",
     "Front",
     "ServeHook",
     "TlsIdentity",
-    "listener_owner",
     "memory_file",
     "parse_listen",
     "serve_job",
@@ -50,71 +50,39 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _tcp_listeners(port: int) -> set[int]:
-    """Socket inodes listening on 127.0.0.1:port, ::1 or a wildcard address with that port."""
-    inodes: set[int] = set()
-    want = f"{port:04X}"
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            _addr, _, p = f[1].partition(":")
-            if p == want and f[3] == "0A":  # LISTEN
-                inodes.add(int(f[9]))
-    return inodes
+class Connector:
+    """New connections to the program's loopback port, which lies in a network namespace of the
+    program's own: each is asked of the view's connector thread over ``channel`` and arrives
+    as a descriptor (SCM_RIGHTS). Thread-safe (one request at a time on the channel)."""
+
+    def __init__(self, channel: socket.socket, port: int) -> None:
+        self.channel, self.port = channel, port
+        channel.settimeout(15.0)  # the connector's own connect times out after 10 s
+        self._lock = threading.Lock()
+
+    def __call__(self) -> socket.socket:
+        with self._lock:
+            self.channel.send(b"c")
+            msg, anc, _flags, _addr = self.channel.recvmsg(256, socket.CMSG_SPACE(4))
+        fds = [
+            int.from_bytes(data[:4], sys.byteorder)
+            for level, kind, data in anc
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(data) >= 4
+        ]
+        if msg != b"C" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            reason = msg[2:].decode(errors="replace") if msg.startswith(b"E") else "no answer"
+            raise ConnectionError(f"127.0.0.1:{self.port} in the program's namespace: {reason}")
+        return socket.socket(fileno=fds[0])
 
 
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):  # noqa: PTH208 - names only
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rpartition(")")[2].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        out.add(pid)
-        todo += children.get(pid, [])
-    return out
-
-
-def _sockets_of(pids: set[int]) -> set[int]:
-    inodes: set[int] = set()
-    for pid in pids:
-        try:
-            names = os.listdir(f"/proc/{pid}/fd")  # noqa: PTH208
-        except OSError:
-            continue
-        for n in names:
-            with contextlib.suppress(OSError):
-                link = os.readlink(f"/proc/{pid}/fd/{n}")  # noqa: PTH115
-                if link.startswith("socket:["):
-                    inodes.add(int(link[8:-1]))
-    return inodes
-
-
-def listener_owner(port: int, root_pid: int) -> str:
-    """Who listens on the program's port: ``"none"``, ``"program"`` (only sockets of
-    ``root_pid`` and its descendants) or ``"other"`` (some socket of another process)."""
-    listening = _tcp_listeners(port)
-    if not listening:
-        return "none"
-    return "program" if listening <= _sockets_of(_descendants(root_pid)) else "other"
-
-
-def _answers(port: int, path: str) -> bool:
+def _answers(connect: Connector, path: str) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        with connect() as s:
+            s.settimeout(2)
             s.sendall(
-                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
+                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{connect.port}\r\nConnection: close\r\n\r\n".encode()
             )
             return s.recv(8).startswith(b"HTTP/1.")
     except OSError:
@@ -130,12 +98,10 @@ class ServeHook:
         listen: str | None = None,
         log: Callable[[str], None] = lambda _s: None,
         on_ready: Callable[[tuple[str, int], TlsIdentity], None] | None = None,
-        poll: float = 1.0,
     ) -> None:
         self.listen = listen
         self.log = log
         self.on_ready = on_ready
-        self.poll = poll
         self.identity: TlsIdentity | None = None
         self.front: Front | None = None
         self.address: tuple[str, int] | None = None
@@ -156,9 +122,15 @@ class ServeHook:
         self.log(f"TLS key made in the TEE: SPKI SHA-256 {self.identity.spki_sha256}")
 
     @contextlib.contextmanager
-    def running(self, proc: subprocess.Popen[bytes]) -> Iterator[object]:
+    def running(
+        self, proc: subprocess.Popen[bytes], channel: socket.socket | None
+    ) -> Iterator[object]:
+        if channel is None:
+            raise ShieldError("shieldml serve: the runner gave no connector channel")
+        assert self._settings is not None
+        connect = Connector(channel, self._settings.port)
         thread = threading.Thread(
-            target=self._thread, args=(proc,), name="shieldml-serve", daemon=True
+            target=self._thread, args=(proc, connect), name="shieldml-serve", daemon=True
         )
         thread.start()
         try:
@@ -169,9 +141,9 @@ class ServeHook:
             if self.front is not None:
                 self.front.close()
 
-    def _thread(self, proc: subprocess.Popen[bytes]) -> None:
+    def _thread(self, proc: subprocess.Popen[bytes], connect: Connector) -> None:
         try:
-            self._main(proc)
+            self._main(proc, connect)
         except ShieldError as e:
             self.failure = e
         except Exception as e:
@@ -183,21 +155,11 @@ class ServeHook:
             with contextlib.suppress(OSError):
                 proc.terminate()  # fail closed: a program nobody can reach safely is stopped
 
-    def _own_listener(self, s: ServeSettings, proc: subprocess.Popen[bytes]) -> bool:
-        owner = listener_owner(s.port, proc.pid)
-        if owner == "other":
-            raise ViewError(
-                f"127.0.0.1:{s.port}: a process outside the job listens on the program's port",
-                hint="another process took the port (the host?); requests are never sent to "
-                "it: free the port and start again",
-            )
-        return owner == "program"
-
-    def _main(self, proc: subprocess.Popen[bytes]) -> None:
+    def _main(self, proc: subprocess.Popen[bytes], connect: Connector) -> None:
         s, provider, identity = self._settings, self._provider, self.identity
         assert s is not None and provider is not None and identity is not None
         deadline = time.monotonic() + s.ready_timeout
-        while not (self._own_listener(s, proc) and _answers(s.port, s.ready_path)):
+        while not _answers(connect, s.ready_path):
             if proc.poll() is not None or self._stop.is_set():
                 return  # the program ended before it answered: run_job reports its exit
             if time.monotonic() > deadline:
@@ -206,15 +168,13 @@ class ServeHook:
                     f"{s.ready_timeout:g} s; not listening publicly"
                 )
             self._stop.wait(0.05)
-        self.front = Front(identity, provider, self._digest, s.port, log=self.log)
+        self.front = Front(identity, provider, self._digest, connect, log=self.log)
         host, port = parse_listen(self.listen or s.listen)
         self.address = self.front.start(host, port)
         self.log(f"serving on https://{self.address[0]}:{self.address[1]} (attested TLS)")
         if self.on_ready is not None:
             self.on_ready(self.address, identity)
-        # the listener must stay the program's for as long as requests go to it
-        while not self._stop.wait(self.poll):
-            self._own_listener(s, proc)  # raises when another process listens there
+        self._stop.wait()
 
 
 def serve_job(

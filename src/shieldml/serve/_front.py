@@ -1,5 +1,6 @@
 """The public front of ``shieldml serve``: TLS with the in-TEE key, the fresh-evidence endpoint,
-and a byte pipe to the program on loopback.
+and a byte pipe to the program's loopback port (in its own network namespace: each connection
+comes from the view's connector, ``shieldml.runner.view``).
 
 Per connection, after the TLS handshake, the front reads request heads (at most 64 KiB each)
 while they ask for ``GET /.well-known/shieldml/attestation?nonce=<64 hex>`` and answers those
@@ -75,7 +76,7 @@ class Front:
         identity: TlsIdentity,
         provider: Provider,
         workload_digest: str,
-        upstream_port: int,
+        connect: Callable[[], socket.socket],
         *,
         log: Callable[[str], None],
         head_timeout: float = HEAD_TIMEOUT,
@@ -84,7 +85,7 @@ class Front:
         self.identity = identity
         self.provider = provider
         self.digest = workload_digest
-        self.upstream_port = upstream_port
+        self.connect = connect
         self.log = log
         self.ssl: ssl.SSLContext = identity.server_context()
         self.connections = 0
@@ -184,7 +185,7 @@ class Front:
 
     def _pipe(self, tls: ssl.SSLSocket, first: bytes) -> None:
         try:
-            up = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=30)
+            up = self.connect()
         except OSError:
             tls.sendall(_response("502 Bad Gateway", b"", close=True, kind="text/plain"))
             return
