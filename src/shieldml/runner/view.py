@@ -14,7 +14,8 @@ trusted files on a pipe (never on disk). It
  3. mounts a tmpfs for every protected directory (a protected file is bind-mounted from a tmpfs
     staging area), decrypts the inputs into them in parallel and makes them read-only;
  4. starts the program in a mount namespace of its own rooted at the private root
-    (``pivot_root``), forwards signals to it, waits;
+    (``pivot_root``), forwards signals to it, waits; a ``[serve]`` job's program also gets a
+    network namespace of its own, which only :func:`_connector` reaches (``shieldml serve``);
  5. checks that every mount it made is still in place (mount ids), then seals every output,
     read through a descriptor of the staging tmpfs, into its ciphertext location (atomically)
     and reports their digests.
