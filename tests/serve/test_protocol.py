@@ -113,3 +113,11 @@ def test_answer_split_across_reads_is_read_whole():
     raw = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody"
     assert not any(r.feed(raw[i : i + 1]) for i in range(len(raw) - 1))
     assert r.feed(raw[-1:]) and r.status == 200 and r.body == b"body"
+
+
+def test_serve_of_a_batch_job_is_refused_before_anything_runs(tmp_path: Path):
+    from shieldml.serve import serve_job
+
+    _manifest(tmp_path, "")
+    with pytest.raises(ManifestError, match=r"needs a \[serve\] table"):
+        serve_job(tmp_path / "job.toml")

@@ -190,6 +190,12 @@ def serve_job(
     (raise the front's failure, if it stopped the program)."""
     from shieldml.runner.run import run_job
 
+    if JobManifest.load(manifest_path).serve is None:  # before anything is measured or released
+        raise ManifestError(
+            f"{manifest_path}: `shieldml serve` needs a [serve] table (the program's port)",
+            hint="add [serve] port = 8000 (where the program listens on 127.0.0.1), or use "
+            "`shieldml run` for a batch job",
+        )
     hook = ServeHook(listen=listen, log=log or (lambda _s: None), on_ready=on_ready)
     try:
         status = run_job(manifest_path, receipt=receipt, log=log, report=report, hook=hook)
