@@ -471,3 +471,18 @@ def test_proxy_reattestation_refused_closes_open_upstream_connections(served, tr
     assert first.startswith(b"HTTP/1.1 200") and b"model " in first
     assert rest == b""
     assert p.refusals >= 1 and len(p.attested) == 1  # the client's connection, then a refusal
+
+
+def test_proxy_connections_beyond_the_cap_are_closed(served, trust):
+    from shieldml.client.proxy import Proxy
+
+    p = Proxy(served.host, served.port, verifier(served.digest, trust), max_connections=1)
+    host, port = p.start("127.0.0.1", 0)
+    try:
+        with socket.create_connection((host, port), timeout=5) as first:
+            first.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert first.recv(65536).startswith(b"HTTP/1.")  # served, and kept open
+            with socket.create_connection((host, port), timeout=5) as second:
+                assert second.recv(65536) == b""  # closed at once, never forwarded
+    finally:
+        p.close()

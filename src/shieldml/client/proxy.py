@@ -21,13 +21,15 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from shieldml.client._attest import AttestedPeer, ResponseReader, Verifier, attestation_request
 from shieldml.client._transport import client_ssl_context
 from shieldml.errors import PolicyDenied, ShieldError
 
 CHUNK = 64 * 1024
+#: local connections served at once (a thread each); beyond, new ones are closed at once
+MAX_CONNECTIONS = 1024
 
 
 def refusal_text(e: ShieldError) -> str:
@@ -50,6 +52,7 @@ class Proxy:
         log: Callable[[str], None] = lambda _s: None,
         on_refusal: Callable[[ShieldError], None] | None = None,
         timeout: float = 30.0,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.host, self.port = upstream_host, upstream_port
         self.verifier = verifier
@@ -64,6 +67,7 @@ class Proxy:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._sock: socket.socket | None = None
+        self._slots = threading.BoundedSemaphore(max_connections)
 
     def connect(self) -> tuple[ssl.SSLSocket, AttestedPeer]:
         """A new upstream TLS connection, attested; the refusal is raised (and it is closed)."""
@@ -125,6 +129,9 @@ class Proxy:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
+            if not self._slots.acquire(blocking=False):
+                conn.close()
+                continue
             threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
 
     def _reattest(self) -> None:
@@ -147,7 +154,7 @@ class Proxy:
             self.log(refusal_text(e))
 
     def _connection(self, conn: socket.socket) -> None:
-        with conn:
+        with conn, _released(self._slots):
             try:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 try:
@@ -177,6 +184,14 @@ class Proxy:
                     up.close()
             except (OSError, ssl.SSLError, ValueError):
                 return
+
+
+@contextlib.contextmanager
+def _released(slots: threading.BoundedSemaphore) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 def _pipe(conn: socket.socket, up: ssl.SSLSocket) -> None:
