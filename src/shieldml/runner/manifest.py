@@ -40,7 +40,17 @@ broker = "data-owner"
 [tdx]                              # optional; TDX guests (Linux >= 6.16 tdx_guest measurements)
 rtmr = 3                           # the RTMR the workload digest is extended into (2 or 3)
 extend = "if-available"            # | "required" (refuse to run without it) | "off"
+
+[serve]                            # optional; `shieldml serve`: the program is a model server
+port = 8000                        # where it listens on 127.0.0.1 (measured)
+ready_path = "/"                   # answered (any status) once it is up (measured)
+ready_timeout = 120                # seconds to wait for that (not measured)
+listen = "0.0.0.0:8443"            # the public TLS address (not measured; --listen overrides)
 ```
+
+``[serve]``, when present, is part of the workload digest (``port`` and ``ready_path``: where the
+decrypted requests go); ``listen`` and ``ready_timeout`` are the operator's (the evidence, not the
+address, tells a client what it reached). ``docs/serving.md``.
 
 ``[tdx]``, when present, is part of the workload digest. Before its first evidence the runner
 extends the RTMR once with ``SHA-384("shieldml/v1 workload rtmr\\0" || workload digest)``
@@ -187,6 +197,40 @@ class TdxSettings:
     extend: str = "if-available"  # one of RTMR_EXTEND
 
 
+@dataclass(frozen=True)
+class ServeSettings:
+    """``[serve]``: the program is a model server on ``127.0.0.1:port`` (``shieldml serve``)."""
+
+    port: int
+    ready_path: str = "/"
+    ready_timeout: float = 120.0
+    listen: str = "0.0.0.0:8443"
+
+    def measured(self) -> dict[str, Any]:
+        return {"port": self.port, "ready_path": self.ready_path}
+
+
+def _serve(d: Any, where: str) -> ServeSettings:
+    if not isinstance(d, dict):
+        raise ManifestError(f"{where}: [serve] must be a table")
+    _only(d, {"port", "ready_path", "ready_timeout", "listen"}, where)
+    port = d.get("port")
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ManifestError(f"{where}: port must be the program's TCP port (1-65535)")
+    path = d.get("ready_path", "/")
+    if not isinstance(path, str) or not re.fullmatch(r"/[!-~]{0,1000}", path):
+        raise ManifestError(f"{where}: ready_path must be an absolute URL path without spaces")
+    timeout = d.get("ready_timeout", 120)
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not 0 < timeout <= 3600:
+        raise ManifestError(f"{where}: ready_timeout must be seconds (0-3600)")
+    listen = d.get("listen", "0.0.0.0:8443")
+    if not isinstance(listen, str) or not re.fullmatch(
+        r"\[?[0-9A-Za-z.:\-]+\]?:[0-9]{1,5}", listen
+    ):
+        raise ManifestError(f"{where}: listen must be HOST:PORT")
+    return ServeSettings(port, path, float(timeout), listen)
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobManifest:
     source: Path
@@ -202,6 +246,7 @@ class JobManifest:
     outputs: tuple[Protected, ...]
     simulated: dict[str, str] = field(default_factory=dict)
     tdx: TdxSettings | None = None  # None: no [tdx] table (the defaults apply, nothing measured)
+    serve: ServeSettings | None = None  # None: no [serve] table (a batch job)
 
     @property
     def base(self) -> Path:
@@ -244,6 +289,7 @@ class JobManifest:
                 "output",
                 "simulated",
                 "tdx",
+                "serve",
             },
             where,
         )
@@ -333,6 +379,7 @@ class JobManifest:
         if not isinstance(sim, dict) or not all(isinstance(v, str) for v in sim.values()):
             raise ManifestError(f"{where}: [simulated] maps names to strings")
         tdx = _tdx(d["tdx"], tee, f"{where}: [tdx]") if "tdx" in d else None
+        serve = _serve(d["serve"], f"{where}: [serve]") if "serve" in d else None
         return cls(
             source=source,
             tee=tee,
@@ -347,6 +394,7 @@ class JobManifest:
             outputs=outs,
             simulated=dict(sim),
             tdx=tdx,
+            serve=serve,
         )
 
     # -- trusted files and the workload digest ---------------------------------------------------
@@ -424,6 +472,8 @@ class JobManifest:
         }  # [simulated] describes the stand-in hardware, not the workload: it is not measured
         if self.tdx is not None:
             doc["tdx"] = asdict(self.tdx)
+        if self.serve is not None:
+            doc["serve"] = self.serve.measured()
         return doc
 
     def workload_digest(
