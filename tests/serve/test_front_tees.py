@@ -15,12 +15,13 @@ import pytest
 
 from shieldml.attest import IntelCollateral, verify_evidence
 from shieldml.client import Verifier, certificate_report_data, spki_of
-from shieldml.errors import AttestationError
+from shieldml.errors import AttestationError, PolicyDenied
 from shieldml.policy import Policy
 from shieldml.runner.evidence import provider_for
 from shieldml.runner.job_policy import policy_from_job
 from shieldml.runner.manifest import JobManifest
 from shieldml.serve import Front, TlsIdentity
+from shieldml.testing.simulated import SimulatedPlatform, system_clock
 
 
 def _job(tmp_path: Path, sim_dir: Path, kind: str) -> JobManifest:
@@ -45,7 +46,8 @@ def test_fresh_evidence_and_certificate_verify_on_each_tee(tmp_path, sim_dir, tr
     nonce = os.urandom(32)
     body = front.evidence_answer(nonce)
     der = ssl.PEM_cert_to_DER_cert(identity.certificate.decode())
-    verifier = Verifier(Policy.from_toml(policy_from_job(m).text), trust=trust)
+    crls = SimulatedPlatform.open(sim_dir, clock=system_clock).crl_source()
+    verifier = Verifier(Policy.from_toml(policy_from_job(m).text), trust=trust, amd_crl_for=crls)
     peer = verifier.verify(200, body, nonce, der)
     assert peer.verdict.allowed and peer.claims.tee.value == kind
     assert peer.spki_sha256 == hashlib.sha256(spki_of(der)).hexdigest()
@@ -53,6 +55,11 @@ def test_fresh_evidence_and_certificate_verify_on_each_tee(tmp_path, sim_dir, tr
         verifier.verify(200, body, os.urandom(32), der)
     if kind == "snp":  # no quote to carry: a plain certificate, fresh evidence only
         assert identity.evidence is None
+        assert peer.claims.platform["revocation"].startswith("checked")
+        # without a CRL (none in the answer, none of its own) the client refuses: unchecked
+        unchecked = Verifier(Policy.from_toml(policy_from_job(m).text), trust=trust)
+        with pytest.raises(PolicyDenied, match="revocation"):
+            unchecked.verify(200, body, nonce, der)
         return
     col = IntelCollateral.from_json(json.dumps(json.loads(body)["collateral"]))
     claims = verify_evidence(der, tee="ratls", collateral=col, trust=trust)

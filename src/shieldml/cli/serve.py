@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import urllib.parse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.markup import escape
@@ -22,6 +22,9 @@ from shieldml.cli._common import (
 )
 from shieldml.cli._output import emit_json_line, err, headline, invocation, out, refusal_lines
 from shieldml.errors import ShieldError
+
+if TYPE_CHECKING:
+    from shieldml.attest import CrlSource
 
 
 class _ServeCommand(click.Command):
@@ -138,6 +141,14 @@ def _upstream(url: str) -> tuple[str, int]:
 )
 @trust_root_options
 @simulated_platform_option
+@click.option(
+    "--amd-kds",
+    "amd_kds_url",
+    metavar="URL",
+    help="AMD's key distribution service (https://kdsintf.amd.com) for the CRL of an SEV-SNP "
+    "upstream, cached in $XDG_CACHE_HOME/shieldml/collateral while current; policies deny "
+    "SEV-SNP evidence nobody checked against it.",
+)
 @JSON_OPTION
 def proxy(
     upstream: str,
@@ -147,6 +158,7 @@ def proxy(
     trust_root: tuple[str, ...],
     insecure_custom_root: bool,
     simulated_platform: str | None,
+    amd_kds_url: str | None,
     as_json: bool,
 ) -> None:
     """Plain HTTP on --listen, attested TLS to --upstream: for curl, SDKs and browsers.
@@ -164,7 +176,9 @@ def proxy(
     host, port = _upstream(upstream)
     pol = load_policy(policy_file)
     anchors = receipt_trust(trust_root, insecure_custom_root, simulated_platform, datetime.now(UTC))
-    verifier = Verifier(pol, trust=anchors)
+    verifier = Verifier(
+        pol, trust=anchors, amd_crl_for=_amd_crl_source(simulated_platform, amd_kds_url)
+    )
 
     def refused(e: ShieldError) -> None:
         if as_json:
@@ -206,3 +220,37 @@ def proxy(
 
 
 COMMANDS = (serve, proxy)
+
+
+def _amd_crl_source(simulated_platform: str | None, kds_url: str | None) -> CrlSource:
+    """Where the proxy gets AMD's CRL for an SEV-SNP upstream: the trusted simulated platform's,
+    else the user's collateral cache while current, refreshed from ``kds_url`` when given."""
+    import os
+    from datetime import datetime
+    from pathlib import Path
+
+    from cryptography import x509
+
+    from shieldml.attest import CollateralCache, http_fetcher
+    from shieldml.testing.simulated import SimulatedPlatform, system_clock
+
+    sim = (
+        SimulatedPlatform.open(simulated_platform, clock=system_clock).crl_source()
+        if simulated_platform
+        else None
+    )
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    cache = CollateralCache(Path(base) / "shieldml" / "collateral")
+    fetch = http_fetcher() if kds_url else None
+
+    def source(
+        product: str, ark: x509.Certificate, now: datetime
+    ) -> x509.CertificateRevocationList | None:
+        crl = sim(product, ark, now) if sim is not None else None
+        if crl is not None:
+            return crl
+        if kds_url:
+            return cache.amd_crl(product, ark, now=now, fetch=fetch, base_url=kds_url)
+        return cache.amd_crl(product, ark, now=now)
+
+    return source

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from shieldml.attest import (
     Check,
     Claims,
+    CrlSource,
     IntelCollateral,
     TeeKind,
     TrustAnchors,
@@ -190,6 +191,8 @@ class Verifier:
     client trusts with its requests, not only which TEE. ``trust``: the roots the evidence must
     chain to (default: the pinned vendor roots; a simulated platform's only when added, and then
     only with the policy's ``insecure_allow_simulated``). ``clock``: the verification time.
+    ``amd_crl_for``: where AMD's CRL for SEV-SNP evidence comes from when the answer carries none
+    (policies deny SEV-SNP evidence nobody checked against it; see :data:`CrlSource`).
     """
 
     def __init__(
@@ -199,6 +202,7 @@ class Verifier:
         trust: TrustAnchors | None = None,
         clock: Callable[[], datetime] = _now,
         cache: VerificationCache | None = None,
+        amd_crl_for: CrlSource | None = None,
     ) -> None:
         unpinned = [i + 1 for i, p in enumerate(policy.profiles) if p.workload_digests is None]
         if unpinned:
@@ -211,6 +215,7 @@ class Verifier:
         self.trust = trust
         self.clock = clock
         self.cache = cache or VerificationCache()
+        self.amd_crl_for = amd_crl_for
 
     def verify(self, status: int, body: bytes, nonce: bytes, peer_der: bytes) -> AttestedPeer:
         """Raise :class:`AttestationError` (not genuine, or not bound to this nonce and this
@@ -236,6 +241,8 @@ class Verifier:
             col_doc, vcek_b64 = doc.get("collateral"), doc.get("vcek")
             col = IntelCollateral.from_json(json.dumps(col_doc)) if col_doc else None
             vcek = base64.b64decode(vcek_b64, validate=True) if vcek_b64 else None
+            crl_b64 = doc.get("amd_crl")
+            amd_crl = base64.b64decode(crl_b64, validate=True) if crl_b64 else None
             claimed_nonce, claimed_key = str(doc.get("nonce", "")), str(doc.get("spki_sha256", ""))
         except (ValueError, KeyError, TypeError, binascii.Error) as e:
             raise FormatError(f"the attestation answer is malformed: {e}") from e
@@ -244,8 +251,9 @@ class Verifier:
         _digest_bytes(digest)
         at = self.clock()
         claims = verify_evidence(
-            data, tee=tee, collateral=col, vcek=vcek, now=at, trust=self.trust, cache=self.cache
-        )
+            data, tee=tee, collateral=col, vcek=vcek, now=at, trust=self.trust, cache=self.cache,
+            amd_crl=amd_crl, amd_crl_for=self.amd_crl_for,
+        )  # fmt: skip
         expected = attestation_report_data(nonce, spki, digest)
         if not hmac.compare_digest(expected, claims.report_data):
             passed = list(claims.checks)

@@ -36,7 +36,7 @@ from cryptography.x509.oid import NameOID
 from shieldml.attest import _der, iso_utc
 from shieldml.attest._intel_collateral import SGX_EXTENSION_OID, IntelCollateral
 from shieldml.attest._intel_quote import HEADER, INTEL_QE_VENDOR_ID, TEE_SGX, TEE_TDX
-from shieldml.attest._snp import AMD_OID, REPORT_SIZE, SIGNED_SIZE, build_cert_table
+from shieldml.attest._snp import AMD_OID, REPORT_SIZE, SIGNED_SIZE, CrlSource, build_cert_table
 from shieldml.attest._trust import TrustAnchors
 from shieldml.errors import ExpiredError, FormatError
 
@@ -639,6 +639,26 @@ class SimulatedPlatform:
         assert isinstance(key, rsa.RSAPrivateKey)
         crl = b.sign(key, hashes.SHA384(), rsa_padding=_RSA_PSS)
         return crl.public_bytes(serialization.Encoding.DER)
+
+    def crl_source(self) -> CrlSource:
+        """This platform's CRL as a verifier's own source of AMD's CRL
+        (:data:`shieldml.attest.CrlSource`): for this platform's ARK only (None for any other),
+        listing nothing, signed anew once a day of verification time."""
+        ark = self.certs["ark"].fingerprint(hashes.SHA256())
+        issued: list[x509.CertificateRevocationList] = []
+
+        def source(
+            _product: str, chain_ark: x509.Certificate, now: datetime
+        ) -> x509.CertificateRevocationList | None:
+            if chain_ark.fingerprint(hashes.SHA256()) != ark:
+                return None
+            if not issued or not (
+                issued[0].last_update_utc <= now <= issued[0].last_update_utc + timedelta(days=1)
+            ):
+                issued[:] = [x509.load_der_x509_crl(self.amd_crl(now=now))]
+            return issued[0]
+
+        return source
 
     def snp_cert_table(self) -> bytes:
         """The certificate table an extended report carries (configfs-tsm ``auxblob``)."""

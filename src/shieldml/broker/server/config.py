@@ -186,24 +186,22 @@ class BrokerConfig:
         platform's own (its ARK signed the chain), else the on-disk cache while current,
         refreshed from AMD's KDS at ``amd_kds_url`` when configured. Without any, None: the
         claims say revocation was not checked, and policies refuse that unless they allow it."""
-        from shieldml.attest import CollateralCache, fingerprint, http_fetcher
+        from shieldml.attest import CollateralCache, http_fetcher
         from shieldml.testing.simulated import SimulatedPlatform, system_clock
 
-        sims = [SimulatedPlatform.open(d, clock=system_clock) for d in self.simulated_platforms]
+        sims = [
+            SimulatedPlatform.open(d, clock=system_clock).crl_source()
+            for d in self.simulated_platforms
+        ]
         cache = CollateralCache(Path(self.state_dir) / "collateral")
         fetch = http_fetcher() if self.amd_kds_url else None
-        issued: dict[int, x509.CertificateRevocationList] = {}
 
         def source(
             product: str, ark: x509.Certificate, now: dt.datetime
         ) -> x509.CertificateRevocationList | None:
-            for i, sim in enumerate(sims):
-                if fingerprint(sim.certs["ark"]) == fingerprint(ark):
-                    crl = issued.get(i)  # one signature a day, not one per release
-                    if crl is None or not (
-                        crl.last_update_utc <= now <= crl.last_update_utc + dt.timedelta(days=1)
-                    ):
-                        crl = issued[i] = x509.load_der_x509_crl(sim.amd_crl(now=now))
+            for sim in sims:
+                crl = sim(product, ark, now)
+                if crl is not None:
                     return crl
             if self.amd_kds_url:
                 return cache.amd_crl(product, ark, now=now, fetch=fetch, base_url=self.amd_kds_url)
