@@ -87,11 +87,9 @@ _infos_lock = threading.Lock()
 
 
 def _memo(obj: object, make: Callable[[], T]) -> T:
-    with _infos_lock:
-        hit = _infos.get(id(obj))
-        if hit is not None and hit[0] is obj:
-            _infos.move_to_end(id(obj))
-            return cast(T, hit[1])
+    hit = _infos.get(id(obj))  # one dict lookup: atomic under the GIL
+    if hit is not None and hit[0] is obj:
+        return cast(T, hit[1])
     value = make()
     with _infos_lock:
         _infos[id(obj)] = (obj, value)
@@ -117,6 +115,12 @@ def cert_info(cert: x509.Certificate) -> CertInfo:
 def crl_digest(crl: x509.CertificateRevocationList) -> bytes:
     """SHA-256 of the CRL's exact DER."""
     return _memo(crl, lambda: hashlib.sha256(crl.public_bytes(Encoding.DER)).digest())
+
+
+# Roots pinned in code (RootKind.VENDOR: their SHA-256 is a constant of shieldml) whose
+# self-signature verified: a pinned root has one set of bytes, so its self-signature is checked
+# once per process. At most the handful of pinned fingerprints can ever be in here.
+_vendor_roots_self_signed: set[bytes] = set()
 
 
 def _classify(
@@ -171,7 +175,12 @@ def verify_chain(
         kind = _classify(trust, root, infos[-1].fingerprint, vendor, what)
     except AttestationError as e:
         raise log.fail(e) from None
-    cached = _signed_by(root, root, (infos[-1], infos[-1]), log, what)
+    if kind is RootKind.VENDOR and infos[-1].digest in _vendor_roots_self_signed:
+        cached = True  # a root pinned in code: these exact bytes were checked in this process
+    else:
+        cached = _signed_by(root, root, (infos[-1], infos[-1]), log, what)
+        if kind is RootKind.VENDOR:
+            _vendor_roots_self_signed.add(infos[-1].digest)
     for i in range(len(chain) - 1):
         cached = _signed_by(chain[i], chain[i + 1], (infos[i], infos[i + 1]), log, what) and cached
     for cert, info in zip(chain, infos, strict=True):
@@ -199,7 +208,8 @@ def check_crl(
     That the CRL is ``issuer``'s and its signature verifies is a fact of the two exact DERs
     (reused from ``log``'s cache); its window and the serials are checked on every call.
     """
-    key = b"crl-signed-by" + crl_digest(crl) + cert_info(issuer).digest
+    issuer_info = cert_info(issuer)
+    key = b"crl-signed-by" + crl_digest(crl) + issuer_info.digest
     hit = log.recall(key)
     if hit is None:
         issuer_key = issuer.public_key()
@@ -237,5 +247,5 @@ def check_crl(
                     hint="the platform's keys were revoked by the vendor",
                 )
             )
-    detail = f"{what} from '{cert_info(issuer).subject_cn}': not revoked"
+    detail = f"{what} from '{issuer_info.subject_cn}': not revoked"
     log.ok("revocation list", detail + (" [cached]" if hit is not None and hit[1] else ""))
