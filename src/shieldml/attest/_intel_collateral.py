@@ -7,6 +7,7 @@ raw Intel PCS response bodies. Signed JSON is kept byte-exact: re-serialising br
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -67,6 +68,17 @@ class IntelCollateral:
     qe_identity_issuer_chain: list[x509.Certificate]
     qe_identity: bytes
     qe_identity_signature: bytes
+
+    # Parsing the signed JSON is a function of these immutable bytes, so it happens once per
+    # collateral object (a changed document is another object: ``replace`` makes a new one).
+    # Its signature and its dates are still checked on every verification.
+    @functools.cached_property
+    def parsed_tcb_info(self) -> TcbInfo:
+        return TcbInfo.from_json(self.tcb_info)
+
+    @functools.cached_property
+    def parsed_qe_identity(self) -> EnclaveIdentity:
+        return EnclaveIdentity.from_json(self.qe_identity)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> IntelCollateral:

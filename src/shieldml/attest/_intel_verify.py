@@ -38,7 +38,6 @@ from shieldml.attest._claims import (
     iso_utc,
 )
 from shieldml.attest._intel_collateral import (
-    EnclaveIdentity,
     IntelCollateral,
     PckExtension,
     TcbInfo,
@@ -360,7 +359,7 @@ def _tcb_info(
         trust,
         log,
     )
-    info = _parsed("tcb-info", col.tcb_info, TcbInfo.from_json, log)
+    info = _parsed("tcb-info", col.tcb_info, lambda _: col.parsed_tcb_info, log)
     want = "TDX" if quote.is_tdx else "SGX"
     if info.id != want or (quote.is_tdx and info.version < 3):
         raise log.fail(
@@ -415,7 +414,7 @@ def _qe_identity(
         trust,
         log,
     )
-    ident = _parsed("qe-identity", col.qe_identity, EnclaveIdentity.from_json, log)
+    ident = _parsed("qe-identity", col.qe_identity, lambda _: col.parsed_qe_identity, log)
     want = "TD_QE" if quote.is_tdx else "QE"
     if ident.id != want or ident.version != 2:
         raise log.fail(
