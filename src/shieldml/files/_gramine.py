@@ -392,7 +392,7 @@ class GramineWriter:
         write_all(self._sink, bytes(NODE_SIZE))  # metadata placeholder
         self._aborted = False
 
-    def _put(self, phys: int, data: bytes) -> None:
+    def _put(self, phys: int, data: bytes | bytearray) -> None:
         if self._pwrite is not None:  # one complete positional write per node
             self._pwrite(data, phys * NODE_SIZE)
             return
