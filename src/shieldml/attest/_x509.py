@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from collections import OrderedDict
@@ -81,7 +82,7 @@ class CertInfo:
 
 # Derived facts of immutable certificate / CRL objects, by object identity. Each entry holds the
 # object itself, so its id cannot be reused by another object while the entry exists.
-_INFO_MAX = 1024
+_INFO_MAX = 128
 _infos: OrderedDict[int, tuple[object, object]] = OrderedDict()
 _infos_lock = threading.Lock()
 
@@ -89,6 +90,8 @@ _infos_lock = threading.Lock()
 def _memo(obj: object, make: Callable[[], T]) -> T:
     hit = _infos.get(id(obj))  # one dict lookup: atomic under the GIL
     if hit is not None and hit[0] is obj:
+        with contextlib.suppress(KeyError):  # evicted meanwhile by another thread: harmless
+            _infos.move_to_end(id(obj))  # LRU: long-lived collateral stays, one-off chains go
         return cast(T, hit[1])
     value = make()
     with _infos_lock:
