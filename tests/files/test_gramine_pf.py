@@ -343,3 +343,37 @@ def test_native_writer_output_reads_with_the_python_reader(
     monkeypatch.setattr(g, "_native", None)
     with open_protected(tmp_path / "f", key, bind="f") as f:
         assert f.read() == data
+
+
+def test_native_writer_goes_on_alone_when_no_thread_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Inside an enclave with a thread limit, starting an encryption thread fails the way CPython
+    fails it ("can't start new thread"): the runs not handed to a thread are encrypted by the
+    writing thread and the file is complete and correct."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shieldml.files import Outputs
+
+    _native_or_skip()
+
+    class Limited(ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+            Limited.submitted += 1
+            if Limited.submitted > 2:
+                raise RuntimeError("can't start new thread")
+            return super().submit(*args, **kwargs)
+
+    monkeypatch.setattr(g, "ThreadPoolExecutor", Limited)
+    key = generate_key(Format.GRAMINE_PF)
+    data = os.urandom(g.MD_USER_DATA_SIZE + 96 * 4096 * 5 + 100)
+    with Outputs() as outs, outs.file(tmp_path / "f") as out:
+        w = g.GramineWriter(out, key, "f", threads=3)
+        w.write(data)
+        w.close()
+    assert Limited.submitted == 3
+    monkeypatch.setattr(g, "_native", None)
+    with open_protected(tmp_path / "f", key, bind="f") as f:
+        assert f.read() == data

@@ -13,7 +13,7 @@ import os
 import secrets
 import struct
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -470,18 +470,26 @@ class GramineWriter:
                 _native.encrypt_nodes(keys, plain, out, mht, first % DATA_SLOTS, n)
             self._put(_phys_data(first), out)
 
+        jobs: list[Future[None]] = []
+        todo = runs
         if self._threads > 1 and len(runs) > 1 and self._pwrite is not None:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._threads, "shieldml-pf-encrypt")
-            jobs = [self._pool.submit(encrypt, run) for run in runs]
-            # every run has finished (and written) before anything is raised: no thread may
-            # still write to the output once the caller cleans up after an error
-            wait(jobs)
-            for job in jobs:
-                job.result()
-        else:
-            for run in runs:
-                encrypt(run)
+            try:
+                for run in runs:
+                    jobs.append(self._pool.submit(encrypt, run))
+                todo = []
+            except RuntimeError:  # no thread could start (an enclave's thread limit): go on alone
+                self._threads = 1
+                todo = runs[len(jobs) :]
+            finally:
+                # every run has finished (and written) before anything is raised: no thread may
+                # still write to the output once the caller cleans up after an error
+                wait(jobs)
+        for run in todo:
+            encrypt(run)
+        for job in jobs:
+            job.result()
         for first, n, _, _ in runs:
             self._ndata = first + n
             if (first + n) % DATA_SLOTS == 0:
