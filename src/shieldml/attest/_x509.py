@@ -120,10 +120,12 @@ def crl_digest(crl: x509.CertificateRevocationList) -> bytes:
     return _memo(crl, lambda: hashlib.sha256(crl.public_bytes(Encoding.DER)).digest())
 
 
-# Roots pinned in code (RootKind.VENDOR: their SHA-256 is a constant of shieldml) whose
-# self-signature verified: a pinned root has one set of bytes, so its self-signature is checked
-# once per process. At most the handful of pinned fingerprints can ever be in here.
+# Vendor roots (RootKind.VENDOR: their SHA-256 is one the anchors pin, in code by default) whose
+# self-signature verified, by that SHA-256: a pinned root has one set of bytes, so its
+# self-signature is a fact checked once per process. Only what some anchors pin as a vendor root
+# can enter; bounded all the same.
 _vendor_roots_self_signed: set[bytes] = set()
+_VENDOR_ROOTS_MAX = 64
 
 
 def _classify(
@@ -179,10 +181,10 @@ def verify_chain(
     except AttestationError as e:
         raise log.fail(e) from None
     if kind is RootKind.VENDOR and infos[-1].digest in _vendor_roots_self_signed:
-        cached = True  # a root pinned in code: these exact bytes were checked in this process
+        cached = True  # a pinned root: these exact bytes were checked in this process
     else:
         cached = _signed_by(root, root, (infos[-1], infos[-1]), log, what)
-        if kind is RootKind.VENDOR:
+        if kind is RootKind.VENDOR and len(_vendor_roots_self_signed) < _VENDOR_ROOTS_MAX:
             _vendor_roots_self_signed.add(infos[-1].digest)
     for i in range(len(chain) - 1):
         cached = _signed_by(chain[i], chain[i + 1], (infos[i], infos[i + 1]), log, what) and cached
