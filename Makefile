@@ -59,6 +59,7 @@ fmt: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_files.py --markdown docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_attest.py --markdown docs/benchmarks.md
+	$(BIN)/python benchmarks/bench_peers.py --markdown docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_broker.py --markdown docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_runner.py --markdown docs/benchmarks.md
 

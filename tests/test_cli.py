@@ -300,3 +300,31 @@ def test_key_recipient_and_job_init_json(tmp_path: Path, capsys: pytest.CaptureF
     assert doc["interpreter"] == str(Path(sys.executable).absolute())
     rc, out, err = run(capsys, "job", "init", str(app), "-o", str(job), "--json")
     assert rc == EXIT_ERROR and out == "" and _json_error(err)["type"] == "OutputExistsError"
+
+
+def test_every_command_is_mapped_to_its_module():
+    """The lazy top-level group finds each command's module by name (COMMAND_MODULES)."""
+    import importlib
+
+    from shieldml.cli import _MODULES, COMMAND_MODULES
+
+    names = {}
+    for module in _MODULES:
+        for command in importlib.import_module(f"shieldml.cli.{module}").COMMANDS:
+            names[command.name] = module
+    assert names == COMMAND_MODULES
+
+
+def test_decrypt_loads_only_the_files_commands():
+    """Start-up of `shieldml decrypt` does not import the other command groups (the broker's
+    HTTP client, attestation commands, the runner)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from shieldml.cli import main; main(['decrypt', '--help']); "
+        "loaded = [m for m in ('shieldml.cli.broker', 'shieldml.cli.attest', 'shieldml.cli.run',"
+        " 'httpx') if m in sys.modules]; print(loaded)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -181,3 +181,40 @@ def test_rekey_in_place(tmp_path: Path, tree: Path, fmt: Format):
         == 0
     )
     decrypt_path(enc, tmp_path / "dec2", newer, bind="/data")
+
+
+def test_auto_workers_one_per_idle_core_for_large_files():
+    from shieldml.files import auto_workers
+    from shieldml.files._api import AUTO_WORKERS_MIN
+
+    gib = 1 << 30
+    assert auto_workers(AUTO_WORKERS_MIN - 1, cpus=16, load=0.0) == 1  # small: no fork
+    assert auto_workers(gib, cpus=2, load=0.0) == 2
+    assert auto_workers(gib, cpus=2, load=1.6) == 1  # the other core is busy
+    assert auto_workers(gib, cpus=2, load=7.0) == 1  # overloaded: never fewer than one
+    assert auto_workers(gib, cpus=16, load=0.0) == 8  # capped
+    assert auto_workers(AUTO_WORKERS_MIN, cpus=16, load=0.0) == 2  # 32 MiB a worker at least
+    assert 1 <= auto_workers(gib) <= 8  # this machine's cores and load
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_automatic_workers_refuse_a_tampered_file_and_leave_nothing(
+    tmp_path: Path, fmt: Format, monkeypatch: pytest.MonkeyPatch
+):
+    """workers=None on a file large enough for workers: a flipped byte in the last worker's
+    range still fails the whole decryption, and no output is left."""
+    import shieldml.files._api as api
+
+    monkeypatch.setattr(api, "AUTO_WORKERS_MIN", 16 << 20)  # a small file still forks
+    monkeypatch.setattr(api, "AUTO_WORKERS_SHARE", 8 << 20)
+    monkeypatch.setattr(api.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    key = generate_key(fmt)
+    (tmp_path / "p").write_bytes(os.urandom(20 << 20))
+    encrypt_file(tmp_path / "p", tmp_path / "c", key, fmt=fmt, bind="f")
+    assert api.auto_workers(20 << 20, cpus=2) == 2
+    with (tmp_path / "c").open("r+b") as f:
+        f.seek(18 << 20)
+        f.write(b"\x01")
+    with pytest.raises(IntegrityError):
+        decrypt_file(tmp_path / "c", tmp_path / "d", key, bind="f", workers=None)
+    assert not (tmp_path / "d").exists()

@@ -6,12 +6,14 @@ import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from shieldml.errors import AttestationError
 
 E = TypeVar("E", bound=AttestationError)
+#: the window of a fact: it holds whatever the time (never compared with a verification time)
+_FACT = datetime.min.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,27 @@ class CheckLog:
 
     checks: list[Check] = field(default_factory=list)
     cache: VerificationCache | None = None
+    #: facts established earlier in this same verification (one CRL or certificate link that
+    #: several chains share is checked once per call even without a cache)
+    memo: dict[bytes, object] = field(default_factory=dict)
+
+    def recall(self, key: bytes) -> tuple[object, bool] | None:
+        """A time-independent fact already established for ``key``: (value, from the shared
+        cache), or None. Validity windows are never facts: callers check them on every call."""
+        if key in self.memo:
+            return self.memo[key], False
+        if self.cache is not None:
+            value = self.cache.fact(key)
+            if value is not None:
+                self.memo[key] = value
+                return value, True
+        return None
+
+    def keep(self, key: bytes, value: object) -> None:
+        """Record a fact that holds for the exact bytes hashed into ``key``, whatever the time."""
+        self.memo[key] = value
+        if self.cache is not None:
+            self.cache.remember(key, value)
 
     def ok(self, name: str, detail: str) -> None:
         self.checks.append(Check(name, True, detail))
@@ -48,12 +71,22 @@ class CheckLog:
 
 
 class VerificationCache:
-    """Results of expensive, input-determined checks (certificate chains, CRLs, collateral
-    signatures), reused while the verification time lies inside their validity window.
+    """Results of expensive, input-determined checks, shared across verifications.
 
-    Keys are hashes of every input the check reads (certificate and CRL bytes, trust anchors),
-    so a hit means the same check on the same bytes; failures are never cached. Bounded, LRU,
-    thread-safe. A broker verifying many quotes from one platform pays for the collateral once.
+    Two kinds of entry, both keyed by a hash of every byte the check reads (certificate, CRL and
+    signed-JSON bytes, issuer bytes, trust anchors), so a hit means the same check on the same
+    bytes; failures are never cached:
+
+    - *facts* (:meth:`fact` / :meth:`remember`): what does not depend on the time: a signature
+      verifies over these exact bytes, these exact JSON bytes parse to this TCB info, this exact
+      PEM parses to these certificates. Every validity window (certificate notBefore/notAfter,
+      CRL thisUpdate/nextUpdate, TCB info and QE identity issueDate/nextUpdate) is still checked
+      against the verification time on every call.
+    - *windowed results* (:meth:`get` / :meth:`put`): reused only while the verification time
+      lies inside the window stored with them.
+
+    Bounded, LRU, thread-safe. A broker verifying many quotes from one platform pays for the
+    collateral's signatures and parsing once.
     """
 
     def __init__(self, max_entries: int = 4096) -> None:
@@ -73,11 +106,23 @@ class VerificationCache:
     def get(self, key: bytes, now: datetime) -> tuple[str, object] | None:
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None or not entry[0] <= now <= entry[1]:
+            if entry is None or entry[0] is _FACT or not entry[0] <= now <= entry[1]:
                 return None
             self._entries.move_to_end(key)
             self.hits += 1
             return entry[2], entry[3]
+
+    def fact(self, key: bytes) -> object | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry[0] is not _FACT:
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[3]
+
+    def remember(self, key: bytes, value: object) -> None:
+        self.put(key, _FACT, _FACT, "", value)
 
     def put(self, key: bytes, start: datetime, end: datetime, detail: str, value: object) -> None:
         with self._lock:

@@ -47,7 +47,23 @@ def children(data: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
+# decoded OIDs by their exact bytes (a pure function; the same few dozen OIDs recur in every
+# PCK / VCEK extension). Bounded: what an attacker feeds in cannot grow it without limit.
+_OIDS: dict[bytes, str] = {}
+_OIDS_MAX = 512
+
+
 def decode_oid(value: bytes) -> str:
+    hit = _OIDS.get(value)
+    if hit is not None:
+        return hit
+    text = _decode_oid(value)
+    if len(_OIDS) < _OIDS_MAX:
+        _OIDS[bytes(value)] = text
+    return text
+
+
+def _decode_oid(value: bytes) -> str:
     if not value:
         raise FormatError("DER: empty OID")
     first = value[0]

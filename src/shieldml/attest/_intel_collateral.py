@@ -7,6 +7,7 @@ raw Intel PCS response bodies. Signed JSON is kept byte-exact: re-serialising br
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -67,6 +68,17 @@ class IntelCollateral:
     qe_identity_issuer_chain: list[x509.Certificate]
     qe_identity: bytes
     qe_identity_signature: bytes
+
+    # Parsing the signed JSON is a function of these immutable bytes, so it happens once per
+    # collateral object (a changed document is another object: ``replace`` makes a new one).
+    # Its signature and its dates are still checked on every verification.
+    @functools.cached_property
+    def parsed_tcb_info(self) -> TcbInfo:
+        return TcbInfo.from_json(self.tcb_info)
+
+    @functools.cached_property
+    def parsed_qe_identity(self) -> EnclaveIdentity:
+        return EnclaveIdentity.from_json(self.qe_identity)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> IntelCollateral:
@@ -152,15 +164,23 @@ class TcbLevel:
     tdx_categories: tuple[str, ...] = ()
 
 
-def _categories(components: list[dict[str, Any]]) -> tuple[str, ...]:
-    return tuple(str(c.get("category") or "") for c in components)
-
-
-def _names(components: list[dict[str, Any]]) -> tuple[str, ...]:
-    return tuple(
-        " ".join(str(c[k]) for k in ("category", "type") if c.get(k)) or f"component {i + 1}"
-        for i, c in enumerate(components)
-    )
+def _components(
+    components: list[dict[str, Any]],
+) -> tuple[tuple[int, ...], tuple[str, ...], tuple[str, ...]]:
+    """SVNs, names ("BIOS Early Microcode Update", or "component N") and categories ("BIOS";
+    "" where not given) of a level's components, in one pass."""
+    svns, names, categories = [], [], []
+    for i, c in enumerate(components):
+        svns.append(int(c["svn"]))
+        cat, typ = c.get("category"), c.get("type")
+        categories.append(str(cat) if cat else "")
+        if cat and typ:
+            names.append(f"{cat} {typ}")
+        elif cat or typ:
+            names.append(str(cat or typ))
+        else:
+            names.append(f"component {i + 1}")
+    return tuple(svns), tuple(names), tuple(categories)
 
 
 @dataclass(frozen=True)
@@ -208,13 +228,11 @@ class TcbInfo:
             sgx_cats: tuple[str, ...] = ()
             tdx_cats: tuple[str, ...] = ()
             if version >= 3:
-                sgx = tuple(int(c["svn"]) for c in tcb["sgxtcbcomponents"])
-                sgx_names = _names(tcb["sgxtcbcomponents"])
-                sgx_cats = _categories(tcb["sgxtcbcomponents"])
+                sgx, sgx_names, sgx_cats = _components(tcb["sgxtcbcomponents"])
                 tdx = tcb.get("tdxtcbcomponents")
-                tdx_t = tuple(int(c["svn"]) for c in tdx) if tdx is not None else None
-                tdx_names = _names(tdx) if tdx is not None else ()
-                tdx_cats = _categories(tdx) if tdx is not None else ()
+                tdx_t = None
+                if tdx is not None:
+                    tdx_t, tdx_names, tdx_cats = _components(tdx)
             else:
                 sgx = tuple(int(tcb[f"sgxtcbcomp{i:02d}svn"]) for i in range(1, 17))
                 tdx_t = None

@@ -17,8 +17,10 @@ Pipeline (each step raises the named error through the check log):
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar, cast
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -36,7 +38,6 @@ from shieldml.attest._claims import (
     iso_utc,
 )
 from shieldml.attest._intel_collateral import (
-    EnclaveIdentity,
     IntelCollateral,
     PckExtension,
     TcbInfo,
@@ -52,7 +53,7 @@ from shieldml.attest._intel_quote import (
     TdReportBody,
 )
 from shieldml.attest._trust import RootKind, TrustAnchors, Vendor, fingerprint, weakest
-from shieldml.attest._x509 import cert_bytes, check_crl, cn, verify_chain
+from shieldml.attest._x509 import cert_info, check_crl, cn, verify_chain
 from shieldml.errors import (
     AttestationError,
     CollateralError,
@@ -62,6 +63,7 @@ from shieldml.errors import (
 )
 
 S = TcbStatus
+P = TypeVar("P")
 _OUT_OF_DATE_FROM = {
     S.UP_TO_DATE: S.OUT_OF_DATE,
     S.SW_HARDENING_NEEDED: S.OUT_OF_DATE,
@@ -116,10 +118,16 @@ def verify_quote(
     pck, pck_ca, root = chain
     check_crl(collateral.root_ca_crl, root, [pck_ca], now, log, "root CA CRL")  # 4
     check_crl(collateral.pck_crl, pck_ca, [pck], now, log, "PCK CRL")
-    try:
-        ext = PckExtension.from_certificate(pck)
-    except FormatError as e:
-        raise log.fail(AttestationError("PCK certificate", e.message)) from e
+    ext_key = b"pck-extension" + cert_info(pck).digest
+    hit = log.recall(ext_key)
+    if hit is not None and isinstance(hit[0], PckExtension):
+        ext = hit[0]
+    else:
+        try:
+            ext = PckExtension.from_certificate(pck)
+        except FormatError as e:
+            raise log.fail(AttestationError("PCK certificate", e.message)) from e
+        log.keep(ext_key, ext)
     qe = cert.qe_report  # 5
     if not _ecdsa_ok(_signing_key(pck), cert.qe_report_signature, qe.raw):
         raise log.fail(
@@ -209,10 +217,18 @@ def _quote_and_pck_chain(
                 hint="configure the platform's quote provider to embed the PCK chain",
             )
         )
-    try:
-        chain = load_pem_chain(cert.cert_data, "PCK chain")
-    except AttestationError as e:
-        raise log.fail(e) from None
+    # the certificates these exact bytes parse to (a fact of the bytes: shared through the cache)
+    chain_key = b"pem-chain" + hashlib.sha256(cert.cert_data).digest()
+    hit = log.recall(chain_key) if log.cache is not None else None
+    if hit is not None and isinstance(hit[0], tuple):
+        chain = list(hit[0])
+    else:
+        try:
+            chain = load_pem_chain(cert.cert_data, "PCK chain")
+        except AttestationError as e:
+            raise log.fail(e) from None
+        if log.cache is not None:
+            log.keep(chain_key, tuple(chain))
     if len(chain) != 3:
         raise log.fail(
             AttestationError(
@@ -253,7 +269,7 @@ def _signed_json(
                 f"('{TCB_SIGNING_CN}' <- root)",
             )
         )
-    if cn(chain[0].subject) != TCB_SIGNING_CN:
+    if cert_info(chain[0]).subject_cn != TCB_SIGNING_CN:
         raise log.fail(
             CollateralError(
                 "certificate chain",
@@ -262,7 +278,7 @@ def _signed_json(
                 found=cn(chain[0].subject),
             )
         )
-    if chain[-1] != root:  # same DER; fingerprints only for the message
+    if cert_info(chain[-1]).digest != cert_info(root).digest:  # same DER
         raise log.fail(
             CollateralError(
                 "certificate chain",
@@ -274,22 +290,38 @@ def _signed_json(
         )
     kind = verify_chain(chain, Vendor.INTEL, trust, now, log, what)
     check_crl(collateral.root_ca_crl, chain[-1], chain[:-1], now, log, "root CA CRL")
-    key = log.cache.key("signed", name, raw, sig, cert_bytes(chain[0])) if log.cache else None
-    hit = log.cache.get(key, now) if log.cache is not None and key is not None else None
-    if hit is not None:
-        log.ok(name, hit[0] + " [cached]")
-        return kind
-    if len(sig) != 64 or not _ecdsa_ok(_signing_key(chain[0]), sig, raw):
-        raise log.fail(
-            CollateralError(name, f"{name} signature does not verify over its exact JSON bytes")
-        )
-    detail = f"{name} signed by '{cn(chain[0].subject)}'"
-    log.ok(name, detail)
-    if log.cache is not None and key is not None:
-        log.cache.put(
-            key, chain[0].not_valid_before_utc, chain[0].not_valid_after_utc, detail, None
-        )
+    signer = cert_info(chain[0])
+    key = b"signed-json" + _json_digest(raw) + hashlib.sha256(sig).digest() + signer.digest
+    hit = log.recall(key)
+    if hit is None:
+        if len(sig) != 64 or not _ecdsa_ok(_signing_key(chain[0]), sig, raw):
+            raise log.fail(
+                CollateralError(name, f"{name} signature does not verify over its exact JSON bytes")
+            )
+        log.keep(key, True)
+    detail = f"{name} signed by '{signer.subject_cn}'"
+    log.ok(name, detail + (" [cached]" if hit is not None and hit[1] else ""))
     return kind
+
+
+def _json_digest(raw: bytes) -> bytes:
+    return hashlib.sha256(raw).digest()
+
+
+def _parsed(kind: str, raw: bytes, parse: Callable[[bytes], P], log: CheckLog) -> P:
+    """``parse(raw)``, shared through the cache by the exact bytes (parsing is a fact of them;
+    the validity dates it yields are compared with the verification time on every call)."""
+    key = b"parsed-" + kind.encode() + b"\0" + _json_digest(raw)
+    hit = log.recall(key) if log.cache is not None else None
+    if hit is not None:
+        return cast(P, hit[0])
+    try:
+        value = parse(raw)
+    except AttestationError as e:
+        raise log.fail(e) from None
+    if log.cache is not None:
+        log.keep(key, value)
+    return value
 
 
 def _fresh(name: str, issue: datetime, nxt: datetime, now: datetime, log: CheckLog) -> None:
@@ -327,10 +359,7 @@ def _tcb_info(
         trust,
         log,
     )
-    try:
-        info = TcbInfo.from_json(col.tcb_info)
-    except AttestationError as e:
-        raise log.fail(e) from None
+    info = _parsed("tcb-info", col.tcb_info, lambda _: col.parsed_tcb_info, log)
     want = "TDX" if quote.is_tdx else "SGX"
     if info.id != want or (quote.is_tdx and info.version < 3):
         raise log.fail(
@@ -385,10 +414,7 @@ def _qe_identity(
         trust,
         log,
     )
-    try:
-        ident = EnclaveIdentity.from_json(col.qe_identity)
-    except AttestationError as e:
-        raise log.fail(e) from None
+    ident = _parsed("qe-identity", col.qe_identity, lambda _: col.parsed_qe_identity, log)
     want = "TD_QE" if quote.is_tdx else "QE"
     if ident.id != want or ident.version != 2:
         raise log.fail(

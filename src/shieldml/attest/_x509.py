@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-import itertools
+import contextlib
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar, cast
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from shieldml.attest._checks import CheckLog
 from shieldml.attest._claims import iso_utc
 from shieldml.attest._trust import RootKind, TrustAnchors, Vendor
 from shieldml.errors import AttestationError, ExpiredError, RevokedError
 
+T = TypeVar("T")
 MAX_CHAIN = 5
 # keys that can sign a CRL (an X25519 or ML-KEM key in a certificate signs nothing)
 _CRL_SIGNERS = (
@@ -61,6 +69,93 @@ def check_signed_by(
         ) from None
 
 
+@dataclass(frozen=True)
+class CertInfo:
+    """What verification reads from one certificate, derived once per certificate object."""
+
+    digest: bytes  # SHA-256 of the certificate's exact DER
+    fingerprint: str  # the same, in hex
+    subject_cn: str
+    not_before: datetime
+    not_after: datetime
+
+
+# Derived facts of immutable certificate / CRL objects, by object identity. Each entry holds the
+# object itself, so its id cannot be reused by another object while the entry exists.
+_INFO_MAX = 128
+_infos: OrderedDict[int, tuple[object, object]] = OrderedDict()
+_infos_lock = threading.Lock()
+
+
+def _memo(obj: object, make: Callable[[], T]) -> T:
+    hit = _infos.get(id(obj))  # one dict lookup: atomic under the GIL
+    if hit is not None and hit[0] is obj:
+        with contextlib.suppress(KeyError):  # evicted meanwhile by another thread: harmless
+            _infos.move_to_end(id(obj))  # LRU: long-lived collateral stays, one-off chains go
+        return cast(T, hit[1])
+    value = make()
+    with _infos_lock:
+        _infos[id(obj)] = (obj, value)
+        while len(_infos) > _INFO_MAX:
+            _infos.popitem(last=False)
+    return value
+
+
+def cert_info(cert: x509.Certificate) -> CertInfo:
+    def make() -> CertInfo:
+        digest = hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()
+        return CertInfo(
+            digest,
+            digest.hex(),
+            cn(cert.subject),
+            cert.not_valid_before_utc,
+            cert.not_valid_after_utc,
+        )
+
+    return _memo(cert, make)
+
+
+def crl_digest(crl: x509.CertificateRevocationList) -> bytes:
+    """SHA-256 of the CRL's exact DER."""
+    return _memo(crl, lambda: hashlib.sha256(crl.public_bytes(Encoding.DER)).digest())
+
+
+# Vendor roots (RootKind.VENDOR: their SHA-256 is one the anchors pin, in code by default) whose
+# self-signature verified, by that SHA-256: a pinned root has one set of bytes, so its
+# self-signature is a fact checked once per process. Only what some anchors pin as a vendor root
+# can enter; bounded all the same.
+_vendor_roots_self_signed: set[bytes] = set()
+_VENDOR_ROOTS_MAX = 64
+
+
+def _classify(
+    trust: TrustAnchors, root: x509.Certificate, fp: str, vendor: Vendor, what: str
+) -> RootKind:
+    if fp in trust.vendor.get(vendor, frozenset()):
+        return RootKind.VENDOR
+    if fp in trust.simulated:
+        return RootKind.SIMULATED
+    return trust.classify(root, vendor, what)  # custom (logged on every use) or refused
+
+
+def _signed_by(
+    cert: x509.Certificate,
+    issuer: x509.Certificate,
+    infos: tuple[CertInfo, CertInfo],
+    log: CheckLog,
+    what: str,
+) -> bool:
+    """``cert``'s signature verifies under ``issuer``'s key (a fact of the two exact DERs);
+    True when the answer came from the shared cache."""
+    key = b"signed-by" + infos[0].digest + infos[1].digest
+    hit = log.recall(key)
+    if hit is not None:
+        return hit[1]
+    check_signed_by(cert, issuer, log, what)
+    log.keep(key, True)
+    return False
+
+
 def verify_chain(
     chain: list[x509.Certificate],
     vendor: Vendor,
@@ -69,36 +164,35 @@ def verify_chain(
     log: CheckLog,
     what: str,
 ) -> RootKind:
-    """Leaf-first chain: every link signed by the next, the last self-signed and trusted."""
+    """Leaf-first chain: every link signed by the next, the last self-signed and trusted, every
+    certificate valid at ``now``.
+
+    Signatures are facts of the exact DER bytes (reused from ``log``'s cache or from earlier in
+    the same verification); the root's trust and every validity window are checked on each call.
+    """
     if not 1 <= len(chain) <= MAX_CHAIN:
         raise log.fail(
             AttestationError("certificate chain", f"{what}: bad chain length {len(chain)}")
         )
-    key = None
-    if log.cache is not None:
-        key = log.cache.key(
-            "chain", vendor.value, trust.key(), what, *(cert_bytes(c) for c in chain)
-        )
-        hit = log.cache.get(key, now)
-        if hit is not None and isinstance(hit[1], RootKind):
-            log.ok("certificate chain", hit[0] + " [cached]")
-            return hit[1]
+    infos = [cert_info(c) for c in chain]
     root = chain[-1]
     try:
-        kind = trust.classify(root, vendor, what)
+        kind = _classify(trust, root, infos[-1].fingerprint, vendor, what)
     except AttestationError as e:
         raise log.fail(e) from None
-    check_signed_by(root, root, log, what)
-    for cert, issuer in itertools.pairwise(chain):
-        check_signed_by(cert, issuer, log, what)
-    for cert in chain:
-        check_validity(cert, now, log, what)
-    detail = f"{what}: {' <- '.join(cn(c.subject) for c in chain)} ({kind} root)"
-    log.ok("certificate chain", detail)
-    if log.cache is not None and key is not None:
-        start = max(c.not_valid_before_utc for c in chain)
-        end = min(c.not_valid_after_utc for c in chain)
-        log.cache.put(key, start, end, detail, kind)
+    if kind is RootKind.VENDOR and infos[-1].digest in _vendor_roots_self_signed:
+        cached = True  # a pinned root: these exact bytes were checked in this process
+    else:
+        cached = _signed_by(root, root, (infos[-1], infos[-1]), log, what)
+        if kind is RootKind.VENDOR and len(_vendor_roots_self_signed) < _VENDOR_ROOTS_MAX:
+            _vendor_roots_self_signed.add(infos[-1].digest)
+    for i in range(len(chain) - 1):
+        cached = _signed_by(chain[i], chain[i + 1], (infos[i], infos[i + 1]), log, what) and cached
+    for cert, info in zip(chain, infos, strict=True):
+        if not info.not_before <= now <= info.not_after:
+            check_validity(cert, now, log, what)  # raises with the message
+    detail = f"{what}: {' <- '.join(i.subject_cn for i in infos)} ({kind} root)"
+    log.ok("certificate chain", detail + (" [cached]" if cached else ""))
     return kind
 
 
@@ -114,38 +208,38 @@ def check_crl(
     log: CheckLog,
     what: str,
 ) -> None:
-    """The CRL is signed by ``issuer``, current at ``now``, and lists none of ``subjects``."""
-    key = None
-    if log.cache is not None:
-        serials = ",".join(str(c.serial_number) for c in subjects)
-        key = log.cache.key(
-            "crl", what, crl.tbs_certlist_bytes, crl.signature, cert_bytes(issuer), serials
-        )
-        hit = log.cache.get(key, now)
-        if hit is not None:
-            log.ok("revocation list", hit[0] + " [cached]")
-            return
-    issuer_key = issuer.public_key()
-    if (
-        crl.issuer != issuer.subject
-        or not isinstance(issuer_key, _CRL_SIGNERS)
-        or not crl.is_signature_valid(issuer_key)
-    ):
-        raise log.fail(
-            AttestationError(
-                "revocation list",
-                f"{what} is not signed by '{cn(issuer.subject)}'",
-                found=f"issuer '{cn(crl.issuer)}'",
+    """The CRL is signed by ``issuer``, current at ``now``, and lists none of ``subjects``.
+
+    That the CRL is ``issuer``'s and its signature verifies is a fact of the two exact DERs
+    (reused from ``log``'s cache); its window and the serials are checked on every call.
+    """
+    issuer_info = cert_info(issuer)
+    key = b"crl-signed-by" + crl_digest(crl) + issuer_info.digest
+    hit = log.recall(key)
+    if hit is None:
+        issuer_key = issuer.public_key()
+        if (
+            crl.issuer != issuer.subject
+            or not isinstance(issuer_key, _CRL_SIGNERS)
+            or not crl.is_signature_valid(issuer_key)
+        ):
+            raise log.fail(
+                AttestationError(
+                    "revocation list",
+                    f"{what} is not signed by '{cn(issuer.subject)}'",
+                    found=f"issuer '{cn(crl.issuer)}'",
+                )
             )
-        )
+        log.keep(key, True)
     nxt = crl.next_update_utc
-    if not crl.last_update_utc <= now or (nxt is not None and now > nxt):
+    last = crl.last_update_utc
+    if not last <= now or (nxt is not None and now > nxt):
         raise log.fail(
             ExpiredError(
                 "revocation list",
                 f"{what} from '{cn(crl.issuer)}' expired on {iso_utc(nxt) if nxt else '?'}",
                 expected=f"current at {iso_utc(now)}",
-                found=f"valid {iso_utc(crl.last_update_utc)} .. {iso_utc(nxt) if nxt else '?'}",
+                found=f"valid {iso_utc(last)} .. {iso_utc(nxt) if nxt else '?'}",
                 hint="fetch fresh collateral, or verify at a time inside its validity (--at)",
             )
         )
@@ -158,7 +252,5 @@ def check_crl(
                     hint="the platform's keys were revoked by the vendor",
                 )
             )
-    detail = f"{what} from '{cn(crl.issuer)}': not revoked"
-    log.ok("revocation list", detail)
-    if log.cache is not None and key is not None and nxt is not None:
-        log.cache.put(key, crl.last_update_utc, nxt, detail, None)
+    detail = f"{what} from '{issuer_info.subject_cn}': not revoked"
+    log.ok("revocation list", detail + (" [cached]" if hit is not None and hit[1] else ""))

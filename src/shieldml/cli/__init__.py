@@ -1,7 +1,7 @@
 """The ``shieldml`` command: parse, call the library, print, set the exit code.
 
 One module per command group (:mod:`.files`, :mod:`.attest`, :mod:`.policy`, :mod:`.broker`,
-:mod:`.run`, :mod:`.gramine`, :mod:`.demo`), what they share in :mod:`._common`, everything
+:mod:`.run`, :mod:`.serve`, :mod:`.gramine`, :mod:`.demo`), what they share in :mod:`._common`, everything
 printed in :mod:`._output`. :func:`main` is the only place that turns errors into exit codes:
 
 - 0: success;
@@ -22,13 +22,14 @@ error as one JSON object on one line of standard error (``{"ok": false, "error",
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import click
 
 from shieldml import __version__
-from shieldml.cli import attest, broker, demo, files, gramine, policy, run, serve
 from shieldml.cli._common import (
     EXIT_CODES,
     EXIT_ERROR,
@@ -62,23 +63,69 @@ __all__ = [
 ]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: the modules of the command groups, in the order their commands were always registered
+_MODULES = ("files", "attest", "policy", "broker", "run", "serve", "gramine", "demo")
+#: which module defines each top-level command: a command's module (and what it imports, such as
+#: the broker's HTTP client for `broker`) is loaded only when that command runs. A name missing
+#: here still works: every module is then loaded (tests/test_cli.py keeps the map complete).
+COMMAND_MODULES = {
+    "key": "files",
+    "encrypt": "files",
+    "decrypt": "files",
+    "rekey": "files",
+    "inspect": "files",
+    "attest": "attest",
+    "trust": "attest",
+    "policy": "policy",
+    "broker": "broker",
+    "audit": "broker",
+    "run": "run",
+    "job": "run",
+    "receipt": "run",
+    "serve": "serve",
+    "proxy": "serve",
+    "gramine": "gramine",
+    "demo": "demo",
+}
+
+
+class _LazyGroup(click.Group):
+    """The top-level group, loading a command's module on first use (start-up of `shieldml
+    decrypt` is then the files commands' imports, not every command group's)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._loaded: set[str] = set()
+
+    def _load(self, module: str) -> None:
+        if module in self._loaded:
+            return
+        self._loaded.add(module)
+        for command in importlib.import_module(f"shieldml.cli.{module}").COMMANDS:
+            self.add_command(command)
+
+    def _load_all(self) -> None:
+        for module in _MODULES:
+            self._load(module)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_all()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            module = COMMAND_MODULES.get(cmd_name)
+            if module is not None:
+                self._load(module)
+            if cmd_name not in self.commands:
+                self._load_all()
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="shieldml")
 def cli() -> None:
     """Confidential machine learning: encrypted models and data, released only to attested TEEs."""
-
-
-for _command in (
-    *files.COMMANDS,
-    *attest.COMMANDS,
-    *policy.COMMANDS,
-    *broker.COMMANDS,
-    *run.COMMANDS,
-    *serve.COMMANDS,
-    *gramine.COMMANDS,
-    *demo.COMMANDS,
-):
-    cli.add_command(_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -140,7 +140,11 @@ def encrypt(
 @trust_root_options
 @simulated_platform_option
 @click.option("--bind", help="Path the file was bound to at encryption. Default: IN as given.")
-@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    help="Processes per file. Default: one per idle core for files of 64 MiB and more, else 1.",
+)
 @click.option("--force", is_flag=True, help="Replace existing output files.")
 @JSON_OPTION
 def decrypt(
@@ -155,7 +159,7 @@ def decrypt(
     insecure_custom_root: bool,
     simulated_platform: str | None,
     bind: str | None,
-    workers: int,
+    workers: int | None,
     force: bool,
     as_json: bool,
 ) -> None:

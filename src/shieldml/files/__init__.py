@@ -12,6 +12,7 @@
 from shieldml.files._api import (
     FileInfo,
     atomic_output,
+    auto_workers,
     create_writer,
     decrypt_file,
     detect_format,
@@ -48,6 +49,7 @@ __all__ = [
     "ProgressCallback",
     "ProtectedFile",
     "atomic_output",
+    "auto_workers",
     "check_key",
     "create_writer",
     "decrypt_file",

@@ -34,6 +34,11 @@ from shieldml.files._output import OutputFile, Outputs, output_error
 from shieldml.files._reader import ProtectedFile
 
 CHUNK = 8 << 20
+#: below this plaintext size one process decrypts (forking costs more than it saves)
+AUTO_WORKERS_MIN = 64 << 20
+#: each automatic worker gets at least this much of the file
+AUTO_WORKERS_SHARE = 32 << 20
+AUTO_WORKERS_MAX = 8
 EXIT_SHIELD_ERROR = 3
 EXIT_OUTPUT_ERROR = 4
 MAGICS = {_stream.MAGIC: Format.STREAM, _gramine.FILE_ID: Format.GRAMINE_PF}
@@ -199,6 +204,28 @@ def _open_source(src: StrPath) -> MappedSource:
         raise InputReadError(f"{os.fspath(src)}: cannot read: {e.strerror}") from e
 
 
+def auto_workers(size: int, *, cpus: int | None = None, load: float | None = None) -> int:
+    """How many processes to decrypt ``size`` bytes with: one per core that is idle now.
+
+    ``cpus`` defaults to the cores this process may run on, ``load`` to the one-minute load
+    average (the cores other work keeps busy). One for files under :data:`AUTO_WORKERS_MIN`,
+    never more than one per :data:`AUTO_WORKERS_SHARE` of the file, at most
+    :data:`AUTO_WORKERS_MAX`.
+    """
+    if size < AUTO_WORKERS_MIN:
+        return 1
+    if cpus is None:
+        affinity = getattr(os, "sched_getaffinity", None)
+        cpus = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            load = 0.0
+    idle = int(cpus - load + 0.5)
+    return max(1, min(cpus, idle, size // AUTO_WORKERS_SHARE, AUTO_WORKERS_MAX))
+
+
 def decrypt_file(
     src: StrPath,
     dst: StrPath,
@@ -206,7 +233,7 @@ def decrypt_file(
     *,
     bind: str | None = None,
     overwrite: bool = False,
-    workers: int = 1,
+    workers: int | None = 1,
     progress: ProgressCallback | None = None,
 ) -> None:
     """Decrypt ``src`` into ``dst`` atomically; ``dst`` appears only if all of it verifies.
@@ -217,7 +244,8 @@ def decrypt_file(
     every error or interrupt, nothing is left at ``dst``, nor a directory created for it.
 
     ``workers > 1`` decrypts disjoint ranges in that many processes, each writing its part of the
-    output in place.
+    output in place; ``workers=None`` picks the number with :func:`auto_workers`. Every range
+    is authenticated before its plaintext is written, in every process.
     """
     with Outputs(overwrite=overwrite) as outputs:
         decrypt_into(outputs, src, dst, key, bind=bind, workers=workers, progress=progress)
@@ -230,13 +258,15 @@ def decrypt_into(
     key: bytes,
     *,
     bind: str | None = None,
-    workers: int = 1,
+    workers: int | None = 1,
     progress: ProgressCallback | None = None,
 ) -> None:
     """:func:`decrypt_file` as one of the ``outputs`` of a larger operation."""
     with open_protected(src, key, bind=bind) as reader, outputs.file(dst) as out:
         size = reader.size
         out.reserve(size)
+        if workers is None:
+            workers = auto_workers(size)
         if workers <= 1 or size < 2 * CHUNK:
             _copy_range(reader, out, 0, size, progress)
         else:

@@ -13,6 +13,7 @@ import os
 import secrets
 import struct
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,12 @@ except ImportError:  # not built here (no compiler or OpenSSL headers at install
     _native = None  # type: ignore[assignment]  # None = no helper; the stub types the module
 if os.environ.get("SHIELDML_NO_NATIVE"):
     _native = None  # type: ignore[assignment]  # as above
+
+
+def _encrypt_threads() -> int:
+    affinity = getattr(os, "sched_getaffinity", None)
+    cpus = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    return max(1, min(4, cpus))
 
 
 def native_accelerator() -> bool:
@@ -359,8 +366,13 @@ class GramineWriter:
     written last, by :meth:`close`; an aborted writer leaves node 0 zero, which Gramine refuses.
     """
 
-    def __init__(self, sink: Sink, key: bytes, bind: str, *, version: int = 1) -> None:
+    def __init__(
+        self, sink: Sink, key: bytes, bind: str, *, version: int = 1, threads: int | None = None
+    ) -> None:
         self._aborted = True
+        #: threads encrypting runs of data nodes with the C helper (None: one per core, up to 4)
+        self._threads = _encrypt_threads() if threads is None else max(1, threads)
+        self._pool: ThreadPoolExecutor | None = None
         if version not in VERSIONS:
             raise ValueError(f"Gramine format version must be 1 or 2, not {version}")
         self._key = check_key(key, Format.GRAMINE_PF)
@@ -380,7 +392,7 @@ class GramineWriter:
         write_all(self._sink, bytes(NODE_SIZE))  # metadata placeholder
         self._aborted = False
 
-    def _put(self, phys: int, data: bytes) -> None:
+    def _put(self, phys: int, data: bytes | bytearray) -> None:
         if self._pwrite is not None:  # one complete positional write per node
             self._pwrite(data, phys * NODE_SIZE)
             return
@@ -431,6 +443,64 @@ class GramineWriter:
         if not self.closed:
             self._maybe_finish(parent)
 
+    def _runs(self, view: memoryview, pos: int, total: int) -> int:
+        """Encrypt the whole data nodes of ``view[pos:total]`` with the C helper, a run of nodes
+        (up to one MHT node's 96) per call, runs on threads; return the new position.
+
+        Each run's ciphertext is written by the thread that encrypted it (one positional write);
+        the MHT bookkeeping (and any MHT node that completes) follows in order, here.
+        """
+        assert _native is not None and self._fill == 0
+        # (first data node, nodes, offset in view, the MHT node taking their keys and tags)
+        runs: list[tuple[int, int, int, bytearray]] = []
+        d = self._ndata
+        while total - pos >= NODE_SIZE:
+            n = min((total - pos) // NODE_SIZE, DATA_SLOTS - d % DATA_SLOTS)
+            runs.append((d, n, pos, self._mht(d // DATA_SLOTS)))
+            d += n
+            pos += n * NODE_SIZE
+        if not runs:
+            return pos
+
+        def encrypt(run: tuple[int, int, int, bytearray]) -> None:
+            first, n, at, mht = run
+            out = bytearray(n * NODE_SIZE)
+            keys = secrets.token_bytes(n * KEY_SIZE)
+            with view[at : at + n * NODE_SIZE] as plain:
+                _native.encrypt_nodes(keys, plain, out, mht, first % DATA_SLOTS, n)
+            self._put(_phys_data(first), out)
+
+        jobs: list[Future[None]] = []
+        todo = runs
+        if self._threads > 1 and len(runs) > 1 and self._pwrite is not None:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._threads, "shieldml-pf-encrypt")
+            try:
+                for run in runs:
+                    jobs.append(self._pool.submit(encrypt, run))
+                todo = []
+            except RuntimeError:  # no thread could start (an enclave's thread limit): go on alone
+                self._threads = 1
+                todo = runs[len(jobs) :]
+            finally:
+                # every run has finished (and written) before anything is raised: no thread may
+                # still write to the output once the caller cleans up after an error
+                wait(jobs)
+        for run in todo:
+            encrypt(run)
+        for job in jobs:
+            job.result()
+        for first, n, _, _ in runs:
+            self._ndata = first + n
+            if (first + n) % DATA_SLOTS == 0:
+                self._maybe_finish((first + n) // DATA_SLOTS - 1)
+        return pos
+
+    def _stop_pool(self) -> None:
+        if self._pool is not None:  # waits for runs still encrypting (an interrupted write)
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
     def write(self, data: Any) -> int:
         if self.closed:
             raise ValueError("write to closed file")
@@ -441,6 +511,15 @@ class GramineWriter:
                 k = min(MD_USER_DATA_SIZE - self.size, total)
                 self._inline += view[:k]
                 pos = k
+            if _native is not None and 0 < self._fill < NODE_SIZE and pos < total:
+                k = min(NODE_SIZE - self._fill, total - pos)  # complete the node begun before
+                self._data[self._fill : self._fill + k] = view[pos : pos + k]
+                self._fill += k
+                pos += k
+            if self._fill == NODE_SIZE and pos < total:
+                self._flush_data()
+            if _native is not None and self._fill == 0:
+                pos = self._runs(view, pos, total)
             while pos < total:
                 if self._fill == NODE_SIZE:
                     self._flush_data()
@@ -454,11 +533,13 @@ class GramineWriter:
     def abort(self) -> None:
         self._aborted = True
         self.closed = True
+        self._stop_pool()
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self._stop_pool()
         if self._fill:
             self._flush_data()
         self._root = bytes(32)

@@ -6,3 +6,12 @@ def decrypt_nodes(
     n: int,
     /,
 ) -> int: ...
+def encrypt_nodes(
+    keys: bytes | bytearray | memoryview,
+    src: bytes | bytearray | memoryview,
+    out: bytearray | memoryview,
+    mht: bytearray | memoryview,
+    first_slot: int,
+    n: int,
+    /,
+) -> None: ...

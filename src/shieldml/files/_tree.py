@@ -117,11 +117,13 @@ def decrypt_path(
     *,
     bind: str | None = None,
     overwrite: bool = False,
-    workers: int = 1,
+    workers: int | None = 1,
     progress: ProgressCallback | None = None,
     planned: list[Planned] | None = None,
 ) -> list[Planned]:
     """Decrypt a file or a directory tree; bound paths default to the input paths as given.
+
+    ``workers``: processes per file (``None``: :func:`~shieldml.files.auto_workers` per file).
 
     All or nothing, as :func:`encrypt_path`: no output appears unless every file verified and
     was written in full.
