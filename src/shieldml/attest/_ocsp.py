@@ -3,7 +3,8 @@
 A response (RFC 6960, DER) is used for a certificate only when its single response names that
 certificate (serial, issuer name hash and issuer key hash), it is signed by the issuer itself or
 by a responder certificate the issuer signed directly for OCSP signing (``id-kp-OCSPSigning``),
-and it was produced no later than the verification time. ``revoked`` (any reason, also
+and its ``thisUpdate`` is no later than the verification time (a response's age is counted
+from ``thisUpdate``: when the responder last knew the status to be right). ``revoked`` (any reason, also
 ``certificateHold``) and ``unknown`` fail verification. A response whose ``nextUpdate`` has
 passed is a *cached* one: verification records it with its age, and the policy decides
 whether to accept it (``ocsp_allow_cached``, ``ocsp_max_age``). Verification never fetches.
@@ -37,9 +38,9 @@ class OcspStatus:
     subject: str
     serial: int
     status: str  # "good", or "not checked" when no response was given
-    produced_at: datetime | None = None
+    this_update: datetime | None = None
     next_update: datetime | None = None
-    age_s: int | None = None  # verification time - producedAt
+    age_s: int | None = None  # verification time - thisUpdate
     cached: bool = False  # nextUpdate has passed: the policy decides
 
     def to_dict(self) -> dict[str, object]:
@@ -48,8 +49,8 @@ class OcspStatus:
             "serial": f"{self.serial:x}",
             "status": self.status,
         }
-        if self.produced_at is not None:
-            out["produced_at"] = iso_utc(self.produced_at)
+        if self.this_update is not None:
+            out["this_update"] = iso_utc(self.this_update)
             out["next_update"] = iso_utc(self.next_update) if self.next_update else None
             out["age_s"] = self.age_s
             out["cached"] = self.cached
@@ -172,19 +173,19 @@ def check_ocsp(
         log.ok("OCSP", f"{what}: '{name}' revocation not checked (no OCSP response given)")
         return OcspStatus(name, cert.serial_number, "not checked")
     # the newest response that verifies decides
-    found.sort(key=lambda rs: rs[0].produced_at_utc, reverse=True)
+    found.sort(key=lambda rs: rs[1].this_update_utc, reverse=True)
     for resp, single in found:
         key = _responder_key(resp, issuer, now)
         if key is None or not _signature_ok(resp, key):
             continue
-        produced = resp.produced_at_utc
-        if produced > now or single.this_update_utc > now:
+        produced = single.this_update_utc  # the status was known correct then
+        if produced > now:
             raise log.fail(
                 AttestationError(
                     "OCSP",
-                    f"{what}: OCSP response for '{name}' was produced after the verification time",
-                    expected=f"produced by {iso_utc(now)}",
-                    found=f"produced {iso_utc(produced)}",
+                    f"{what}: OCSP response for '{name}' is dated after the verification time",
+                    expected=f"thisUpdate by {iso_utc(now)}",
+                    found=f"thisUpdate {iso_utc(produced)}",
                     hint="verify at a time after the response (--at), or fetch it again",
                 )
             )
@@ -216,7 +217,7 @@ def check_ocsp(
         age = int((now - produced).total_seconds())
         state = f"cached: nextUpdate {iso_utc(nxt)} has passed" if cached and nxt else "current"
         log.ok(
-            "OCSP", f"{what}: '{name}' good (produced {iso_utc(produced)}, age {age} s, {state})"
+            "OCSP", f"{what}: '{name}' good (thisUpdate {iso_utc(produced)}, age {age} s, {state})"
         )
         return OcspStatus(name, cert.serial_number, "good", produced, nxt, age, cached)
     raise log.fail(
