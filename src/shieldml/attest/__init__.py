@@ -32,6 +32,7 @@ from shieldml.attest._intel_collateral import (
 )
 from shieldml.attest._intel_quote import Quote, SgxReportBody, TdReportBody
 from shieldml.attest._intel_verify import verify_pck_chain, verify_quote
+from shieldml.attest._nvidia import GpuClaims, GpuEvidence, verify_gpu_evidence
 from shieldml.attest._ratls import RaTlsEvidence, extract
 from shieldml.attest._snp import SnpReport, verify_report
 from shieldml.attest._trust import (
@@ -54,6 +55,8 @@ __all__ = [
     "CollateralCache",
     "EnclaveIdentity",
     "Fetcher",
+    "GpuClaims",
+    "GpuEvidence",
     "IntelCollateral",
     "Quote",
     "RaTlsEvidence",
@@ -83,6 +86,7 @@ __all__ = [
     "iso_utc",
     "load_pem_chain",
     "verify_evidence",
+    "verify_gpu_evidence",
     "verify_pck_chain",
     "verify_quote",
     "verify_report",

@@ -89,12 +89,28 @@ class GpuClaims:
     verified_at: datetime
     checks: tuple[Check, ...]
     opaque: dict[str, str] = field(default_factory=dict)
+    #: the CC mode the runner read through NVML for this GPU; it is part of the GPU's session
+    #: nonce (:func:`shieldml.broker.protocol.gpu_nonce`), so set only by a binding check
+    cc_mode: str | None = None
 
     @property
     def rim_ids(self) -> tuple[str, ...]:
         return tuple(
             vbios_rim_id(self) if r.rim.kind == "vbios" else driver_rim_id(self) for r in self.rims
         )
+
+    def summary(self) -> dict[str, Any]:
+        """Identity and versions: what an audit record and a receipt list per GPU."""
+        return {
+            "arch": self.arch,
+            "ueid": self.ueid,
+            "hwmodel": self.hwmodel,
+            "driver_version": self.driver_version,
+            "vbios_version": self.vbios_version,
+            "rim_ids": list(self.rim_ids),
+            "cc_mode": self.cc_mode,
+            "root": self.root.value,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -115,6 +131,8 @@ class GpuClaims:
             "ocsp": [o.to_dict() for o in self.ocsp],
             "rims": [r.to_dict() for r in self.rims],
             "measurements_matched": self.measurements_matched,
+            "rim_ids": list(self.rim_ids),
+            "cc_mode": self.cc_mode,
             "root": self.root.value,
             "verified_at": iso_utc(self.verified_at),
             "reasons": [c.detail for c in self.checks],
