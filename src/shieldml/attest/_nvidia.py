@@ -168,6 +168,21 @@ def load_chain(data: bytes) -> list[x509.Certificate]:
     return certs
 
 
+def not_in_cc_mode(index: int, cc_mode: str, has_report: bool) -> AttestationError:
+    """The failure for a GPU the runner found outside confidential-computing mode."""
+    return CheckLog().fail(
+        AttestationError(
+            "gpu cc_mode",
+            f"GPU {index} not in confidential-computing mode"
+            + ("" if has_report else ": it gave no attestation report"),
+            expected="on",
+            found=cc_mode,
+            hint="enable CC mode on the GPU (NVIDIA's gpu-admin-tools: --set-cc-mode on), "
+            "reset it, and run again",
+        )
+    )
+
+
 def _leaf_fwid(leaf: x509.Certificate, log: CheckLog) -> bytes:
     exts = {e.oid.dotted_string: e.value for e in leaf.extensions}
     try:

@@ -47,13 +47,13 @@ from shieldml.attest import (
     VerificationCache,
     detect_tee,
     extract,
+    load_gpu_chain,
     load_pem_chain,
+    not_in_cc_mode,
     verify_evidence,
     verify_gpu_evidence,
     verify_pck_chain,
 )
-from shieldml.attest._checks import CheckLog
-from shieldml.attest._nvidia import load_chain
 from shieldml.broker import protocol
 from shieldml.broker.audit import AuditProof
 from shieldml.broker.server.storage import NAME_MAX, KeyEntry, Store, valid_key_name
@@ -456,21 +456,10 @@ def verify_session_gpus(
     for i, b in enumerate(bundles):
         nonce = protocol.gpu_nonce(report_data, i, len(bundles), b.cc_mode)
         if b.cc_mode != "on" or b.report is None or b.chain_pem is None:
-            log = CheckLog()
-            raise log.fail(
-                AttestationError(
-                    "gpu cc_mode",
-                    f"GPU {i} not in confidential-computing mode"
-                    + ("" if b.report is not None else ": it gave no attestation report"),
-                    expected="on",
-                    found=b.cc_mode,
-                    hint="enable CC mode on the GPU (nvidia-smi conf-compute -scc on, or "
-                    "NVIDIA's gpu-admin-tools --set-cc-mode on), reset it, and run again",
-                )
-            )
+            raise not_in_cc_mode(i, b.cc_mode, b.report is not None)
         c = verify_gpu_evidence(
             b.report,
-            load_chain(b.chain_pem),
+            load_gpu_chain(b.chain_pem),
             now=settings.now(),
             trust=settings.trust,
             nonce=nonce,
