@@ -380,13 +380,14 @@ def verify_gpu_evidence(
 
 
 def _mismatch_error(mismatches: list[Mismatch]) -> MeasurementError:
-    first = mismatches[0]
     err = MeasurementError(
         "RIM measurements",
         f"{len(mismatches)} golden measurement(s) differ from the report: "
         + ", ".join(f"index {m.index} ({m.rim})" for m in mismatches),
-        expected=f"index {first.index}: {' or '.join(first.expected)}",
-        found="; ".join(str(m) for m in mismatches),
+        expected="; ".join(f"index {m.index}: {' or '.join(m.expected)}" for m in mismatches),
+        found="; ".join(
+            f"index {m.index}: {m.found or 'no runtime measurement'}" for m in mismatches
+        ),
         hint="the GPU runs firmware other than the RIMs describe: update it, or use the RIMs "
         "NVIDIA publishes for these versions",
     )
