@@ -18,7 +18,14 @@ from pathlib import Path
 
 from cryptography import x509
 
-from shieldml.attest import IntelCollateral, TrustAnchors, verify_evidence
+from shieldml.attest import (
+    IntelCollateral,
+    TrustAnchors,
+    VerificationCache,
+    load_gpu_chain,
+    verify_evidence,
+    verify_gpu_evidence,
+)
 from shieldml.testing.simulated import SimulatedPlatform, system_clock
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -49,7 +56,50 @@ def cases(vectors: Path) -> dict[str, Callable[[], object]]:
     out["TDX quote v4 (simulated)"] = lambda: verify_evidence(
         sq, collateral=scol, now=now, trust=trust
     )
+    out.update(gpu_cases(vectors))
     return out
+
+
+def gpu_cases(vectors: Path) -> dict[str, Callable[[], object]]:
+    """NVIDIA evidence (README of vectors/attestation/nvidia: E4 + PROD VBIOS RIM at
+    2024-06-01, the LS10 switch + its RIM at 2026-12-01): chains uncached (a new cache per
+    verification) and cached (one cache across runs, as a broker keeps it); RIM XML-DSig and
+    measurement comparison run every time."""
+    nv = vectors / "attestation" / "nvidia"
+    g = nv / "nvat/testdata/sample_attestation_data/gpu"
+    e4 = bytes.fromhex("".join((g / "hopperAttestationReport.txt").read_text().split()))
+    e4_chain = load_gpu_chain((g / "hopperCertChain.txt").read_bytes())
+    e4_nonce = bytes.fromhex("27a328247bf7935c993341cf587be6f05986ccce4fe7ba2c54100bd616a58f66")
+    vbios = (nv / "nvtrust/samples/1010_0200_882_96005E0001_PROD.swidtag").read_bytes()
+    sw = bytes.fromhex(
+        "".join((nv / "nvat/testdata/switchAttestationReport.txt").read_text().split())
+    )
+    sw_chain = load_gpu_chain((nv / "nvat/testdata/switchCertChain.txt").read_bytes())
+    sw_rim = (
+        nv / "nvat/testdata/switchVBIOSRim_NV_SWITCH_BIOS_5612_0002_890_9610550001.xml"
+    ).read_bytes()
+    t_e4, t_sw = datetime(2024, 6, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+    shared = VerificationCache()
+
+    def e4_run(rims: list[bytes], cache: VerificationCache | None) -> object:
+        return verify_gpu_evidence(
+            e4, e4_chain, now=t_e4, trust=TrustAnchors(), nonce=e4_nonce, rims=rims,
+            cache=cache if cache is not None else VerificationCache(),
+        )  # fmt: skip
+
+    def sw_run(cache: VerificationCache | None) -> object:
+        return verify_gpu_evidence(
+            sw, sw_chain, now=t_sw, trust=TrustAnchors(), rims=[sw_rim],
+            cache=cache if cache is not None else VerificationCache(),
+        )  # fmt: skip
+
+    return {
+        "NVIDIA H100 report, no RIM, chain uncached (real)": lambda: e4_run([], None),
+        "NVIDIA H100 report, no RIM, chain cached (real)": lambda: e4_run([], shared),
+        "NVIDIA H100 report + VBIOS RIM, chains uncached (real)": lambda: e4_run([vbios], None),
+        "NVIDIA H100 report + VBIOS RIM, chains cached (real)": lambda: e4_run([vbios], shared),
+        "NVSwitch LS10 report + RIM, chains cached (real)": lambda: sw_run(shared),
+    }
 
 
 def main() -> int:
