@@ -76,7 +76,7 @@ _HINTS = {
     "migrate_ma_allowed": "the guest policy admits a migration agent, which can read the guest's memory",
     "gpu count": "the profile requires this many NVIDIA GPUs with verified evidence beside the CPU's",
     "gpu cc_mode": "GPU not in confidential-computing mode: the host can read its memory "
-    "(nvidia-smi conf-compute -srs 1 / set CC mode on, then reset the GPU)",
+    "(NVIDIA gpu-admin-tools --set-cc-mode=on, then reset the GPU)",
     "gpu root": "evidence from a simulated GPU is not hardware; allow it only for tests (insecure_allow_simulated)",
     "gpu arch": "the GPU is of another architecture than the policy allows",
     "gpu driver_version": "the GPU driver is not one the owner approved: install an approved driver",
