@@ -29,6 +29,7 @@ from shieldml.broker import protocol
 from shieldml.broker.client import BrokerClient
 from shieldml.errors import BrokerError, ManifestError, MountChangedError, ViewError
 from shieldml.runner.evidence import Provider, provider_for
+from shieldml.runner.gpu import NvmlGpuProvider
 from shieldml.runner.manifest import JobManifest
 from shieldml.runner.receipt import write_receipt
 
@@ -58,13 +59,18 @@ def needed_keys(m: JobManifest) -> dict[str, dict[str, str]]:
 
 
 def release_keys(
-    m: JobManifest, provider: Provider, digest: str, log: Callable[[str], None]
+    m: JobManifest,
+    provider: Provider,
+    digest: str,
+    log: Callable[[str], None],
+    gpu_provider: NvmlGpuProvider | None = None,
 ) -> tuple[dict[KeyRef, tuple[str, bytes]], dict[str, int], dict[str, dict[str, Any]]]:
     """Every key the job needs, each from its own broker: ``(keys by (broker, name), audit
     sequence per broker, audit proof per broker)`` (a proof: the release's record, its inclusion
     proof and the broker's signed checkpoint, from brokers that send one). A broker's answer can
     only fill that broker's own names; one that adds, omits or re-formats a key is refused before
-    anything is decrypted."""
+    anything is decrypted. With ``gpu_provider`` every GPU's evidence, bound to the same session,
+    goes with each release."""
     need = needed_keys(m)
     keys: dict[KeyRef, tuple[str, bytes]] = {}
     audit: dict[str, int] = {}
@@ -75,7 +81,9 @@ def release_keys(
         with BrokerClient(b.url, fingerprint=b.fingerprint) as c:
             nonce = c.challenge()
             rk = protocol.RunnerKey.generate()
-            ev = provider.evidence(protocol.report_data(nonce, rk.kem_id, rk.public_bytes, digest))
+            rd = protocol.report_data(nonce, rk.kem_id, rk.public_bytes, digest)
+            ev = provider.evidence(rd)
+            gpus = [g.to_dict() for g in gpu_provider.collect(rd)] if gpu_provider else None
             got = c.release(
                 nonce,
                 rk,
@@ -86,6 +94,7 @@ def release_keys(
                 collateral=ev.collateral,
                 vcek=ev.vcek,
                 cert_chain=ev.cert_chain,
+                gpus=gpus,
             )
         for name, (fmt, _key) in got.keys.items():
             if fmt != need[b.name][name]:
