@@ -16,7 +16,7 @@ import pytest
 from shieldml.attest import verify_gpu_evidence
 from shieldml.broker import protocol
 from shieldml.broker.server.release import GpuBundle, Settings, verify_session_gpus
-from shieldml.errors import AttestationError, EvidenceError
+from shieldml.errors import AttestationError, EvidenceError, InputReadError
 from shieldml.runner.gpu import NvmlGpuProvider
 from shieldml.testing.simulated_gpu import SimulatedGpu
 
@@ -124,3 +124,56 @@ def test_no_driver_is_an_evidence_error(gpus):
 
     with pytest.raises(EvidenceError, match="NVML did not start"):
         NvmlGpuProvider(Broken(gpus)).collect(REPORT_DATA)
+
+
+MANIFEST = """version = 1
+tee = "{tee}"
+[command]
+argv = ["/usr/bin/python3", "infer.py"]
+[[trusted]]
+path = "infer.py"
+sha256 = "{sha}"
+"""
+
+
+def manifest(tmp_path, tee: str = "snp", gpu: str = ""):
+    from shieldml.runner.manifest import JobManifest
+
+    (tmp_path / "infer.py").write_text("print(1)\n")
+    sha = hashlib.sha256(b"print(1)\n").hexdigest()
+    (tmp_path / "job.toml").write_text(MANIFEST.format(tee=tee, sha=sha) + gpu)
+    return JobManifest.load(tmp_path / "job.toml")
+
+
+def test_manifest_gpu_table_is_measured_and_checked(tmp_path):
+    from shieldml.errors import ManifestError
+
+    plain = manifest(tmp_path).workload_digest()
+    with_gpu = manifest(tmp_path, gpu='[gpu]\nevidence = "nvml"\n')
+    assert with_gpu.gpu is not None and with_gpu.workload_digest() != plain
+    same = manifest(tmp_path, gpu='[gpu]\nevidence = "nvml"\ncollateral = "nv/"\n')
+    assert same.workload_digest() == with_gpu.workload_digest()  # collateral is not measured
+    for bad, match in [
+        ('[gpu]\nevidence = "pcie"\n', "must be"),
+        ("[gpu]\nrims = []\n", "rims"),
+    ]:
+        with pytest.raises(ManifestError, match=match):
+            manifest(tmp_path, gpu=bad)
+    with pytest.raises(ManifestError, match="confidential VM"):
+        manifest(tmp_path, tee="simulated", gpu="[gpu]\n")
+
+
+def test_collateral_directory_is_read_bounded(tmp_path, gpus):
+    from shieldml.runner.gpu import gpu_provider_for
+
+    nv = tmp_path / "nv"
+    nv.mkdir()
+    (nv / "vbios.xml").write_bytes(gpus[0].rim("vbios"))
+    (nv / "brom.der").write_bytes(gpus[0].ocsp(1))
+    (nv / "notes.txt").write_text("ignored")
+    m = manifest(tmp_path, gpu='[gpu]\ncollateral = "nv"\n')
+    p = gpu_provider_for(m, lambda _msg: None)
+    assert (len(p.rims), len(p.ocsp)) == (1, 1)
+    (nv / "huge.der").write_bytes(bytes(600 * 1024))
+    with pytest.raises(InputReadError, match="larger than"):
+        gpu_provider_for(m, lambda _msg: None)

@@ -16,11 +16,19 @@ runner passes on what it was given (``rims``, ``ocsp``), unchanged.
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from shieldml.broker import protocol
-from shieldml.errors import EvidenceError
+from shieldml.errors import EvidenceError, InputReadError
+
+if TYPE_CHECKING:
+    from shieldml.runner.manifest import JobManifest
+
+MAX_COLLATERAL_FILE = 512 * 1024
+MAX_COLLATERAL_FILES = 64
 
 NVML_CC_SYSTEM_FEATURE_ENABLED = 1
 NVML_CC_SYSTEM_DEVTOOLS_MODE_ON = 1
@@ -108,3 +116,38 @@ class NvmlGpuProvider:
             return out
         finally:
             nv.nvmlShutdown()
+
+
+def read_collateral(directory: Path) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    """``(rims, ocsp)``: the RIMs (``*.xml``, ``*.swidtag``) and DER OCSP responses (``*.der``)
+    in ``directory``, each read once and bounded. They are NVIDIA-signed collateral: the broker
+    verifies them; nothing here trusts them."""
+    try:
+        entries = sorted(p for p in directory.iterdir() if p.is_file())
+    except OSError as e:
+        raise InputReadError(f"{directory}: cannot read GPU collateral: {e.strerror}") from e
+    if len(entries) > MAX_COLLATERAL_FILES:
+        raise InputReadError(f"{directory}: more than {MAX_COLLATERAL_FILES} collateral files")
+    rims: list[bytes] = []
+    ocsp: list[bytes] = []
+    for p in entries:
+        kind = {".xml": rims, ".swidtag": rims, ".der": ocsp}.get(p.suffix.lower())
+        if kind is None:
+            continue
+        with p.open("rb") as f:
+            data = f.read(MAX_COLLATERAL_FILE + 1)
+        if len(data) > MAX_COLLATERAL_FILE:
+            raise InputReadError(f"{p}: larger than {MAX_COLLATERAL_FILE} bytes")
+        kind.append(data)
+    return tuple(rims), tuple(ocsp)
+
+
+def gpu_provider_for(m: JobManifest, log: Callable[[str], None]) -> NvmlGpuProvider:
+    """The provider a manifest's ``[gpu]`` asks for, with its collateral read."""
+    assert m.gpu is not None
+    rims: tuple[bytes, ...] = ()
+    ocsp: tuple[bytes, ...] = ()
+    if m.gpu.collateral is not None:
+        rims, ocsp = read_collateral(m.base / m.gpu.collateral)
+    log(f"GPU evidence through NVML ({len(rims)} RIMs, {len(ocsp)} OCSP responses)")
+    return NvmlGpuProvider(rims=rims, ocsp=ocsp)

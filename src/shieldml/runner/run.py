@@ -29,7 +29,7 @@ from shieldml.broker import protocol
 from shieldml.broker.client import BrokerClient
 from shieldml.errors import BrokerError, ManifestError, MountChangedError, ViewError
 from shieldml.runner.evidence import Provider, provider_for
-from shieldml.runner.gpu import NvmlGpuProvider
+from shieldml.runner.gpu import NvmlGpuProvider, gpu_provider_for
 from shieldml.runner.manifest import JobManifest
 from shieldml.runner.receipt import write_receipt
 
@@ -174,7 +174,8 @@ def run_job(
     binding = provider.bind_workload(digest)
     if binding is not None:
         say(binding.describe())
-    keys, audit, audit_proofs = release_keys(m, provider, digest, say)  # 2
+    gpu = gpu_provider_for(m, say) if m.gpu is not None else None
+    keys, audit, audit_proofs = release_keys(m, provider, digest, say, gpu)  # 2
     rep["brokers"] = {
         b: {"keys": sorted(n for (kb, n) in keys if kb == b), "audit_seq": seq}
         for b, seq in audit.items()
