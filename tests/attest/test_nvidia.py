@@ -533,3 +533,43 @@ def test_evidence_json_rejects_garbage():
     ):
         with pytest.raises(FormatError):
             load_evidence_json(bad)
+
+
+def test_e6_report_names_another_gpus_fwid(nv: Path):
+    """README §4.1 E6: its FWID 87a82912… is not its chain leaf's e9960d6a…."""
+    from shieldml.attest._nvidia import _leaf_fwid
+
+    rep = GpuReport.from_bytes(report(nv, G + "hopperAttestationReportInvalidSignature.txt"))
+    leaf = load_chain((nv / G / "hopperCertChainExpired.txt").read_bytes())[0]
+    assert rep.fwid is not None and rep.fwid.hex().startswith("87a82912")
+    assert _leaf_fwid(leaf, CheckLog()).hex().startswith("e9960d6a")
+
+
+def test_opaque_data_version_and_feature_flag(nv: Path):
+    (ev,) = load_evidence_json((nv / "nvat/testdata/evidence_hopper_590_12.json").read_bytes())
+    parsed = GpuReport.from_bytes(ev.report)
+    assert (parsed.opaque_data_version, parsed.feature_flag) == (1, "PPCIE")
+    e4 = GpuReport.from_bytes(report(nv, EVIDENCE["E4"][0]))
+    assert (e4.fwid, e4.opaque_data_version) == (None, None)
+    e3 = GpuReport.from_bytes(report(nv, EVIDENCE["E3"][0]))
+    assert (e3.opaque_data_version, e3.feature_flag) == (1, "SPT")
+
+
+@settings(max_examples=fuzz_examples(60), deadline=None)
+@given(st.data())
+def test_any_flipped_byte_of_a_genuine_report_is_refused(data: st.DataObject):
+    """Whatever single byte the host changes, the report is refused by a named check."""
+    from tests.conftest import vectors_dir
+
+    root = vectors_dir()
+    if root is None or not (root / "attestation" / "nvidia").is_dir():
+        pytest.skip("NVIDIA vectors not found")
+    nv = root / "attestation" / "nvidia"
+    raw = bytearray(report(nv, EVIDENCE["E3"][0]))
+    pos = data.draw(st.integers(0, len(raw) - 1))
+    raw[pos] ^= data.draw(st.integers(1, 255))
+    chain = load_chain((nv / EVIDENCE["E3"][1]).read_bytes())
+    with pytest.raises(AttestationError):
+        verify_gpu_evidence(
+            bytes(raw), chain, now=NOW, trust=TrustAnchors(), nonce=EVIDENCE["E3"][2]
+        )
