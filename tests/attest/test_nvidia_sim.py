@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shieldml.attest._nvidia import verify_gpu_evidence
+from shieldml.attest._ocsp import load_responses
 from shieldml.attest._trust import RootKind, TrustAnchors
-from shieldml.errors import AttestationError, MeasurementError, RevokedError, UntrustedRootError
+from shieldml.errors import (
+    AttestationError,
+    CollateralError,
+    MeasurementError,
+    RevokedError,
+    UntrustedRootError,
+)
 from shieldml.testing.simulated_gpu import SimulatedGpu, responder_key
+from tests.conftest import fuzz_examples
 
 NOW = datetime(2031, 5, 1, tzinfo=UTC)
 NONCE = bytes(range(32))
@@ -99,3 +110,23 @@ def test_measurement_mismatch_names_index_expected_and_found(gpu: SimulatedGpu):
     (m,) = e.value.mismatches
     assert (m.index, m.expected, m.found) == (3, ("ab" * 48,), gpu.measurements[3].hex())  # type: ignore[attr-defined]
     assert "index 3" in e.value.message
+
+
+def test_delegated_ocsp_responder_needs_the_ocsp_signing_usage(gpu: SimulatedGpu):
+    c = run(gpu, ocsp_responses=[gpu.ocsp(1, delegate="ocsp-signing")])
+    assert c.ocsp[0].status == "good"
+    with pytest.raises(AttestationError, match="not signed by its issuer"):  # RFC 6960 §4.2.2.2
+        run(gpu, ocsp_responses=[gpu.ocsp(1, delegate="no-eku")])
+
+
+def test_ocsp_response_for_another_certificate_is_not_taken_for_this_one(gpu: SimulatedGpu):
+    other = SimulatedGpu(now=NOW)
+    c = run(gpu, ocsp_responses=[other.ocsp(1), gpu.ocsp(2)])
+    assert [o.status for o in c.ocsp] == ["not checked", "good", "not checked"]
+
+
+@settings(max_examples=fuzz_examples(50), deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=3))
+def test_ocsp_loader_raises_only_collateral_errors(blobs: list[bytes]):
+    with contextlib.suppress(CollateralError):
+        load_responses(blobs)

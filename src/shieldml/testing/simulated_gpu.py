@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509 import ocsp
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shieldml.attest import _der
 from shieldml.attest._nvidia import FWID_OID
@@ -204,9 +204,12 @@ class SimulatedGpu:
         rim: bool = False,
         reason: x509.ReasonFlags | None = None,
         signer: ec.EllipticCurvePrivateKey | None = None,
+        delegate: str | None = None,
     ) -> bytes:
         """A DER OCSP response for the certificate at ``position`` of the device chain (or the
-        RIM chain), signed by its issuer (or by ``signer``, for tests of forged responses)."""
+        RIM chain), signed by its issuer (or by ``signer``, for tests of forged responses; or,
+        with ``delegate`` = ``"ocsp-signing"`` / ``"no-eku"``, by a responder certificate the
+        issuer signed, with or without the OCSP-signing extended key usage)."""
         chain = self.rim_chain if rim else self.chain
         cert, issuer = chain[position], chain[position + 1]
         at = produced or self.now
@@ -225,7 +228,18 @@ class SimulatedGpu:
             revocation_time=at - timedelta(hours=1) if status == "revoked" else None,
             revocation_reason=reason if status == "revoked" else None,
         )
-        if signer is None:
+        if delegate is not None:
+            eku = (
+                (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]),)
+                if delegate == "ocsp-signing"
+                else ()
+            )
+            resp_ca = _Ca(issuer.key, issuer.cert)
+            responder = _issue("NVIDIA OCSP Responder", _key(), resp_ca, self.now, ca=False,
+                               days=30, extensions=eku)  # fmt: skip
+            builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, responder.cert)
+            resp = builder.certificates([responder.cert]).sign(responder.key, hashes.SHA384())
+        elif signer is None:
             builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, issuer.cert)
             resp = builder.sign(issuer.key, hashes.SHA384())
         else:  # a forger's own "responder" certificate, named like the issuer
