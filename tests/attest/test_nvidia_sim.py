@@ -130,3 +130,10 @@ def test_ocsp_response_for_another_certificate_is_not_taken_for_this_one(gpu: Si
 def test_ocsp_loader_raises_only_collateral_errors(blobs: list[bytes]):
     with contextlib.suppress(CollateralError):
         load_responses(blobs)
+
+
+def test_device_of_an_unknown_chip_is_refused():
+    other = SimulatedGpu(now=NOW, chip="GV100")
+    with pytest.raises(AttestationError) as e:
+        run(other)
+    assert e.value.check == "device" and "GV100 A01 GSP BROM" in (e.value.found or "")

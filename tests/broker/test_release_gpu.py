@@ -253,3 +253,22 @@ def test_http_release_carries_gpu_evidence(broker, sim, gpus):
             assert rk.open("model", sealed) == bytes(32)
         else:
             assert answer.status_code == 403 and "gpu count" in answer.text
+
+
+def test_gpu_evidence_without_ocsp_is_denied_by_default(broker, sim, gpus):
+    b, settings = broker
+    b.store.set_policy("model", policy(GPU_POLICY))
+    rd, req = session(b, sim)
+    with pytest.raises(ReleaseDenied) as e:
+        decide(b.store, settings, replace(req, gpus=[replace(bundle(gpus[0], rd, 0, 1), ocsp=[])]))
+    (check,) = [
+        c
+        for c in e.value.detail["verdicts"]["model"]["profiles"][0]["checks"]
+        if c["name"] == "gpu ocsp"
+    ]
+    assert not check["passed"] and "not checked" in check["actual"]
+    b.store.set_policy("model", policy(GPU_POLICY + 'ocsp = "not-required"\n'))
+    rd, req = session(b, sim)
+    assert decide(
+        b.store, settings, replace(req, gpus=[replace(bundle(gpus[0], rd, 0, 1), ocsp=[])])
+    ).keys

@@ -279,6 +279,15 @@ def verify_gpu_evidence(
         log.ok("OCSP", "GPU device chain: revocation not checked (no OCSP responses given)")
     leaf = chain[0]
     cert_fwid = _leaf_fwid(leaf, log)  # 4
+    if arch == "unknown":  # fail closed: whose RIMs and rules would apply is not known
+        raise log.fail(
+            AttestationError(
+                "device",
+                "the device is not a GPU or switch this verifier knows",
+                expected="a GH100, GB100 or LS_10 device certificate",
+                found=f"leaf issued by '{cn(leaf.issuer)}'",
+            )
+        )
     key = leaf.public_key()  # 5
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise log.fail(AttestationError("report signature", "the leaf key is not ECDSA P-384"))

@@ -105,6 +105,7 @@ class SimulatedGpu:
     project: str = "1010"
     project_sku: str = "0200"
     chip_sku: str = "882"
+    chip: str = "GH100"  # the device certificates' chip name (GH100 = Hopper)
     measurements: dict[int, bytes] = field(default_factory=dict)  # by RIM index (0-based)
     chain: list[_Ca] = field(default_factory=list)
     rim_chain: list[_Ca] = field(default_factory=list)
@@ -122,14 +123,20 @@ class SimulatedGpu:
         root = _issue("NVIDIA Device Identity CA", _key(), None, now, ca=True, days=3650)
         ident = _issue("NVIDIA GH100 Identity", _key(), root, now, ca=True, days=3650)
         ica = _issue("NVIDIA GH100 Provisioner ICA 1", _key(), ident, now, ca=True, days=3650)
-        brom = _issue("GH100 A01 GSP BROM", _key(), ica, now, ca=True, days=3650)
+        brom = _issue(f"{self.chip} A01 GSP BROM", _key(), ica, now, ca=True, days=3650)
         tcb = _der.encode_seq(
             _der.encode_int(1),
             _der.encode_seq(_der.encode_oid("2.16.840.1.101.3.4.2.2"), _der.encode(4, self.fwid)),
         )
         fwid_ext = x509.UnrecognizedExtension(x509.ObjectIdentifier(FWID_OID), tcb)
         leaf = _issue(
-            "GH100 A01 GSP FMC LF", _key(), brom, now, ca=False, days=3650, extensions=(fwid_ext,)
+            f"{self.chip} A01 GSP FMC LF",
+            _key(),
+            brom,
+            now,
+            ca=False,
+            days=3650,
+            extensions=(fwid_ext,),
         )
         self.chain = [leaf, brom, ica, ident, root]
         rim_root = _issue("NVIDIA CoRIM signing Root CA", _key(), None, now, ca=True, days=3650)
