@@ -14,6 +14,7 @@ Verification pipeline (:func:`verify_gpu_evidence`), every step in the check log
  4. FWID: the leaf's TCG DICE extension holds the firmware id
     (2.23.133.5.4.1: last 48 bytes; Blackwell 2.23.133.5.4.1.1:
     TcbInfo, first fwids digest)                                         AttestationError
+    the chip one this verifier knows (GH100, GB100, LS_10)              AttestationError
  5. SPDM signature: ECDSA P-384 / SHA-384 by the leaf's key over
     request ‖ response up to the signature                              AttestationError
  6. the report's FWID (opaque field 20, when present) = the leaf's       AttestationError
