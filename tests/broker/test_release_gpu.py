@@ -251,6 +251,9 @@ def test_http_release_carries_gpu_evidence(broker, sim, gpus):
             assert answer.status_code == 200, answer.text
             sealed = base64.b64decode(answer.json()["keys"]["model"]["sealed"])
             assert rk.open("model", sealed) == bytes(32)
+            # the release's audit record, which the receipt embeds, names the GPU
+            (listed,) = answer.json()["audit_log"]["record"]["data"]["gpus"]
+            assert listed["ueid"] == str(gpus[0].chain[0].cert.serial_number)
         else:
             assert answer.status_code == 403 and "gpu count" in answer.text
 
