@@ -573,3 +573,15 @@ def test_any_flipped_byte_of_a_genuine_report_is_refused(data: st.DataObject):
         verify_gpu_evidence(
             bytes(raw), chain, now=NOW, trust=TrustAnchors(), nonce=EVIDENCE["E3"][2]
         )
+
+
+def test_nvdec_disabled_skips_index_35_as_nvidia_counts(nv: Path):
+    """README §4.1 E5: the expired 570.124.03 RIM differs from E5 at 15 driver indices; that is
+    NVIDIA's count, index 35 (NVDEC0, disabled in E5: 0x55) not compared."""
+    from shieldml.attest._nvidia_rim import NVDEC_INDEX
+
+    e5 = GpuReport.from_bytes(report(nv, EVIDENCE["E5"][0]))
+    assert e5.nvdec0_status == 0x55
+    drv = rim(nv, SAMPLE_RIMS + "NV_GPU_DRIVER_GH100_570.124.03_expired.xml")
+    assert len(compare(e5.measurements(), [drv], skip=frozenset({NVDEC_INDEX}))) == 15
+    assert len(compare(e5.measurements(), [drv])) == 16

@@ -137,3 +137,14 @@ def test_device_of_an_unknown_chip_is_refused():
     with pytest.raises(AttestationError) as e:
         run(other)
     assert e.value.check == "device" and "GV100 A01 GSP BROM" in (e.value.found or "")
+
+
+def test_index_35_is_compared_unless_the_signed_report_says_nvdec_is_off():
+    golden = {35: bytes.fromhex("cd" * 48)}
+    off = SimulatedGpu(now=NOW)  # NVDEC0 disabled (0x55): NVIDIA does not compare index 35
+    c = run(off, rims=[off.rim("vbios"), off.rim("driver", golden=golden)])
+    assert "index 35 not compared: NVDEC0 disabled" in c.checks[-1].detail
+    on = SimulatedGpu(now=NOW, nvdec0=0xAA)
+    with pytest.raises(MeasurementError) as e:
+        run(on, rims=[on.rim("vbios"), on.rim("driver", golden=golden)])
+    assert [m.index for m in e.value.mismatches] == [35]  # type: ignore[attr-defined]

@@ -22,7 +22,8 @@ Verification pipeline (:func:`verify_gpu_evidence`), every step in the check log
  8. RIMs, when given: each verified (chain to the pinned NVIDIA RIM
     root, OCSP, XML-DSig), its version equal to the report's driver
     or VBIOS version, its product the device's; then every active
-    golden measurement equal to the runtime block of the same index     MeasurementError
+    golden measurement equal to the runtime block of the same index
+    (but NVDEC0's, index 35, when the report says NVDEC0 is disabled)  MeasurementError
 
 Judging what verified (CC mode, versions, OCSP freshness, RIMs required) is the policy's job.
 """
@@ -46,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from shieldml.attest import _certs, _der
 from shieldml.attest._checks import Check, CheckLog, VerificationCache
 from shieldml.attest._claims import iso_utc
-from shieldml.attest._nvidia_rim import Mismatch, VerifiedRim, compare, verify_rim
+from shieldml.attest._nvidia_rim import NVDEC_INDEX, Mismatch, VerifiedRim, compare, verify_rim
 from shieldml.attest._ocsp import OcspStatus, check_ocsp, load_responses
 from shieldml.attest._spdm import NONCE_SIZE, NVDEC_DISABLED, GpuReport
 from shieldml.attest._trust import RootKind, TrustAnchors, Vendor, weakest
@@ -355,14 +356,17 @@ def verify_gpu_evidence(
         root = weakest(root, v.root)
     runtime = parsed.measurements()
     if verified:
+        skip = frozenset({NVDEC_INDEX}) if parsed.nvdec0_status == NVDEC_DISABLED else frozenset()
         try:
-            mismatches = compare(runtime, [v.rim for v in verified])
+            mismatches = compare(runtime, [v.rim for v in verified], skip=skip)
         except MeasurementError as e:
             raise log.fail(e) from None
         if mismatches:
             raise log.fail(_mismatch_error(mismatches))
-        n = sum(len(v.rim.active()) for v in verified)
-        log.ok("RIM measurements", f"all {n} active golden measurements match the report")
+        active = {i for v in verified for i in v.rim.active()}
+        n = len(active - skip)
+        skipped = " (index 35 not compared: NVDEC0 disabled)" if skip & active else ""
+        log.ok("RIM measurements", f"all {n} active golden measurements match the report{skipped}")
     return GpuClaims(
         arch=arch,
         hwmodel=cn(leaf.issuer),

@@ -106,6 +106,7 @@ class SimulatedGpu:
     project_sku: str = "0200"
     chip_sku: str = "882"
     chip: str = "GH100"  # the device certificates' chip name (GH100 = Hopper)
+    nvdec0: int = 0x55  # opaque NVDEC0_STATUS: 0x55 disabled, 0xAA enabled
     measurements: dict[int, bytes] = field(default_factory=dict)  # by RIM index (0-based)
     chain: list[_Ca] = field(default_factory=list)
     rim_chain: list[_Ca] = field(default_factory=list)
@@ -173,7 +174,7 @@ class SimulatedGpu:
         return (
             OpaqueField(3, self.driver_version.encode() + b"\0"),
             OpaqueField(6, vbios),
-            OpaqueField(11, b"\x55"),
+            OpaqueField(11, bytes([self.nvdec0])),
             OpaqueField(15, self.chip_sku.encode().ljust(9, b"\0")),
             OpaqueField(17, self.project.encode() + b"\0"),
             OpaqueField(18, self.project_sku.encode() + b"\0"),
