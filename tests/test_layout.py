@@ -17,7 +17,17 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "shieldml"
 SERVER_STACK = ("fastapi", "starlette", "pydantic", "uvicorn", "sqlalchemy", "psycopg", "OpenSSL")
-CLOUD_SIDE = ("files", "attest", "policy", "runner", "gramine", "broker", "errors")
+CLOUD_SIDE = (
+    "files",
+    "attest",
+    "policy",
+    "runner",
+    "gramine",
+    "broker",
+    "errors",
+    "serve",
+    "client",
+)
 # who may import shieldml.testing: the simulated TEE is asked for by name there
 TESTING_USERS = ("runner.evidence", "broker.server.config", "cli", "demo")
 
@@ -56,7 +66,9 @@ RANK = {
     "broker": 1,
     "policy": 2,
     "testing": 3,
+    "client": 3,
     "runner": 4,
+    "serve": 5,
     "gramine": 5,
     "broker.server": 5,
     "demo": 6,
@@ -68,7 +80,7 @@ def _package(mod: str) -> str:
     parts = mod.split(".")[1:]
     if parts[:2] == ["broker", "server"]:
         return "broker.server"
-    return "cli" if parts[0].startswith("cli") else parts[0]
+    return "cli" if parts[0] == "cli" or parts[0].startswith("cli_") else parts[0]
 
 
 def _runtime_imports(path: Path) -> set[str]:
@@ -171,7 +183,8 @@ def test_test_machinery_is_reached_only_by_name():
 @pytest.mark.parametrize(
     "what",
     ["shieldml.runner", "shieldml.runner.run", "shieldml.runner.view", "shieldml.broker",
-     "shieldml.files", "shieldml.attest", "shieldml.policy", "shieldml.gramine", "shieldml.cli"],
+     "shieldml.files", "shieldml.attest", "shieldml.policy", "shieldml.gramine", "shieldml.cli",
+     "shieldml.serve", "shieldml.client", "shieldml.client.proxy"],
 )  # fmt: skip
 def test_importing_the_cloud_side_loads_no_server_stack(what: str):
     """In a fresh interpreter: importing (and, for the runner, resolving its public names) loads

@@ -85,7 +85,7 @@ def session(b: Broker, sim: SimulatedPlatform) -> tuple[bytes, ReleaseRequest]:
     pem = "".join(c.public_bytes(Encoding.PEM).decode() for c in chain)
     req = ReleaseRequest(
         evidence=report, keys=["model"], binding=NonceBinding(nonce, rd, WD), tee="snp",
-        vcek=vcek, cert_chain=pem,
+        vcek=vcek, cert_chain=pem, amd_crl=sim.amd_crl(),
     )  # fmt: skip
     return rd, req
 
@@ -237,6 +237,7 @@ def test_http_release_carries_gpu_evidence(broker, sim, gpus):
             "nonce": nonce.hex(), "tee": "snp", "evidence": base64.b64encode(report).decode(),
             "vcek": base64.b64encode(vcek).decode(),
             "cert_chain": "".join(c.public_bytes(Encoding.PEM).decode() for c in chain),
+            "amd_crl": base64.b64encode(sim.amd_crl()).decode(),
             "hpke_public_key": base64.b64encode(rk.public_bytes).decode(),
             "workload_digest": WD, "keys": ["model"],
             "gpus": [{

@@ -67,7 +67,9 @@ def test_versions_compare_numerically_not_as_text():
 def pair() -> tuple[object, GpuClaims]:
     sim = SimulatedPlatform.create(clock=fixed_clock(NOW))
     report, vcek, chain = sim.snp_report(measurement=bytes.fromhex(M))
-    cpu = verify_evidence(report, vcek=vcek, cert_chain=chain, now=NOW, trust=sim.trust())
+    cpu = verify_evidence(
+        report, vcek=vcek, cert_chain=chain, now=NOW, trust=sim.trust(), amd_crl=sim.amd_crl()
+    )
     g = SimulatedGpu(now=NOW)
     nonce = bytes(32)
     gpu = verify_gpu_evidence(

@@ -47,7 +47,14 @@ def snp_claims(sim: SimulatedPlatform, **kw: object) -> Claims:
         **{"measurement": MEASUREMENT, "host_data": HOST_DATA, **kw},
         now=NOW,  # type: ignore[arg-type]
     )
-    return verify_evidence(report, vcek=vcek, cert_chain=chain, now=NOW, trust=sim.trust())
+    return verify_evidence(
+        report,
+        vcek=vcek,
+        cert_chain=chain,
+        now=NOW,
+        trust=sim.trust(),
+        amd_crl=sim.amd_crl(now=NOW),
+    )
 
 
 def tdx_policy(**fields: str) -> Policy:

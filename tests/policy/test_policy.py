@@ -104,7 +104,10 @@ def test_simulated_and_debug_refused_by_default(sim: SimulatedPlatform):
 
 def test_snp_profile(sim: SimulatedPlatform):
     report, vcek, chain = sim.snp_report(measurement=b"\x09" * 48, reported_tcb={"snp": 5}, now=NOW)
-    claims = verify_evidence(report, vcek=vcek, cert_chain=chain, now=NOW, trust=sim.trust())
+    crl = sim.amd_crl(now=NOW)
+    claims = verify_evidence(
+        report, vcek=vcek, cert_chain=chain, now=NOW, trust=sim.trust(), amd_crl=crl
+    )
     text = f"""
 [[profile]]
 tee = "snp"

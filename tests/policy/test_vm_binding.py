@@ -59,8 +59,9 @@ def _claims(providers: dict[str, SimulatedProvider], kind: str, **launch: str) -
     provider.m = {k: bytes.fromhex(v) for k, v in {**ident, **launch}.items()}
     ev: Evidence = provider.evidence(bytes(64))
     col = IntelCollateral.from_json(json.dumps(ev.collateral)) if ev.collateral else None
+    crl = provider.platform.amd_crl(now=NOW) if kind == "snp" else None
     return verify_evidence(
-        ev.data, collateral=col, vcek=ev.vcek, now=NOW, trust=provider.platform.trust()
+        ev.data, collateral=col, vcek=ev.vcek, now=NOW, trust=provider.platform.trust(), amd_crl=crl
     )
 
 

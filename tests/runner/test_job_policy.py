@@ -47,8 +47,11 @@ def simulated_verdict(job: Path, policy: Policy, platform: Path) -> bool:
     provider.bind_workload(digest)
     ev = provider.evidence(bytes(64))
     col = IntelCollateral.from_json(json.dumps(ev.collateral)) if ev.collateral else None
-    trust = SimulatedPlatform.open(platform, clock=system_clock).trust()
-    claims = verify_evidence(ev.data, tee=ev.tee, collateral=col, vcek=ev.vcek, trust=trust)
+    sim = SimulatedPlatform.open(platform, clock=system_clock)
+    crl = sim.amd_crl() if ev.tee == "snp" else None  # what a broker trusting it checks against
+    claims = verify_evidence(
+        ev.data, tee=ev.tee, collateral=col, vcek=ev.vcek, trust=sim.trust(), amd_crl=crl
+    )
     return evaluate(policy, claims, digest).allowed
 
 

@@ -41,7 +41,7 @@ from shieldml.attest._nvidia import (
 )
 from shieldml.attest._nvidia import load_chain as load_gpu_chain
 from shieldml.attest._ratls import RaTlsEvidence, extract
-from shieldml.attest._snp import SnpReport, verify_report
+from shieldml.attest._snp import AMD_PRODUCTS, CrlSource, SnpReport, verify_report
 from shieldml.attest._trust import (
     AMD_ARK_SHA256,
     INTEL_SGX_ROOT_SHA256,
@@ -55,11 +55,13 @@ from shieldml.attest._truststore import TrustStore, default_store
 
 __all__ = [
     "AMD_ARK_SHA256",
+    "AMD_PRODUCTS",
     "INTEL_SGX_ROOT_SHA256",
     "TEE_CHOICES",
     "Check",
     "Claims",
     "CollateralCache",
+    "CrlSource",
     "EnclaveIdentity",
     "Fetcher",
     "GpuClaims",

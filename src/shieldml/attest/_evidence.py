@@ -18,6 +18,7 @@ from shieldml.attest._ratls import extract
 from shieldml.attest._snp import (
     HCL_OFFSET,
     REPORT_SIZE,
+    CrlSource,
     load_certificate,
     parse_cert_table,
     verify_report,
@@ -72,12 +73,14 @@ def verify_evidence(
     trust: TrustAnchors | None = None,
     cache: VerificationCache | None = None,
     amd_crl: bytes | None = None,
+    amd_crl_for: CrlSource | None = None,
 ) -> Claims:
     """Verify SGX/TDX quotes, SEV-SNP reports or RA-TLS certificates; raise the failing check.
 
     ``now`` is the verification time (default: the current time); ``trust`` the anchors
     (default: the pinned vendor roots only); ``amd_crl`` AMD's CRL for an SEV-SNP report's
-    product (DER or PEM, as KDS serves it), checked when given.
+    product (DER or PEM, as KDS serves it), checked when given; ``amd_crl_for`` the verifier's own
+    source of it when none is given (asked only once the VCEK chain verified).
     """
     if len(data) > MAX_EVIDENCE:
         raise FormatError(f"evidence too large ({len(data)} bytes)")
@@ -99,7 +102,9 @@ def verify_evidence(
                 hint="pass --vcek and --cert-chain (AMD's key distribution service serves both)",
             )
         crl = load_crl(amd_crl, "AMD CRL") if amd_crl is not None else None
-        return verify_report(data, vcek, cert_chain, now=at, trust=anchors, cache=cache, crl=crl)
+        return verify_report(
+            data, vcek, cert_chain, now=at, trust=anchors, cache=cache, crl=crl, crl_for=amd_crl_for
+        )
     quote, binding = data, None
     if kind == "ratls":
         log = CheckLog()

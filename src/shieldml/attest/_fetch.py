@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from shieldml.attest import _certs
@@ -28,7 +29,13 @@ from shieldml.attest._intel_collateral import (
     signed_member,
 )
 from shieldml.attest._intel_quote import CERT_PCK_CHAIN, Quote
-from shieldml.attest._snp import Endorsement, SnpReport, load_certificate, tcb_parts
+from shieldml.attest._snp import (
+    AMD_PRODUCTS,
+    Endorsement,
+    SnpReport,
+    load_certificate,
+    tcb_parts,
+)
 from shieldml.attest._x509 import cn
 from shieldml.errors import CollateralError, FormatError
 
@@ -238,6 +245,53 @@ class CollateralCache:
         self._store(name + ".der", vcek)
         self._store(name + ".chain.pem", b"".join(c.public_bytes(Encoding.PEM) for c in certs))
         return vcek, certs
+
+    def amd_crl(
+        self,
+        product: str,
+        ark: x509.Certificate,
+        *,
+        now: datetime,
+        fetch: Fetcher | None = None,
+        base_url: str = AMD_KDS_URL,
+    ) -> x509.CertificateRevocationList | None:
+        """AMD's CRL for ``product``: the cached one while it is signed by ``ark`` and current at
+        ``now``, else fetched from KDS when ``fetch`` is given, else None. A fetched CRL is kept
+        only when ``ark`` signed it; one that is not is returned all the same, so that the
+        verifier refuses it and says why."""
+        if product not in AMD_PRODUCTS:  # it becomes part of a URL and a file name
+            raise CollateralError("revocation list", f"unknown AMD product {product!r}")
+        name = f"amd-crl-{product}.der"
+        path = self._path(name)
+        if path.exists():
+            try:
+                cached = _certs.der_crl(path.read_bytes())
+            except ValueError:
+                cached = None  # a damaged cache entry is refetched
+            if cached is not None and _crl_usable(cached, ark, now):
+                return cached
+        if fetch is None:
+            return None
+        body = fetch_amd_crl(product, fetch, base_url)
+        crl = _certs.der_crl(body)
+        if _crl_usable(crl, ark, now):
+            self._store(name, body)
+        return crl
+
+
+def _crl_usable(
+    crl: x509.CertificateRevocationList, issuer: x509.Certificate, now: datetime
+) -> bool:
+    """Signed by ``issuer`` and current at ``now`` (what is worth keeping in the cache)."""
+    key = issuer.public_key()
+    nxt = crl.next_update_utc
+    return (
+        crl.issuer == issuer.subject
+        and isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey)
+        and crl.is_signature_valid(key)
+        and crl.last_update_utc <= now
+        and (nxt is None or now <= nxt)
+    )
 
 
 def _intel_valid(col: IntelCollateral, now: datetime) -> bool:

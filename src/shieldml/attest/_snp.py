@@ -6,9 +6,9 @@ Verification pipeline:
  1. parse the report (1184 bytes; or inside an Azure HCL report)     FormatError
  2. signing key: VCEK or VLEK; the endorsement certificate           CollateralError
  3. VCEK/VLEK <- ASK/ASVK <- ARK, RSA-PSS, ARK pinned, valid at now    UntrustedRootError / ExpiredError
- 3b. AMD's CRL (KDS ``crl``, signed by the ARK) when given: current,   RevokedError / ExpiredError
-    and the ASK/ASVK not on it; without it the claims say so
-    (``platform["revocation"]``)
+ 3b. AMD's CRL (KDS ``crl``, signed by the ARK) when given, or from    RevokedError / ExpiredError
+    ``crl_for`` once the chain verified: current, and the ASK/ASVK not
+    on it; without one the claims say so (``platform["revocation"]``)
  4. report signature: ECDSA P-384 / SHA-384 over bytes 0x000-0x29F    AttestationError
  5. REPORTED_TCB equals the certificate's SPL extensions              AttestationError
  6. CHIP_ID equals the VCEK's hwID (VCEK only)                        AttestationError
@@ -19,6 +19,7 @@ from __future__ import annotations
 import struct
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -34,6 +35,10 @@ from shieldml.attest._claims import Claims, SnpMeasurements, TeeKind
 from shieldml.attest._trust import TrustAnchors, Vendor
 from shieldml.attest._x509 import check_crl, cn, verify_chain
 from shieldml.errors import AttestationError, CollateralError, FormatError, UnsupportedVersionError
+
+#: a verifier's own source of AMD's CRL: (product, verified ARK, verification time) -> the CRL,
+#: or None when it has none
+CrlSource = Callable[[str, x509.Certificate, datetime], x509.CertificateRevocationList | None]
 
 REPORT_SIZE = 0x4A0
 SIGNED_SIZE = 0x2A0
@@ -51,6 +56,8 @@ _TCB_LAYOUT = {
     "Genoa": {"bl": 0, "tee": 1, "snp": 6, "ucode": 7},
     "Turin": {"fmc": 0, "bl": 1, "tee": 2, "snp": 3, "ucode": 7},
 }
+#: the AMD product generations this verifier knows (VCEK productName, KDS URL component)
+AMD_PRODUCTS = frozenset(_TCB_LAYOUT)
 _SPL_OIDS = {"bl": "3.1", "tee": "3.2", "snp": "3.3", "ucode": "3.8", "fmc": "3.9"}
 
 
@@ -248,6 +255,7 @@ def verify_report(
     trust: TrustAnchors,
     cache: VerificationCache | None = None,
     crl: x509.CertificateRevocationList | None = None,
+    crl_for: CrlSource | None = None,
 ) -> Claims:
     """Verify an SEV-SNP report with its VCEK/VLEK and the ASK/ASVK + ARK certificates.
 
@@ -255,6 +263,11 @@ def verify_report(
     ARK): when given, it must be current and must not list the ASK/ASVK. It covers what the ARK
     issued, so the VCEK/VLEK (issued by the ASK, AMD serial 0) is not looked up in it; a revoked
     ASK takes every VCEK under it along. Without it the claims say revocation was not checked.
+
+    ``crl_for`` is where a verifier gets the CRL itself when none was given (the broker: its
+    cache or AMD's KDS). It is asked only after the VCEK/VLEK chain verified up to a pinned ARK,
+    with that product name and ARK, so nobody can make the verifier fetch for a chain it does not
+    trust; what it returns is checked like a CRL that came with the evidence.
     """
     log = CheckLog(cache=cache)
     try:  # 1
@@ -295,6 +308,8 @@ def verify_report(
             )
         )
     root = verify_chain([cert, ca, ark], Vendor.AMD, trust, now, log, f"{kind} chain")  # 3
+    if crl is None and crl_for is not None:
+        crl = crl_for(endorse.product, ark, now)
     if crl is not None:  # 3b
         check_crl(crl, ark, [ca], now, log, f"AMD CRL of ARK-{endorse.product}")
         revocation = f"checked: {ca_name} is not on the AMD CRL"

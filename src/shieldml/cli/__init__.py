@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import click
 
 from shieldml import __version__
-from shieldml.cli import attest, broker, demo, files, gramine, policy, run
+from shieldml.cli import attest, broker, demo, files, gramine, policy, run, serve
 from shieldml.cli._common import (
     EXIT_CODES,
     EXIT_ERROR,
@@ -74,6 +74,7 @@ for _command in (
     *policy.COMMANDS,
     *broker.COMMANDS,
     *run.COMMANDS,
+    *serve.COMMANDS,
     *gramine.COMMANDS,
     *demo.COMMANDS,
 ):

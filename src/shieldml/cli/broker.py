@@ -186,6 +186,15 @@ def broker() -> None:
 @click.option(
     "--pccs", "pccs_url", help="PCCS or Intel PCS URL for collateral runners do not send."
 )
+@click.option(
+    "--amd-kds",
+    "amd_kds_url",
+    metavar="URL",
+    help="AMD's key distribution service (https://kdsintf.amd.com) for the CRL of SEV-SNP "
+    "evidence runners send without one; cached in the state directory while current. Without "
+    "it (or a cached CRL) such evidence is unchecked, which policies refuse unless they set "
+    "insecure_allow_unchecked_revocation.",
+)
 @click.option("--secret-prov-port", type=int, help="Also serve Gramine's secret provisioning here.")
 @click.option("--secret-prov-key", help="The gramine-pf key released over secret provisioning.")
 def serve(
@@ -208,6 +217,7 @@ def serve(
     body_timeout: float,
     header_timeout: float,
     pccs_url: str | None,
+    amd_kds_url: str | None,
     secret_prov_port: int | None,
     secret_prov_key: str | None,
 ) -> None:
@@ -236,6 +246,7 @@ def serve(
         simulated_platforms=simulated_platform,
         nonce_ttl_s=nonce_ttl,
         pccs_url=pccs_url,
+        amd_kds_url=amd_kds_url,
         secret_prov_port=secret_prov_port,
         secret_prov_key=secret_prov_key,
         body_timeout_s=body_timeout,

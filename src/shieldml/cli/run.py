@@ -20,6 +20,7 @@ from shieldml.cli._common import (
     JSON_OPTION_CALLBACK,
     load_policy,
     parse_time,
+    read_bytes,
     receipt_trust,
     simulated_platform_option,
     trust_root_options,
@@ -249,6 +250,12 @@ _RECEIPT_MEASUREMENTS = {
     help="A broker's audit-log verifier key (`shieldml broker log-key`), or a file holding it: "
     "that broker's release must be in a checkpoint it signed (repeatable).",
 )
+@click.option(
+    "--amd-crl",
+    type=EXISTING_FILE,
+    help="AMD's CRL (KDS /vcek/v1/PRODUCT/crl) for an SEV-SNP receipt: policies deny SEV-SNP "
+    "evidence not checked against it.",
+)
 @JSON_OPTION
 @click.pass_context
 def receipt_verify(
@@ -262,6 +269,7 @@ def receipt_verify(
     simulated_platform: str | None,
     no_files: bool,
     log_keys: tuple[str, ...],
+    amd_crl: str | None,
     as_json: bool,
 ) -> None:
     """Check that a receipt was produced by a TEE that --policy accepts, running the job it names.
@@ -291,6 +299,7 @@ def receipt_verify(
             trust=anchors,
             check_files=not no_files,
             log_keys=[_log_verifier(k) for k in log_keys],
+            amd_crl=read_bytes(amd_crl, "AMD CRL") if amd_crl else None,
         )
     except ReceiptError as e:
         if e.verified is None:  # the evidence does not bind the receipt

@@ -71,6 +71,8 @@ INSECURE = (
 COMMON = {
     "tee", "workload_digest", "tcb_status", "advisory_ids", "description", "gpu", *INSECURE,
 }  # fmt: skip
+#: SEV-SNP evidence nobody checked against AMD's CRL is refused unless a profile sets this
+UNCHECKED_REVOCATION = "insecure_allow_unchecked_revocation"
 GPU_FIELDS = {
     "count", "cc_mode", "driver_version", "vbios_version", "min_driver_version",
     "min_vbios_version", "arch", "rim_required", "rim_ids", "ocsp", "ocsp_allow_cached",
@@ -232,16 +234,12 @@ def _profile(p: Any, where: str) -> Profile:
     except ValueError:
         raise PolicyError(f"{where}: tee must be one of sgx, tdx, snp") from None
     fields = FIELDS[tee]
-    unknown = (
-        set(p) - COMMON - set(fields) - ({MIN_EVALUATION} if tee is not TeeKind.SNP else set())
-    )
+    extra = {UNCHECKED_REVOCATION} if tee is TeeKind.SNP else {MIN_EVALUATION}
+    unknown = set(p) - COMMON - set(fields) - extra
     if unknown:
         raise PolicyError(
             f"{where}: unknown field(s) for {tee}: {', '.join(sorted(unknown))}",
-            hint=unknown_fields_hint(
-                unknown,
-                set(fields) | COMMON | ({MIN_EVALUATION} if tee is not TeeKind.SNP else set()),
-            ),
+            hint=unknown_fields_hint(unknown, set(fields) | COMMON | extra),
         )
     launch = INITDATA_FIELD.get(tee)
     if launch is not None and launch in p and "initdata_digest" in p:
@@ -273,7 +271,9 @@ def _profile(p: Any, where: str) -> Profile:
             hint=f"{pinned} measures the code the {tee} VM launched with; the other fields "
             "are set or extended by whoever launches it: `shieldml attest verify --json` shows it",
         )
-    insecure = frozenset(k for k in INSECURE if _bool(p.get(k, False), f"{where}: {k}"))
+    insecure = frozenset(
+        k for k in (*INSECURE, UNCHECKED_REVOCATION) if _bool(p.get(k, False), f"{where}: {k}")
+    )
     statuses = _statuses(p.get("tcb_status", ["UpToDate"]), where)
     if statuses & OUT_OF_DATE and "insecure_allow_out_of_date" not in insecure:
         raise PolicyError(

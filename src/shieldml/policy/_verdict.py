@@ -74,6 +74,9 @@ _HINTS = {
     "sept_ve_disable": "without SEPT_VE_DISABLE the host can inject #VE exceptions through the TD's page tables",
     "smt_allowed": "the guest policy lets the host schedule other code on the sibling hyperthread",
     "migrate_ma_allowed": "the guest policy admits a migration agent, which can read the guest's memory",
+    "revocation": "nobody checked the AMD signing key against AMD's CRL: send the CRL with the"
+    " evidence (KDS /vcek/v1/PRODUCT/crl), or start the broker with --amd-kds; a policy accepts"
+    " unchecked evidence only with insecure_allow_unchecked_revocation = true",
     "gpu count": "the profile requires this many NVIDIA GPUs with verified evidence beside the CPU's",
     "gpu cc_mode": "GPU not in confidential-computing mode: the host can read its memory "
     "(NVIDIA gpu-admin-tools --set-cc-mode=on, then reset the GPU)",
@@ -227,6 +230,15 @@ def _check_profile(
                 "only " + (", ".join(sorted(p.advisory_ids)) or "none"),
                 ", ".join(extra) or "none",
             )
+    if claims.tee is TeeKind.SNP:  # Intel evidence never verifies without its CRLs
+        revocation = claims.platform.get("revocation", "not checked")
+        add(
+            "revocation",
+            revocation.startswith("checked")
+            or insecure("insecure_allow_unchecked_revocation", True),
+            "AMD CRL checked",
+            revocation,
+        )
     if p.min_tcb_evaluation_data_number is not None:
         number = claims.tcb_evaluation_data_number
         add(

@@ -45,7 +45,17 @@ extend = "if-available"            # | "required" (refuse to run without it) | "
 evidence = "nvml"                  # each GPU's SPDM report through NVML goes with each release
 collateral = "nvidia/"             # optional: RIMs (*.xml, *.swidtag) and OCSP responses
                                    # (*.der) sent with it (signed by NVIDIA; not measured)
+
+[serve]                            # optional; `shieldml serve`: the program is a model server
+port = 8000                        # where it listens on 127.0.0.1 (measured)
+ready_path = "/"                   # answered (any status) once it is up (measured)
+ready_timeout = 120                # seconds to wait for that (not measured)
+listen = "0.0.0.0:8443"            # the public TLS address (not measured; --listen overrides)
 ```
+
+``[serve]``, when present, is part of the workload digest (``port`` and ``ready_path``: where the
+decrypted requests go); ``listen`` and ``ready_timeout`` are the operator's (the evidence, not the
+address, tells a client what it reached). ``docs/serving.md``.
 
 ``[gpu]``, when present, is part of the workload digest (``evidence`` only: the collateral is
 signed, so whoever placed it does not matter). The runner then sends every GPU's evidence with
@@ -204,6 +214,40 @@ class GpuSettings:
     collateral: str | None = None  # a directory of RIMs and OCSP responses, relative to the job
 
 
+@dataclass(frozen=True)
+class ServeSettings:
+    """``[serve]``: the program is a model server on ``127.0.0.1:port`` (``shieldml serve``)."""
+
+    port: int
+    ready_path: str = "/"
+    ready_timeout: float = 120.0
+    listen: str = "0.0.0.0:8443"
+
+    def measured(self) -> dict[str, Any]:
+        return {"port": self.port, "ready_path": self.ready_path}
+
+
+def _serve(d: Any, where: str) -> ServeSettings:
+    if not isinstance(d, dict):
+        raise ManifestError(f"{where}: [serve] must be a table")
+    _only(d, {"port", "ready_path", "ready_timeout", "listen"}, where)
+    port = d.get("port")
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ManifestError(f"{where}: port must be the program's TCP port (1-65535)")
+    path = d.get("ready_path", "/")
+    if not isinstance(path, str) or not re.fullmatch(r"/[!-~]{0,1000}", path):
+        raise ManifestError(f"{where}: ready_path must be an absolute URL path without spaces")
+    timeout = d.get("ready_timeout", 120)
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not 0 < timeout <= 3600:
+        raise ManifestError(f"{where}: ready_timeout must be seconds (0-3600)")
+    listen = d.get("listen", "0.0.0.0:8443")
+    if not isinstance(listen, str) or not re.fullmatch(
+        r"\[?[0-9A-Za-z.:\-]+\]?:[0-9]{1,5}", listen
+    ):
+        raise ManifestError(f"{where}: listen must be HOST:PORT")
+    return ServeSettings(port, path, float(timeout), listen)
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobManifest:
     source: Path
@@ -220,6 +264,7 @@ class JobManifest:
     simulated: dict[str, str] = field(default_factory=dict)
     tdx: TdxSettings | None = None  # None: no [tdx] table (the defaults apply, nothing measured)
     gpu: GpuSettings | None = None  # None: no GPU evidence
+    serve: ServeSettings | None = None  # None: no [serve] table (a batch job)
 
     @property
     def base(self) -> Path:
@@ -263,6 +308,7 @@ class JobManifest:
                 "simulated",
                 "tdx",
                 "gpu",
+                "serve",
             },
             where,
         )
@@ -353,6 +399,7 @@ class JobManifest:
             raise ManifestError(f"{where}: [simulated] maps names to strings")
         tdx = _tdx(d["tdx"], tee, f"{where}: [tdx]") if "tdx" in d else None
         gpu = _gpu(d["gpu"], tee, f"{where}: [gpu]") if "gpu" in d else None
+        serve = _serve(d["serve"], f"{where}: [serve]") if "serve" in d else None
         return cls(
             source=source,
             tee=tee,
@@ -368,6 +415,7 @@ class JobManifest:
             simulated=dict(sim),
             tdx=tdx,
             gpu=gpu,
+            serve=serve,
         )
 
     # -- trusted files and the workload digest ---------------------------------------------------
@@ -447,6 +495,8 @@ class JobManifest:
             doc["tdx"] = asdict(self.tdx)
         if self.gpu is not None:
             doc["gpu"] = {"evidence": self.gpu.evidence}
+        if self.serve is not None:
+            doc["serve"] = self.serve.measured()
         return doc
 
     def workload_digest(

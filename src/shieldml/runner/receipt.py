@@ -120,6 +120,7 @@ def verify_receipt(
     trust: TrustAnchors | None = None,
     check_files: bool = True,
     log_keys: Sequence[NoteVerifier] = (),
+    amd_crl: bytes | None = None,
 ) -> VerifiedReceipt:
     """Verify a receipt: genuine evidence that binds it, accepted by ``policy``; then the files.
 
@@ -129,6 +130,7 @@ def verify_receipt(
     receipt: any enclave on a genuine platform, a debug one included, can put any body into its
     report data, so only the measurements the policy pins say *which* code vouched for it. Debug,
     simulated and custom-root evidence pass only through the policy's ``insecure_allow_*`` switches.
+    ``amd_crl`` is AMD's CRL for SEV-SNP evidence (policies deny evidence not checked against it).
 
     Raises :class:`~shieldml.errors.FormatError` for a file that is not a receipt,
     :class:`~shieldml.errors.AttestationError` for evidence that is not genuine, and
@@ -160,8 +162,9 @@ def verify_receipt(
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise FormatError(f"{path}: not a shieldml run receipt: {e}") from e
     claims = verify_evidence(
-        data, tee=ev.get("tee", "auto"), collateral=col, vcek=vcek, now=now, trust=trust
-    )
+        data, tee=ev.get("tee", "auto"), collateral=col, vcek=vcek, now=now, trust=trust,
+        amd_crl=amd_crl,
+    )  # fmt: skip
     if not protocol.binding_matches(receipt_report_data(body), claims.report_data):
         raise ReceiptError(
             f"{path}: the evidence does not bind this receipt (edited after the run?)"

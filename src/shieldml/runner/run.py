@@ -13,9 +13,11 @@ Steps (each refusal stops the run before the program starts):
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from shieldml.broker import protocol
 from shieldml.broker.client import BrokerClient
@@ -131,6 +133,22 @@ def _view_env() -> dict[str, str]:
     return env
 
 
+class ViewHook(Protocol):
+    """What ``shieldml serve`` adds to a run (``shieldml.serve``): ``prepare`` once the keys are
+    released, before the view starts; ``running`` is entered once the view process was started
+    and left when it has exited (the program's outputs are sealed as in any run)."""
+
+    def prepare(self, m: JobManifest, provider: Provider, digest: str) -> None: ...
+
+    def running(
+        self, proc: subprocess.Popen[bytes], channel: socket.socket | None
+    ) -> contextlib.AbstractContextManager[object]:
+        """``channel``: with a ``[serve]`` table, the runner's end of the view's connector (the
+        program runs in a network namespace of its own: each byte sent asks for a new connection
+        to its loopback port, answered with the descriptor, SCM_RIGHTS, or ``E`` and a reason)."""
+        ...
+
+
 def _quiet(_msg: str) -> None:
     pass
 
@@ -143,8 +161,11 @@ def run_job(
     log: Callable[[str], None] | None = None,
     stats: dict[str, Any] | None = None,
     report: dict[str, Any] | None = None,
+    hook: ViewHook | None = None,
 ) -> int:
     """Run the job of ``manifest_path``; return the program's exit status.
+
+    ``hook``: see :class:`ViewHook` (``shieldml serve``).
 
     ``report``, if given, is filled as the run goes: ``workload_digest``, ``brokers`` (per
     broker the keys it released and its audit record), ``receipt``, ``exit_code``; what is
@@ -181,8 +202,10 @@ def run_job(
         for b, seq in audit.items()
     }
     times.attest_s = time.perf_counter() - t1
+    if hook is not None:
+        hook.prepare(m, provider, digest)
     t2 = time.perf_counter()
-    result = _view(m, keys, extra_args, trusted)  # 3-5
+    result = _view(m, keys, extra_args, trusted, hook)  # 3-5
     times.view_s = time.perf_counter() - t2
     status = int(result["status"])
     rep["exit_code"] = status
@@ -220,9 +243,13 @@ def _view(
     keys: dict[KeyRef, tuple[str, bytes]],
     extra_args: tuple[str, ...],
     trusted: dict[str, tuple[int, bytes]],
+    hook: ViewHook | None = None,
 ) -> dict[str, Any]:
     r, w = os.pipe()
-    plan = {
+    channel = theirs = None
+    if hook is not None and m.serve is not None:
+        channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    plan: dict[str, Any] = {
         "result_fd": w,
         "argv": [*m.argv, *extra_args],
         "cwd": m.cwd,
@@ -261,14 +288,18 @@ def _view(
             for o in m.outputs
         ],
     }
+    if theirs is not None and m.serve is not None:
+        plan["serve"] = {"port": m.serve.port, "channel_fd": theirs.fileno()}
     proc = subprocess.Popen(
         [sys.executable, "-I", "-m", "shieldml.runner.view"],
         stdin=subprocess.PIPE,
-        pass_fds=(w,),
+        pass_fds=(w,) if theirs is None else (w, theirs.fileno()),
         cwd="/",
         env=_view_env(),
     )
     os.close(w)
+    if theirs is not None:
+        theirs.close()
     # Forward the operator's signals to the program (only the main thread may set handlers;
     # a library caller in another thread keeps its own handling).
     forwarding = threading.current_thread() is threading.main_thread()
@@ -281,12 +312,17 @@ def _view(
             raise ViewError("could not start the decrypted view")
         proc.stdin.write(json.dumps(plan).encode())
         proc.stdin.close()
-        with os.fdopen(r, "rb") as f:
+        with (
+            hook.running(proc, channel) if hook is not None else contextlib.nullcontext(),
+            os.fdopen(r, "rb") as f,
+        ):
             raw = f.read()
-        proc.wait()
+            proc.wait()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        if channel is not None:
+            channel.close()
     try:
         result: dict[str, Any] = json.loads(raw) if raw else {}
     except ValueError:

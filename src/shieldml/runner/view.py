@@ -14,7 +14,8 @@ trusted files on a pipe (never on disk). It
  3. mounts a tmpfs for every protected directory (a protected file is bind-mounted from a tmpfs
     staging area), decrypts the inputs into them in parallel and makes them read-only;
  4. starts the program in a mount namespace of its own rooted at the private root
-    (``pivot_root``), forwards signals to it, waits;
+    (``pivot_root``), forwards signals to it, waits; a ``[serve]`` job's program also gets a
+    network namespace of its own, which only :func:`_connector` reaches (``shieldml serve``);
  5. checks that every mount it made is still in place (mount ids), then seals every output,
     read through a descriptor of the staging tmpfs, into its ciphertext location (atomically)
     and reports their digests.
@@ -49,6 +50,7 @@ from typing import Any
 from shieldml.errors import MountChangedError, RollbackError, ShieldError, ViewError
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
@@ -199,14 +201,33 @@ def _replicate(host: str, target: str) -> None:
         pass  # the host removed it meanwhile (or it cannot be bound): then it is not there
 
 
-def _enter_root(root: str, cwd: str) -> Any:
-    """preexec_fn: a mount namespace of the program's own, rooted at ``root`` (pivot_root)."""
+SIOCSIFFLAGS = 0x8914
+IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x1, 0x8, 0x40
+
+
+def loopback_up() -> None:
+    """Bring up ``lo`` in a fresh network namespace (it starts down)."""
+    import fcntl
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        ifr = struct.pack("16sH14x", b"lo", IFF_UP | IFF_LOOPBACK | IFF_RUNNING)
+        fcntl.ioctl(sock, SIOCSIFFLAGS, ifr)
+
+
+def _enter_root(root: str, cwd: str, *, private_network: bool = False) -> Any:
+    """preexec_fn: a mount namespace of the program's own, rooted at ``root`` (pivot_root); with
+    ``private_network`` a network namespace of its own too, holding only its loopback."""
     number = _SYS_PIVOT_ROOT.get(os.uname().machine)
 
     def enter() -> None:
         die_with_parent()
         if number is None:
             raise OSError(f"pivot_root: unknown system call number on {os.uname().machine}")
+        if private_network:
+            _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+            loopback_up()
         _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
         _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
         os.chdir(root)
@@ -595,12 +616,23 @@ def _run_program(plan: dict[str, Any], root: str) -> int:
     # mount namespace of its own whose root is the private root: the host's directories beside
     # the job are there (bound), the job's own directories hold only the measured copies and the
     # protected paths, and no mount point is an entry the host can unlink.
+    serve = plan.get("serve")
     try:
         proc = subprocess.Popen(
-            plan["argv"], env=plan["env"], preexec_fn=_enter_root(root, plan["cwd"])
+            plan["argv"],
+            env=plan["env"],
+            preexec_fn=_enter_root(root, plan["cwd"], private_network=serve is not None),
         )
     except (OSError, subprocess.SubprocessError) as e:
         raise ViewError(f"could not start {plan['argv'][0]} in the private root: {e}") from e
+    if serve is not None:  # shieldml serve: connections into the program's own loopback
+        import threading
+
+        threading.Thread(
+            target=_connector,
+            args=(proc.pid, int(serve["channel_fd"]), int(serve["port"])),
+            daemon=True,
+        ).start()
 
     def forward(signum: int, _frame: object) -> None:
         proc.send_signal(signum)
@@ -609,6 +641,45 @@ def _run_program(plan: dict[str, Any], root: str) -> int:
         signal.signal(s, forward)
     rc = proc.wait()
     return rc if rc >= 0 else 128 - rc
+
+
+SYS_SETNS = {"x86_64": 308, "aarch64": 268}
+
+
+def _connector(pid: int, channel_fd: int, port: int) -> None:
+    """``shieldml serve``: the program runs in a network namespace of its own, which nothing
+    outside the view can reach. This thread enters it (``setns`` applies to the calling thread
+    only) and, for each byte the runner sends on ``channel_fd`` (a Unix SOCK_SEQPACKET pair), opens
+    a TCP connection to ``127.0.0.1:port`` there and hands the runner its descriptor
+    (SCM_RIGHTS), or answers ``b"E"`` with the reason."""
+    import array
+    import socket
+
+    channel = socket.socket(fileno=channel_fd)
+    try:
+        ns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            number = SYS_SETNS.get(os.uname().machine)
+            if number is None or _libc.syscall(number, ns, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                channel.send(b"E setns: " + os.strerror(err).encode())
+                return
+        finally:
+            os.close(ns)
+        while channel.recv(16):
+            try:
+                conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    channel.send(b"E " + (e.strerror or str(e)).encode())
+                continue
+            with conn:
+                fds = array.array("i", [conn.fileno()])
+                channel.sendmsg([b"C"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
+    except OSError:
+        return
+    finally:
+        channel.close()
 
 
 def main() -> int:

@@ -56,6 +56,26 @@ ADVISORIES = {
 }
 _KEYS = ("intel_root", "pck_ca", "pck", "tcb_signing", "att", "ark", "ask", "vcek")
 _RSA_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+class _KeptKeys(dict[str, PrivateKey]):
+    """A kept platform's private keys, each loaded from its PEM on first use. Loading checks
+    every key (an RSA-4096 key takes about 0.2 s), and most users of a kept platform (a broker
+    that trusts it, a verifier) need only its certificates, or one or two of its keys."""
+
+    def __init__(self, pems: dict[str, str], where: Path) -> None:
+        super().__init__()
+        self._pems, self._where = pems, where
+
+    def __missing__(self, name: str) -> PrivateKey:
+        key = serialization.load_pem_private_key(self._pems[name].encode(), None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise FormatError(
+                f"{self._where}: the simulated platform's {name} key is neither EC nor RSA"
+            )
+        self[name] = key
+        return key
 
 
 def _name(cn: str) -> x509.Name:
@@ -156,7 +176,7 @@ class SimulatedPlatform:
                     serialization.PrivateFormat.PKCS8,
                     serialization.NoEncryption(),
                 ).decode()
-                for k, v in self.keys.items()
+                for k, v in ((k, self.keys[k]) for k in _KEYS)
             },
             "certs": {
                 k: v.public_bytes(serialization.Encoding.PEM).decode()
@@ -172,12 +192,10 @@ class SimulatedPlatform:
     @classmethod
     def _load(cls, d: Path, clock: Clock) -> SimulatedPlatform:
         doc = json.loads((d / "platform.json").read_text())
-        keys: dict[str, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey] = {}
-        for name, pem in doc["keys"].items():
-            key = serialization.load_pem_private_key(pem.encode(), None)
-            if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-                raise FormatError(f"{d}: the simulated platform's {name} key is neither EC nor RSA")
-            keys[name] = key
+        pems = doc["keys"]
+        if not isinstance(pems, dict) or set(pems) != set(_KEYS):
+            raise FormatError(f"{d}: the simulated platform needs the keys {', '.join(_KEYS)}")
+        keys = _KeptKeys(pems, d)
         certs = {k: x509.load_pem_x509_certificate(v.encode()) for k, v in doc["certs"].items()}
         return cls(keys, certs, bytes.fromhex(doc["chip_id"]), clock)
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fastapi import FastAPI
 
-from shieldml.attest import IntelCollateral, Quote, TrustAnchors
+from shieldml.attest import CrlSource, IntelCollateral, Quote, TrustAnchors
 from shieldml.broker.server.app import Settings, create_app
 from shieldml.broker.server.release import CHALLENGE_BURST, CHALLENGE_RATE
 from shieldml.broker.server.storage import Store
@@ -91,6 +91,8 @@ class BrokerConfig:
     simulated_platforms: tuple[str, ...] = ()
     nonce_ttl_s: float = 60.0
     pccs_url: str | None = None
+    #: AMD's key distribution service, for the CRL of SEV-SNP evidence sent without one
+    amd_kds_url: str | None = None
     secret_prov_port: int | None = None
     secret_prov_key: str | None = None
     body_timeout_s: float = 10.0
@@ -134,6 +136,7 @@ class BrokerConfig:
             trust=self.trust(),
             collateral_for=self.collateral_source(),
             own_collateral=self.own_collateral(),
+            amd_crl_for=self.amd_crl_source(),
         )
 
     def collateral_source(self) -> Callable[[bytes], IntelCollateral]:
@@ -177,6 +180,36 @@ class BrokerConfig:
             return cache.cached_intel(quote_bytes, now=dt.datetime.now(dt.UTC))
 
         return own
+
+    def amd_crl_source(self) -> CrlSource:
+        """AMD's CRL for verified SEV-SNP evidence sent without one: a trusted simulated
+        platform's own (its ARK signed the chain), else the on-disk cache while current,
+        refreshed from AMD's KDS at ``amd_kds_url`` when configured. Without any, None: the
+        claims say revocation was not checked, and policies refuse that unless they allow it."""
+        from shieldml.attest import CollateralCache, fingerprint, http_fetcher
+        from shieldml.testing.simulated import SimulatedPlatform, system_clock
+
+        sims = [SimulatedPlatform.open(d, clock=system_clock) for d in self.simulated_platforms]
+        cache = CollateralCache(Path(self.state_dir) / "collateral")
+        fetch = http_fetcher() if self.amd_kds_url else None
+        issued: dict[int, x509.CertificateRevocationList] = {}
+
+        def source(
+            product: str, ark: x509.Certificate, now: dt.datetime
+        ) -> x509.CertificateRevocationList | None:
+            for i, sim in enumerate(sims):
+                if fingerprint(sim.certs["ark"]) == fingerprint(ark):
+                    crl = issued.get(i)  # one signature a day, not one per release
+                    if crl is None or not (
+                        crl.last_update_utc <= now <= crl.last_update_utc + dt.timedelta(days=1)
+                    ):
+                        crl = issued[i] = x509.load_der_x509_crl(sim.amd_crl(now=now))
+                    return crl
+            if self.amd_kds_url:
+                return cache.amd_crl(product, ark, now=now, fetch=fetch, base_url=self.amd_kds_url)
+            return cache.amd_crl(product, ark, now=now)
+
+        return source
 
     def app(self) -> FastAPI:
         return create_app(Store(self.database, Path(self.state_dir)), self.settings())

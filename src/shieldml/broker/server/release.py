@@ -39,6 +39,7 @@ from cryptography import x509
 
 from shieldml.attest import (
     Claims,
+    CrlSource,
     EnclaveIdentity,
     GpuClaims,
     IntelCollateral,
@@ -182,6 +183,9 @@ class Settings:
     #: trusted simulated platform), never asking anyone: collateral a runner sends is compared
     #: with it. Asked only for a quote that verified.
     own_collateral: Callable[[bytes], IntelCollateral | None] | None = None
+    #: AMD's CRL for SEV-SNP evidence that came without one (its cache, AMD's KDS, a trusted
+    #: simulated platform's); asked only once the VCEK chain verified
+    amd_crl_for: CrlSource | None = None
     #: the newest collateral verified so far, per FMSPC (see :class:`CollateralFloor`)
     collateral_floor: CollateralFloor = field(default_factory=CollateralFloor)
     #: ``/v1/challenge`` per client address, token bucket per worker: sustained rate (per
@@ -498,7 +502,7 @@ def _verify(settings: Settings, request: ReleaseRequest) -> Claims:
     claims = verify_evidence(
         request.evidence, tee=request.tee, collateral=collateral, vcek=request.vcek,
         cert_chain=chain, now=settings.now(), trust=settings.trust, cache=settings.cache,
-        amd_crl=request.amd_crl,
+        amd_crl=request.amd_crl, amd_crl_for=settings.amd_crl_for,
     )  # fmt: skip
     key = CollateralFloor.key(claims)
     if key is None or claims.tcb_evaluation_data_number is None:
