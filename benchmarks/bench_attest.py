@@ -36,7 +36,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from shieldml.attest import IntelCollateral, TrustAnchors, VerificationCache, verify_evidence
+from shieldml.attest import (
+    IntelCollateral,
+    TrustAnchors,
+    VerificationCache,
+    load_gpu_chain,
+    verify_evidence,
+    verify_gpu_evidence,
+)
 from shieldml.testing.simulated import SimulatedPlatform, system_clock
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -172,6 +179,7 @@ def cases(vectors: Path) -> list[Case]:
             "floor: the 4 signatures alone",
         )
     )
+    out.extend(gpu_cases(vectors))
     return out
 
 
@@ -192,6 +200,66 @@ def _snp_peer_ms(python: str, n: int) -> float | None:
         return float(json.loads(out.stdout)) * 1e3 if out.returncode == 0 else None
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return None
+
+
+def gpu_cases(vectors: Path) -> list[Case]:
+    """NVIDIA evidence (README of vectors/attestation/nvidia: E4 + PROD VBIOS RIM at
+    2024-06-01, the LS10 switch + its RIM at 2026-12-01): chains uncached (a new cache per
+    verification) and cached (one cache across runs, as a broker keeps it); RIM XML-DSig and
+    measurement comparison run every time."""
+    nv = vectors / "attestation" / "nvidia"
+    g = nv / "nvat/testdata/sample_attestation_data/gpu"
+    e4 = bytes.fromhex("".join((g / "hopperAttestationReport.txt").read_text().split()))
+    e4_chain = load_gpu_chain((g / "hopperCertChain.txt").read_bytes())
+    e4_nonce = bytes.fromhex("27a328247bf7935c993341cf587be6f05986ccce4fe7ba2c54100bd616a58f66")
+    vbios = (nv / "nvtrust/samples/1010_0200_882_96005E0001_PROD.swidtag").read_bytes()
+    sw = bytes.fromhex(
+        "".join((nv / "nvat/testdata/switchAttestationReport.txt").read_text().split())
+    )
+    sw_chain = load_gpu_chain((nv / "nvat/testdata/switchCertChain.txt").read_bytes())
+    sw_rim = (
+        nv / "nvat/testdata/switchVBIOSRim_NV_SWITCH_BIOS_5612_0002_890_9610550001.xml"
+    ).read_bytes()
+    t_e4, t_sw = datetime(2024, 6, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+    shared = VerificationCache()
+
+    def e4_run(rims: list[bytes], cache: VerificationCache | None) -> object:
+        return verify_gpu_evidence(
+            e4, e4_chain, now=t_e4, trust=TrustAnchors(), nonce=e4_nonce, rims=rims,
+            cache=cache if cache is not None else VerificationCache(),
+        )  # fmt: skip
+
+    def sw_run(cache: VerificationCache | None) -> object:
+        return verify_gpu_evidence(
+            sw, sw_chain, now=t_sw, trust=TrustAnchors(), rims=[sw_rim],
+            cache=cache if cache is not None else VerificationCache(),
+        )  # fmt: skip
+
+    gpu_note = "no offline peer runs here (nv-local-gpu-verifier needs patching to run offline)"
+    return [
+        Case(
+            "NVIDIA H100 report, no RIM (real)",
+            lambda: e4_run([], None),
+            lambda: e4_run([], shared),
+            None,
+            "none",
+            gpu_note,
+        ),
+        Case(
+            "NVIDIA H100 report + VBIOS RIM (real)",
+            lambda: e4_run([vbios], None),
+            lambda: e4_run([vbios], shared),
+            None,
+            "none",
+        ),
+        Case(
+            "NVSwitch LS10 report + RIM (real)",
+            lambda: sw_run(None),
+            lambda: sw_run(shared),
+            None,
+            "none",
+        ),
+    ]
 
 
 def main() -> int:

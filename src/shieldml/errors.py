@@ -24,7 +24,8 @@ reading a closed file). The CLI catches ``ShieldError`` once and prints
     │   ├── ExpiredError            a certificate, CRL or collateral item is not valid at that time
     │   ├── RevokedError            a certificate in the chain is revoked
     │   ├── CollateralError         collateral is missing, malformed or does not fit the evidence
-    │   └── TcbError                no TCB level matches, or the matched level is Revoked
+    │   ├── TcbError                no TCB level matches, or the matched level is Revoked
+    │   └── MeasurementError        runtime measurements differ from the signed reference values
     ├── TrustRootError              a trust root file that is unreadable, not a certificate or not allowed
     ├── PolicyError                 a release policy that is malformed, empty or has unknown fields
     ├── PolicyDenied                genuine evidence that the policy does not accept (has the verdict)
@@ -75,6 +76,7 @@ __all__ = [
     "KeyExistsError",
     "KeyFileError",
     "ManifestError",
+    "MeasurementError",
     "MountChangedError",
     "NonceError",
     "NotGenuineError",
@@ -237,6 +239,13 @@ class CollateralError(AttestationError):
 
 class TcbError(AttestationError):
     """No TCB level matches the platform, or the matched level is Revoked."""
+
+
+class MeasurementError(AttestationError):
+    """Genuine evidence whose measurements differ from the vendor's signed reference values
+    (NVIDIA RIMs); ``mismatches`` names each index with what was expected and found."""
+
+    mismatches: tuple[object, ...] = ()
 
 
 class TrustRootError(ShieldError):

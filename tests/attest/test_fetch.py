@@ -10,7 +10,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from shieldml.attest import IntelCollateral, TrustAnchors, verify_evidence
+from shieldml.attest import IntelCollateral, TrustAnchors, Vendor, verify_evidence
 from shieldml.attest._fetch import (
     INTEL_PCS_URL,
     INTEL_ROOT_CA_CRL_URL,
@@ -157,7 +157,8 @@ def test_trust_fetch_through_injected_client(att: Path, tmp_path: Path):
 def test_default_anchors_are_pinned():
     anchors = TrustAnchors()
     assert (
-        len(anchors.vendor) == 2
+        set(anchors.vendor) == {Vendor.INTEL, Vendor.AMD, Vendor.NVIDIA, Vendor.NVIDIA_RIM}
+        and all(len(fps) >= 1 for fps in anchors.vendor.values())
         and anchors.simulated == frozenset()
         and anchors.custom == frozenset()
     )

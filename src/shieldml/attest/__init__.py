@@ -32,6 +32,14 @@ from shieldml.attest._intel_collateral import (
 )
 from shieldml.attest._intel_quote import Quote, SgxReportBody, TdReportBody
 from shieldml.attest._intel_verify import verify_pck_chain, verify_quote
+from shieldml.attest._nvidia import (
+    GpuClaims,
+    GpuEvidence,
+    load_evidence_json,
+    not_in_cc_mode,
+    verify_gpu_evidence,
+)
+from shieldml.attest._nvidia import load_chain as load_gpu_chain
 from shieldml.attest._ratls import RaTlsEvidence, extract
 from shieldml.attest._snp import AMD_PRODUCTS, CrlSource, SnpReport, verify_report
 from shieldml.attest._trust import (
@@ -56,6 +64,8 @@ __all__ = [
     "CrlSource",
     "EnclaveIdentity",
     "Fetcher",
+    "GpuClaims",
+    "GpuEvidence",
     "IntelCollateral",
     "Quote",
     "RaTlsEvidence",
@@ -83,8 +93,12 @@ __all__ = [
     "fingerprint",
     "http_fetcher",
     "iso_utc",
+    "load_evidence_json",
+    "load_gpu_chain",
     "load_pem_chain",
+    "not_in_cc_mode",
     "verify_evidence",
+    "verify_gpu_evidence",
     "verify_pck_chain",
     "verify_quote",
     "verify_report",

@@ -28,11 +28,19 @@ AMD_ARK_SHA256 = {
     "Genoa": "4c6598d19c18719c5dfd4a7d335f674e5bfe1d8f800cea2cf270c10d103db2f1",
     "Turin": "1f084161a44bb6d93778a904877d4819cafa5d05ef4193b2ded9dd9c73dd3f6a",
 }
+#: "NVIDIA Device Identity CA" (O=NVIDIA, P-384, valid 2021-11-05 .. 9999-12-31): the root of
+#: every NVIDIA GPU (Hopper, Blackwell) and NVSwitch (LS10) device-identity chain.
+NVIDIA_DEVICE_ROOT_SHA256 = "102bf659d5419614c9d8e6aecebc80454eb26b1df6a769ac720b9a690b167b48"
+#: "NVIDIA CoRIM signing Root CA" (valid 2023-03-16 .. 2053-03-08): the root of the certificates
+#: that sign NVIDIA's reference integrity manifests (RIMs: driver and VBIOS golden measurements).
+NVIDIA_RIM_ROOT_SHA256 = "12977b5115acb0381179279fffeb5a8c4d264971ebb32298023a465fa41df5d1"
 
 
 class Vendor(enum.StrEnum):
     INTEL = "intel"
     AMD = "amd"
+    NVIDIA = "nvidia"  # device identity (GPU attestation reports)
+    NVIDIA_RIM = "nvidia-rim"  # RIM signing: a separate root, never accepted for devices
 
 
 class RootKind(enum.StrEnum):
@@ -64,6 +72,8 @@ class TrustAnchors:
         default_factory=lambda: {
             Vendor.INTEL: frozenset({INTEL_SGX_ROOT_SHA256}),
             Vendor.AMD: frozenset(AMD_ARK_SHA256.values()),
+            Vendor.NVIDIA: frozenset({NVIDIA_DEVICE_ROOT_SHA256}),
+            Vendor.NVIDIA_RIM: frozenset({NVIDIA_RIM_ROOT_SHA256}),
         }
     )
     simulated: frozenset[str] = frozenset()

@@ -139,7 +139,10 @@ class BrokerClient:
         vcek: bytes | None = None,
         cert_chain: str | None = None,
         amd_crl: bytes | None = None,
+        gpus: list[dict[str, Any]] | None = None,
     ) -> ReleasedKeys:
+        """``gpus``: each GPU's evidence (:meth:`shieldml.runner.gpu.GpuEvidenceItem.to_dict`),
+        bound to this release by :func:`shieldml.broker.protocol.gpu_nonce`."""
         body: dict[str, Any] = {
             "nonce": nonce.hex(),
             "tee": tee,
@@ -157,6 +160,8 @@ class BrokerClient:
             body["cert_chain"] = cert_chain
         if amd_crl is not None:
             body["amd_crl"] = base64.b64encode(amd_crl).decode()
+        if gpus:
+            body["gpus"] = gpus
         doc = self._call("POST", "/v1/release", json=body)
         opened = self._opened(doc.get("keys"), keys, runner_key)
         seq = _int(doc.get("audit_seq"), f"{self.url}: audit_seq")

@@ -71,6 +71,31 @@ def report_data(nonce: bytes, kem_id: int, public_key: bytes, workload_digest: s
     return hashlib.sha512(data).digest()
 
 
+GPU_DOMAIN = b"shieldml/v1/gpu\0"
+CC_MODES = ("on", "off", "devtools")
+MAX_GPUS = 16
+
+
+def gpu_nonce(report_data: bytes, index: int, count: int, cc_mode: str) -> bytes:
+    """The 32-byte SPDM nonce GPU ``index`` of ``count`` answers in this session.
+
+    ``SHA-256(GPU_DOMAIN ‖ report_data ‖ u8 index ‖ u8 count ‖ cc_mode)``, ``report_data`` being
+    the 64 bytes the CPU evidence binds (:func:`report_data`: the broker's nonce, the runner's
+    HPKE key, the workload digest). So a GPU report is bound to this CPU evidence's session and
+    to its position among the GPUs the runner saw: one from another session or machine, or a
+    set with a GPU left out or reordered, does not verify; the CC mode the runner read through
+    NVML cannot be edited on the way either.
+    """
+    if len(report_data) != 64:
+        raise FormatError("report data must be 64 bytes")
+    if not 0 <= index < count <= MAX_GPUS:
+        raise FormatError(f"GPU index {index} of {count} (at most {MAX_GPUS} GPUs)")
+    if cc_mode not in CC_MODES:
+        raise FormatError(f"cc_mode must be one of {', '.join(CC_MODES)}")
+    data = GPU_DOMAIN + report_data + bytes([index, count]) + cc_mode.encode()
+    return hashlib.sha256(data).digest()
+
+
 def binding_matches(expected: bytes, actual: bytes) -> bool:
     return hmac.compare_digest(expected, actual)
 

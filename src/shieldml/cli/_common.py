@@ -13,12 +13,16 @@ from shieldml.attest import (
     TEE_CHOICES,
     Check,
     Claims,
+    GpuClaims,
     IntelCollateral,
     TrustAnchors,
     TrustStore,
     anchors_from_files,
+    load_evidence_json,
+    load_gpu_chain,
     load_pem_chain,
     verify_evidence,
+    verify_gpu_evidence,
 )
 from shieldml.cli._output import invocation
 from shieldml.errors import (
@@ -165,15 +169,48 @@ def receipt_trust(
     return anchors
 
 
+GPU_TEE = "nvidia-gpu"
+
+
 def evidence_options(f: F) -> F:
     """FILE and the options of :func:`verify` (``attest verify|explain``, ``policy eval``)."""
+    return _evidence_options(f, TEE_CHOICES)
+
+
+def attest_evidence_options(f: F) -> F:
+    """:func:`evidence_options` plus NVIDIA GPU evidence (``--tee nvidia-gpu``: ``attest``)."""
+    for opt in reversed(
+        [
+            click.option(
+                "--nonce",
+                help="nvidia-gpu: the 32-byte nonce (hex) the report must answer.",
+            ),
+            click.option(
+                "--ocsp",
+                type=EXISTING_FILE,
+                multiple=True,
+                help="nvidia-gpu: an OCSP response (DER) for the device or RIM chain; repeatable."
+                " Without any, revocation is not checked (the claims say so).",
+            ),
+            click.option(
+                "--rim",
+                type=EXISTING_FILE,
+                multiple=True,
+                help="nvidia-gpu: a driver or VBIOS RIM (SWID XML); repeatable. With RIMs every"
+                " active golden measurement must match.",
+            ),
+        ]
+    ):
+        f = opt(f)
+    return _evidence_options(f, (*TEE_CHOICES, GPU_TEE))
+
+
+def _evidence_options(f: F, tees: tuple[str, ...]) -> F:
     f = trust_root_options(f)
     for opt in reversed(
         [
             click.argument("file", type=EXISTING_FILE),
-            click.option(
-                "--tee", type=click.Choice(TEE_CHOICES), default="auto", show_default=True
-            ),
+            click.option("--tee", type=click.Choice(tees), default="auto", show_default=True),
             click.option(
                 "--collateral",
                 type=EXISTING_FILE,
@@ -187,7 +224,8 @@ def evidence_options(f: F) -> F:
             click.option(
                 "--cert-chain",
                 type=EXISTING_FILE,
-                help="AMD ASK/ARK chain (PEM).",
+                help="AMD ASK/ARK chain (PEM); nvidia-gpu: the device certificate chain (PEM,"
+                " leaf first) when FILE is the report's hex text.",
             ),
             click.option(
                 "--amd-crl",
@@ -266,3 +304,61 @@ def verify(
         )
     except (AttestationError, FormatError) as e:
         raise NotGenuine(e) from e
+
+
+def verify_gpu(
+    *,
+    file: str,
+    cert_chain: str | None,
+    at: str | None,
+    trust_root: tuple[str, ...],
+    insecure_custom_root: bool,
+    nonce: str | None,
+    ocsp: tuple[str, ...],
+    rim: tuple[str, ...],
+    **_cpu_only: object,
+) -> list[GpuClaims]:
+    """Verify NVIDIA GPU evidence: FILE is NVIDIA's serialized evidence JSON (one entry per
+    GPU, chain included) or a report as hex text (or bytes) with ``--cert-chain``."""
+    data = read_bytes(file, "evidence")
+    if data.lstrip().startswith((b"[", b"{")):
+        items = [(e.report, e.chain_pem) for e in load_evidence_json(data)]
+    else:
+        if not cert_chain:
+            raise ShieldError(
+                "a GPU report needs its certificate chain", hint="pass --cert-chain (PEM)"
+            )
+        try:  # NVIDIA's tools write reports as hex text; anything else is taken as bytes
+            raw = bytes.fromhex(data.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raw = data
+        items = [(raw, read_bytes(cert_chain, "certificate chain"))]
+    expected = None
+    if nonce is not None:
+        try:
+            expected = bytes.fromhex(nonce)
+        except ValueError:
+            raise ShieldError(f"--nonce {nonce!r} is not hex") from None
+        if len(expected) != 32:
+            raise ShieldError(f"--nonce must be 32 bytes (64 hex digits), not {len(expected)}")
+    when = parse_time(at)
+    trust = trust_anchors(trust_root, insecure_custom_root)
+    ocsp_der = [read_bytes(o, "OCSP response") for o in ocsp]
+    rims = [read_bytes(r, "RIM") for r in rim]
+    out = []
+    for report, chain_pem in items:
+        try:
+            out.append(
+                verify_gpu_evidence(
+                    report,
+                    load_gpu_chain(chain_pem),
+                    now=when,
+                    trust=trust,
+                    nonce=expected,
+                    ocsp_responses=ocsp_der if ocsp else None,
+                    rims=rims,
+                )
+            )
+        except (AttestationError, FormatError) as e:
+            raise NotGenuine(e) from e
+    return out

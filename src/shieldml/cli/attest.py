@@ -9,8 +9,16 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from shieldml.attest import Check, TrustStore, default_store, fingerprint, http_fetcher
-from shieldml.cli._common import EXISTING_FILE, JSON_OPTION, NotGenuine, evidence_options, verify
+from shieldml.attest import Check, GpuClaims, TrustStore, default_store, fingerprint, http_fetcher
+from shieldml.cli._common import (
+    EXISTING_FILE,
+    GPU_TEE,
+    JSON_OPTION,
+    NotGenuine,
+    attest_evidence_options,
+    verify,
+    verify_gpu,
+)
 from shieldml.cli._output import check_mark, emit, emit_json, out
 from shieldml.errors import AttestationError
 
@@ -36,14 +44,64 @@ def attest() -> None:
     """Verify and explain TEE attestation evidence."""
 
 
+def _cpu(kw: dict[str, Any]) -> dict[str, Any]:
+    """The options of the CPU evidence: without the GPU-only ones, which must not be set."""
+    gpu_only = {k: kw.pop(k) for k in ("nonce", "ocsp", "rim")}
+    if any(gpu_only.values()):
+        raise click.UsageError("--nonce, --ocsp and --rim are for --tee nvidia-gpu")
+    return kw
+
+
+def _gpu_dict(gpus: list[GpuClaims], *, checks: bool = False) -> dict[str, Any]:
+    ds = [
+        g.to_dict() | ({"checks": [c.to_dict() for c in g.checks]} if checks else {}) for g in gpus
+    ]
+    return ds[0] if len(ds) == 1 else {"genuine": True, "tee": GPU_TEE, "gpus": ds}
+
+
+def _gpu_line(g: GpuClaims) -> str:
+    rims = (
+        f"RIMs {', '.join(g.rim_ids)} matched"
+        if g.measurements_matched
+        else "measurements not checked (no RIMs)"
+    )
+    ocsp = {o.status for o in g.ocsp}
+    return (
+        f"[bold green]genuine[/bold green] NVIDIA {escape(g.arch)} {escape(g.hwmodel)} "
+        f"(ueid {g.ueid}); driver {g.driver_version or 'n/a'}, VBIOS {g.vbios_version}; "
+        f"{rims}; OCSP {', '.join(sorted(ocsp)) or 'n/a'}"
+    )
+
+
 @attest.command("verify")
-@evidence_options
+@attest_evidence_options
 @JSON_OPTION
 @click.pass_context
 def attest_verify(ctx: click.Context, /, as_json: bool, **kw: Any) -> None:
-    """Exit 0 if FILE is genuine TEE evidence at a matching TCB level, 1 otherwise."""
+    """Exit 0 if FILE is genuine TEE evidence at a matching TCB level, 1 otherwise.
+
+    With ``--tee nvidia-gpu`` FILE is NVIDIA GPU/NVSwitch evidence: NVIDIA's serialized JSON
+    (every GPU in it is verified), or a report's hex text with ``--cert-chain``; verification
+    is offline (``--ocsp``, ``--rim`` are the collateral) at ``--at``."""
+    if kw["tee"] == GPU_TEE:
+        try:
+            gpus = verify_gpu(**kw)
+        except NotGenuine as e:
+            if as_json:
+                emit_json(failure_dict(e))
+            else:
+                out.print(f"[bold red]not genuine:[/bold red] {escape(e.error.diagnostics())}")
+            ctx.exit(1)
+        if as_json:
+            emit_json(_gpu_dict(gpus))
+            return
+        for g in gpus:
+            out.print(_gpu_line(g))
+            if g.root.value != "vendor":
+                out.print(f"[yellow]root: {g.root.value}[/yellow]")
+        return
     try:
-        claims = verify(**kw)
+        claims = verify(**_cpu(kw))
     except NotGenuine as e:
         if as_json:
             emit_json(failure_dict(e))
@@ -66,7 +124,7 @@ def attest_verify(ctx: click.Context, /, as_json: bool, **kw: Any) -> None:
 
 
 @attest.command()
-@evidence_options
+@attest_evidence_options
 @JSON_OPTION
 @click.pass_context
 def explain(ctx: click.Context, /, as_json: bool, **kw: Any) -> None:
@@ -74,8 +132,25 @@ def explain(ctx: click.Context, /, as_json: bool, **kw: Any) -> None:
 
     Exit 1 if FILE is not genuine; with --json, every check (``checks``) and the verdict.
     """
+    if kw["tee"] == GPU_TEE:
+        try:
+            gpus = verify_gpu(**kw)
+        except NotGenuine as e:
+            if as_json:
+                emit_json(failure_dict(e))
+                ctx.exit(1)
+            _checks_table(kw["file"], e.checks)
+            out.print(f"[bold red]verdict: not genuine[/bold red]\n{escape(e.error.diagnostics())}")
+            ctx.exit(1)
+        if as_json:
+            emit_json(_gpu_dict(gpus, checks=True))
+            return
+        for g in gpus:
+            _checks_table(kw["file"], list(g.checks))
+            out.print(_gpu_line(g).replace("genuine", "verdict: genuine", 1))
+        return
     try:
-        claims = verify(**kw)
+        claims = verify(**_cpu(kw))
     except NotGenuine as e:
         if as_json:
             emit_json(failure_dict(e))

@@ -30,6 +30,23 @@ launch configuration the way Confidential Containers binds its *initdata* docume
 TDX ``MRCONFIGID`` (48 bytes) or SEV-SNP ``HOST_DATA`` (32 bytes), zero-padded at the end when
 shorter, cut at the end when longer. It stands for ``mr_config_id`` / ``host_data``: a profile
 gives one or the other, not both.
+
+A TDX or SEV-SNP profile may require NVIDIA confidential-computing GPUs beside the CPU
+evidence (``[profile.gpu]``, see :class:`GpuRequirement`); such a profile refuses CPU-only
+evidence, and every GPU's evidence must be bound to the same session as the CPU's.
+
+```toml
+[profile.gpu]
+count = 1                          # exactly this many GPUs, each with verified evidence
+driver_version = ["550.90.07"]     # or "any"; min_driver_version = "550.90" for a floor
+vbios_version = "any"              # or a list; min_vbios_version = "96.00.9F.00.00"
+arch = ["hopper"]                  # optional: hopper, blackwell, nvswitch
+rim_required = true                # default: every active golden measurement matched
+rim_ids = ["NV_GPU_VBIOS_1010_0200_882_96009F0001"]   # optional
+ocsp = "required"                  # default; "not-required" skips revocation
+ocsp_allow_cached = false          # accept responses past their nextUpdate
+ocsp_max_age = 86400               # optional: seconds since the response's thisUpdate
+```
 """
 
 from __future__ import annotations
@@ -51,9 +68,18 @@ INSECURE = (
     "insecure_allow_custom_root",
     "insecure_allow_out_of_date",
 )
-COMMON = {"tee", "workload_digest", "tcb_status", "advisory_ids", "description", *INSECURE}
+COMMON = {
+    "tee", "workload_digest", "tcb_status", "advisory_ids", "description", "gpu", *INSECURE,
+}  # fmt: skip
 #: SEV-SNP evidence nobody checked against AMD's CRL is refused unless a profile sets this
 UNCHECKED_REVOCATION = "insecure_allow_unchecked_revocation"
+GPU_FIELDS = {
+    "count", "cc_mode", "driver_version", "vbios_version", "min_driver_version",
+    "min_vbios_version", "arch", "rim_required", "rim_ids", "ocsp", "ocsp_allow_cached",
+    "ocsp_max_age",
+}  # fmt: skip
+GPU_ARCHS = ("hopper", "blackwell", "nvswitch")
+MAX_GPUS = 16
 #: Intel collateral's minimum tcbEvaluationDataNumber (optional, SGX and TDX profiles only)
 MIN_EVALUATION = "min_tcb_evaluation_data_number"
 #: reference fields per TEE: name -> (kind, byte length for hex values)
@@ -120,6 +146,31 @@ TCB_PARTS = ("bl", "tee", "snp", "ucode", "fmc")
 Value = tuple[bytes, ...] | int | dict[str, int] | str
 
 
+def version_key(version: str, *, vbios: bool = False) -> tuple[int, ...]:
+    """``550.90.07`` -> (550, 90, 7); a VBIOS version's groups are hex (``96.00.9F.00.01``)."""
+    try:
+        return tuple(int(p, 16 if vbios else 10) for p in version.split("."))
+    except ValueError:
+        raise PolicyError(f"{version!r} is not a dotted version") from None
+
+
+@dataclass(frozen=True)
+class GpuRequirement:
+    """``[profile.gpu]``: the NVIDIA GPUs a profile requires beside its CPU evidence."""
+
+    count: int
+    driver_versions: tuple[str, ...] | None  # None = any
+    vbios_versions: tuple[str, ...] | None
+    min_driver_version: str | None = None
+    min_vbios_version: str | None = None
+    archs: frozenset[str] | None = None
+    rim_required: bool = True
+    rim_ids: frozenset[str] | None = None
+    ocsp_required: bool = True
+    ocsp_allow_cached: bool = False
+    ocsp_max_age: int | None = None
+
+
 @dataclass(frozen=True)
 class Profile:
     """One accepted configuration. ``refs`` maps each reference field to its value or ``"any"``."""
@@ -133,6 +184,8 @@ class Profile:
     description: str = ""
     #: the oldest Intel collateral accepted (its tcbEvaluationDataNumber); None = any
     min_tcb_evaluation_data_number: int | None = None
+    #: NVIDIA GPUs required beside the CPU evidence (``[profile.gpu]``); None = no GPU section
+    gpu: GpuRequirement | None = None
 
 
 @dataclass(frozen=True)
@@ -248,8 +301,99 @@ def _profile(p: Any, where: str) -> Profile:
         not isinstance(min_eval, int) or isinstance(min_eval, bool) or min_eval < 0
     ):
         raise PolicyError(f"{where}: {MIN_EVALUATION} must be a non-negative integer")
+    gpu = None
+    if "gpu" in p:
+        if tee is TeeKind.SGX:
+            raise PolicyError(
+                f"{where}: [profile.gpu] needs a confidential VM (tee = tdx or snp)",
+                hint="an SGX enclave cannot own a GPU; NVIDIA CC GPUs attach to TDX/SEV-SNP VMs",
+            )
+        gpu = _gpu(p["gpu"], f"{where}: gpu")
     return Profile(
-        tee, refs, wd, statuses, advisories, insecure, desc, min_tcb_evaluation_data_number=min_eval
+        tee,
+        refs,
+        wd,
+        statuses,
+        advisories,
+        insecure,
+        desc,
+        min_tcb_evaluation_data_number=min_eval,
+        gpu=gpu,
+    )
+
+
+def _gpu(g: Any, where: str) -> GpuRequirement:
+    if not isinstance(g, dict):
+        raise PolicyError(f"{where}: must be a table ([profile.gpu])")
+    unknown = set(g) - GPU_FIELDS
+    if unknown:
+        raise PolicyError(
+            f"{where}: unknown field(s): {', '.join(sorted(unknown))}",
+            hint=unknown_fields_hint(unknown, GPU_FIELDS),
+        )
+    missing = [f for f in ("count", "driver_version", "vbios_version") if f not in g]
+    if missing:
+        raise PolicyError(
+            f'{where}: every field must be set (use "any" to skip one): missing {", ".join(missing)}'
+        )
+    count = g["count"]
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_GPUS:
+        raise PolicyError(f"{where}: count must be an integer from 1 to {MAX_GPUS}")
+    if g.get("cc_mode", "on") != "on":
+        raise PolicyError(
+            f'{where}: cc_mode must be "on"',
+            hint="a GPU outside confidential-computing mode lets the host read its memory",
+        )
+
+    def versions(name: str) -> tuple[str, ...] | None:
+        v = g[name]
+        if v == ANY:
+            return None
+        out = tuple(_strings(v, f"{where}: {name}"))
+        for x in out:
+            version_key(x, vbios=name.startswith("vbios"))
+        return out
+
+    def minimum(name: str) -> str | None:
+        v = g.get(name)
+        if v is None:
+            return None
+        if not isinstance(v, str):
+            raise PolicyError(f"{where}: {name} must be a version string")
+        version_key(v, vbios=name.startswith("min_vbios"))
+        return v
+
+    archs = None
+    if "arch" in g and g["arch"] != ANY:
+        archs = frozenset(_strings(g["arch"], f"{where}: arch"))
+        if archs - set(GPU_ARCHS):
+            raise PolicyError(f"{where}: arch must be among {', '.join(GPU_ARCHS)}")
+    rim_ids = None
+    if "rim_ids" in g and g["rim_ids"] != ANY:
+        rim_ids = frozenset(_strings(g["rim_ids"], f"{where}: rim_ids"))
+    ocsp = g.get("ocsp", "required")
+    if ocsp not in ("required", "not-required"):
+        raise PolicyError(f'{where}: ocsp must be "required" or "not-required"')
+    max_age = g.get("ocsp_max_age")
+    if max_age is not None and (
+        not isinstance(max_age, int) or isinstance(max_age, bool) or max_age < 0
+    ):
+        raise PolicyError(f"{where}: ocsp_max_age must be a number of seconds")
+    rim_required = _bool(g.get("rim_required", True), f"{where}: rim_required")
+    if rim_ids is not None and not rim_required:
+        raise PolicyError(f"{where}: rim_ids needs rim_required = true")
+    return GpuRequirement(
+        count=count,
+        driver_versions=versions("driver_version"),
+        vbios_versions=versions("vbios_version"),
+        min_driver_version=minimum("min_driver_version"),
+        min_vbios_version=minimum("min_vbios_version"),
+        archs=archs,
+        rim_required=rim_required,
+        rim_ids=rim_ids,
+        ocsp_required=ocsp == "required",
+        ocsp_allow_cached=_bool(g.get("ocsp_allow_cached", False), f"{where}: ocsp_allow_cached"),
+        ocsp_max_age=max_age,
     )
 
 

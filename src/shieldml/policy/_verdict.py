@@ -7,12 +7,21 @@ The gate (:func:`require`) raises :class:`~shieldml.errors.PolicyDenied` carryin
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shieldml.attest import Claims, RootKind, SnpMeasurements, TeeKind
-from shieldml.errors import PolicyDenied
-from shieldml.policy._model import ANY, INITDATA_FIELD, SNP_POLICY_BITS, Policy, Profile
+from shieldml.attest import Claims, GpuClaims, RootKind, SnpMeasurements, TeeKind
+from shieldml.errors import PolicyDenied, PolicyError
+from shieldml.policy._model import (
+    ANY,
+    INITDATA_FIELD,
+    SNP_POLICY_BITS,
+    GpuRequirement,
+    Policy,
+    Profile,
+    version_key,
+)
 
 log = logging.getLogger("shieldml.policy")
 
@@ -68,6 +77,16 @@ _HINTS = {
     "revocation": "nobody checked the AMD signing key against AMD's CRL: send the CRL with the"
     " evidence (KDS /vcek/v1/PRODUCT/crl), or start the broker with --amd-kds; a policy accepts"
     " unchecked evidence only with insecure_allow_unchecked_revocation = true",
+    "gpu count": "the profile requires this many NVIDIA GPUs with verified evidence beside the CPU's",
+    "gpu cc_mode": "GPU not in confidential-computing mode: the host can read its memory "
+    "(NVIDIA gpu-admin-tools --set-cc-mode=on, then reset the GPU)",
+    "gpu root": "evidence from a simulated GPU is not hardware; allow it only for tests (insecure_allow_simulated)",
+    "gpu arch": "the GPU is of another architecture than the policy allows",
+    "gpu driver_version": "the GPU driver is not one the owner approved: install an approved driver",
+    "gpu vbios_version": "the GPU firmware (VBIOS) is not one the owner approved: update it",
+    "gpu rims": "the GPU's measurements were not matched against NVIDIA's signed RIMs: send the "
+    "driver and VBIOS RIMs with the evidence",
+    "gpu ocsp": "GPU and RIM certificates need current OCSP responses from NVIDIA (collateral)",
 }
 
 
@@ -153,7 +172,11 @@ def _bool(v: bool) -> str:
 
 
 def _check_profile(
-    i: int, p: Profile, claims: Claims, workload_digest: str | None
+    i: int,
+    p: Profile,
+    claims: Claims,
+    workload_digest: str | None,
+    gpus: Sequence[GpuClaims] = (),
 ) -> ProfileResult:
     checks: list[PolicyCheck] = []
     used: list[str] = []
@@ -265,13 +288,109 @@ def _check_profile(
     if p.workload_digests is not None:
         wd = workload_digest or "none reported"
         add("workload_digest", workload_digest in p.workload_digests, _fmt(p.workload_digests), wd)
+    if p.gpu is not None:
+        _check_gpus(p.gpu, gpus, add, insecure)
     return ProfileResult(i, p.tee.value, tuple(checks), tuple(used))
 
 
-def evaluate(policy: Policy, claims: Claims, workload_digest: str | None = None) -> Verdict:
-    """Run every check of every profile (no short-cut), so a denial can list all failures."""
+def _version_ok(
+    v: str | None, allowed: tuple[str, ...] | None, minimum: str | None, vbios: bool
+) -> bool:
+    if v is None:
+        return allowed is None and minimum is None
+    if allowed is not None and v.upper() not in {a.upper() for a in allowed}:
+        return False
+    try:
+        return minimum is None or version_key(v, vbios=vbios) >= version_key(minimum, vbios=vbios)
+    except PolicyError:  # a version the device reports that does not compare
+        return False
+
+
+def _expected_version(allowed: tuple[str, ...] | None, minimum: str | None) -> str:
+    parts = [" or ".join(allowed)] if allowed is not None else []
+    if minimum is not None:
+        parts.append(f">= {minimum}")
+    return ", ".join(parts) or "any"
+
+
+def _check_gpus(
+    req: GpuRequirement,
+    gpus: Sequence[GpuClaims],
+    add: Callable[[str, bool, str, str], None],
+    insecure: Callable[[str, bool], bool],
+) -> None:
+    add("gpu count", len(gpus) == req.count, str(req.count), str(len(gpus)))
+    for n, g in enumerate(gpus):
+        who = f"GPU {n} ({g.arch} {g.ueid[:12]}…)"
+        add("gpu cc_mode", g.cc_mode == "on", "on", f"{who}: {g.cc_mode or 'unknown'}")
+        root_ok = g.root is RootKind.VENDOR or insecure(
+            "insecure_allow_simulated"
+            if g.root is RootKind.SIMULATED
+            else "insecure_allow_custom_root",
+            True,
+        )
+        add("gpu root", root_ok, "vendor", f"{who}: {g.root.value}")
+        if req.archs is not None:
+            add("gpu arch", g.arch in req.archs, _fmt(tuple(sorted(req.archs))), f"{who}: {g.arch}")
+        add(
+            "gpu driver_version",
+            _version_ok(g.driver_version, req.driver_versions, req.min_driver_version, False)
+            or (g.arch == "nvswitch" and g.driver_version is None),
+            _expected_version(req.driver_versions, req.min_driver_version),
+            f"{who}: {g.driver_version or 'none'}",
+        )
+        add(
+            "gpu vbios_version",
+            _version_ok(g.vbios_version, req.vbios_versions, req.min_vbios_version, True),
+            _expected_version(req.vbios_versions, req.min_vbios_version),
+            f"{who}: {g.vbios_version or 'none'}",
+        )
+        if req.rim_required:
+            kinds = {r.rim.kind for r in g.rims}
+            need = {"vbios"} if g.arch == "nvswitch" else {"vbios", "driver"}
+            ids_ok = req.rim_ids is None or set(g.rim_ids) <= req.rim_ids
+            add(
+                "gpu rims",
+                g.measurements_matched and need <= kinds and ids_ok,
+                "driver and VBIOS RIMs matched"
+                + (f" (ids among {_fmt(tuple(sorted(req.rim_ids)))})" if req.rim_ids else ""),
+                f"{who}: "
+                + (", ".join(g.rim_ids) + " matched" if g.measurements_matched else "no RIMs"),
+            )
+        if req.ocsp_required:
+            bad = []
+            for o in g.ocsp:
+                if o.status != "good":
+                    bad.append(f"{o.subject}: {o.status}")
+                elif o.cached and not req.ocsp_allow_cached:
+                    bad.append(f"{o.subject}: cached response, {o.age_s} s old, past nextUpdate")
+                elif req.ocsp_max_age is not None and (o.age_s or 0) > req.ocsp_max_age:
+                    bad.append(f"{o.subject}: {o.age_s} s old")
+            ages = [o.age_s for o in g.ocsp if o.age_s is not None]
+            state = f"all good (oldest {max(ages)} s)" if ages and not bad else "; ".join(bad)
+            add(
+                "gpu ocsp",
+                not bad,
+                "good OCSP status for every certificate"
+                + (f", at most {req.ocsp_max_age} s old" if req.ocsp_max_age is not None else "")
+                + ("" if req.ocsp_allow_cached else ", current"),
+                f"{who}: {state or 'no certificates'}",
+            )
+
+
+def evaluate(
+    policy: Policy,
+    claims: Claims,
+    workload_digest: str | None = None,
+    gpus: Sequence[GpuClaims] = (),
+) -> Verdict:
+    """Run every check of every profile (no short-cut), so a denial can list all failures.
+
+    ``gpus``: the verified GPU evidence bound to the same session as ``claims`` (a profile
+    with ``[profile.gpu]`` checks them; one without ignores them)."""
     results = tuple(
-        _check_profile(i + 1, p, claims, workload_digest) for i, p in enumerate(policy.profiles)
+        _check_profile(i + 1, p, claims, workload_digest, gpus)
+        for i, p in enumerate(policy.profiles)
     )
     matched = next((r.index for r in results if r.passed), None)
     if matched is not None:
@@ -284,9 +403,14 @@ def evaluate(policy: Policy, claims: Claims, workload_digest: str | None = None)
     return Verdict(matched is not None, matched, results)
 
 
-def require(policy: Policy, claims: Claims, workload_digest: str | None = None) -> Verdict:
+def require(
+    policy: Policy,
+    claims: Claims,
+    workload_digest: str | None = None,
+    gpus: Sequence[GpuClaims] = (),
+) -> Verdict:
     """The gate: the verdict if some profile accepts the claims, :class:`PolicyDenied` otherwise."""
-    verdict = evaluate(policy, claims, workload_digest)
+    verdict = evaluate(policy, claims, workload_digest, gpus)
     if not verdict.allowed:
         failures = verdict.failures()
         raise PolicyDenied(

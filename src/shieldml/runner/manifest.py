@@ -41,6 +41,11 @@ broker = "data-owner"
 rtmr = 3                           # the RTMR the workload digest is extended into (2 or 3)
 extend = "if-available"            # | "required" (refuse to run without it) | "off"
 
+[gpu]                              # optional; NVIDIA confidential-computing GPUs (TDX, SEV-SNP)
+evidence = "nvml"                  # each GPU's SPDM report through NVML goes with each release
+collateral = "nvidia/"             # optional: RIMs (*.xml, *.swidtag) and OCSP responses
+                                   # (*.der) sent with it (signed by NVIDIA; not measured)
+
 [serve]                            # optional; `shieldml serve`: the program is a model server
 port = 8000                        # where it listens on 127.0.0.1 (measured)
 ready_path = "/"                   # answered (any status) once it is up (measured)
@@ -51,6 +56,10 @@ listen = "0.0.0.0:8443"            # the public TLS address (not measured; --lis
 ``[serve]``, when present, is part of the workload digest (``port`` and ``ready_path``: where the
 decrypted requests go); ``listen`` and ``ready_timeout`` are the operator's (the evidence, not the
 address, tells a client what it reached). ``docs/serving.md``.
+
+``[gpu]``, when present, is part of the workload digest (``evidence`` only: the collateral is
+signed, so whoever placed it does not matter). The runner then sends every GPU's evidence with
+each release, bound to that release's CPU evidence (docs/protocol.md, "GPU evidence").
 
 ``[tdx]``, when present, is part of the workload digest. Before its first evidence the runner
 extends the RTMR once with ``SHA-384("shieldml/v1 workload rtmr\\0" || workload digest)``
@@ -198,6 +207,14 @@ class TdxSettings:
 
 
 @dataclass(frozen=True)
+class GpuSettings:
+    """``[gpu]``: collect NVIDIA GPU evidence (through NVML) for every release."""
+
+    evidence: str = "nvml"
+    collateral: str | None = None  # a directory of RIMs and OCSP responses, relative to the job
+
+
+@dataclass(frozen=True)
 class ServeSettings:
     """``[serve]``: the program is a model server on ``127.0.0.1:port`` (``shieldml serve``)."""
 
@@ -246,6 +263,7 @@ class JobManifest:
     outputs: tuple[Protected, ...]
     simulated: dict[str, str] = field(default_factory=dict)
     tdx: TdxSettings | None = None  # None: no [tdx] table (the defaults apply, nothing measured)
+    gpu: GpuSettings | None = None  # None: no GPU evidence
     serve: ServeSettings | None = None  # None: no [serve] table (a batch job)
 
     @property
@@ -289,6 +307,7 @@ class JobManifest:
                 "output",
                 "simulated",
                 "tdx",
+                "gpu",
                 "serve",
             },
             where,
@@ -379,6 +398,7 @@ class JobManifest:
         if not isinstance(sim, dict) or not all(isinstance(v, str) for v in sim.values()):
             raise ManifestError(f"{where}: [simulated] maps names to strings")
         tdx = _tdx(d["tdx"], tee, f"{where}: [tdx]") if "tdx" in d else None
+        gpu = _gpu(d["gpu"], tee, f"{where}: [gpu]") if "gpu" in d else None
         serve = _serve(d["serve"], f"{where}: [serve]") if "serve" in d else None
         return cls(
             source=source,
@@ -394,6 +414,7 @@ class JobManifest:
             outputs=outs,
             simulated=dict(sim),
             tdx=tdx,
+            gpu=gpu,
             serve=serve,
         )
 
@@ -472,6 +493,8 @@ class JobManifest:
         }  # [simulated] describes the stand-in hardware, not the workload: it is not measured
         if self.tdx is not None:
             doc["tdx"] = asdict(self.tdx)
+        if self.gpu is not None:
+            doc["gpu"] = {"evidence": self.gpu.evidence}
         if self.serve is not None:
             doc["serve"] = self.serve.measured()
         return doc
@@ -680,6 +703,22 @@ def _tdx(t: Any, tee: str, where: str) -> TdxSettings:
             hint='use tee = "tdx" (or "auto"), or extend = "if-available"',
         )
     return TdxSettings(int(rtmr), str(extend))
+
+
+def _gpu(g: Any, tee: str, where: str) -> GpuSettings:
+    if not isinstance(g, dict):
+        raise ManifestError(f"{where}: must be a table")
+    _only(g, {"evidence", "collateral"}, where)
+    if g.get("evidence", "nvml") != "nvml":
+        raise ManifestError(f'{where}: evidence must be "nvml"')
+    if tee in ("gramine", "simulated"):
+        raise ManifestError(
+            f'{where}: GPU evidence needs a confidential VM (tee = "tdx", "snp" or "auto")'
+        )
+    collateral = g.get("collateral")
+    if collateral is not None and (not isinstance(collateral, str) or not collateral):
+        raise ManifestError(f"{where}: collateral must be a directory path")
+    return GpuSettings("nvml", collateral)
 
 
 def _broker(b: Any, where: str) -> Broker:

@@ -31,6 +31,7 @@ from shieldml.broker import protocol
 from shieldml.broker.client import BrokerClient
 from shieldml.errors import BrokerError, ManifestError, MountChangedError, ViewError
 from shieldml.runner.evidence import Provider, provider_for
+from shieldml.runner.gpu import NvmlGpuProvider, gpu_provider_for
 from shieldml.runner.manifest import JobManifest
 from shieldml.runner.receipt import write_receipt
 
@@ -60,13 +61,18 @@ def needed_keys(m: JobManifest) -> dict[str, dict[str, str]]:
 
 
 def release_keys(
-    m: JobManifest, provider: Provider, digest: str, log: Callable[[str], None]
+    m: JobManifest,
+    provider: Provider,
+    digest: str,
+    log: Callable[[str], None],
+    gpu_provider: NvmlGpuProvider | None = None,
 ) -> tuple[dict[KeyRef, tuple[str, bytes]], dict[str, int], dict[str, dict[str, Any]]]:
     """Every key the job needs, each from its own broker: ``(keys by (broker, name), audit
     sequence per broker, audit proof per broker)`` (a proof: the release's record, its inclusion
     proof and the broker's signed checkpoint, from brokers that send one). A broker's answer can
     only fill that broker's own names; one that adds, omits or re-formats a key is refused before
-    anything is decrypted."""
+    anything is decrypted. With ``gpu_provider`` every GPU's evidence, bound to the same session,
+    goes with each release."""
     need = needed_keys(m)
     keys: dict[KeyRef, tuple[str, bytes]] = {}
     audit: dict[str, int] = {}
@@ -77,7 +83,9 @@ def release_keys(
         with BrokerClient(b.url, fingerprint=b.fingerprint) as c:
             nonce = c.challenge()
             rk = protocol.RunnerKey.generate()
-            ev = provider.evidence(protocol.report_data(nonce, rk.kem_id, rk.public_bytes, digest))
+            rd = protocol.report_data(nonce, rk.kem_id, rk.public_bytes, digest)
+            ev = provider.evidence(rd)
+            gpus = [g.to_dict() for g in gpu_provider.collect(rd)] if gpu_provider else None
             got = c.release(
                 nonce,
                 rk,
@@ -88,6 +96,7 @@ def release_keys(
                 collateral=ev.collateral,
                 vcek=ev.vcek,
                 cert_chain=ev.cert_chain,
+                gpus=gpus,
             )
         for name, (fmt, _key) in got.keys.items():
             if fmt != need[b.name][name]:
@@ -186,7 +195,8 @@ def run_job(
     binding = provider.bind_workload(digest)
     if binding is not None:
         say(binding.describe())
-    keys, audit, audit_proofs = release_keys(m, provider, digest, say)  # 2
+    gpu = gpu_provider_for(m, say) if m.gpu is not None else None
+    keys, audit, audit_proofs = release_keys(m, provider, digest, say, gpu)  # 2
     rep["brokers"] = {
         b: {"keys": sorted(n for (kb, n) in keys if kb == b), "audit_seq": seq}
         for b, seq in audit.items()

@@ -36,6 +36,7 @@ from shieldml.broker.server.release import (
     BODY_TIMEOUT,
     MAX_BODY,
     MAX_KEYS_PER_RELEASE,
+    GpuBundle,
     NonceBinding,
     Released,
     ReleaseRequest,
@@ -75,6 +76,30 @@ class ChallengeResponse(BaseModel):
     expires_at: str
 
 
+class GpuBody(BaseModel):
+    """One NVIDIA GPU's evidence (in the order the runner enumerated the GPUs)."""
+
+    cc_mode: Literal["on", "off", "devtools"] = Field(
+        description="the CC mode the runner read through NVML; part of the GPU's nonce"
+    )
+    evidence: str | None = Field(
+        default=None,
+        description="base64 SPDM request+response (none: not in CC mode)",
+        max_length=64_000,
+    )
+    certificate: str | None = Field(
+        default=None,
+        description="the device certificate chain (PEM, leaf first)",
+        max_length=64_000,
+    )
+    ocsp: list[str] = Field(
+        default_factory=list, description="base64 DER OCSP responses", max_length=32
+    )
+    rims: list[str] = Field(
+        default_factory=list, description="driver and VBIOS RIMs (SWID XML)", max_length=4
+    )
+
+
 class ReleaseBody(BaseModel):
     nonce: str = Field(pattern="^[0-9a-f]{64}$")
     tee: Literal["auto", "sgx", "tdx", "snp", "ratls"] = "auto"
@@ -98,6 +123,11 @@ class ReleaseBody(BaseModel):
     hpke_public_key: str = Field(description="base64", max_length=4096)
     workload_digest: str = Field(pattern="^sha256:[0-9a-f]{64}$")
     keys: list[KeyName] = Field(min_length=1, max_length=MAX_KEYS_PER_RELEASE)
+    gpus: list[GpuBody] = Field(
+        default_factory=list,
+        max_length=protocol.MAX_GPUS,
+        description="NVIDIA GPU evidence, bound to this session by gpu_nonce",
+    )
 
 
 class SealedKey(BaseModel):
@@ -283,6 +313,16 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
                 vcek=vcek,
                 cert_chain=req.cert_chain,
                 amd_crl=amd_crl,
+                gpus=[
+                    GpuBundle(
+                        g.cc_mode,
+                        _b64(g.evidence, "gpus.evidence") if g.evidence else None,
+                        g.certificate.encode() if g.certificate else None,
+                        [_b64(o, "gpus.ocsp") for o in g.ocsp],
+                        [r.encode() for r in g.rims],
+                    )
+                    for g in req.gpus
+                ],
             ),
         )  # raises the refusal; the ShieldError handler answers its status and detail
         claims = released.claims

@@ -30,7 +30,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any, NoReturn
@@ -41,14 +41,18 @@ from shieldml.attest import (
     Claims,
     CrlSource,
     EnclaveIdentity,
+    GpuClaims,
     IntelCollateral,
     TcbInfo,
     TrustAnchors,
     VerificationCache,
     detect_tee,
     extract,
+    load_gpu_chain,
     load_pem_chain,
+    not_in_cc_mode,
     verify_evidence,
+    verify_gpu_evidence,
     verify_pck_chain,
 )
 from shieldml.broker import protocol
@@ -204,6 +208,19 @@ class NonceBinding:
 
 
 @dataclass(frozen=True)
+class GpuBundle:
+    """One GPU's evidence in a release request: the CC mode the runner read through NVML, the
+    SPDM report (absent when the GPU gave none: not in CC mode), its chain (PEM) and the
+    collateral the runner fetched (DER OCSP responses, driver/VBIOS RIMs)."""
+
+    cc_mode: str
+    report: bytes | None = None
+    chain_pem: bytes | None = None
+    ocsp: Sequence[bytes] = ()
+    rims: Sequence[bytes] = ()
+
+
+@dataclass(frozen=True)
 class ReleaseRequest:
     """What one release decision is asked. ``binding`` None means the evidence is an RA-TLS
     certificate whose quote binds the key of the TLS connection it was presented on (Gramine
@@ -221,6 +238,8 @@ class ReleaseRequest:
     amd_crl: bytes | None = None  # AMD's CRL (DER or PEM), checked when sent
     #: the only key format this channel can deliver (secret provisioning: gramine-pf)
     key_format: str | None = None
+    #: NVIDIA GPU evidence, one per GPU the runner saw, in its order (bound by gpu_nonce)
+    gpus: Sequence[GpuBundle] = ()
 
     def __post_init__(self) -> None:
         if self.binding is None and self.tee != "ratls":
@@ -353,6 +372,29 @@ def _decide(
                 },
             ),
         )
+    gpus: tuple[GpuClaims, ...] = ()
+    if request.gpus:  # 4b: every GPU's evidence, bound to this session through gpu_nonce
+        try:
+            gpus = verify_session_gpus(settings, claims.report_data, request.gpus)
+        except (AttestationError, FormatError) as e:
+            gcause = e if isinstance(e, AttestationError) else None
+            greason = "GPU evidence: " + e.diagnostics()
+            gnamed: dict[str, Any] = {
+                "reason": "GPU evidence is not genuine or not bound to this session",
+                "reasons": [greason],
+                "check": gcause.check if gcause is not None else "format",
+                "message": e.message,
+                "expected": gcause.expected if gcause is not None else None,
+                "found": gcause.found if gcause is not None else None,
+                "hint": e.hint,
+                "checks": [c.to_dict() for c in gcause.checks] if gcause is not None else [],
+            }
+            _refuse(
+                {"reason": greason[:MAX_AUDIT_REASON]},
+                lambda seq: NotGenuineError(403, {**gnamed, "audit_seq": seq}, cause=gcause),
+                e,
+            )
+        record["gpus"] = [g.summary() for g in gpus]
     entries: dict[str, KeyEntry] = {}
     for name in names:  # 5
         try:
@@ -383,7 +425,7 @@ def _decide(
             failures.append(f"key {name}: no policy set")
             continue
         try:
-            verdicts[name] = require(_parse_policy(entry.policy, name), claims, workload)
+            verdicts[name] = require(_parse_policy(entry.policy, name), claims, workload, gpus)
         except PolicyDenied as e:
             assert e.verdict is not None  # require() always carries its verdict
             denied[name] = e.verdict.to_dict()
@@ -406,6 +448,31 @@ def _decide(
         failed = e
         _refuse({"reason": f"key material did not unwrap: {e.message}"}, lambda _seq: failed)
     return Released(keys, claims, verdicts, 0)
+
+
+def verify_session_gpus(
+    settings: Settings, report_data: bytes, bundles: Sequence[GpuBundle]
+) -> tuple[GpuClaims, ...]:
+    """Verify each GPU's evidence with the nonce of its place in this session."""
+    if len(bundles) > protocol.MAX_GPUS:
+        raise FormatError(f"at most {protocol.MAX_GPUS} GPUs per release")
+    out = []
+    for i, b in enumerate(bundles):
+        nonce = protocol.gpu_nonce(report_data, i, len(bundles), b.cc_mode)
+        if b.cc_mode != "on" or b.report is None or b.chain_pem is None:
+            raise not_in_cc_mode(i, b.cc_mode, b.report is not None)
+        c = verify_gpu_evidence(
+            b.report,
+            load_gpu_chain(b.chain_pem),
+            now=settings.now(),
+            trust=settings.trust,
+            nonce=nonce,
+            ocsp_responses=list(b.ocsp),
+            rims=list(b.rims),
+            cache=settings.cache,
+        )
+        out.append(replace(c, cc_mode=b.cc_mode))
+    return tuple(out)
 
 
 def _raise_as_is(e: ShieldError) -> Callable[[int], ShieldError]:
