@@ -10,13 +10,16 @@ from typing import Any, TypeVar
 import click
 
 from shieldml.attest import (
-    TEE_CHOICES,
+    DEPRECATED_TEE_NAMES,
+    TEE_NAMES,
     Check,
     Claims,
     IntelCollateral,
     TrustAnchors,
     TrustStore,
     anchors_from_files,
+    canonical_tee,
+    is_certificate,
     load_pem_chain,
     verify_evidence,
 )
@@ -56,6 +59,22 @@ EXIT_CODES = {
 }
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class TeeName(click.Choice[str]):
+    """``--tee``: one of the canonical TEE names (``sgx``, ``tdx``, ``snp``, and ``auto`` or
+    ``simulated`` where they apply); an older spelling (``gramine``, ``ratls``) is taken as the
+    name it means, with a warning on standard error."""
+
+    def __init__(self, *modes: str) -> None:
+        super().__init__([*modes, *TEE_NAMES])
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value in DEPRECATED_TEE_NAMES:
+            where = f"--{param.name}" if param is not None and param.name else "--tee"
+            return canonical_tee(value, where)
+        return super().convert(value, param, ctx)
+
 
 #: an option or argument that names a file that must exist
 EXISTING_FILE = click.Path(exists=True, dir_okay=False)
@@ -172,7 +191,12 @@ def evidence_options(f: F) -> F:
         [
             click.argument("file", type=EXISTING_FILE),
             click.option(
-                "--tee", type=click.Choice(TEE_CHOICES), default="auto", show_default=True
+                "--tee",
+                type=TeeName("auto"),
+                default="auto",
+                show_default=True,
+                help="Which TEE made the evidence (sgx reads a DCAP quote or an RA-TLS"
+                " certificate carrying one).",
             ),
             click.option(
                 "--collateral",
@@ -238,6 +262,8 @@ def verify(
     (the evidence file, collateral, a certificate chain) raise their :class:`ShieldError`.
     """
     data = read_bytes(file, "evidence")
+    if tee == "sgx" and is_certificate(data):  # an SGX quote inside an RA-TLS certificate
+        tee = "ratls"
     col = None
     if collateral:
         col = IntelCollateral.from_json(read_bytes(collateral, "collateral"))

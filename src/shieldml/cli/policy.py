@@ -10,11 +10,11 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from shieldml.attest import TeeKind
 from shieldml.cli._common import (
     EXISTING_FILE,
     JSON_OPTION,
     NotGenuine,
+    TeeName,
     evidence_options,
     load_policy,
     verify,
@@ -62,7 +62,7 @@ def check(policy_file: str, as_json: bool) -> None:
 )
 @click.option(
     "--tee",
-    type=click.Choice([k.value for k in TeeKind]),
+    type=TeeName(),
     help='The TEE the policy is for, where the job does not say (tee = "auto").',
 )
 @click.option(

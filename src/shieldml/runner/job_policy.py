@@ -29,7 +29,7 @@ from shieldml.runner.evidence import RTMR_SIZE, expected_rtmr, simulated_snp_tcb
 from shieldml.runner.manifest import JobManifest, to_toml
 
 #: the TEE kind a manifest's ``tee`` runs in (simulated: its [simulated] kind; auto: not known)
-_KIND = {"tdx": TeeKind.TDX, "snp": TeeKind.SNP, "gramine": TeeKind.SGX}
+_KIND = {"sgx": TeeKind.SGX, "tdx": TeeKind.TDX, "snp": TeeKind.SNP}
 
 
 @dataclass(frozen=True)
