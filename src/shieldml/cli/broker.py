@@ -27,7 +27,7 @@ from shieldml.cli._common import (
     read_policy,
     trust_root_options,
 )
-from shieldml.cli._output import emit, emit_json, out
+from shieldml.cli._output import emit, emit_json, err, out
 from shieldml.errors import ShieldError
 from shieldml.files import Format, load_key
 
@@ -188,6 +188,7 @@ def broker() -> None:
 )
 @click.option("--secret-prov-port", type=int, help="Also serve Gramine's secret provisioning here.")
 @click.option("--secret-prov-key", help="The gramine-pf key released over secret provisioning.")
+@JSON_OPTION
 def serve(
     database: str | None,
     state: str | None,
@@ -210,8 +211,17 @@ def serve(
     pccs_url: str | None,
     secret_prov_port: int | None,
     secret_prov_key: str | None,
+    as_json: bool,
 ) -> None:
-    """Run the broker (HTTPS by default, with a self-signed certificate made on first start)."""
+    """Run the broker (HTTPS by default, with a self-signed certificate made on first start).
+
+    With --json, once the socket listens: one JSON line on stdout, ``{"event": "listening",
+    "url", "host", "port", "fingerprint", "state", "database", "admin_token_file",
+    "secret_prov_port"}`` (``admin_token_file``: where a token made on this start was written,
+    else null; ``admin_token`` too with --print-admin-token); warnings go to stderr.
+    """
+    said = err if as_json else out  # stdout carries only the JSON line then
+    started: dict[str, Any] = {"admin_token_file": None}
     with _broker_extra():
         import uvicorn
 
@@ -266,13 +276,19 @@ def serve(
                 raise ShieldError(
                     f"the admin token is in {tmp}; it could not be moved to {token_path}: {e}"
                 ) from e
-        if won:
+        if won and as_json:
+            started["admin_token_file"] = str(token_path)
+            if print_admin_token:
+                started["admin_token"] = token
+        elif won:
             out.print(f"admin token written to {escape(str(token_path))} (mode 0600)")
             if print_admin_token:
                 out.print(f"admin token: {token}", markup=False, highlight=False)
     store.engine.dispose()
     ssl_kw: dict[str, Any] = {}
     scheme = "http"
+    fingerprint: str | None = None
+    sp_port: int | None = None
     if not insecure_no_tls:
         if bool(tls_cert) != bool(tls_key):
             raise ShieldError("--tls-cert and --tls-key go together")
@@ -283,9 +299,9 @@ def serve(
             cert, key = made.cert, made.key
         from shieldml.broker.tls import cert_fingerprint
 
-        out.print(
-            f"TLS certificate fingerprint (clients pin it): [bold]{cert_fingerprint(cert.read_bytes())}[/bold]"
-        )
+        fingerprint = cert_fingerprint(cert.read_bytes())
+        if not as_json:
+            out.print(f"TLS certificate fingerprint (clients pin it): [bold]{fingerprint}[/bold]")
         ssl_kw = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
         scheme = "https"
         if secret_prov_port is not None and secret_prov_key is not None:
@@ -303,16 +319,31 @@ def serve(
                 port=secret_prov_port,
             )
             sp.start()
-            out.print(
-                f"Gramine secret provisioning on {host}:{sp.port} (key {escape(secret_prov_key)})"
-            )
+            sp_port = sp.port
+            if not as_json:
+                out.print(
+                    f"Gramine secret provisioning on {host}:{sp.port} (key"
+                    f" {escape(secret_prov_key)})"
+                )
     else:
         if secret_prov_port is not None:
             raise ShieldError("Gramine secret provisioning needs TLS")
-        out.print("[yellow]insecure: serving plain HTTP[/yellow]")
-    out.print(
-        f"broker listening on {scheme}://{host}:{port}  (database: {escape(url.split('@')[-1])})"
-    )
+        said.print("[yellow]insecure: serving plain HTTP[/yellow]")
+    shown_db = url.split("@")[-1]  # never the password of a database URL
+    if as_json:
+        doc = {
+            "event": "listening",
+            "url": f"{scheme}://{host}:{port}",
+            "host": host,
+            "port": port,
+            "fingerprint": fingerprint,
+            "state": str(state_dir),
+            "database": shown_db,
+            "secret_prov_port": sp_port,
+        } | started
+        click.echo(json.dumps(doc))
+    else:
+        out.print(f"broker listening on {scheme}://{host}:{port}  (database: {escape(shown_db)})")
     sys.stdout.flush()
     os.environ["SHIELDML_BROKER_CONFIG"] = cfg.to_env()
     # Served on the socket bound above (uvicorn's own ``fd=`` would re-wrap it as AF_UNIX and lose
@@ -444,7 +475,8 @@ def fingerprint_cmd(state: str | None, wait: float, as_json: bool) -> None:
 @broker.command("rotate-kek")
 @click.option("--database")
 @click.option("--state", type=click.Path(file_okay=False))
-def rotate_kek(database: str | None, state: str | None) -> None:
+@JSON_OPTION
+def rotate_kek(database: str | None, state: str | None, as_json: bool) -> None:
     """Re-wrap every stored key under a new key-encryption key (data is not re-encrypted)."""
     with _broker_extra():
         from shieldml.broker.server import Store
@@ -453,7 +485,11 @@ def rotate_kek(database: str | None, state: str | None) -> None:
     store = Store(_database(database, state_dir), state_dir)
     n = store.rotate_kek()
     store.audit("kek_rotated", {"keys": n, "kek_id": store.kek.id})
-    out.print(f"re-wrapped {n} key(s) under KEK {store.kek.id}")
+    emit(
+        {"rewrapped": n, "kek_id": store.kek.id},
+        as_json,
+        f"re-wrapped {n} key(s) under KEK {escape(str(store.kek.id))}",
+    )
 
 
 @broker.command("rotate-admin-token")
