@@ -705,15 +705,78 @@ def audit_show(
     if as_json:
         emit_json({"head": head, "records": records})
         return
+    if not records:
+        out.print(f"no audit records after {after}")
+        return
+    out.print(audit_table(records))
+
+
+def _audit_key(data: dict[str, Any]) -> str:
+    keys = data.get("keys", data.get("name"))
+    if isinstance(keys, list):
+        return ", ".join(str(k) for k in keys)
+    return "" if keys is None else str(keys)
+
+
+def _audit_digest(data: dict[str, Any]) -> str:
+    """The digest a record is about: a release's workload, a policy's text."""
+    for field in ("workload_digest", "sha256"):
+        if isinstance(data.get(field), str):
+            return str(data[field])
+    return ""
+
+
+def _audit_reason(data: dict[str, Any]) -> str:
+    """The reason and, for a policy denial, each failed check on a line of its own."""
+    lines = [str(data["reason"])] if data.get("reason") else []
+    reasons = data.get("reasons")
+    if isinstance(reasons, list):
+        lines += [str(x) for x in reasons if str(x) not in lines]
+    if data.get("denied") and not lines:
+        lines.append("denied: " + ", ".join(str(k) for k in data["denied"]))
+    return "\n".join(lines)
+
+
+def _short(digest: str) -> str:
+    """A digest as the table shows it: its first 12 hex digits, without the ``sha256:`` in
+    front (``--json`` has all of it)."""
+    hexits = digest.rpartition(":")[2]
+    return f"{hexits[:12]}…" if len(hexits) > 12 else hexits
+
+
+def audit_table(records: list[dict[str, Any]]) -> Any:
+    """``audit show``: one row per record with its key(s) and digest (shortened; ``--json`` has
+    it whole); a multi-line reason stays inside its cell (rich folds long values within their
+    column, never across columns)."""
+    from rich.table import Table
+
+    table = Table(show_lines=True)
+    table.add_column("seq", justify="right", no_wrap=True)
+    table.add_column("at", overflow="fold", max_width=20)
+    table.add_column("event", overflow="fold")
+    table.add_column("result", no_wrap=True)
+    table.add_column("key", overflow="fold")
+    table.add_column("digest", no_wrap=True)
+    table.add_column("reason", overflow="fold", ratio=1)
     for r in records:
-        allowed = r["data"].get("allowed")
-        mark = (
+        raw = r.get("data")
+        data: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        allowed = data.get("allowed")
+        result = (
             ""
             if allowed is None
-            else ("[green]allowed[/green] " if allowed else "[red]denied[/red] ")
+            else ("[green]allowed[/green]" if allowed else "[red]denied[/red]")
         )
-        reason = r["data"].get("reason", "")
-        out.print(f"{r['seq']:>6} {r['at']} {r['event']:<12} {mark}{escape(str(reason))}")
+        table.add_row(
+            str(r.get("seq", "")),
+            escape(str(r.get("at", ""))),
+            escape(str(r.get("event", ""))),
+            result,
+            escape(_audit_key(data)),
+            escape(_short(_audit_digest(data))),
+            escape(_audit_reason(data)),
+        )
+    return table
 
 
 def _log_key_option(f: F) -> F:
