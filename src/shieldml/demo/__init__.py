@@ -11,6 +11,7 @@ that evidence comes from :mod:`shieldml.testing.simulated`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -241,13 +243,14 @@ class Demo:
     # 2, 3 -------------------------------------------------------------------------------------
     def shielded(self, manifest: Path, label: str, *, quiet: bool = False) -> int:
         stats: dict[str, Any] = {}
-        t = time.perf_counter()
-        status = run_job(
-            manifest,
-            stats=stats,
-            log=None if quiet else lambda s: self.c.print(f"  [dim]runner:[/dim] {s}"),
-        )
-        self.times.setdefault(f"{label} shielded", []).append(time.perf_counter() - t)
+        with _program_output_hidden() if quiet else contextlib.nullcontext():
+            t = time.perf_counter()
+            status = run_job(
+                manifest,
+                stats=stats,
+                log=None if quiet else lambda s: self.c.print(f"  [dim]runner:[/dim] {s}"),
+            )
+            self.times.setdefault(f"{label} shielded", []).append(time.perf_counter() - t)
         return status
 
     def native(self, script: str, label: str, inputs: dict[str, Path]) -> None:
@@ -498,6 +501,20 @@ def overhead_text(native: float, shielded: float, spread: float | None = None) -
     if d < 0:
         return text + " (shielded faster: load changed between the runs)"
     return text + f" ({d / native:+.0%})"
+
+
+@contextlib.contextmanager
+def _program_output_hidden() -> Iterator[None]:
+    """The timing runs' program output (which the runner passes through) kept off the screen."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with Path(os.devnull).open("wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def assert_ok(status: int) -> None:
