@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint bench soak fuzz docs fmt clean setup
+.PHONY: demo test lint bench soak fuzz docs fmt clean setup images
 
 setup: $(STAMP)
 
@@ -69,6 +69,12 @@ soak: $(STAMP)
 		{ command -v apt-get >/dev/null && apt-get install -y -q faketime >/dev/null 2>&1; } || \
 		echo "note: libfaketime missing: the soak runs without clock skew"
 	$(BIN)/python benchmarks/soak_broker.py --seconds 60 --markdown docs/benchmarks.md
+
+# The broker and runner container images, from a Debian root filesystem (no registry needed):
+# root, mmdebstrap and podman (apt-get install mmdebstrap podman). IMAGE_EXTRAS=examples adds
+# PyTorch to the runner image for the example jobs.
+images: $(STAMP)
+	$(BIN)/python scripts/build_images.py $(if $(IMAGE_EXTRAS),--extras $(IMAGE_EXTRAS))
 
 docs: $(STAMP)
 	$(BIN)/python scripts/gen_cli_docs.py

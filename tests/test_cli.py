@@ -150,10 +150,13 @@ def test_files_tour_runs(capsys: pytest.CaptureFixture[str]):
 @pytest.mark.skipif(
     os.geteuid() != 0, reason="the demo's decrypted view needs root (or user namespaces) here"
 )
-def test_demo_tells_the_whole_story(capsys: pytest.CaptureFixture[str]):
+def test_demo_tells_the_whole_story(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")
-    rc, out, _ = run(capsys, "demo")
+    monkeypatch.setenv("COLUMNS", "300")  # the demo wraps to the terminal: one line per line here
+    rc, out, _ = run(capsys, "demo", "--repeats", "1")  # medians of more: minutes, not for CI
     assert rc == 0
     assert out.count("✓ refused") == 3 and "NOT refused" not in out
     assert "verdict fails workload_digest" in out and "verdict fails debug\n" in out.replace(
@@ -241,6 +244,30 @@ def test_demo_never_prints_plus_minus_overhead(native: float, shielded: float, w
     from shieldml.demo import overhead_text
 
     assert overhead_text(native, shielded) == want
+
+
+def test_demo_noise_is_the_spread_of_repeated_runs():
+    from shieldml.demo import noise, overhead_text
+
+    assert noise([3.0], [3.5]) is None  # one run each: the share-of-native rule applies
+    spread = noise([3.0, 3.4, 3.1], [3.6, 3.5, 3.9])
+    assert spread == pytest.approx(0.4)
+    assert overhead_text(3.1, 3.6, spread) == "+0.50 s (+16%)"  # more than runs of one job vary
+    assert overhead_text(3.1, 3.4, spread) == "+0.30 s (within noise)"
+    assert overhead_text(3.4, 3.1, spread) == "\N{MINUS SIGN}0.30 s (within noise)"
+
+
+@pytest.mark.parametrize("width", [50, 72])
+def test_demo_lines_fit_the_terminal(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, width: int
+):
+    """rich wraps every line of `shieldml demo` to the terminal's width (no line the terminal
+    would have to break mid-word; no hard-coded breaks needed)."""
+    monkeypatch.setenv("COLUMNS", str(width))
+    rc, out, _ = run(capsys, "demo", "--files-only", "--workdir", str(tmp_path))
+    lines = out.splitlines()
+    assert rc == 0 and len(lines) > 20
+    assert max(len(line) for line in lines) <= width
 
 
 def _json_error(err: str) -> dict[str, object]:

@@ -18,7 +18,7 @@ def make_job(out: Path, broker: str, fingerprint: str) -> Path:
     (out / "work").mkdir(parents=True, exist_ok=True)
     lines = [
         "version = 1",
-        'tee = "gramine"',
+        'tee = "sgx"',
         "",
         "[command]",
         'argv = ["/usr/bin/python3", "infer.py"]',

@@ -101,6 +101,11 @@ __all__ = [
 ]
 
 
+class ShieldDeprecationWarning(DeprecationWarning):
+    """An old spelling still accepted (a TEE name, say); the CLI prints it as one
+    ``warning:`` line on standard error."""
+
+
 class ShieldError(Exception):
     """Root of every error shieldml raises for bad input."""
 

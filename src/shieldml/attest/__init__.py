@@ -7,15 +7,18 @@ reports. The result is :class:`Claims`; acceptability (debug, measurements) is t
 
 from shieldml.attest._checks import Check, VerificationCache
 from shieldml.attest._claims import (
+    DEPRECATED_TEE_NAMES,
+    TEE_NAMES,
     Claims,
     SgxMeasurements,
     SnpMeasurements,
     TcbStatus,
     TdxMeasurements,
     TeeKind,
+    canonical_tee,
     iso_utc,
 )
-from shieldml.attest._evidence import TEE_CHOICES, detect_tee, verify_evidence
+from shieldml.attest._evidence import TEE_CHOICES, detect_tee, is_certificate, verify_evidence
 from shieldml.attest._fetch import (
     CollateralCache,
     Fetcher,
@@ -56,8 +59,10 @@ from shieldml.attest._truststore import TrustStore, default_store
 __all__ = [
     "AMD_ARK_SHA256",
     "AMD_PRODUCTS",
+    "DEPRECATED_TEE_NAMES",
     "INTEL_SGX_ROOT_SHA256",
     "TEE_CHOICES",
+    "TEE_NAMES",
     "Check",
     "Claims",
     "CollateralCache",
@@ -84,6 +89,7 @@ __all__ = [
     "Vendor",
     "VerificationCache",
     "anchors_from_files",
+    "canonical_tee",
     "default_store",
     "detect_tee",
     "extract",
@@ -92,6 +98,7 @@ __all__ = [
     "fetch_vcek",
     "fingerprint",
     "http_fetcher",
+    "is_certificate",
     "iso_utc",
     "load_evidence_json",
     "load_gpu_chain",

@@ -27,6 +27,7 @@ from shieldml.attest._trust import TrustAnchors
 from shieldml.errors import AttestationError, CollateralError, FormatError
 
 #: what ``tee=`` accepts: detect it, one TEE kind, or an RA-TLS certificate carrying the evidence
+#: (the CLI's ``--tee sgx`` maps a certificate to ``ratls``; ``--tee ratls`` is deprecated)
 TEE_CHOICES = ("auto", *(k.value for k in TeeKind), "ratls")
 MAX_EVIDENCE = 64 * 1024
 
@@ -46,12 +47,17 @@ def load_crl(data: bytes, what: str) -> x509.CertificateRevocationList:
         raise CollateralError("collateral", f"{what}: not a DER or PEM CRL") from e
 
 
-def detect_tee(data: bytes) -> str:
-    """Which kind of evidence ``data`` is: sgx, tdx, snp or ratls."""
-    if data.lstrip().startswith(b"-----BEGIN CERTIFICATE") or data[:2] in (
+def is_certificate(data: bytes) -> bool:
+    """Whether ``data`` looks like an X.509 certificate (PEM or DER): RA-TLS evidence."""
+    return data.lstrip().startswith(b"-----BEGIN CERTIFICATE") or data[:2] in (
         b"\x30\x82",
         b"\x30\x81",
-    ):
+    )
+
+
+def detect_tee(data: bytes) -> str:
+    """Which kind of evidence ``data`` is: sgx, tdx, snp or ratls (an RA-TLS certificate)."""
+    if is_certificate(data):
         return "ratls"
     if len(data) == REPORT_SIZE or (data[:4] == b"HCLA" and len(data) >= HCL_OFFSET + REPORT_SIZE):
         return "snp"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,8 +47,9 @@ from shieldml.cli._output import (
     error_document,
     print_error,
     print_interrupted,
+    print_warning,
 )
-from shieldml.errors import IntegrityError, ShieldError
+from shieldml.errors import IntegrityError, ShieldDeprecationWarning, ShieldError
 
 __all__ = [
     "EXIT_CODES",
@@ -137,7 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return state.failure_code if state.failure_code is not None else default
 
     try:
-        rc = cli.main(args=args, standalone_mode=False)
+        with warnings.catch_warnings():  # an old spelling: one `warning:` line on stderr
+            warnings.simplefilter("always", ShieldDeprecationWarning)
+            warnings.showwarning = _show_warning
+            rc = cli.main(args=args, standalone_mode=False)
     except IntegrityError as e:
         rc = code(EXIT_INTEGRITY)
         print_error("integrity error", e, rc)
@@ -158,6 +163,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.ClickException as e:
         return _click_error(e, args, state)
     return rc if isinstance(rc, int) else EXIT_OK
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    if issubclass(category, ShieldDeprecationWarning):
+        print_warning(str(message))
+    else:
+        _SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+_SHOW_WARNING = warnings.showwarning
 
 
 def _click_error(e: click.ClickException, args: list[str], state: Invocation) -> int:

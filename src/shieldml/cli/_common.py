@@ -10,7 +10,8 @@ from typing import Any, TypeVar
 import click
 
 from shieldml.attest import (
-    TEE_CHOICES,
+    DEPRECATED_TEE_NAMES,
+    TEE_NAMES,
     Check,
     Claims,
     GpuClaims,
@@ -18,6 +19,8 @@ from shieldml.attest import (
     TrustAnchors,
     TrustStore,
     anchors_from_files,
+    canonical_tee,
+    is_certificate,
     load_evidence_json,
     load_gpu_chain,
     load_pem_chain,
@@ -60,6 +63,22 @@ EXIT_CODES = {
 }
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class TeeName(click.Choice[str]):
+    """``--tee``: one of the canonical TEE names (``sgx``, ``tdx``, ``snp``, and ``auto`` or
+    ``simulated`` where they apply); an older spelling (``gramine``, ``ratls``) is taken as the
+    name it means, with a warning on standard error."""
+
+    def __init__(self, *modes: str) -> None:
+        super().__init__([*modes, *TEE_NAMES])
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value in DEPRECATED_TEE_NAMES:
+            where = f"--{param.name}" if param is not None and param.name else "--tee"
+            return canonical_tee(value, where)
+        return super().convert(value, param, ctx)
+
 
 #: an option or argument that names a file that must exist
 EXISTING_FILE = click.Path(exists=True, dir_okay=False)
@@ -174,7 +193,7 @@ GPU_TEE = "nvidia-gpu"
 
 def evidence_options(f: F) -> F:
     """FILE and the options of :func:`verify` (``attest verify|explain``, ``policy eval``)."""
-    return _evidence_options(f, TEE_CHOICES)
+    return _evidence_options(f, ())
 
 
 def attest_evidence_options(f: F) -> F:
@@ -202,7 +221,7 @@ def attest_evidence_options(f: F) -> F:
         ]
     ):
         f = opt(f)
-    return _evidence_options(f, (*TEE_CHOICES, GPU_TEE))
+    return _evidence_options(f, (GPU_TEE,))
 
 
 def _evidence_options(f: F, tees: tuple[str, ...]) -> F:
@@ -210,7 +229,15 @@ def _evidence_options(f: F, tees: tuple[str, ...]) -> F:
     for opt in reversed(
         [
             click.argument("file", type=EXISTING_FILE),
-            click.option("--tee", type=click.Choice(tees), default="auto", show_default=True),
+            click.option(
+                "--tee",
+                type=TeeName("auto", *tees),
+                default="auto",
+                show_default=True,
+                help="Which TEE made the evidence (sgx reads a DCAP quote or an RA-TLS"
+                " certificate carrying one"
+                + ("; nvidia-gpu an NVIDIA GPU's SPDM report)." if tees else ")."),
+            ),
             click.option(
                 "--collateral",
                 type=EXISTING_FILE,
@@ -276,6 +303,8 @@ def verify(
     (the evidence file, collateral, a certificate chain) raise their :class:`ShieldError`.
     """
     data = read_bytes(file, "evidence")
+    if tee == "sgx" and is_certificate(data):  # an SGX quote inside an RA-TLS certificate
+        tee = "ratls"
     col = None
     if collateral:
         col = IntelCollateral.from_json(read_bytes(collateral, "collateral"))

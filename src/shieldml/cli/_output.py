@@ -121,6 +121,11 @@ def emit_json_line(doc: dict[str, Any]) -> None:
     click.echo(json.dumps(doc, default=str), err=True)
 
 
+def print_warning(text: str) -> None:
+    """``warning: text`` on standard error (with ``--json`` too: it is not the result)."""
+    err.print(f"[yellow]warning:[/yellow] {escape(text)}")
+
+
 def print_interrupted(exit_code: int) -> None:
     if _invocation.as_json:
         emit_json_line(error_document("interrupted", "interrupted", exit_code))

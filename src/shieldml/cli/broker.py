@@ -27,7 +27,7 @@ from shieldml.cli._common import (
     read_policy,
     trust_root_options,
 )
-from shieldml.cli._output import emit, emit_json, out
+from shieldml.cli._output import emit, emit_json, err, out
 from shieldml.errors import ShieldError
 from shieldml.files import Format, load_key
 
@@ -197,6 +197,7 @@ def broker() -> None:
 )
 @click.option("--secret-prov-port", type=int, help="Also serve Gramine's secret provisioning here.")
 @click.option("--secret-prov-key", help="The gramine-pf key released over secret provisioning.")
+@JSON_OPTION
 def serve(
     database: str | None,
     state: str | None,
@@ -220,8 +221,17 @@ def serve(
     amd_kds_url: str | None,
     secret_prov_port: int | None,
     secret_prov_key: str | None,
+    as_json: bool,
 ) -> None:
-    """Run the broker (HTTPS by default, with a self-signed certificate made on first start)."""
+    """Run the broker (HTTPS by default, with a self-signed certificate made on first start).
+
+    With --json, once the socket listens: one JSON line on stdout, ``{"event": "listening",
+    "url", "host", "port", "fingerprint", "state", "database", "admin_token_file",
+    "secret_prov_port"}`` (``admin_token_file``: where a token made on this start was written,
+    else null; ``admin_token`` too with --print-admin-token); warnings go to stderr.
+    """
+    said = err if as_json else out  # stdout carries only the JSON line then
+    started: dict[str, Any] = {"admin_token_file": None}
     with _broker_extra():
         import uvicorn
 
@@ -277,13 +287,19 @@ def serve(
                 raise ShieldError(
                     f"the admin token is in {tmp}; it could not be moved to {token_path}: {e}"
                 ) from e
-        if won:
+        if won and as_json:
+            started["admin_token_file"] = str(token_path)
+            if print_admin_token:
+                started["admin_token"] = token
+        elif won:
             out.print(f"admin token written to {escape(str(token_path))} (mode 0600)")
             if print_admin_token:
                 out.print(f"admin token: {token}", markup=False, highlight=False)
     store.engine.dispose()
     ssl_kw: dict[str, Any] = {}
     scheme = "http"
+    fingerprint: str | None = None
+    sp_port: int | None = None
     if not insecure_no_tls:
         if bool(tls_cert) != bool(tls_key):
             raise ShieldError("--tls-cert and --tls-key go together")
@@ -294,9 +310,9 @@ def serve(
             cert, key = made.cert, made.key
         from shieldml.broker.tls import cert_fingerprint
 
-        out.print(
-            f"TLS certificate fingerprint (clients pin it): [bold]{cert_fingerprint(cert.read_bytes())}[/bold]"
-        )
+        fingerprint = cert_fingerprint(cert.read_bytes())
+        if not as_json:
+            out.print(f"TLS certificate fingerprint (clients pin it): [bold]{fingerprint}[/bold]")
         ssl_kw = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
         scheme = "https"
         if secret_prov_port is not None and secret_prov_key is not None:
@@ -314,16 +330,31 @@ def serve(
                 port=secret_prov_port,
             )
             sp.start()
-            out.print(
-                f"Gramine secret provisioning on {host}:{sp.port} (key {escape(secret_prov_key)})"
-            )
+            sp_port = sp.port
+            if not as_json:
+                out.print(
+                    f"Gramine secret provisioning on {host}:{sp.port} (key"
+                    f" {escape(secret_prov_key)})"
+                )
     else:
         if secret_prov_port is not None:
             raise ShieldError("Gramine secret provisioning needs TLS")
-        out.print("[yellow]insecure: serving plain HTTP[/yellow]")
-    out.print(
-        f"broker listening on {scheme}://{host}:{port}  (database: {escape(url.split('@')[-1])})"
-    )
+        said.print("[yellow]insecure: serving plain HTTP[/yellow]")
+    shown_db = url.split("@")[-1]  # never the password of a database URL
+    if as_json:
+        doc = {
+            "event": "listening",
+            "url": f"{scheme}://{host}:{port}",
+            "host": host,
+            "port": port,
+            "fingerprint": fingerprint,
+            "state": str(state_dir),
+            "database": shown_db,
+            "secret_prov_port": sp_port,
+        } | started
+        click.echo(json.dumps(doc))
+    else:
+        out.print(f"broker listening on {scheme}://{host}:{port}  (database: {escape(shown_db)})")
     sys.stdout.flush()
     os.environ["SHIELDML_BROKER_CONFIG"] = cfg.to_env()
     # Served on the socket bound above (uvicorn's own ``fd=`` would re-wrap it as AF_UNIX and lose
@@ -455,7 +486,8 @@ def fingerprint_cmd(state: str | None, wait: float, as_json: bool) -> None:
 @broker.command("rotate-kek")
 @click.option("--database")
 @click.option("--state", type=click.Path(file_okay=False))
-def rotate_kek(database: str | None, state: str | None) -> None:
+@JSON_OPTION
+def rotate_kek(database: str | None, state: str | None, as_json: bool) -> None:
     """Re-wrap every stored key under a new key-encryption key (data is not re-encrypted)."""
     with _broker_extra():
         from shieldml.broker.server import Store
@@ -464,7 +496,11 @@ def rotate_kek(database: str | None, state: str | None) -> None:
     store = Store(_database(database, state_dir), state_dir)
     n = store.rotate_kek()
     store.audit("kek_rotated", {"keys": n, "kek_id": store.kek.id})
-    out.print(f"re-wrapped {n} key(s) under KEK {store.kek.id}")
+    emit(
+        {"rewrapped": n, "kek_id": store.kek.id},
+        as_json,
+        f"re-wrapped {n} key(s) under KEK {escape(str(store.kek.id))}",
+    )
 
 
 @broker.command("rotate-admin-token")
@@ -680,15 +716,78 @@ def audit_show(
     if as_json:
         emit_json({"head": head, "records": records})
         return
+    if not records:
+        out.print(f"no audit records after {after}")
+        return
+    out.print(audit_table(records))
+
+
+def _audit_key(data: dict[str, Any]) -> str:
+    keys = data.get("keys", data.get("name"))
+    if isinstance(keys, list):
+        return ", ".join(str(k) for k in keys)
+    return "" if keys is None else str(keys)
+
+
+def _audit_digest(data: dict[str, Any]) -> str:
+    """The digest a record is about: a release's workload, a policy's text."""
+    for field in ("workload_digest", "sha256"):
+        if isinstance(data.get(field), str):
+            return str(data[field])
+    return ""
+
+
+def _audit_reason(data: dict[str, Any]) -> str:
+    """The reason and, for a policy denial, each failed check on a line of its own."""
+    lines = [str(data["reason"])] if data.get("reason") else []
+    reasons = data.get("reasons")
+    if isinstance(reasons, list):
+        lines += [str(x) for x in reasons if str(x) not in lines]
+    if data.get("denied") and not lines:
+        lines.append("denied: " + ", ".join(str(k) for k in data["denied"]))
+    return "\n".join(lines)
+
+
+def _short(digest: str) -> str:
+    """A digest as the table shows it: its first 12 hex digits, without the ``sha256:`` in
+    front (``--json`` has all of it)."""
+    hexits = digest.rpartition(":")[2]
+    return f"{hexits[:12]}…" if len(hexits) > 12 else hexits
+
+
+def audit_table(records: list[dict[str, Any]]) -> Any:
+    """``audit show``: one row per record with its key(s) and digest (shortened; ``--json`` has
+    it whole); a multi-line reason stays inside its cell (rich folds long values within their
+    column, never across columns)."""
+    from rich.table import Table
+
+    table = Table(show_lines=True)
+    table.add_column("seq", justify="right", no_wrap=True)
+    table.add_column("at", overflow="fold", max_width=20)
+    table.add_column("event", overflow="fold")
+    table.add_column("result", no_wrap=True)
+    table.add_column("key", overflow="fold")
+    table.add_column("digest", no_wrap=True)
+    table.add_column("reason", overflow="fold", ratio=1)
     for r in records:
-        allowed = r["data"].get("allowed")
-        mark = (
+        raw = r.get("data")
+        data: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        allowed = data.get("allowed")
+        result = (
             ""
             if allowed is None
-            else ("[green]allowed[/green] " if allowed else "[red]denied[/red] ")
+            else ("[green]allowed[/green]" if allowed else "[red]denied[/red]")
         )
-        reason = r["data"].get("reason", "")
-        out.print(f"{r['seq']:>6} {r['at']} {r['event']:<12} {mark}{escape(str(reason))}")
+        table.add_row(
+            str(r.get("seq", "")),
+            escape(str(r.get("at", ""))),
+            escape(str(r.get("event", ""))),
+            result,
+            escape(_audit_key(data)),
+            escape(_short(_audit_digest(data))),
+            escape(_audit_reason(data)),
+        )
+    return table
 
 
 def _log_key_option(f: F) -> F:

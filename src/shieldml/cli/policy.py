@@ -3,6 +3,7 @@ one offline on evidence."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,18 +11,22 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from shieldml.attest import TeeKind
+from shieldml.attest import Claims, SgxMeasurements, TdxMeasurements
 from shieldml.cli._common import (
+    AT_OPTION,
     EXISTING_FILE,
     JSON_OPTION,
     NotGenuine,
+    TeeName,
     evidence_options,
     load_policy,
+    read_bytes,
+    trust_root_options,
     verify,
 )
 from shieldml.cli._output import check_mark, emit_json, out
 from shieldml.cli.attest import failure_dict
-from shieldml.errors import OutputExistsError
+from shieldml.errors import OutputExistsError, PolicyError
 from shieldml.policy import evaluate
 
 
@@ -58,11 +63,31 @@ def check(policy_file: str, as_json: bool) -> None:
     help="The job manifest (job.toml) whose runs the policy accepts.",
 )
 @click.option(
+    "--from-quote",
+    "quote",
+    type=EXISTING_FILE,
+    help="Take the code's measurements from this reference evidence (SGX/TDX quote, SEV-SNP"
+    " report, RA-TLS certificate), verified first with --collateral/--vcek/--cert-chain/--at.",
+)
+@click.option(
+    "--from-sigstruct",
+    "sigstruct",
+    type=EXISTING_FILE,
+    help="Take MRENCLAVE, MRSIGNER, ISVPRODID and ISVSVN from this SGX SIGSTRUCT (Gramine's"
+    " .sig file), its signature verified first.",
+)
+@click.option("--collateral", type=EXISTING_FILE, help="With --from-quote: Intel collateral JSON.")
+@click.option("--vcek", type=EXISTING_FILE, help="With --from-quote: SEV-SNP VCEK/VLEK.")
+@click.option("--cert-chain", type=EXISTING_FILE, help="With --from-quote: AMD ASK/ARK (PEM).")
+@click.option("--amd-crl", type=EXISTING_FILE, help="With --from-quote: AMD's CRL.")
+@AT_OPTION
+@trust_root_options
+@click.option(
     "-o", "--output", default="policy.toml", show_default=True, type=click.Path(dir_okay=False)
 )
 @click.option(
     "--tee",
-    type=click.Choice([k.value for k in TeeKind]),
+    type=TeeName(),
     help='The TEE the policy is for, where the job does not say (tee = "auto").',
 )
 @click.option(
@@ -70,12 +95,22 @@ def check(policy_file: str, as_json: bool) -> None:
     "values",
     multiple=True,
     metavar="FIELD=VALUE",
-    help="Pin a profile field (mrenclave, mrtd, measurement, ...; hex lists comma-separated).",
+    help="Pin a profile field (mrenclave, mrtd, measurement, ...; hex lists comma-separated);"
+    " wins over --from-quote/--from-sigstruct.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT.")
 @JSON_OPTION
 def init(
     job: str,
+    quote: str | None,
+    sigstruct: str | None,
+    collateral: str | None,
+    vcek: str | None,
+    cert_chain: str | None,
+    amd_crl: str | None,
+    at: str | None,
+    trust_root: tuple[str, ...],
+    insecure_custom_root: bool,
     output: str,
     tee: str | None,
     values: tuple[str, ...],
@@ -83,8 +118,9 @@ def init(
     as_json: bool,
 ) -> None:
     """Write a policy that accepts the job of --from-job: its workload digest, and the TEE's
-    measurements (a simulated TEE's from the job's [simulated] table; a real TEE's code
-    measurements with --set, the TDX RTMR the runner extends computed from the digest)."""
+    measurements (a simulated TEE's from the job's [simulated] table; a real TEE's from a
+    verified reference quote (--from-quote), an SGX SIGSTRUCT (--from-sigstruct) or --set; the
+    TDX RTMR the runner extends computed from the digest)."""
     from shieldml.runner.job_policy import policy_from_job
     from shieldml.runner.manifest import JobManifest
 
@@ -96,7 +132,70 @@ def init(
         if not sep or not name.strip():
             raise click.BadParameter(f"{item!r} is not FIELD=VALUE", param_hint="--set")
         pairs[name.strip()] = value
-    made = policy_from_job(JobManifest.load(job), tee=tee, values=pairs, source=job)
+    if quote and sigstruct:
+        raise click.UsageError("give one of --from-quote and --from-sigstruct")
+    if not quote and (collateral or vcek or cert_chain or amd_crl or at or trust_root):
+        raise click.UsageError(
+            "--collateral, --vcek, --cert-chain, --amd-crl, --at and --trust-root go with"
+            " --from-quote"
+        )
+    reference: dict[str, str] = {}
+    origin: list[str] = []
+    if quote:
+        try:
+            claims = verify(
+                file=quote,
+                tee="auto",
+                collateral=collateral,
+                vcek=vcek,
+                cert_chain=cert_chain,
+                at=at,
+                trust_root=trust_root,
+                insecure_custom_root=insecure_custom_root,
+                amd_crl=amd_crl,
+            )
+        except NotGenuine as e:
+            raise e.error from None  # nothing is written from evidence that is not genuine
+        reference, origin = reference_values(claims), [f"measurements from {quote} (verified)"]
+        if tee is not None and tee != claims.tee.value:
+            raise PolicyError(f"--tee {tee}: {quote} is {claims.tee} evidence")
+        tee = claims.tee.value
+        if claims.debug:
+            origin.append(f"{quote} is from a debug TEE: the policy refuses debug all the same")
+    elif sigstruct:
+        from shieldml.gramine.sigstruct import Sigstruct
+
+        sig = Sigstruct.from_bytes(read_bytes(sigstruct, "SIGSTRUCT"), sigstruct)
+        sig.verify(sigstruct)
+        if tee not in (None, "sgx"):
+            raise PolicyError(f"--tee {tee}: a SIGSTRUCT describes an SGX enclave")
+        tee = "sgx"
+        reference = {
+            "mrenclave": sig.mrenclave.hex(),
+            "mrsigner": sig.mrsigner.hex(),
+            "isv_prod_id": str(sig.isv_prod_id),
+            "min_isv_svn": str(sig.isv_svn),
+        }
+        origin = [f"measurements from {sigstruct} (signature verified)"]
+        if sig.debug:
+            origin.append(f"{sigstruct} signs a debug enclave: the policy refuses debug")
+    given_by = f"--from-quote {quote}" if quote else f"--from-sigstruct {sigstruct}"
+    try:
+        made = policy_from_job(
+            JobManifest.load(job),
+            tee=tee,
+            values=reference | pairs,
+            source=job,
+            measured_by=given_by + (" and --set" if pairs else "") if origin else "--set",
+        )
+    except PolicyError as e:
+        if origin and e.message.startswith(f"--tee {tee}: "):  # the evidence is of another TEE
+            raise PolicyError(
+                f"{given_by}: {tee} evidence, but " + e.message.removeprefix(f"--tee {tee}: ")
+            ) from None
+        raise
+    if origin:
+        made = replace(made, notes=(*origin, *made.notes))
     Path(output).write_text(made.text, encoding="utf-8")
     summary = {
         "path": output,
@@ -164,6 +263,39 @@ def eval_(
         )
     if not verdict.allowed:
         ctx.exit(1)
+
+
+def reference_values(claims: Claims) -> dict[str, str]:
+    """The profile fields (as ``--set`` text) that pin the code a reference quote measured.
+
+    Left out: what the runner or the deployment sets per run (TDX RTMR3, extended with the
+    workload digest; MRCONFIGID and SEV-SNP HOST_DATA, which carry init data), and SEV-SNP's
+    ID/author keys where none was given (zeros).
+    """
+    m = claims.measurements
+    if isinstance(m, SgxMeasurements):
+        return {
+            "mrenclave": m.mrenclave.hex(),
+            "mrsigner": m.mrsigner.hex(),
+            "isv_prod_id": str(m.isv_prod_id),
+            "min_isv_svn": str(m.isv_svn),
+        }
+    if isinstance(m, TdxMeasurements):
+        return {
+            "mrtd": m.mrtd.hex(),
+            "rtmr0": m.rtmr0.hex(),
+            "rtmr1": m.rtmr1.hex(),
+            "rtmr2": m.rtmr2.hex(),
+        }
+    values = {"measurement": m.measurement.hex(), "vmpl": str(m.vmpl)}
+    for name in ("id_key_digest", "author_key_digest"):
+        digest = getattr(m, name)
+        if any(digest):
+            values[name] = digest.hex()
+    tcb = {k: claims.platform.get(f"reported_tcb_{k}") for k in ("bl", "tee", "snp", "ucode")}
+    if all(v is not None and v.isdigit() for v in tcb.values()):
+        values["min_reported_tcb"] = "{" + ", ".join(f"{k} = {v}" for k, v in tcb.items()) + "}"
+    return values
 
 
 COMMANDS = (policy,)

@@ -18,6 +18,7 @@ from shieldml.cli._common import (
     EXIT_RUNNER,
     JSON_OPTION,
     JSON_OPTION_CALLBACK,
+    TeeName,
     load_policy,
     parse_time,
     read_bytes,
@@ -28,7 +29,6 @@ from shieldml.cli._common import (
 from shieldml.cli._output import emit_json, emit_json_line, invocation, out, refusal_lines
 from shieldml.errors import OutputExistsError, PolicyDenied, ReceiptError, ShieldError
 from shieldml.runner.manifest import (
-    TEES,
     HashCache,
     JobManifest,
     ciphertext_digest,
@@ -115,7 +115,7 @@ def job() -> None:
 @click.option(
     "-o", "--output", default="job.toml", show_default=True, type=click.Path(dir_okay=False)
 )
-@click.option("--tee", type=click.Choice(TEES), default="auto", show_default=True)
+@click.option("--tee", type=TeeName("auto", "simulated"), default="auto", show_default=True)
 @click.option(
     "--python",
     "python",

@@ -70,8 +70,8 @@ def _step(console: Console, title: str, command: str) -> None:
 def _play(c: Console, root: Path) -> None:
     c.print(
         Panel(
-            "shieldml keeps models and data encrypted everywhere outside a TEE.\n"
-            "This demo shows the first layer: protected files that are confidential,\n"
+            "shieldml keeps models and data encrypted everywhere outside a TEE. "
+            "This demo shows the first layer: protected files that are confidential, "
             "tamper-evident and bound to the path the program will open.",
             title="shieldml demo",
         )

@@ -452,3 +452,110 @@ def _gramine_size_range(ciphertext_size: int) -> tuple[int, int]:
     ndata = nodes - 1 - -(-(nodes - 1) // (_gramine.DATA_SLOTS + 1))
     hi = _gramine.MD_USER_DATA_SIZE + ndata * _gramine.NODE_SIZE
     return (hi - _gramine.NODE_SIZE + 1, hi)
+
+
+def _seekable(f: Any) -> bool:
+    try:
+        return bool(f.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def encrypt_stream(
+    src: Any,
+    sink: Sink,
+    key: bytes,
+    *,
+    bind: str,
+    fmt: Format = Format.STREAM,
+    gramine_version: int = 1,
+    name: str = "<stdin>",
+    progress: ProgressCallback | None = None,
+) -> int:
+    """Encrypt what the binary file ``src`` yields up to its end (a pipe, say) into ``sink``.
+
+    The plaintext size need not be known. ``stream`` output is written start to end, so ``sink``
+    may be a pipe; ``gramine-pf`` writes its metadata node (offset 0) last and needs a seekable
+    ``sink`` (:class:`~shieldml.errors.ShieldError` otherwise, before anything is read). An error
+    or interrupt leaves an unterminated file that every reader refuses. Returns the plaintext
+    size.
+    """
+    key = check_key(key, fmt)
+    if fmt is Format.GRAMINE_PF and not _seekable(sink):
+        raise ShieldError(
+            "gramine-pf output needs a seekable file: its metadata node at offset 0 is written"
+            " last, after the whole tree",
+            hint="write to a file, or use --format stream (written start to end)",
+        )
+    buf = bytearray(CHUNK)
+    total = 0
+    with (
+        create_writer(sink, key, bind, fmt=fmt, gramine_version=gramine_version) as w,
+        memoryview(buf) as view,
+    ):
+        while True:
+            try:
+                n = src.readinto(view)
+            except OSError as e:
+                raise InputReadError(f"{name}: cannot read: {e.strerror}") from e
+            if not n:
+                break
+            with view[:n] as chunk:
+                w.write(chunk)
+            total += n
+            if progress:
+                progress(n)
+    return total
+
+
+def decrypt_stream(
+    src: Any,
+    sink: Sink,
+    key: bytes,
+    *,
+    bind: str,
+    name: str = "<stdin>",
+    progress: ProgressCallback | None = None,
+) -> int:
+    """Decrypt a protected file read start to end from the binary file ``src`` into ``sink``.
+
+    Only the ``stream`` format can be read this way; a ``gramine-pf`` file needs random access
+    (each node's key sits in an MHT node, the size in the metadata node) and is refused with a
+    :class:`~shieldml.errors.FormatError` before anything is written. Each segment reaches
+    ``sink`` only once authenticated; a failure after the first segment leaves an authenticated
+    prefix in ``sink`` and raises :class:`~shieldml.errors.IntegrityError`. Returns the plaintext
+    size.
+    """
+    magic = bytearray(len(_stream.MAGIC))
+    with memoryview(magic) as mv:
+        got = _stream._read_full(src, mv)
+    fmt = MAGICS.get(bytes(magic[:got]))
+    if fmt is None:
+        raise NotProtectedError(
+            f"{name}: not a protected file (no shieldml stream or Gramine header)",
+            hint="encrypt it first with `shieldml encrypt`",
+        )
+    if fmt is Format.GRAMINE_PF:
+        raise FormatError(
+            f"{name}: a gramine-pf file cannot be decrypted from a pipe: the format needs random"
+            " access (the file size is in the metadata node, each node's key in an MHT node)",
+            hint="give the file's path instead of -",
+        )
+    check_key_for_file(key, fmt, name)
+    return _stream.decrypt_sequential(_Prefixed(bytes(magic), src), sink, key, bind, name, progress)
+
+
+class _Prefixed:
+    """``src`` with ``head`` (bytes already read from it) put back in front."""
+
+    def __init__(self, head: bytes, src: Any) -> None:
+        self._head = head
+        self._src = src
+
+    def readinto(self, view: memoryview) -> int:
+        if self._head:
+            k = min(len(view), len(self._head))
+            view[:k] = self._head[:k]
+            self._head = self._head[k:]
+            return k
+        return int(self._src.readinto(view) or 0)

@@ -326,3 +326,90 @@ class StreamWriter(io.RawIOBase):
                 self._sink.flush()
         finally:
             super().close()
+
+
+def _read_full(src: Any, view: memoryview) -> int:
+    """Fill ``view`` from the binary file ``src``; fewer bytes only at its end."""
+    done = 0
+    while done < len(view):
+        with view[done:] as rest:
+            n = src.readinto(rest)
+        if not n:
+            break
+        done += n
+    return done
+
+
+def decrypt_sequential(
+    src: Any,
+    sink: Sink,
+    key: bytes,
+    bind: str,
+    name: str,
+    progress: Any = None,
+) -> int:
+    """Decrypt a ``stream`` file read start to end from ``src`` (a pipe, say) into ``sink``.
+
+    Needs no seeking and holds two segments in memory: a segment is decrypted once the next one
+    (or the end of the input) has been read, so that it is known whether it must be the final
+    one. A segment reaches ``sink`` only after its tag verified; on a failure later on,
+    ``sink`` holds an authenticated *prefix* of the plaintext and :class:`IntegrityError` is
+    raised (truncation, extension, reordering and tampering all fail this way). Returns the
+    number of plaintext bytes written.
+    """
+    key = check_key(key, Format.STREAM)
+    head = bytearray(HEADER_SIZE + TINK_HEADER_SIZE)
+    with memoryview(head) as hv:
+        got = _read_full(src, hv)
+    header = StreamHeader.from_bytes(bytes(head[:got]), name)
+    if not hmac.compare_digest(header.key_id, key_id(key)):
+        raise WrongKeyError(name, expected=header.key_id.hex(), actual=key_id(key).hex())
+    if got < len(head):
+        raise IntegrityError(name, "header", reason="truncated")
+    if head[HEADER_SIZE] != TINK_HEADER_SIZE:
+        raise IntegrityError(name, "stream header")
+    salt = bytes(head[HEADER_SIZE + 1 : HEADER_SIZE + 1 + SALT_SIZE])
+    prefix = bytes(head[HEADER_SIZE + 1 + SALT_SIZE :])
+    aead = derive_segment_key(key, salt, bytes(head[:HEADER_SIZE]), bind)
+    seg = header.segment_size
+    cur, nxt, plain = bytearray(seg), bytearray(seg), bytearray(seg)
+    cap = seg - TINK_HEADER_SIZE  # segment 0 shares the first ciphertext segment with the header
+    with memoryview(cur) as cv, cv[:cap] as first:
+        n = _read_full(src, first)
+    index = 0
+    total = 0
+    while True:
+        last = n < cap
+        m = 0
+        if not last:
+            with memoryview(nxt) as nv:
+                m = _read_full(src, nv)
+            last = m == 0
+        where = f"segment {index}"
+        if n < TAG_SIZE:
+            raise IntegrityError(name, where, reason="truncated")
+        if index >= MAX_SEGMENTS:
+            raise IntegrityError(name, where, reason="too many segments")
+        nonce = prefix + _NONCE_TAIL.pack(index, last)
+        k = n - TAG_SIZE
+        with memoryview(cur) as cv, cv[:n] as ct, memoryview(plain) as pv, pv[:k] as out:
+            try:
+                aead.decrypt_into(nonce, ct, None, out)
+            except InvalidTag:
+                out[:] = bytes(k)  # never leave unauthenticated plaintext behind
+                hint = (
+                    "the input was truncated or modified after the part that authenticated"
+                    if index
+                    else "wrong key, wrong --bind path, or modified: the key id matches, so most "
+                    "likely it was encrypted for another path (give the --bind used at encryption)"
+                )
+                raise IntegrityError(name, where, hint=hint) from None
+            write_all(sink, out)
+        total += k
+        if progress:
+            progress(k)
+        if last:
+            return total
+        cur, nxt = nxt, cur
+        n, cap = m, seg
+        index += 1

@@ -448,7 +448,7 @@ def provider_for(
         return ConfigfsTsmProvider(rtmr=rtmr, extend=extend)
     if tee == TeeKind.SNP:
         return ConfigfsTsmProvider(extend=None)
-    if tee == "gramine":
+    if tee in (TeeKind.SGX, "gramine"):  # Gramine is how a job runs in SGX ("gramine": old name)
         return GramineProvider()
     if (GRAMINE_ROOT / "quote").exists():
         return GramineProvider()

@@ -29,7 +29,7 @@ from shieldml.runner.evidence import RTMR_SIZE, expected_rtmr, simulated_snp_tcb
 from shieldml.runner.manifest import JobManifest, to_toml
 
 #: the TEE kind a manifest's ``tee`` runs in (simulated: its [simulated] kind; auto: not known)
-_KIND = {"tdx": TeeKind.TDX, "snp": TeeKind.SNP, "gramine": TeeKind.SGX}
+_KIND = {"sgx": TeeKind.SGX, "tdx": TeeKind.TDX, "snp": TeeKind.SNP}
 
 
 @dataclass(frozen=True)
@@ -65,12 +65,14 @@ def policy_from_job(
     tee: str | None = None,
     values: dict[str, str] | None = None,
     source: str = "job.toml",
+    measured_by: str = "--set",
 ) -> JobPolicy:
     """The release policy that accepts ``manifest``'s job (see the module's docstring).
 
     ``tee`` (sgx, tdx, snp) is needed only where the manifest does not say (``tee = "auto"``);
     ``values`` maps profile fields to the raw ``--set`` text of the values to pin
-    (:func:`parse_value`; they win over the simulated ones).
+    (:func:`parse_value`; they win over the simulated ones); ``measured_by`` says in the
+    policy's header comment where they come from.
     """
     raw_values = dict(values or {})
     kind = _kind(manifest, tee)
@@ -120,7 +122,7 @@ def policy_from_job(
     what = (
         "the measurements of the simulated TEE its [simulated] table describes"
         if simulated
-        else "the measurements given with --set"
+        else f"the measurements given with {measured_by}"
     )
     header = (
         f"# written by `shieldml policy init --from-job {source}`: the job's workload digest and\n"

@@ -2,7 +2,7 @@
 
 ```toml
 version = 1
-tee = "auto"                       # auto | simulated | tdx | snp | gramine
+tee = "auto"                       # auto | simulated | sgx | tdx | snp ("gramine": old name of sgx)
 
 [command]
 argv = ["/usr/bin/python3", "infer.py"]  # argv[0] is an absolute path (never looked up on PATH)
@@ -104,9 +104,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeGuard
 
+from shieldml.attest import TEE_NAMES, canonical_tee
 from shieldml.errors import ManifestError, TrustedFileError, unknown_fields_hint
 
-TEES = ("auto", "simulated", "tdx", "snp", "gramine")
+#: what ``tee`` may say: detect, the simulated TEE, or one of the canonical TEE names (``gramine``,
+#: the older name of ``sgx``, is accepted with a deprecation warning)
+TEES = ("auto", "simulated", *TEE_NAMES)
 RTMR_EXTEND = ("if-available", "required", "off")
 EXTENDABLE_RTMRS = (2, 3)  # RTMR0/1 hold the firmware's and the boot loader's measurements
 FORMATS = ("stream", "gramine-pf")
@@ -265,6 +268,9 @@ class JobManifest:
     tdx: TdxSettings | None = None  # None: no [tdx] table (the defaults apply, nothing measured)
     gpu: GpuSettings | None = None  # None: no GPU evidence
     serve: ServeSettings | None = None  # None: no [serve] table (a batch job)
+    #: ``tee`` as the file spells it, where that is a deprecated name (``gramine``): the workload
+    #: digest keeps it, so policies pinned to a digest before the rename still match
+    tee_spelled: str | None = None
 
     @property
     def base(self) -> Path:
@@ -314,7 +320,8 @@ class JobManifest:
         )
         if d.get("version", 1) != 1:
             raise ManifestError(f"{where}: unsupported manifest version {d.get('version')!r}")
-        tee = d.get("tee", "auto")
+        spelled = d.get("tee", "auto")
+        tee = canonical_tee(spelled, f"{where}: tee") if isinstance(spelled, str) else spelled
         if tee not in TEES:
             raise ManifestError(f"{where}: tee must be one of {', '.join(TEES)}")
         cmd = d.get("command")
@@ -403,6 +410,7 @@ class JobManifest:
         return cls(
             source=source,
             tee=tee,
+            tee_spelled=spelled if spelled != tee else None,
             argv=tuple(argv),
             cwd=cwd,
             insecure_allow_extra_args=bool(cmd.get("insecure_allow_extra_args", False)),
@@ -480,7 +488,7 @@ class JobManifest:
 
         doc: dict[str, Any] = {
             "shieldml_job": 1,
-            "tee": self.tee,
+            "tee": self.tee_spelled or self.tee,
             "argv": list(self.argv),
             "cwd": rel(self.cwd),
             "insecure_allow_extra_args": self.insecure_allow_extra_args,
@@ -697,7 +705,7 @@ def _tdx(t: Any, tee: str, where: str) -> TdxSettings:
         )
     if extend not in RTMR_EXTEND:
         raise ManifestError(f"{where}: extend must be one of {', '.join(RTMR_EXTEND)}")
-    if extend == "required" and tee in ("snp", "gramine"):
+    if extend == "required" and tee in ("snp", "sgx"):
         raise ManifestError(
             f'{where}: extend = "required" with tee = "{tee}": only TDX has RTMRs',
             hint='use tee = "tdx" (or "auto"), or extend = "if-available"',
@@ -921,6 +929,7 @@ def scaffold_manifest(
     inputs and outputs to fill in. Paths are relative to the manifest's directory where they lie
     below it. ``tee = "simulated"`` gets ``[simulated] platform = simulated_platform`` (a relative
     path is taken from the current directory and written relative to the manifest's)."""
+    tee = canonical_tee(tee, "--tee")
     if tee not in TEES:
         raise ManifestError(f"tee must be one of {', '.join(TEES)}")
     if not files:
