@@ -85,3 +85,20 @@ def sim_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("simplatform")
     SimulatedPlatform.open(d, clock=system_clock)
     return d
+
+
+def gramine_pf_dir() -> Path | None:
+    """Gramine's own ``pf-crypt`` builds (``SHIELDML_GRAMINE_PF``, default
+    ``../shared/tools/gramine-pf``: ``v1.8/pf-crypt``, ``v1.9/pf-crypt``)."""
+    env = os.environ.get("SHIELDML_GRAMINE_PF")
+    path = Path(env) if env else REPO.parent / "shared" / "tools" / "gramine-pf"
+    return path if path.is_dir() else None
+
+
+def pf_crypt_tool(version: str) -> Path:
+    """The ``pf-crypt`` of Gramine ``version`` ("v1.8", "v1.9"); skips the test when absent."""
+    root = gramine_pf_dir()
+    tool = root / version / "pf-crypt" if root is not None else None
+    if tool is None or not os.access(tool, os.X_OK):
+        pytest.skip(f"Gramine's pf-crypt {version} not found: set SHIELDML_GRAMINE_PF")
+    return tool

@@ -24,14 +24,16 @@ def _tee_options() -> dict[str, list[str]]:
 
     def walk(cmd: click.Command, path: str) -> None:
         if isinstance(cmd, click.Group):
-            for name, sub in cmd.commands.items():
+            ctx = click.Context(cmd)  # the top level loads its command modules lazily
+            for name in cmd.list_commands(ctx):
+                sub = cmd.get_command(ctx, name)
+                assert sub is not None, name
                 walk(sub, f"{path} {name}")
             return
         for p in cmd.params:
             if p.name == "tee" and isinstance(p.type, click.Choice):
                 found[path.strip()] = list(p.type.choices)
 
-    cli.list_commands(click.Context(cli))  # the top level loads its command modules lazily
     walk(cli, "")
     return found
 
@@ -85,7 +87,7 @@ def test_policy_init_takes_the_old_spelling_with_a_warning(
 ):
     (tmp_path / "a.py").write_text("print(1)\n")
     job = tmp_path / "j.toml"
-    assert main(["job", "init", str(tmp_path / "a.py"), "-o", str(job)]) == EXIT_OK
+    assert main(["job", "init", str(tmp_path / "a.py"), "-o", str(job), "--tee", "sgx"]) == EXIT_OK
     capsys.readouterr()
     rc = main(["policy", "init", "--from-job", str(job), "-o", str(tmp_path / "p.toml"),
                "--tee", "gramine", "--set", "mrsigner=" + "ab" * 32, "--json"])  # fmt: skip

@@ -2,13 +2,26 @@
 
 Models and data stay encrypted everywhere outside a hardware TEE; see ``docs/`` and
 ``shieldml --help``. Subpackages: :mod:`shieldml.files` (protected files), :mod:`shieldml.errors`.
+
+``__version__`` is looked up on first use: ``importlib.metadata`` costs a tenth of a second, which
+every ``shieldml run`` and its decrypted view would otherwise pay at start.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-try:
-    __version__ = version("shieldml")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0"
+from typing import Any
 
 __all__ = ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name != "__version__":
+        raise AttributeError(f"module 'shieldml' has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("shieldml")
+    except PackageNotFoundError:  # running from a source tree without installation
+        found = "0.0.0"
+    globals()["__version__"] = found
+    return found

@@ -19,7 +19,8 @@ def scaffold(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
     (tmp_path / "infer.py").write_text("print('hi')\n")
     (tmp_path / "lib").mkdir()
     (tmp_path / "lib" / "util.py").write_text("X = 1\n")
-    assert main(["job", "init", str(tmp_path / "infer.py"), "-o", str(tmp_path / "job.toml")]) == 0
+    args = ["job", "init", str(tmp_path / "infer.py"), "-o", str(tmp_path / "job.toml")]
+    assert main([*args, "--tee", "auto"]) == 0
     capsys.readouterr()
     return tmp_path / "job.toml"
 
@@ -195,7 +196,7 @@ def test_scaffold_for_a_script_in_a_subdirectory_runs_it_from_its_directory(
     out = tmp_path / "job.toml"
     app = tmp_path / "app"
     args = ["job", "init", str(app / "infer.py"), str(app / "util.py"), "-o", str(out)]
-    assert main([*args, "--python", "/usr/bin/env"]) == 0
+    assert main([*args, "--python", "/usr/bin/env", "--tee", "auto"]) == 0
     m = JobManifest.load(out)
     assert m.argv == ("/usr/bin/env", "infer.py")
     assert Path(m.cwd) == (tmp_path / "app").resolve()

@@ -143,6 +143,9 @@ def test_json_report_and_exit_codes_of_the_program_pass_through(
     assert doc["brokers"]["owner"]["keys"] == ["model", "results"]
     assert isinstance(doc["brokers"]["owner"]["audit_seq"], int)
     assert doc["receipt"] == str(receipt) and receipt.exists()
+    phases = ("measure_s", "attest_release_s", "root_s", "decrypt_s", "program_s", "seal_s")
+    assert all(doc["times"][k] >= 0 for k in (*phases, "receipt_s", "total_s"))
+    assert doc["times"]["receipt_s"] > 0 and doc["times"]["decrypted_bytes"] > 0
 
     # the program exits 3 (its input says "fail"): 3, the program's, not an integrity failure
     work = (job.dir / "work").resolve()
@@ -150,12 +153,13 @@ def test_json_report_and_exit_codes_of_the_program_pass_through(
                        str(work / "input.txt"))  # fmt: skip
     job.authorize()
     rc, _, err = cli(capsys, "run", "-m", str(job.manifest), "--json")
-    assert rc == 3 and last_json_line(err) | {"brokers": None} == {
+    assert rc == 3 and last_json_line(err) | {"brokers": None, "times": None} == {
         "ok": True,
         "exit_code": 3,
         "receipt": None,
         "workload_digest": digest,
         "brokers": None,
+        "times": None,
     }
 
 

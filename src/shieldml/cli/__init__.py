@@ -30,7 +30,6 @@ from typing import Any
 
 import click
 
-from shieldml import __version__
 from shieldml.cli._common import (
     EXIT_CODES,
     EXIT_ERROR,
@@ -65,16 +64,25 @@ __all__ = [
 ]
 
 
-#: the modules of the command groups, in the order their commands were always registered
-_MODULES = ("files", "attest", "policy", "broker", "run", "serve", "gramine", "demo")
-#: which module defines each top-level command: a command's module (and what it imports, such as
-#: the broker's HTTP client for `broker`) is loaded only when that command runs. A name missing
-#: here still works: every module is then loaded (tests/test_cli.py keeps the map complete).
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """``--version``, with the version looked up only then (importlib.metadata is slow to load)."""
+    if not value or ctx.resilient_parsing:
+        return
+    from shieldml import __version__
+
+    click.echo(f"shieldml, version {__version__}")
+    ctx.exit()
+
+
+#: every command and the module that defines it (in that module's ``COMMANDS``): a command's
+#: module is imported only when the command runs or help lists it, so that ``shieldml run`` does
+#: not load what ``attest``, ``broker`` or ``demo`` need (tests/test_cli_lazy.py checks the table)
 COMMAND_MODULES = {
     "key": "files",
     "encrypt": "files",
     "decrypt": "files",
     "rekey": "files",
+    "rebind": "files",
     "inspect": "files",
     "attest": "attest",
     "trust": "attest",
@@ -92,40 +100,27 @@ COMMAND_MODULES = {
 
 
 class _LazyGroup(click.Group):
-    """The top-level group, loading a command's module on first use (start-up of `shieldml
-    decrypt` is then the files commands' imports, not every command group's)."""
+    def list_commands(self, ctx: click.Context) -> list[str]:  # noqa: ARG002
+        return sorted(COMMAND_MODULES)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._loaded: set[str] = set()
-
-    def _load(self, module: str) -> None:
-        if module in self._loaded:
-            return
-        self._loaded.add(module)
-        for command in importlib.import_module(f"shieldml.cli.{module}").COMMANDS:
-            self.add_command(command)
-
-    def _load_all(self) -> None:
-        for module in _MODULES:
-            self._load(module)
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        self._load_all()
-        return super().list_commands(ctx)
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in self.commands:
-            module = COMMAND_MODULES.get(cmd_name)
-            if module is not None:
-                self._load(module)
-            if cmd_name not in self.commands:
-                self._load_all()
-        return super().get_command(ctx, cmd_name)
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:  # noqa: ARG002
+        where = COMMAND_MODULES.get(cmd_name)
+        if where is None:
+            return None
+        module = importlib.import_module(f"shieldml.cli.{where}")
+        found: click.Command | None = next((c for c in module.COMMANDS if c.name == cmd_name), None)
+        return found
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="shieldml")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the version and exit.",
+)
 def cli() -> None:
     """Confidential machine learning: encrypted models and data, released only to attested TEEs."""
 

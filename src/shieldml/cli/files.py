@@ -39,6 +39,7 @@ from shieldml.files import (
     open_protected,
     plan_decrypt,
     plan_encrypt,
+    rebind_path,
     rekey_path,
     write_key_file,
 )
@@ -263,6 +264,56 @@ def rekey(path: str, key_path: str, new_key_path: str, bind: str | None, as_json
     _report(as_json, "re-encrypted", items, None)
 
 
+@click.command()
+@click.argument("src", metavar="IN", type=click.Path(exists=True))
+@click.argument("dst", metavar="OUT", type=click.Path(), required=False)
+@click.option("--key", "key_path", required=True, type=EXISTING_FILE, help="Current key.")
+@click.option(
+    "--to",
+    "to",
+    required=True,
+    help="The new bound path: the path the program opens inside the TEE (for a directory: the "
+    "directory's path).",
+)
+@click.option("--bind", help="The path IN is bound to now. Default: IN as given.")
+@click.option(
+    "--new-key",
+    "new_key_path",
+    type=EXISTING_FILE,
+    help="Re-encrypt under this key (same format). Default: the current key.",
+)
+@click.option("--force", is_flag=True, help="Replace existing output files.")
+@JSON_OPTION
+def rebind(
+    src: str,
+    dst: str | None,
+    key_path: str,
+    to: str,
+    bind: str | None,
+    new_key_path: str | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Re-encrypt IN (a file or a directory) for another bound path, into OUT (default: in place).
+
+    For files that were encrypted for one path (Gramine's pf-crypt stores its output path as
+    given) and must open at another. Same format and Gramine version; all or nothing: nothing
+    is written, and in place nothing changes, unless every file verified.
+    """
+    if not to.strip("/") or "\0" in to:
+        raise click.BadParameter("must be a non-empty path", param_hint="--to")
+    old = load_key(key_path)
+    new = load_key(new_key_path) if new_key_path else None
+    if new is not None and len(new) != len(old):
+        raise ShieldError("the new key must be of the same format (size) as the current one")
+    total = sum(i.size for i in plan_decrypt(src, dst or src, bind))
+    with progress_bar(total, "re-encrypting") as tick:
+        items = rebind_path(
+            src, dst or src, old, to=to, bind=bind, new_key=new, overwrite=force, progress=tick
+        )
+    _report(as_json, "rebound", items, None)
+
+
 def _report(
     as_json: bool, verb: str, items: list[Planned], fmt: str | None, *, to_stderr: bool = False
 ) -> None:
@@ -452,4 +503,4 @@ def inspect(path: str, key_path: str | None, as_json: bool) -> None:
         out.print(f"{name:>22}: {escape(str(value))}")
 
 
-COMMANDS = (key, encrypt, decrypt, rekey, inspect)
+COMMANDS = (key, encrypt, decrypt, rekey, rebind, inspect)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from shieldml.runner.manifest import (
     JobManifest,
     ciphertext_digest,
     scaffold_manifest,
+    scaffold_protected,
 )
 
 
@@ -113,9 +115,65 @@ def job() -> None:
 @job.command("init")
 @click.argument("files", nargs=-1, required=True, type=EXISTING_FILE)
 @click.option(
-    "-o", "--output", default="job.toml", show_default=True, type=click.Path(dir_okay=False)
+    "-o",
+    "--manifest",
+    "output",
+    default="job.toml",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The manifest to write (never overwritten).",
 )
-@click.option("--tee", type=TeeName("auto", "simulated"), default="auto", show_default=True)
+@click.option(
+    "--tee",
+    type=TeeName("auto", "simulated"),
+    help="The TEE the job runs in. [default: simulated with --simulated-platform; else auto "
+    "where this machine has a TEE; else an error that asks for one]",
+)
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    metavar="FILE|PATH=CIPHERTEXT",
+    help="A protected file (or directory) the program reads: FILE where it opens it (Gramine's "
+    "layout), or the PATH it opens (from the script's directory) and where the CIPHERTEXT "
+    "lies. Repeatable.",
+)
+@click.option(
+    "--output",
+    "outputs",
+    multiple=True,
+    metavar="FILE|PATH=CIPHERTEXT",
+    help="A file (a directory if it ends with /) the program writes, sealed at the same place or "
+    "at CIPHERTEXT. Repeatable.",
+)
+@click.option(
+    "--key-file",
+    "key_files",
+    multiple=True,
+    type=EXISTING_FILE,
+    help="A key of the inputs (stays here): job init reads with it the path each input was "
+    "encrypted for, and writes it as its bind where that is not the path the program opens. "
+    "Needed for gramine-pf inputs. Repeatable.",
+)
+@click.option("--input-key", default="model", show_default=True, help="The inputs' broker key.")
+@click.option("--output-key", default="results", show_default=True, help="The outputs' key.")
+@click.option(
+    "--output-format",
+    type=click.Choice(["stream", "gramine-pf"]),
+    help="The outputs' format. [default: the inputs' format where they share one, else stream]",
+)
+@click.option(
+    "--broker-url",
+    envvar="SHIELDML_BROKER_URL",
+    show_envvar=True,
+    help="The broker holding the keys (with --input/--output).",
+)
+@click.option(
+    "--broker-fingerprint",
+    envvar="SHIELDML_BROKER_FINGERPRINT",
+    show_envvar=True,
+    help="SHA-256 of its TLS certificate (`shieldml broker fingerprint`).",
+)
 @click.option(
     "--python",
     "python",
@@ -135,17 +193,49 @@ def job() -> None:
 def job_init(
     files: tuple[str, ...],
     output: str,
-    tee: str,
+    tee: str | None,
+    inputs: tuple[str, ...],
+    outputs: tuple[str, ...],
+    key_files: tuple[str, ...],
+    input_key: str,
+    output_key: str,
+    output_format: str | None,
+    broker_url: str | None,
+    broker_fingerprint: str | None,
     python: str | None,
     simulated_platform: str | None,
     as_json: bool,
 ) -> None:
-    """Scaffold a manifest that runs the first FILE with python from its own directory; every FILE
-    becomes trusted."""
+    """Write a manifest that runs the first FILE with python from its own directory, as written;
+    every FILE becomes trusted, every --input and --output protected.
+
+    Without --input/--output, brokers, inputs and outputs are left as commented examples.
+    """
+    from shieldml.files import load_key
+    from shieldml.runner.evidence import machine_tee
+    from shieldml.runner.run import needed_keys
+
     if Path(output).exists():
         raise OutputExistsError(f"{output}: already exists")
+    if tee is None:
+        if simulated_platform is not None:
+            tee = "simulated"
+        elif machine_tee() is not None:
+            tee = "auto"
+        else:
+            raise click.UsageError(
+                "this machine has no TEE (neither /dev/attestation nor configfs-tsm): pass --tee "
+                "simulated to try the job here on a simulated TEE (brokers accept its evidence only"
+                " with --simulated-platform), or --tee sgx, tdx, snp or auto for the machine"
+                " it will run on"
+            )
     if simulated_platform is not None and tee != "simulated":
         raise click.UsageError("--simulated-platform goes with --tee simulated")
+    if (inputs or outputs) and not broker_url:
+        raise click.UsageError(
+            "--input/--output need the broker holding their keys: --broker-url (or "
+            "SHIELDML_BROKER_URL) and, for https, --broker-fingerprint"
+        )
     # given: as the broker's --simulated-platform, relative to here; default: beside the manifest
     platform = simulated_platform or str(Path(output).parent / "sim-platform")
     # argv[0] must be absolute (never looked up on a PATH in the TEE). Not resolved through
@@ -159,22 +249,86 @@ def job_init(
         if found is None:
             raise ShieldError(f"--python {python}: not found on PATH; give its absolute path")
         interpreter = str(Path(found).absolute())
+    base = Path(output).resolve().parent
+    cwd = Path(files[0]).resolve().parent
+    keys = [load_key(k) for k in key_files]
+    broker_tables = []
+    if broker_url:
+        broker_tables.append(
+            {"name": "owner", "url": broker_url}
+            | ({"fingerprint": broker_fingerprint} if broker_fingerprint else {})
+        )
+    ins = [
+        scaffold_protected(
+            spec, output=False, cwd=cwd, base=base, key=input_key, broker="owner", key_files=keys
+        )
+        for spec in inputs
+    ]
+    in_formats = {t["format"] for t in ins}
+    out_fmt = output_format or (in_formats.pop() if len(in_formats) == 1 else "stream")
+    outs = [
+        scaffold_protected(
+            spec, output=True, cwd=cwd, base=base, key=output_key, broker="owner", fmt=out_fmt
+        )
+        for spec in outputs
+    ]
     text = scaffold_manifest(
-        files, output=output, tee=tee, interpreter=interpreter, simulated_platform=platform
+        files,
+        output=output,
+        tee=tee,
+        interpreter=interpreter,
+        simulated_platform=platform,
+        brokers=broker_tables if ins or outs else None,
+        inputs=ins,
+        outputs=outs,
     )
+    # runs as written: the manifest's own checks (paths, nesting, keys' formats) before writing
+    written = JobManifest.from_dict(tomllib.loads(text), Path(output).resolve())
+    needed_keys(written)
     Path(output).write_text(text, encoding="utf-8")
+    decrypt_rows = [
+        f"shieldml decrypt {o.ciphertext} PLAIN --key KEY --bind {o.bound}" for o in written.outputs
+    ]
     if as_json:
         emit_json(
             {
                 "output": output,
+                "tee": tee,
                 "interpreter": interpreter,
                 "simulated_platform": platform if tee == "simulated" else None,
+                "inputs": [
+                    {
+                        "path": i.path,
+                        "ciphertext": i.ciphertext,
+                        "format": i.format,
+                        "bind": i.bound,
+                    }
+                    for i in written.inputs
+                ],
+                "outputs": [
+                    {
+                        "path": o.path,
+                        "ciphertext": o.ciphertext,
+                        "format": o.format,
+                        "bind": o.bound,
+                    }
+                    for o in written.outputs
+                ],
             }
         )
         return
+    todo = "" if ins or outs else "; fill in brokers, inputs and outputs"
     out.print(
-        f"wrote {escape(output)} (interpreter {escape(interpreter)}); fill in brokers, inputs and outputs, then `shieldml job measure {escape(output)}`"
+        f"wrote {escape(output)} (tee {tee}, interpreter {escape(interpreter)}){todo}, then `shieldml job measure {escape(output)}`"
     )
+    for i in written.inputs:
+        checked = any(len(k) == (16 if i.format == "gramine-pf" else 32) for k in keys)
+        note = "" if checked else " (not checked: no --key-file of its format)"
+        out.print(
+            f"input {escape(i.path)}: {i.format} at {escape(i.ciphertext)}, bound to {escape(repr(i.bound))}{note}"
+        )
+    for row in decrypt_rows:
+        out.print(f"an output, after the run: {escape(row)}")
     if tee == "simulated":
         out.print(
             f"simulated TEE: platform {escape(platform)} (made on first use); brokers trust it with"
@@ -193,18 +347,27 @@ def job_init(
 )
 @JSON_OPTION
 def job_measure(manifest: str, hash_cache: str | None, as_json: bool) -> None:
-    """Print the workload digest owners put in their policies."""
+    """Print the workload digest owners put in their policies, then each input: the ciphertext
+    digest its ``sha256`` pins (part of the workload digest) and whether the file matches it."""
     m = JobManifest.load(manifest)
     cache = HashCache(hash_cache)
     files = m.trusted_files(cache)
     digest = m.workload_digest(cache)
     cache.save()
+    inputs: list[dict[str, Any]] = []
+    for i in m.inputs:
+        now = ciphertext_digest(i.ciphertext) if Path(i.ciphertext).exists() else None
+        inputs.append(
+            {
+                "path": i.path,
+                "ciphertext": i.ciphertext,
+                "bind": i.bound,
+                "sha256": now,  # the ciphertext's digest now (None: absent)
+                "pinned": i.sha256,  # what [[input]] sha256 pins (None: not pinned)
+                "matches": None if i.sha256 is None else now == i.sha256,
+            }
+        )
     if as_json:
-        inputs = [
-            {"path": i.path, "ciphertext": i.ciphertext, "sha256": ciphertext_digest(i.ciphertext)}
-            for i in m.inputs
-            if Path(i.ciphertext).exists()
-        ]
         emit_json(
             {
                 "workload_digest": digest,
@@ -212,8 +375,22 @@ def job_measure(manifest: str, hash_cache: str | None, as_json: bool) -> None:
                 "inputs": inputs,
             }
         )
-    else:
-        out.print(digest)
+        return
+    out.print(digest)
+    for doc in inputs:
+        where = escape(doc["ciphertext"])
+        if doc["pinned"] is None:
+            now = f"now sha256 {doc['sha256']}" if doc["sha256"] else "absent now"
+            out.print(f"input {escape(doc['path'])}: not pinned ({where} {now})")
+        else:
+            state = (
+                "matches"
+                if doc["matches"]
+                else ("absent" if doc["sha256"] is None else f"DIFFERS: {doc['sha256']}")
+            )
+            out.print(
+                f"input {escape(doc['path'])}: pinned sha256 {doc['pinned']} ({where} {state})"
+            )
 
 
 @click.group()

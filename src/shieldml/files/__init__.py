@@ -31,6 +31,7 @@ from shieldml.files._common import (
     load_key,
     write_key_file,
 )
+from shieldml.files._gramine import PATH_MAX_SIZE as GRAMINE_PATH_MAX
 from shieldml.files._gramine import gramine_norm_path
 from shieldml.files._output import Outputs
 from shieldml.files._reader import ProtectedFile
@@ -40,10 +41,12 @@ from shieldml.files._tree import (
     encrypt_path,
     plan_decrypt,
     plan_encrypt,
+    rebind_path,
     rekey_path,
 )
 
 __all__ = [
+    "GRAMINE_PATH_MAX",
     "FileInfo",
     "Format",
     "Outputs",
@@ -69,6 +72,7 @@ __all__ = [
     "open_protected",
     "plan_decrypt",
     "plan_encrypt",
+    "rebind_path",
     "rekey_path",
     "write_key_file",
 ]

@@ -188,3 +188,63 @@ def rekey_path(
                 if out.written_end < reserved:
                     out.truncate(out.written_end)
     return items
+
+
+def rebind_path(
+    src: StrPath,
+    dst: StrPath,
+    key: bytes,
+    *,
+    to: str,
+    bind: str | None = None,
+    new_key: bytes | None = None,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+) -> list[Planned]:
+    """Re-encrypt a protected file or tree for another bound path: ``to`` (a directory's files
+    under ``to/<relative path>``), under ``new_key`` or the same key, in the same format (and
+    Gramine version). ``dst`` may be ``src`` (in place).
+
+    Every file is authenticated under ``key`` at its current bound path (``bind``, default:
+    ``src`` as given) as it is read, once, and re-encrypted from exactly those bytes. All or
+    nothing: no output appears (and, in place, no file changes) unless every file verified and
+    was written in full. Returns the files with their *new* bound paths.
+    """
+    from shieldml.files._api import (
+        CHUNK,
+        ciphertext_size,
+        create_writer,
+        open_protected,
+    )
+    from shieldml.files._gramine import GramineReader
+
+    items = plan_decrypt(src, dst, bind)
+    single = os.path.isfile(os.fspath(src))
+    moved = [
+        Planned(it.src, it.dst, to if single else _rebound(it, src, to), it.size) for it in items
+    ]
+    in_place = os.path.realpath(os.fspath(src)) == os.path.realpath(os.fspath(dst))
+    _refuse_existing(moved, overwrite or in_place)
+    out_key = key if new_key is None else new_key
+    with Outputs(overwrite=True) as outputs:
+        for old, new in zip(items, moved, strict=True):
+            fmt = detect_format(old.src)
+            with open_protected(old.src, key, bind=old.bind) as r, outputs.file(new.dst) as out:
+                version = r.header.major_version if isinstance(r, GramineReader) else 1
+                reserved = ciphertext_size(fmt, r.size)
+                out.reserve(reserved)
+                with create_writer(out, out_key, new.bind, fmt=fmt, gramine_version=version) as w:
+                    buf = bytearray(CHUNK)
+                    while n := r.readinto(buf):
+                        with memoryview(buf)[:n] as part:
+                            w.write(part)
+                        if progress:
+                            progress(n)
+                if out.written_end < reserved:
+                    out.truncate(out.written_end)
+    return moved
+
+
+def _rebound(item: Planned, src: StrPath, to: str) -> str:
+    rel = Path(os.path.relpath(item.src, os.fspath(src))).as_posix()
+    return _join(to.rstrip("/"), rel)

@@ -19,6 +19,7 @@ import urllib.parse
 from pathlib import Path
 
 from shieldml.errors import ManifestError
+from shieldml.files import gramine_norm_path
 from shieldml.gramine._toml import Inline, Template, Value, dumps
 from shieldml.runner.manifest import JobManifest, valid_env_name
 
@@ -47,6 +48,20 @@ def gramine_manifest(
     if not_pf:
         raise ManifestError(
             f"Gramine reads only gramine-pf files; these are not: {', '.join(not_pf)}"
+        )
+    # Gramine binds a protected file to the host path it opens (the mount's uri), nothing else
+    rebound = [
+        i
+        for i in m.inputs + m.outputs
+        if i.bind is not None
+        and gramine_norm_path(i.bind) != gramine_norm_path(i.ciphertext.rstrip("/"))
+    ]
+    if rebound:
+        i = rebound[0]
+        raise ManifestError(
+            f"{i.path}: bound to {i.bind!r}, but Gramine opens it at {i.ciphertext.rstrip('/')} "
+            "and accepts only a file bound to that path",
+            hint=f"`shieldml rebind` it to {i.ciphertext.rstrip('/')}, or drop its bind",
         )
     bad = [n for n in [*m.env_set, *m.env_allow] if not valid_env_name(n)]
     if bad:

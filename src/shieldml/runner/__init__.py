@@ -9,7 +9,7 @@ Cloud side: this package runs inside the TEE and imports no server stack. Its pu
   a public key instead of a broker's key (:mod:`.recipient`);
 - :func:`provider_for` finds where evidence comes from (:mod:`.evidence`).
 
-Names load on first use, so that ``python -m shieldml.runner.view`` (the decrypted view, started
+Names load on first use, so that the decrypted view (``shieldml.runner.view``, started
 in the private root) imports only what it needs.
 """
 

@@ -420,6 +420,16 @@ class SimulatedProvider:
         return Evidence(self.kind, quote, collateral=json.loads(col.to_json()))
 
 
+def machine_tee() -> str | None:
+    """What ``tee = "auto"`` finds on this machine: ``"gramine"``, ``"configfs-tsm"`` (TDX or
+    SEV-SNP), or ``None`` (no TEE: a laptop, say)."""
+    if (GRAMINE_ROOT / "quote").exists():
+        return "gramine"
+    if TSM_ROOT.is_dir():
+        return "configfs-tsm"
+    return None
+
+
 def provider_for(
     tee: str,
     simulated: dict[str, str] | None = None,

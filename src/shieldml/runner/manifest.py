@@ -105,7 +105,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TypeGuard
 
 from shieldml.attest import TEE_NAMES, canonical_tee
-from shieldml.errors import ManifestError, TrustedFileError, unknown_fields_hint
+from shieldml.errors import ManifestError, ShieldError, TrustedFileError, unknown_fields_hint
+from shieldml.files import GRAMINE_PATH_MAX, gramine_norm_path
 
 #: what ``tee`` may say: detect, the simulated TEE, or one of the canonical TEE names (``gramine``,
 #: the older name of ``sgx``, is accepted with a deprecation warning)
@@ -188,10 +189,19 @@ class Protected:
     sha256: str | None = (
         None  # inputs only: the ciphertext this job must read (rollback protection)
     )
+    #: the path the protected file is bound to when it differs from ``path`` (a file that
+    #: Gramine's ``pf-crypt`` encrypted for a relative stored path, say); exactly as written
+    bind: str | None = None
 
     @property
     def is_dir(self) -> bool:
         return self.path.endswith("/")
+
+    @property
+    def bound(self) -> str:
+        """The path the file (a directory: each file under it, as ``bound/relative``) must be
+        bound to: ``bind``, or the in-TEE path."""
+        return self.bind if self.bind is not None else self.path.rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -396,6 +406,7 @@ class JobManifest:
             (f"output {i + 1}", x) for i, x in enumerate(outs)
         ]
         _no_nesting(labelled, where)
+        _no_shared_binds(labelled, where)
         _no_protected_trusted(
             labelled,
             [str((base / t.path).resolve()) for t in trusted if t.path is not None],
@@ -528,6 +539,8 @@ def _protected_doc(x: Protected, rel: Any) -> dict[str, Any]:
         doc["recipient_sha256"] = hashlib.sha256(x.recipient_key).hexdigest()
     if x.sha256 is not None:
         doc["ciphertext_sha256"] = x.sha256
+    if x.bind is not None:
+        doc["bind"] = x.bind
     return doc
 
 
@@ -641,6 +654,22 @@ def _no_nesting(items: list[tuple[str, Protected]], where: str) -> None:
             )
 
 
+def _no_shared_binds(items: list[tuple[str, Protected]], where: str) -> None:
+    """No two protected paths bound to the same path, or one under the other (compared as
+    Gramine normalises paths, component by component): the host could swap such files, and each
+    would still authenticate at the other's place."""
+    ordered = sorted(items, key=lambda item: _parts(gramine_norm_path(item[1].bound)))
+    for (la, a), (lb, b) in itertools.pairwise(ordered):
+        pa, pb = _parts(gramine_norm_path(a.bound)), _parts(gramine_norm_path(b.bound))
+        if pb[: len(pa)] == pa:
+            what = "the same path as" if pa == pb else "a path that contains"
+            raise ManifestError(
+                f"{where}: {la} is bound to {a.bound!r}, {what} {lb} ({b.bound!r}): "
+                "the host could swap their files and each would open at the other's place",
+                hint="give each protected file its own bind (`shieldml rebind` re-encrypts one)",
+            )
+
+
 def _no_protected_trusted(items: list[tuple[str, Protected]], files: list[str], where: str) -> None:
     """No protected path that is a trusted file or one of its directories (the mount would hide
     the measured file)."""
@@ -749,6 +778,7 @@ def _protected(
             "key",
             "broker",
             "format",
+            "bind",
             *(("recipient",) if output else ("sha256",)),
         },
         where,
@@ -798,7 +828,32 @@ def _protected(
         recipient=rec,
         recipient_key=rec_key,
         sha256=pin.lower() if pin else None,
+        bind=_bind(x.get("bind"), fmt, is_dir=is_dir, recipient=recipient, where=where),
     )
+
+
+def _bind(bind: Any, fmt: str, *, is_dir: bool, recipient: Any, where: str) -> str | None:
+    """An input's or output's ``bind``: the path its file was encrypted for, kept exactly as
+    written (never resolved against the manifest's directory: it is compared with the path
+    stored in, or derived into, the file). A directory's is the root its files are bound under."""
+    if bind is None:
+        return None
+    if recipient is not None:
+        raise ManifestError(
+            f"{where}: an output sealed to a recipient is bound to its in-TEE path (the receipt "
+            "names it): bind goes with a broker key"
+        )
+    if not isinstance(bind, str) or not bind.strip("/") or "\0" in bind:
+        raise ManifestError(
+            f"{where}: bind must be the non-empty path the file was encrypted for",
+            hint="`shieldml inspect FILE --key KEY` shows a gramine-pf file's bound path",
+        )
+    text = bind.rstrip("/") if is_dir else bind
+    if text.endswith("/"):
+        raise ManifestError(f"{where}: bind {bind!r} ends with '/', but path is a file")
+    if fmt == "gramine-pf" and len(gramine_norm_path(text).encode()) >= GRAMINE_PATH_MAX:
+        raise ManifestError(f"{where}: bind is too long for a Gramine protected file")
+    return text
 
 
 # -- writing manifests: `shieldml job init` ---------------------------------------------------------
@@ -923,12 +978,16 @@ def scaffold_manifest(
     tee: str,
     interpreter: str,
     simulated_platform: str | os.PathLike[str] = "sim-platform",
+    brokers: list[dict[str, Any]] | None = None,
+    inputs: list[dict[str, Any]] | None = None,
+    outputs: list[dict[str, Any]] | None = None,
 ) -> str:
     """The text of a new manifest at ``output``: ``interpreter`` runs the first of ``files`` from
-    its directory; every file is trusted with its SHA-256 now; commented examples of brokers,
-    inputs and outputs to fill in. Paths are relative to the manifest's directory where they lie
-    below it. ``tee = "simulated"`` gets ``[simulated] platform = simulated_platform`` (a relative
-    path is taken from the current directory and written relative to the manifest's)."""
+    its directory; every file is trusted with its SHA-256 now; the ``brokers``, ``inputs`` and
+    ``outputs`` tables given (see :func:`scaffold_protected`), or commented examples of them to
+    fill in. Paths are relative to the manifest's directory where they lie below it.
+    ``tee = "simulated"`` gets ``[simulated] platform = simulated_platform`` (a relative path is
+    taken from the current directory and written relative to the manifest's)."""
     tee = canonical_tee(tee, "--tee")
     if tee not in TEES:
         raise ManifestError(f"tee must be one of {', '.join(TEES)}")
@@ -951,4 +1010,135 @@ def scaffold_manifest(
     doc["trusted"] = [
         {"path": rel(p), "sha256": sha256_file(str(p))} for p in (Path(f).resolve() for f in files)
     ]
-    return to_toml(doc, _SCAFFOLD_COMMENTS) + _SCAFFOLD_EXAMPLES
+    for name, tables in (("broker", brokers), ("input", inputs), ("output", outputs)):
+        if tables:
+            doc[name] = tables
+    return to_toml(doc, _SCAFFOLD_COMMENTS) + ("" if inputs or outputs else _SCAFFOLD_EXAMPLES)
+
+
+def _written(p: Path, base: Path) -> str:
+    """``p`` as a manifest writes it: relative to ``base`` where it lies below it."""
+    return str(p.relative_to(base)) if p.is_relative_to(base) else str(p)
+
+
+def scaffold_protected(
+    spec: str,
+    *,
+    output: bool,
+    cwd: Path,
+    base: Path,
+    key: str,
+    broker: str,
+    fmt: str | None = None,
+    key_files: list[bytes] | tuple[bytes, ...] = (),
+) -> dict[str, Any]:
+    """The ``[[input]]`` or ``[[output]]`` table for ``spec``, as `shieldml job init` writes it.
+
+    ``spec`` is ``FILE`` (the ciphertext lies where the program opens it, as in Gramine's
+    tutorial: same name, same place) or ``PATH=CIPHERTEXT`` (``PATH`` relative to the job's
+    working directory ``cwd``, ``CIPHERTEXT`` to the current directory); a directory ends with
+    ``/``. An input must be a protected file (or a directory of them); its format comes from its
+    magic. Its ``bind`` is read with one of ``key_files`` (the owner's keys, on the owner's
+    machine): a gramine-pf file's stored path (written only where it is not the in-TEE path),
+    or the first of (the in-TEE path, CIPHERTEXT as given) a stream file opens at. An output
+    gets ``fmt``. Raises ManifestError with the command that fixes the problem.
+    """
+    from shieldml.files import detect_format
+
+    if "=" in spec and not Path(spec).exists():
+        where, ct_text = spec.split("=", 1)
+        tee = Path(where) if Path(where).is_absolute() else cwd / where
+    else:
+        where, ct_text = spec, spec
+        tee = Path(spec).absolute()
+    if not where or not ct_text:
+        raise ManifestError(f"{spec}: give FILE or PATH=CIPHERTEXT")
+    ct = Path(ct_text).resolve()
+    is_dir = where.endswith("/") or (not output and ct.is_dir())
+    tee_path = str(tee.resolve())
+    shown = _written(Path(tee_path), cwd) + ("/" if is_dir else "")
+    table: dict[str, Any] = {"path": shown, "ciphertext": _written(ct, base)}
+    table |= {"key": key, "broker": broker}
+    if output:
+        table["format"] = fmt or "stream"
+        return table
+    if not ct.exists():
+        raise ManifestError(f"input {ct_text}: no such file or directory")
+    members = sorted(f for f in ct.rglob("*") if f.is_file()) if ct.is_dir() else [ct]
+    if not members:
+        raise ManifestError(f"input {ct_text}: an empty directory")
+    try:
+        formats = {detect_format(f).value for f in members}
+    except ShieldError as e:
+        raise ManifestError(
+            f"input {ct_text}: {e.message}",
+            hint=f"encrypt it first, for the path the program opens: `shieldml encrypt PLAIN "
+            f"{ct_text} --key KEY --bind {tee_path}`",
+        ) from None
+    if len(formats) > 1:
+        raise ManifestError(f"input {ct_text}: holds files of both formats")
+    table["format"] = fmt_in = formats.pop()
+    bind = _found_bind(ct, members, tee_path, ct_text, fmt_in, key_files)
+    if bind is not None:
+        table["bind"] = bind
+    return table
+
+
+def _found_bind(
+    ct: Path,
+    members: list[Path],
+    tee_path: str,
+    ct_text: str,
+    fmt: str,
+    key_files: list[bytes] | tuple[bytes, ...],
+) -> str | None:
+    """The ``bind`` an input needs (``None``: it is bound to its in-TEE path), read with the
+    owner's keys; see :func:`scaffold_protected`."""
+    from shieldml.files import Format, inspect_file, open_protected
+
+    size = Format(fmt).key_size
+    keys = [k for k in key_files if len(k) == size]
+    rels = [f.relative_to(ct).as_posix() if ct.is_dir() else "" for f in members]
+
+    def joined(root: str, rel: str) -> str:
+        return f"{root.rstrip('/')}/{rel}" if rel else root
+
+    if fmt == "gramine-pf":
+        if not keys:
+            raise ManifestError(
+                f"input {ct_text}: a gramine-pf file keeps the path it was encrypted for in its "
+                "encrypted metadata: give its key (--key-file) so job init can read it",
+                hint="the key stays on this machine; job init only reads the stored path",
+            )
+        for k in keys:
+            try:
+                stored = [inspect_file(f, k).bound_path or "" for f in members]
+            except ShieldError:
+                continue
+            root = stored[0][: len(stored[0]) - len(rels[0]) - 1] if rels[0] else stored[0]
+            if any(
+                s != gramine_norm_path(joined(root, r)) for s, r in zip(stored, rels, strict=True)
+            ):
+                raise ManifestError(
+                    f"input {ct_text}: its files are not bound under one directory "
+                    f"({stored[0]!r}, …)",
+                    hint="`shieldml rebind` them to the directory's in-TEE path",
+                )
+            return None if gramine_norm_path(root) == gramine_norm_path(tee_path) else root
+        raise ManifestError(f"input {ct_text}: none of the --key-file keys opens it")
+    if not keys:
+        return None  # a stream file: assumed bound to its in-TEE path (the runner checks it)
+    for candidate in (tee_path, ct_text.rstrip("/")):
+        for k in keys:
+            try:
+                for f, r in zip(members, rels, strict=True):
+                    with open_protected(f, k, bind=joined(candidate, r)) as pf:
+                        pf.read(1)
+            except ShieldError:
+                continue
+            return None if candidate == tee_path else candidate
+    raise ManifestError(
+        f"input {ct_text}: it opens neither at {tee_path} nor at {ct_text} with the keys given",
+        hint=f"re-encrypt it for the path the program opens: `shieldml rebind {ct_text} --key "
+        f"KEY --bind OLD --to {tee_path}`",
+    )

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 from shieldml.broker import protocol
@@ -41,6 +42,7 @@ class RunTimes:
     measure_s: float = 0.0
     attest_s: float = 0.0
     view_s: float = 0.0
+    receipt_s: float = 0.0
 
 
 KeyRef = tuple[str, str]  # (broker name, key name): a key is always its owner's
@@ -149,6 +151,23 @@ class ViewHook(Protocol):
         ...
 
 
+# The view imports shieldml from where this runner's own code lies: under -I the interpreter
+# would otherwise take whichever shieldml its site-packages names first (an editable install of
+# another checkout, say), and the view holding the keys would run other code than the runner.
+# The directory is added only where it is not on the path already, so an installed shieldml
+# keeps the interpreter's own order (the standard library first).
+VIEW_BOOT = (
+    "import sys; r = sys.argv.pop(1); r in sys.path or sys.path.insert(0, r); "
+    "import shieldml.runner.view as v; sys.exit(v.main())"
+)
+
+
+def view_command() -> list[str]:
+    """The view's command line: this interpreter, isolated (``-I``: no ``PYTHON*`` variable, no
+    user site, no script or working directory on ``sys.path``), running this shieldml's view."""
+    return [sys.executable, "-I", "-c", VIEW_BOOT, str(Path(__file__).resolve().parents[2])]
+
+
 def _quiet(_msg: str) -> None:
     pass
 
@@ -176,49 +195,51 @@ def run_job(
     times = RunTimes()
     started = datetime.now(UTC)
     t0 = time.perf_counter()
-    m = JobManifest.load(manifest_path)
-    if extra_args and not m.insecure_allow_extra_args:
-        raise ManifestError(
-            "extra arguments change what runs; the manifest must allow them (insecure_allow_extra_args)"
-        )
-    # 1: every trusted file read once and hashed in full (no cache the host could hand us stands
-    # in for that); those very bytes, not the host's files, are what the program runs
-    trusted: dict[str, tuple[int, bytes]] = {}
-    digest = m.workload_digest(keep=trusted)
-    rep["workload_digest"] = digest
-    times.measure_s = time.perf_counter() - t0
-    say(f"workload digest {digest}")
-    tdx = m.tdx_settings
-    provider = provider_for(m.tee, m.simulated, base=m.base, rtmr=tdx.rtmr, extend=tdx.extend)
-    t1 = time.perf_counter()
-    # TDX: the digest measured into an RTMR before any evidence ([tdx]; fails closed if required)
-    binding = provider.bind_workload(digest)
-    if binding is not None:
-        say(binding.describe())
-    gpu = gpu_provider_for(m, say) if m.gpu is not None else None
-    keys, audit, audit_proofs = release_keys(m, provider, digest, say, gpu)  # 2
-    rep["brokers"] = {
-        b: {"keys": sorted(n for (kb, n) in keys if kb == b), "audit_seq": seq}
-        for b, seq in audit.items()
-    }
-    times.attest_s = time.perf_counter() - t1
-    if hook is not None:
-        hook.prepare(m, provider, digest)
+    # the view's interpreter starts while the job is measured and the brokers are asked
+    view = _View(serve=hook is not None)
+    try:
+        m = JobManifest.load(manifest_path)
+        if extra_args and not m.insecure_allow_extra_args:
+            raise ManifestError(
+                "extra arguments change what runs; the manifest must allow them (insecure_allow_extra_args)"
+            )
+        # 1: every trusted file read once and hashed in full (no cache the host could hand us
+        # stands in for that); those very bytes, not the host's files, are what the program runs
+        trusted: dict[str, tuple[int, bytes]] = {}
+        digest = m.workload_digest(keep=trusted)
+        rep["workload_digest"] = digest
+        times.measure_s = time.perf_counter() - t0
+        say(f"workload digest {digest}")
+        tdx = m.tdx_settings
+        provider = provider_for(m.tee, m.simulated, base=m.base, rtmr=tdx.rtmr, extend=tdx.extend)
+        # 3 (begun): the view lays out the private root and copies the ciphertexts meanwhile
+        view.send_plan(m, extra_args, trusted)
+        t1 = time.perf_counter()
+        # TDX: the digest measured into an RTMR before any evidence ([tdx]; fails closed if
+        # required)
+        binding = provider.bind_workload(digest)
+        if binding is not None:
+            say(binding.describe())
+        gpu = gpu_provider_for(m, say) if m.gpu is not None else None
+        keys, audit, audit_proofs = release_keys(m, provider, digest, say, gpu)  # 2
+        rep["brokers"] = {
+            b: {"keys": sorted(n for (kb, n) in keys if kb == b), "audit_seq": seq}
+            for b, seq in audit.items()
+        }
+        times.attest_s = time.perf_counter() - t1
+        if hook is not None:
+            hook.prepare(m, provider, digest)
+    except BaseException:
+        view.abort()
+        raise
     t2 = time.perf_counter()
-    result = _view(m, keys, extra_args, trusted, hook)  # 3-5
+    result = view.finish(keys, hook)  # 3-5
     times.view_s = time.perf_counter() - t2
     status = int(result["status"])
     rep["exit_code"] = status
-    if stats is not None:
-        stats.update(
-            {
-                "measure_s": times.measure_s,
-                "attest_release_s": times.attest_s,
-                "view_s": times.view_s,
-                **result.get("times", {}),
-            }
-        )
+    view_times = result.get("times", {})
     if receipt:
+        t3 = time.perf_counter()
         write_receipt(  # 6
             receipt,
             digest=digest,
@@ -230,109 +251,196 @@ def run_job(
             provider=provider,
             binding=binding,
         )
+        times.receipt_s = time.perf_counter() - t3
         rep["receipt"] = receipt
         say(f"receipt written to {receipt}")
-    say(
-        f"program exited with {status}; measure {times.measure_s:.2f} s, attest+release {times.attest_s:.2f} s, view {times.view_s:.2f} s"
-    )
+    phases = {
+        "measure_s": times.measure_s,
+        "attest_release_s": times.attest_s,
+        "view_s": times.view_s,
+        **view_times,
+        "receipt_s": times.receipt_s,
+        "total_s": time.perf_counter() - t0,
+    }
+    rep["times"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in phases.items()}
+    if stats is not None:
+        stats.update(phases)
+    say(f"program exited with {status}; " + describe_times(phases))
     return status
 
 
-def _view(
-    m: JobManifest,
-    keys: dict[KeyRef, tuple[str, bytes]],
-    extra_args: tuple[str, ...],
-    trusted: dict[str, tuple[int, bytes]],
-    hook: ViewHook | None = None,
-) -> dict[str, Any]:
-    r, w = os.pipe()
-    channel = theirs = None
-    if hook is not None and m.serve is not None:
-        channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    plan: dict[str, Any] = {
-        "result_fd": w,
-        "argv": [*m.argv, *extra_args],
-        "cwd": m.cwd,
-        "base": str(m.base),
-        "trusted": [
-            {"path": p, "mode": mode, "data": base64.b64encode(data).decode()}
-            for p, (mode, data) in sorted(trusted.items())
-        ],
-        "env": _env(m),
-        "keys": [
-            {"broker": b, "name": n, "key": base64.b64encode(k).decode()}
-            for (b, n), (_f, k) in sorted(keys.items())
-        ],
-        "inputs": [
-            {
-                "path": i.path,
-                "ciphertext": i.ciphertext,
-                "broker": i.broker,
-                "key": i.key,
-                "format": i.format,
-                "sha256": i.sha256,
-            }
-            for i in m.inputs
-        ],
-        "outputs": [
-            {
-                "path": o.path,
-                "ciphertext": o.ciphertext,
-                "broker": o.broker,
-                "key": o.key,
-                "format": o.format,
-                "recipient": base64.b64encode(o.recipient_key).decode()
-                if o.recipient_key
-                else None,
-            }
-            for o in m.outputs
-        ],
-    }
-    if theirs is not None and m.serve is not None:
-        plan["serve"] = {"port": m.serve.port, "channel_fd": theirs.fileno()}
-    proc = subprocess.Popen(
-        [sys.executable, "-I", "-m", "shieldml.runner.view"],
-        stdin=subprocess.PIPE,
-        pass_fds=(w,) if theirs is None else (w, theirs.fileno()),
-        cwd="/",
-        env=_view_env(),
-    )
-    os.close(w)
-    if theirs is not None:
-        theirs.close()
-    # Forward the operator's signals to the program (only the main thread may set handlers;
-    # a library caller in another thread keeps its own handling).
-    forwarding = threading.current_thread() is threading.main_thread()
-    previous = {
-        s: signal.signal(s, lambda signum, _f: proc.send_signal(signum))
-        for s in ((signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if forwarding else ())
-    }
-    try:
-        if proc.stdin is None:
+#: the phases ``shieldml run`` reports, in order: (key in the run's times, what it is called)
+PHASES = (
+    ("measure_s", "measure"),
+    ("attest_release_s", "attest+release"),
+    ("root_s", "private root"),
+    ("decrypt_s", "decrypt"),
+    ("program_s", "program"),
+    ("seal_s", "seal"),
+    ("receipt_s", "receipt"),
+)
+
+
+def describe_times(times: dict[str, Any]) -> str:
+    """``measure 0.01 s, attest+release 0.04 s, …``: the phases that ran."""
+    shown = [(name, times[k]) for k, name in PHASES if k in times]
+    if "receipt_s" in times and not times["receipt_s"]:
+        shown = [(n, v) for n, v in shown if n != "receipt"]
+    return ", ".join(f"{name} {value:.2f} s" for name, value in shown)
+
+
+class _View:
+    """The decrypted view process. Started first thing (its interpreter and imports load while
+    the runner measures the job), it gets the plan once the job is measured, lays out the
+    private root and copies and hashes the ciphertexts while the brokers are asked, and decrypts
+    nothing before :meth:`finish` sends it the keys. :meth:`abort` (a bad manifest, a refusal,
+    an interruption) ends it."""
+
+    def __init__(self, *, serve: bool = False) -> None:
+        r, w = os.pipe()
+        # serve: the runner's end of the view's connector (a [serve] job's program runs in a
+        # network namespace of its own; see ViewHook.running)
+        self.channel: socket.socket | None = None
+        theirs: socket.socket | None = None
+        theirs_fd: int | None = None
+        if serve:
+            self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            theirs_fd = theirs.fileno()
+        try:
+            self.proc = subprocess.Popen(
+                view_command(),
+                stdin=subprocess.PIPE,
+                pass_fds=(w,) if theirs_fd is None else (w, theirs_fd),
+                cwd="/",
+                env=_view_env(),
+            )
+        except BaseException:
+            os.close(r)
+            if self.channel is not None:
+                self.channel.close()
+            raise
+        finally:
+            os.close(w)
+            if theirs is not None:
+                theirs.close()
+        self._result, self._result_w = r, w  # w: its number in the view (pass_fds keeps it)
+        self._channel_w = theirs_fd  # its number there (pass_fds keeps it)
+        if self.proc.stdin is None:
+            self.abort()
             raise ViewError("could not start the decrypted view")
-        proc.stdin.write(json.dumps(plan).encode())
-        proc.stdin.close()
-        with (
-            hook.running(proc, channel) if hook is not None else contextlib.nullcontext(),
-            os.fdopen(r, "rb") as f,
-        ):
-            raw = f.read()
-            proc.wait()
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        if channel is not None:
-            channel.close()
-    try:
-        result: dict[str, Any] = json.loads(raw) if raw else {}
-    except ValueError:
-        result = {}
-    if "error" in result and result.get("started"):  # only a mount changed under the program
-        raise MountChangedError(
-            f"the program ran, but its outputs were not sealed: {result['error']}"
-        )
-    if "error" in result:
-        raise ViewError(f"the program was not started: {result['error']}")
-    if "status" not in result:
-        raise ViewError(f"the decrypted view failed (exit {proc.returncode}); no output was sealed")
-    return result
+
+    def send_plan(
+        self,
+        m: JobManifest,
+        extra_args: tuple[str, ...],
+        trusted: dict[str, tuple[int, bytes]],
+    ) -> None:
+        """The job, as measured: what the view lays out and runs (no key)."""
+        plan: dict[str, Any] = {
+            "result_fd": self._result_w,
+            "argv": [*m.argv, *extra_args],
+            "cwd": m.cwd,
+            "base": str(m.base),
+            "trusted": [
+                {"path": p, "mode": mode, "data": base64.b64encode(data).decode()}
+                for p, (mode, data) in sorted(trusted.items())
+            ],
+            "env": _env(m),
+            "inputs": [
+                {
+                    "path": i.path,
+                    "ciphertext": i.ciphertext,
+                    "broker": i.broker,
+                    "key": i.key,
+                    "format": i.format,
+                    "sha256": i.sha256,
+                    "bind": i.bound,
+                }
+                for i in m.inputs
+            ],
+            "outputs": [
+                {
+                    "path": o.path,
+                    "ciphertext": o.ciphertext,
+                    "broker": o.broker,
+                    "key": o.key,
+                    "format": o.format,
+                    "bind": o.bound,
+                    "recipient": base64.b64encode(o.recipient_key).decode()
+                    if o.recipient_key
+                    else None,
+                }
+                for o in m.outputs
+            ],
+        }
+        if self._channel_w is not None and m.serve is not None:
+            plan["serve"] = {"port": m.serve.port, "channel_fd": self._channel_w}
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(plan).encode() + b"\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it failed at once: finish() reads why
+
+    def abort(self) -> None:
+        """End the view without keys (it removes its staging directory on the way out)."""
+        with contextlib.suppress(OSError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        with contextlib.suppress(OSError):
+            self.proc.terminate()
+        self.proc.wait()
+        with contextlib.suppress(OSError):
+            os.close(self._result)
+        if self.channel is not None:
+            self.channel.close()
+
+    def finish(
+        self, keys: dict[KeyRef, tuple[str, bytes]], hook: ViewHook | None = None
+    ) -> dict[str, Any]:
+        """Send the keys, let the view decrypt, run the program and seal; its result.
+        ``hook.running`` is entered while the program runs (``shieldml serve``)."""
+        proc = self.proc
+        # Forward the operator's signals to the program (only the main thread may set
+        # handlers; a library caller in another thread keeps its own handling).
+        forwarding = threading.current_thread() is threading.main_thread()
+        previous = {
+            s: signal.signal(s, lambda signum, _f: proc.send_signal(signum))
+            for s in ((signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if forwarding else ())
+        }
+        try:
+            doc = [
+                {"broker": b, "name": n, "key": base64.b64encode(k).decode()}
+                for (b, n), (_f, k) in sorted(keys.items())
+            ]
+            assert proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError):  # it failed before: its result says why
+                proc.stdin.write(json.dumps(doc).encode() + b"\n")
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+            with (
+                hook.running(proc, self.channel) if hook is not None else contextlib.nullcontext(),
+                os.fdopen(self._result, "rb") as f,
+            ):
+                raw = f.read()
+                proc.wait()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            if self.channel is not None:
+                self.channel.close()
+        try:
+            result: dict[str, Any] = json.loads(raw) if raw else {}
+        except ValueError:
+            result = {}
+        if "error" in result and result.get("started"):  # only a mount changed under it
+            raise MountChangedError(
+                f"the program ran, but its outputs were not sealed: {result['error']}"
+            )
+        if "error" in result:
+            raise ViewError(f"the program was not started: {result['error']}")
+        if "status" not in result:
+            raise ViewError(
+                f"the decrypted view failed (exit {proc.returncode}); no output was sealed"
+            )
+        return result

@@ -1,8 +1,9 @@
 """The decrypted view: a private mount namespace, and a private root the program runs in.
 
-Runs as its own process (``python -I -m shieldml.runner.view``, cwd ``/``, no inherited
-environment), started by the runner with the job's plan, keys and the measured bytes of the
-trusted files on a pipe (never on disk). It
+Runs as its own process (``python -I``: :func:`shieldml.runner.run.view_command`; cwd ``/``, no
+inherited environment), started by the runner first thing; on a pipe (never on disk) it gets the
+job's plan with the measured bytes of the trusted files once the runner measured the job, and
+the keys last, once the brokers released them. It
 
  1. leaves the host's mount namespace (``unshare``; as root, or in an unprivileged user namespace
     where the kernel allows it) and makes every mount private, so nothing propagates back;
@@ -12,7 +13,9 @@ trusted files on a pipe (never on disk). It
     bound in (the interpreter, its libraries, ``/proc``, ``/dev``). No mount point is an entry in
     a host directory, so the host cannot detach one by unlinking or replacing it;
  3. mounts a tmpfs for every protected directory (a protected file is bind-mounted from a tmpfs
-    staging area), decrypts the inputs into them in parallel and makes them read-only;
+    staging area), copies every input's ciphertext into the staging tmpfs and hashes the copy
+    (no key needed: meanwhile the runner asks the brokers), then, with the keys, decrypts the
+    inputs from those copies in parallel and makes them read-only;
  4. starts the program in a mount namespace of its own rooted at the private root
     (``pivot_root``), forwards signals to it, waits; a ``[serve]`` job's program also gets a
     network namespace of its own, which only :func:`_connector` reaches (``shieldml serve``);
@@ -31,6 +34,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -42,12 +46,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from shieldml.errors import MountChangedError, RollbackError, ShieldError, ViewError
+from shieldml.errors import (
+    IntegrityError,
+    MountChangedError,
+    RollbackError,
+    ShieldError,
+    ViewError,
+)
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
@@ -374,6 +384,37 @@ def _copy_hashing(fd: int, dst: str) -> str:
     return h.hexdigest()
 
 
+def _copy(fd: int, dst: str) -> None:
+    """Copy the file open at ``fd`` (from offset 0) to the new file ``dst``, in the kernel
+    (``sendfile``) where it can, else through a buffer."""
+    out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        offset = 0
+        try:
+            while n := os.sendfile(out, fd, offset, 1 << 30):
+                offset += n
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) or offset:
+                raise
+            while chunk := os.pread(fd, 1 << 20, offset):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view) :]
+                offset += len(chunk)
+    finally:
+        os.close(out)
+
+
+def _sha256_of(path: str) -> str:
+    """SHA-256 of a file of the staging tmpfs (our own copy: nobody else can change it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        with open(fd, "rb", closefd=False) as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    finally:
+        os.close(fd)
+
+
 def _files_under(d: str) -> list[str]:
     return [
         os.path.relpath(os.path.join(top, n), d) for top, _dirs, names in os.walk(d) for n in names
@@ -446,8 +487,78 @@ def _tree_size(path: str) -> int:
     )
 
 
-def run_view(plan: dict[str, Any], result_fd: int) -> int:
-    """Everything inside the namespace; returns the program's exit status."""
+def run_view(
+    plan: dict[str, Any],
+    result_fd: int,
+    receive_keys: Callable[[], dict[tuple[str, str], bytes]],
+) -> int:
+    """Everything inside the namespace; returns the program's exit status. ``receive_keys``
+    blocks until the runner sends the keys the brokers released (it raises
+    :class:`KeysWithheldError` if the runner closes the pipe instead: a refusal, an interruption)."""
+    die_with_parent()
+    enter_private_namespace()
+    # Everything from here on is relative to the staging tmpfs, the working directory: a path the
+    # host could detach and refill (the stage's own, or /proc/self/fd/N) is never used again.
+    stage = private_stage()
+    try:
+        return _run_staged(plan, result_fd, stage, receive_keys)
+    finally:  # a refusal too: no empty staging directory is left on the host
+        remove_stage(stage)
+
+
+class KeysWithheldError(ShieldError):
+    """The runner closed the view's input without sending keys: nothing is decrypted."""
+
+
+@contextlib.contextmanager
+def _named_as(item: dict[str, Any], copy: str) -> Iterator[None]:
+    """An error about our private copy names the host's file it was copied from."""
+    try:
+        yield
+    except ShieldError as e:
+        if e.message.startswith(copy):
+            e.message = item["ciphertext"].rstrip("/") + e.message[len(copy) :]
+            e.args = (e.message,)
+        if isinstance(e, IntegrityError) and "is bound to path" in e.message:
+            e.hint = (
+                "a protected file opens only at the path it was encrypted for: if this is the "
+                "file meant, the input's bind in the job manifest names that path (it is "
+                "measured: the owners approve it), or `shieldml rebind` re-encrypts it for "
+                f"{item['bind']}"
+            )
+        raise
+
+
+def _stage_input(
+    item: dict[str, Any], copy: str, hasher: ThreadPoolExecutor
+) -> Future[dict[str, str]]:
+    """Copy an input's ciphertext (a file, or a directory's files, each read by descriptor)
+    into the staging tmpfs at ``copy``; its :func:`~shieldml.runner.manifest.tree_sha256` map,
+    computed from the copy, as a future (a file is hashed while the runner waits for its keys
+    and the view decrypts)."""
+    if os.path.isdir(item["ciphertext"]):
+        with open_tree(item["ciphertext"]) as tree:
+            digests = copy_tree_hashing(tree, copy)
+        done: Future[dict[str, str]] = Future()
+        done.set_result(digests)
+        return done
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    fd = os.open(item["ciphertext"], flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device: refused
+            raise ViewError(f"{item['ciphertext']}: not a regular file")
+        _copy(fd, copy)
+    finally:
+        os.close(fd)
+    return hasher.submit(lambda: {"": _sha256_of(copy)})
+
+
+def _run_staged(
+    plan: dict[str, Any],
+    result_fd: int,
+    stage: str,
+    receive_keys: Callable[[], dict[tuple[str, str], bytes]],
+) -> int:
     from shieldml.files import (
         Format,
         atomic_output,
@@ -459,16 +570,9 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
     from shieldml.runner.manifest import combined_digest
     from shieldml.runner.recipient import seal_key, sealed_key_path
 
-    die_with_parent()
-    enter_private_namespace()
-    # Everything from here on is relative to the staging tmpfs, the working directory: a path the
-    # host could detach and refill (the stage's own, or /proc/self/fd/N) is never used again.
-    stage = private_stage()
     root = "root"
     os.mkdir(root, 0o755)
     tmpfs(root, mode="0755")
-    # keys are their owner's: (broker, name), never a bare name another broker could also use
-    keys = {(k["broker"], k["name"]): base64.b64decode(k["key"]) for k in plan["keys"]}
     n_in = len(plan["inputs"])
     t_root = time.perf_counter()
     build_root(root, plan, exclude={os.path.dirname(stage)})
@@ -487,56 +591,59 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
             _create(staged)
             files.append((item, staged))
 
-    input_digests: dict[int, dict[str, str]] = {}
+    # Before the keys come (the runner asks the brokers meanwhile): every input's ciphertext is
+    # copied into the staging tmpfs, which the host cannot change, and hashed from there; the
+    # digests (and the pins) are of exactly the bytes decrypted from those copies afterwards.
+    hasher = ThreadPoolExecutor(max(1, min(8, n_in)))
+    copies: list[tuple[str, Future[dict[str, str]]]] = []
+    t_copy = time.perf_counter()
+    try:
+        for k, (item, _where) in enumerate(files[:n_in]):
+            with _named_as(item, f"c{k}"):
+                copies.append((f"c{k}", _stage_input(item, f"c{k}", hasher)))
+        copy_s = time.perf_counter() - t_copy
+        keys = receive_keys()  # blocks until the brokers answered (the runner sends them)
+        t0 = time.perf_counter()
 
-    def decrypt(entry: tuple[dict[str, Any], str]) -> None:
-        """Copy the ciphertext into the staging tmpfs, hashing it as it is copied, check the pin,
-        and decrypt from the copy: the host can rewrite its file at any moment, but not the
-        copy, and the receipt names the digest of exactly the bytes decrypted."""
-        item, where = entry
-        bound = item["path"].rstrip("/")
-        pin = item.get("sha256")
-        k = files.index(entry)
-        copy = f"c{k}"
-        try:
-            if os.path.isdir(item["ciphertext"]):
-                with open_tree(item["ciphertext"]) as tree:
-                    digests = copy_tree_hashing(tree, copy)
-                if pin is not None and combined_digest(digests) != pin:
-                    raise RollbackError(item["ciphertext"], pin)
-                for rel in sorted(digests):
-                    dst = os.path.join(where, rel)
-                    Path(dst).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                    decrypt_path(
-                        os.path.join(copy, rel),
-                        dst,
-                        keys[_ref(item)],
-                        bind=f"{bound}/{rel}",
-                        overwrite=True,
-                    )
-            else:
-                fd = os.open(item["ciphertext"], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        def decrypt(k: int) -> None:
+            item, where = files[k]
+            copy, hashed = copies[k]
+            bound = item["bind"]  # the in-TEE path, or the manifest's bind (measured)
+            with _named_as(item, copy):
+                failure: ShieldError | None = None
                 try:
-                    digests = {"": _copy_hashing(fd, copy)}
-                finally:
-                    os.close(fd)
-                if pin is not None and digests[""] != pin:
+                    if os.path.isdir(copy):
+                        for rel in sorted(_files_under(copy)):
+                            dst = os.path.join(where, rel)
+                            Path(dst).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                            decrypt_path(
+                                os.path.join(copy, rel),
+                                dst,
+                                keys[_ref(item)],
+                                bind=f"{bound}/{rel}",
+                                overwrite=True,
+                            )
+                    else:
+                        decrypt_path(copy, where, keys[_ref(item)], bind=bound, overwrite=True)
+                except ShieldError as e:
+                    failure = e
+                digests = hashed.result()
+                pin = item.get("sha256")
+                if pin is not None and combined_digest(digests) != pin:  # wins over others
                     raise RollbackError(item["ciphertext"], pin)
-                decrypt_path(copy, where, keys[_ref(item)], bind=bound, overwrite=True)
-            input_digests[k] = digests
-        except ShieldError as e:  # name the host's file, not our private copy of it
-            if e.message.startswith(copy):
-                e.message = item["ciphertext"].rstrip("/") + e.message[len(copy) :]
-                e.args = (e.message,)
-            raise
-        finally:
-            _remove(copy)
+                if failure is not None:
+                    raise failure
+                input_digests[k] = digests
 
-    # Decrypt before bind-mounting: a bind mount pins the inode, and decryption replaces the
-    # staged file atomically (new inode).
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max(1, min(8, n_in))) as pool:
-        list(pool.map(decrypt, files[:n_in]))  # the first failure (named file) propagates
+        input_digests: dict[int, dict[str, str]] = {}
+        # Decrypt before bind-mounting: a bind mount pins the inode, and decryption replaces
+        # the staged file atomically (new inode).
+        with ThreadPoolExecutor(max(1, min(8, n_in))) as pool:
+            list(pool.map(decrypt, range(n_in)))  # the first failure (named file) propagates
+    finally:
+        hasher.shutdown(wait=True, cancel_futures=True)
+        for copy, _hashed in copies:
+            _remove(copy)
     decrypt_s = time.perf_counter() - t0
     decrypted = sum(_tree_size(where) for _, where in files[:n_in])
     for k, (item, where) in enumerate(files):
@@ -578,23 +685,35 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
         if "sealed_by" in entry:
             entry["sealed_by"]["key_id"] = key_id(key).hex()  # as `shieldml inspect` shows it
         private = f"s{len(sealed)}"  # sealed in the staging tmpfs, hashed, then published
-        encrypt_path(where, private, key, bind=item["path"].rstrip("/"), fmt=Format(fmt))
+        encrypt_path(where, private, key, bind=item["bind"], fmt=Format(fmt))
         try:
             digests = publish_hashing(private, item["ciphertext"])
         finally:
             _remove(private)
         sealed.append(
-            {"path": item["path"], "ciphertext": item["ciphertext"], "sha256": digests, **entry}
+            {
+                "path": item["path"],
+                "ciphertext": item["ciphertext"],
+                "bind": item["bind"],
+                "sha256": digests,
+                **entry,
+            }
         )
     times = {
         "root_s": root_s,
+        "copy_s": copy_s,
         "decrypt_s": decrypt_s,
         "decrypted_bytes": decrypted,
         "program_s": program_s,
         "seal_s": time.perf_counter() - t2,
     }
     inputs = [
-        {"path": item["path"], "ciphertext": item["ciphertext"], "sha256": input_digests[k]}
+        {
+            "path": item["path"],
+            "ciphertext": item["ciphertext"],
+            "bind": item["bind"],
+            "sha256": input_digests[k],
+        }
         for k, (item, _where) in enumerate(files[:n_in])
     ]
     os.write(
@@ -603,7 +722,6 @@ def run_view(plan: dict[str, Any], result_fd: int) -> int:
             {"status": status, "inputs": inputs, "outputs": sealed, "times": times}
         ).encode(),
     )
-    remove_stage(stage)
     return status
 
 
@@ -682,18 +800,56 @@ def _connector(pid: int, channel_fd: int, port: int) -> None:
         channel.close()
 
 
+def _withheld(_signum: int, _frame: object) -> None:
+    raise KeysWithheldError("the runner ended the view before sending keys")
+
+
+def _keys_from(stream: Any) -> Callable[[], dict[tuple[str, str], bytes]]:
+    """The runner's second line: the released keys, each its owner's (broker, name), never a
+    bare name another broker could also answer for."""
+
+    def receive() -> dict[tuple[str, str], bytes]:
+        line = stream.readline()
+        if not line:
+            raise KeysWithheldError("the runner sent no keys (a refusal or an interruption)")
+        # the program may start now: Ctrl-C and the operator's signals are its, and ours again
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_DFL)
+        return {(k["broker"], k["name"]): base64.b64decode(k["key"]) for k in json.loads(line)}
+
+    return receive
+
+
 def main() -> int:
-    plan = json.loads(sys.stdin.buffer.read())
+    # Started before the brokers answer: until the keys come, a Ctrl-C is the runner's to
+    # handle, and SIGTERM (the runner's abort) ends us at once, staging directory removed.
+    for s in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _withheld)
+    stdin = sys.stdin.buffer
+    try:
+        # started before the job is measured: what it will need loads while the runner works
+        import shieldml.files
+        import shieldml.runner.manifest
+        import shieldml.runner.recipient  # noqa: F401
+
+        line = stdin.readline()  # the plan (no key), once the runner measured the job
+    except KeysWithheldError:
+        return EXIT_VIEW_FAILED
+    if not line:  # the runner stopped before (a bad manifest, trusted files that differ)
+        return EXIT_VIEW_FAILED
+    plan = json.loads(line)
     result_fd = int(plan["result_fd"])
     try:
-        return run_view(plan, result_fd)
+        return run_view(plan, result_fd, _keys_from(stdin))
     except ShieldError as e:
         doc = {
             "error": e.diagnostics(),
             "kind": type(e).__name__,
             "started": isinstance(e, MountChangedError),
         }
-        os.write(result_fd, json.dumps(doc).encode())
+        with contextlib.suppress(BrokenPipeError):  # the runner aborted: nobody reads it
+            os.write(result_fd, json.dumps(doc).encode())
         return EXIT_VIEW_FAILED
 
 
