@@ -10,18 +10,15 @@ what the files and the receipt say.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import pf_crypt_tool
-from tests.test_quickstart import free_port, sh_blocks
+from tests.test_quickstart import run_doc_verbatim, sh_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "from-gramine-ppml.md"
@@ -43,41 +40,10 @@ def test_walkthrough_runs_verbatim_on_pf_crypt_files(tmp_path: Path):
     tools = tmp_path / "tools"
     tools.mkdir()
     (tools / "gramine-sgx-pf-crypt").symlink_to(pf_crypt_tool("v1.9"))
-    venv = Path(sys.prefix)
-    assert (venv / "bin" / "activate").exists(), "run the suite from the project's virtualenv"
-    clone = tmp_path / "clone"
-    clone.mkdir()
-    (clone / ".venv").symlink_to(venv)
-    port = free_port()
-    blocks = sh_blocks(DOC.read_text(encoding="utf-8"))
-    script = "trap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n" + "\n".join(
-        b.replace("8443", str(port)) for b in blocks
-    )
-    env = {
-        "PATH": f"{venv / 'bin'}:{tools}:/usr/bin:/bin",
-        "HOME": str(tmp_path / "home"),
-        "SHIELDML_HOME": str(tmp_path / "shieldml-home"),
-        "PYTHONPATH": str(ROOT / "src"),
-        "LANG": "C.UTF-8",
-    }
-    proc = subprocess.Popen(
-        ["bash", "-e", "-c", script],
-        cwd=clone,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=180)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # the group this test started
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    clone, returncode, output = run_doc_verbatim(DOC, tmp_path, extra_path=(tools,), timeout=180)
     work = clone / "ppml"
     log = (work / "broker.log").read_text() if (work / "broker.log").exists() else ""
-    assert proc.returncode == 0, f"{output}\n--- broker.log ---\n{log}"
+    assert returncode == 0, f"{output}\n--- broker.log ---\n{log}"
     assert "same bytes as the native run" in output
     native = (work / "native" / "result.txt").read_bytes()
     assert (work / "result.txt").read_bytes() == native and native.count(b"\n") == 5

@@ -38,29 +38,24 @@ def free_port() -> int:
     return port
 
 
-def test_sh_blocks_are_found_in_order():
-    blocks = sh_blocks(DOC.read_text(encoding="utf-8"))
-    assert len(blocks) >= 5
-    assert blocks[0].startswith(". .venv/bin/activate")
-    assert "shieldml broker serve" in blocks[1]
-    assert blocks[-1].rstrip().endswith("# stop the broker")
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="shielded runs need Linux namespaces")
-def test_quickstart_runs_verbatim(tmp_path: Path):
-    pytest.importorskip("torch")
+def run_doc_verbatim(
+    doc: Path, tmp_path: Path, *, extra_path: tuple[Path, ...] = (), timeout: float = 120
+) -> tuple[Path, int, str]:
+    """Run ``doc``'s sh blocks in order in one ``bash -e`` from a stand-in for a fresh clone
+    (see the module docstring); return the clone, the exit status and the output."""
     venv = Path(sys.prefix)
     assert (venv / "bin" / "activate").exists(), "run the suite from the project's virtualenv"
     clone = tmp_path / "clone"
     clone.mkdir()
     (clone / ".venv").symlink_to(venv)
     port = free_port()
-    blocks = sh_blocks(DOC.read_text(encoding="utf-8"))
+    blocks = sh_blocks(doc.read_text(encoding="utf-8"))
     script = "trap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n" + "\n".join(
         b.replace("8443", str(port)) for b in blocks
     )
+    path = ":".join(str(p) for p in (venv / "bin", *extra_path))
     env = {
-        "PATH": f"{venv / 'bin'}:/usr/bin:/bin",
+        "PATH": f"{path}:/usr/bin:/bin",
         "HOME": str(tmp_path / "home"),
         "SHIELDML_HOME": str(tmp_path / "shieldml-home"),
         "PYTHONPATH": str(ROOT / "src"),
@@ -76,14 +71,29 @@ def test_quickstart_runs_verbatim(tmp_path: Path):
         start_new_session=True,
     )
     try:
-        output, _ = proc.communicate(timeout=120)
+        output, _ = proc.communicate(timeout=timeout)
     finally:
         with contextlib.suppress(ProcessLookupError):  # the group this test started
             os.killpg(proc.pid, signal.SIGKILL)  # (a broker left over after a failure)
         proc.wait()
+    return clone, proc.returncode, output
+
+
+def test_sh_blocks_are_found_in_order():
+    blocks = sh_blocks(DOC.read_text(encoding="utf-8"))
+    assert len(blocks) >= 5
+    assert blocks[0].startswith(". .venv/bin/activate")
+    assert "shieldml broker serve" in blocks[1]
+    assert blocks[-1].rstrip().endswith("# stop the broker")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="shielded runs need Linux namespaces")
+def test_quickstart_runs_verbatim(tmp_path: Path):
+    pytest.importorskip("torch")
+    clone, returncode, output = run_doc_verbatim(DOC, tmp_path)
     work = clone / "quickstart"
     log = (work / "broker.log").read_text() if (work / "broker.log").exists() else ""
-    assert proc.returncode == 0, f"{output}\n--- broker.log ---\n{log}"
+    assert returncode == 0, f"{output}\n--- broker.log ---\n{log}"
     # what the steps promise, checked on what they left behind
     assert not (work / "model.pt").exists() and (work / "enc" / "model.pt.enc").exists()
     predictions = (work / "results" / "predictions.txt").read_text().splitlines()

@@ -218,3 +218,19 @@ def test_automatic_workers_refuse_a_tampered_file_and_leave_nothing(
     with pytest.raises(IntegrityError):
         decrypt_file(tmp_path / "c", tmp_path / "d", key, bind="f", workers=None)
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_rekey_keeps_the_gramine_version(tmp_path: Path, version: int):
+    """A Gramine v2 file stays v2 after a rekey (Gramine 1.8 would refuse it: v1 stays v1)."""
+    from shieldml.files import encrypt_file, open_protected, rekey_path
+
+    old, new = generate_key(Format.GRAMINE_PF), generate_key(Format.GRAMINE_PF)
+    (tmp_path / "in").write_bytes(b"x" * 10000)
+    enc = tmp_path / "file.pf"
+    encrypt_file(tmp_path / "in", enc, old, bind="file.pf", fmt=Format.GRAMINE_PF,
+                 gramine_version=version)  # fmt: skip
+    rekey_path(enc, old, new, bind="file.pf")
+    with open_protected(enc, new, bind="file.pf") as r:
+        assert r.header.major_version == version
+        assert r.read() == b"x" * 10000

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shieldml.errors import InputReadError, OutputExistsError
 from shieldml.files._api import decrypt_into, detect_format, encrypt_into, inspect_file
@@ -162,13 +163,7 @@ def rekey_path(
     Each file is replaced atomically, only after all of it was authenticated under ``old_key``;
     a file that cannot be rewritten (say, no space for its new copy) is left as it was.
     """
-    from shieldml.files._api import (
-        CHUNK,
-        atomic_output,
-        ciphertext_size,
-        create_writer,
-        open_protected,
-    )
+    from shieldml.files._api import atomic_output, open_protected
 
     items = plan_decrypt(src, src, bind)
     for it in items:
@@ -176,18 +171,30 @@ def rekey_path(
         with open_protected(it.src, old_key, bind=it.bind) as r:
             stored = getattr(r, "stored_path", it.bind)
             with atomic_output(it.src, overwrite=True) as out:
-                reserved = ciphertext_size(fmt, r.size)
-                out.reserve(reserved)
-                with create_writer(out, new_key, stored, fmt=fmt) as w:
-                    buf = bytearray(CHUNK)
-                    while n := r.readinto(buf):
-                        with memoryview(buf)[:n] as part:
-                            w.write(part)
-                        if progress:
-                            progress(n)
-                if out.written_end < reserved:
-                    out.truncate(out.written_end)
+                _reencrypt(r, out, new_key, stored, fmt, progress)
     return items
+
+
+def _reencrypt(
+    r: Any, out: Any, key: bytes, bind: str, fmt: Format, progress: ProgressCallback | None
+) -> None:
+    """Write what the open reader ``r`` authenticates onto ``out``, encrypted under ``key`` for
+    ``bind`` in ``fmt`` (a Gramine file keeps its Gramine version)."""
+    from shieldml.files._api import CHUNK, ciphertext_size, create_writer
+    from shieldml.files._gramine import GramineReader
+
+    version = r.header.major_version if isinstance(r, GramineReader) else 1
+    reserved = ciphertext_size(fmt, r.size)
+    out.reserve(reserved)
+    with create_writer(out, key, bind, fmt=fmt, gramine_version=version) as w:
+        buf = bytearray(CHUNK)
+        while n := r.readinto(buf):
+            with memoryview(buf)[:n] as part:
+                w.write(part)
+            if progress:
+                progress(n)
+    if out.written_end < reserved:
+        out.truncate(out.written_end)
 
 
 def rebind_path(
@@ -210,13 +217,7 @@ def rebind_path(
     nothing: no output appears (and, in place, no file changes) unless every file verified and
     was written in full. Returns the files with their *new* bound paths.
     """
-    from shieldml.files._api import (
-        CHUNK,
-        ciphertext_size,
-        create_writer,
-        open_protected,
-    )
-    from shieldml.files._gramine import GramineReader
+    from shieldml.files._api import open_protected
 
     items = plan_decrypt(src, dst, bind)
     single = os.path.isfile(os.fspath(src))
@@ -230,18 +231,7 @@ def rebind_path(
         for old, new in zip(items, moved, strict=True):
             fmt = detect_format(old.src)
             with open_protected(old.src, key, bind=old.bind) as r, outputs.file(new.dst) as out:
-                version = r.header.major_version if isinstance(r, GramineReader) else 1
-                reserved = ciphertext_size(fmt, r.size)
-                out.reserve(reserved)
-                with create_writer(out, out_key, new.bind, fmt=fmt, gramine_version=version) as w:
-                    buf = bytearray(CHUNK)
-                    while n := r.readinto(buf):
-                        with memoryview(buf)[:n] as part:
-                            w.write(part)
-                        if progress:
-                            progress(n)
-                if out.written_end < reserved:
-                    out.truncate(out.written_end)
+                _reencrypt(r, out, out_key, new.bind, fmt, progress)
     return moved
 
 

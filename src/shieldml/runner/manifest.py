@@ -100,6 +100,7 @@ import re
 import stat
 import string
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeGuard
@@ -638,36 +639,47 @@ def _parts(path: str) -> tuple[str, ...]:
     return PurePosixPath(path.rstrip("/") or "/").parts
 
 
-def _no_nesting(items: list[tuple[str, Protected]], where: str) -> None:
-    """No protected path equal to or inside another, component by component (``/a/bc`` is not in
-    ``/a/b``). Sorted by components, a path comes right before the first of those inside it, so
-    comparing neighbours finds every case in O(n log n)."""
-    ordered = sorted(items, key=lambda item: _parts(item[1].path))
-    for (la, a), (lb, b) in itertools.pairwise(ordered):
-        pa, pb = _parts(a.path), _parts(b.path)
+def _first_overlap(
+    items: list[tuple[str, Protected]], parts: Callable[[Protected], tuple[str, ...]]
+) -> tuple[tuple[str, Protected], tuple[str, Protected], bool] | None:
+    """The first two items whose ``parts`` are equal or one inside the other, component by
+    component (``/a/bc`` is not in ``/a/b``), and whether they are equal. Sorted by components, a
+    path comes right before the first of those inside it, so comparing neighbours finds every
+    case in O(n log n)."""
+    ordered = sorted(items, key=lambda item: parts(item[1]))
+    for first, second in itertools.pairwise(ordered):
+        pa, pb = parts(first[1]), parts(second[1])
         if pb[: len(pa)] == pa:
-            what = "is the same path as" if pa == pb else "contains"
-            raise ManifestError(
-                f"{where}: {la} ({a.path}) {what} {lb} ({b.path}): "
-                "a protected path may not be equal to or inside another",
-                hint="give each input and output its own path, none under another's directory",
-            )
+            return first, second, pa == pb
+    return None
+
+
+def _no_nesting(items: list[tuple[str, Protected]], where: str) -> None:
+    """No protected path equal to or inside another."""
+    found = _first_overlap(items, lambda p: _parts(p.path))
+    if found is not None:
+        (la, a), (lb, b), same = found
+        what = "is the same path as" if same else "contains"
+        raise ManifestError(
+            f"{where}: {la} ({a.path}) {what} {lb} ({b.path}): "
+            "a protected path may not be equal to or inside another",
+            hint="give each input and output its own path, none under another's directory",
+        )
 
 
 def _no_shared_binds(items: list[tuple[str, Protected]], where: str) -> None:
     """No two protected paths bound to the same path, or one under the other (compared as
-    Gramine normalises paths, component by component): the host could swap such files, and each
-    would still authenticate at the other's place."""
-    ordered = sorted(items, key=lambda item: _parts(gramine_norm_path(item[1].bound)))
-    for (la, a), (lb, b) in itertools.pairwise(ordered):
-        pa, pb = _parts(gramine_norm_path(a.bound)), _parts(gramine_norm_path(b.bound))
-        if pb[: len(pa)] == pa:
-            what = "the same path as" if pa == pb else "a path that contains"
-            raise ManifestError(
-                f"{where}: {la} is bound to {a.bound!r}, {what} {lb} ({b.bound!r}): "
-                "the host could swap their files and each would open at the other's place",
-                hint="give each protected file its own bind (`shieldml rebind` re-encrypts one)",
-            )
+    Gramine normalises paths): the host could swap such files, and each would still
+    authenticate at the other's place."""
+    found = _first_overlap(items, lambda p: _parts(gramine_norm_path(p.bound)))
+    if found is not None:
+        (la, a), (lb, b), same = found
+        what = "the same path as" if same else "a path that contains"
+        raise ManifestError(
+            f"{where}: {la} is bound to {a.bound!r}, {what} {lb} ({b.bound!r}): "
+            "the host could swap their files and each would open at the other's place",
+            hint="give each protected file its own bind (`shieldml rebind` re-encrypts one)",
+        )
 
 
 def _no_protected_trusted(items: list[tuple[str, Protected]], files: list[str], where: str) -> None:

@@ -367,18 +367,27 @@ def publish_hashing(private: str, dst: str) -> dict[str, str]:
     return digests
 
 
+def _new_file(dst: str) -> int:
+    return os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def _copy_through_buffer(fd: int, out: int, offset: int, h: Any = None) -> None:
+    """Copy ``fd`` from ``offset`` to its end onto ``out``, feeding ``h`` (a hash) the bytes."""
+    while chunk := os.pread(fd, 1 << 20, offset):
+        if h is not None:
+            h.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(out, view) :]
+        offset += len(chunk)
+
+
 def _copy_hashing(fd: int, dst: str) -> str:
     """Copy the file open at ``fd`` (from offset 0) to the new file ``dst``; SHA-256 of the bytes."""
     h = hashlib.sha256()
-    out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    out = _new_file(dst)
     try:
-        offset = 0
-        while chunk := os.pread(fd, 1 << 20, offset):
-            h.update(chunk)
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(out, view) :]
-            offset += len(chunk)
+        _copy_through_buffer(fd, out, 0, h)
     finally:
         os.close(out)
     return h.hexdigest()
@@ -387,7 +396,7 @@ def _copy_hashing(fd: int, dst: str) -> str:
 def _copy(fd: int, dst: str) -> None:
     """Copy the file open at ``fd`` (from offset 0) to the new file ``dst``, in the kernel
     (``sendfile``) where it can, else through a buffer."""
-    out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    out = _new_file(dst)
     try:
         offset = 0
         try:
@@ -396,11 +405,7 @@ def _copy(fd: int, dst: str) -> None:
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) or offset:
                 raise
-            while chunk := os.pread(fd, 1 << 20, offset):
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(out, view) :]
-                offset += len(chunk)
+            _copy_through_buffer(fd, out, offset)
     finally:
         os.close(out)
 
