@@ -138,11 +138,23 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--client-procs", type=int, default=1, help="load-generator processes")
+    ap.add_argument(
+        "--databases", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql"
+    )
     ap.add_argument("--markdown")
     args = ap.parse_args()
-    rows = [run("sqlite", None, args.clients, args.seconds, args.workers, args.client_procs)]
+    wanted = {d.strip() for d in args.databases.split(",") if d.strip()}
+    if not wanted or wanted - {"sqlite", "postgresql"}:
+        ap.error("--databases takes sqlite, postgresql or both")
+    rows = []
+    if "sqlite" in wanted:
+        rows.append(
+            run("sqlite", None, args.clients, args.seconds, args.workers, args.client_procs)
+        )
     pg = PgCluster()
-    if pg.available is None:
+    if "postgresql" not in wanted:
+        pass
+    elif pg.available is None:
         pg.start()
         try:
             rows.append(

@@ -99,3 +99,51 @@ def test_brokers_own_collateral_comes_from_its_simulated_platform_and_its_cache(
     cache.intel(real, now=at, fetch=fake_pcs(col, "B0C06F000000", tee="tdx", ca="platform"))
     assert cache.cached_intel(real, now=at) == col
     assert cache.cached_intel(real, now=datetime(2026, 11, 29, tzinfo=UTC)) is None  # expired
+
+
+def test_brokers_own_collateral_is_read_once_per_ttl_and_a_refresh_counts_after_it(
+    make: Callable[[Settings], Broker], sim: SimulatedPlatform
+):
+    """The own collateral's number is remembered for OwnFloor.ttl seconds (reading it on every
+    release cost a tenth of the broker's CPU); once the broker's collateral is refreshed to #6,
+    the runner's #5 is refused as soon as the remembered #5 is older than the ttl."""
+    now = [1000.0]
+    held = [5]
+    reads: list[int] = []
+
+    def own(_quote: bytes) -> IntelCollateral:
+        reads.append(held[0])
+        return _numbered(sim, held[0])
+
+    b = make(Settings(trust=sim.trust(), own_collateral=own, monotonic=lambda: now[0]))
+    add_key(b)
+    assert _release(b, sim, 5).status_code == 200
+    assert _release(b, sim, 5).status_code == 200
+    assert reads == [5]  # read once
+    held[0] = 6  # the broker's cache was refreshed
+    now[0] += 9.0
+    assert _release(b, sim, 5).status_code == 200  # within the ttl: #5 still stands
+    now[0] += 2.0
+    r = _release(b, sim, 5)
+    assert r.status_code == 403 and "tcbEvaluationDataNumber >= 6" in r.text
+    assert reads == [5, 6]
+
+
+def test_own_floor_keeps_platforms_apart_and_forgets_after_its_ttl():
+    from shieldml.broker.server.release import OwnFloor
+
+    now = [0.0]
+    floor = OwnFloor(ttl=10.0, max_entries=2, clock=lambda: now[0])
+    a, b_, c = (
+        ("SGX", "5e0000000000", "simulated"),
+        ("TDX", "5e0000000000", "simulated"),
+        ("SGX", "00a067110000", "vendor"),
+    )
+    assert floor.get(a, lambda: 5) == 5
+    assert floor.get(a, lambda: 9) == 5  # remembered
+    assert floor.get(b_, lambda: None) is None
+    assert floor.get(b_, lambda: 7) is None  # "none at hand" is remembered too
+    now[0] = 10.0
+    assert floor.get(a, lambda: 9) == 9  # expired: read again
+    floor.get(c, lambda: 1)
+    assert floor.get(b_, lambda: 3) == 3  # bounded: b_ was the oldest and went

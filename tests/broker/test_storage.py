@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from shieldml.broker.audit import verify_chain
+from shieldml.broker.audit import AuditProof, verify_chain
 from shieldml.broker.server.storage import Store, audit_t, keys_t
 from shieldml.errors import AuditChainError, BrokerError, IntegrityError, KeyFileError
 from tests.pg import PgCluster
@@ -178,3 +182,75 @@ def test_an_invalid_key_name_is_answered_400(tmp_path: Path, name: str):
     assert e.value.status == 400 and str(e.value.detail).startswith("invalid key name")
     assert s.list_keys() == []
     s.engine.dispose()
+
+
+def _queued(store: Store, calls: list[Callable[[], object]]) -> list[object]:
+    """Run ``calls`` in threads while the test holds the group-commit leader lock, so they all
+    queue; then let them go: one leader appends them all. Returns each call's result (or the
+    exception it raised)."""
+    results: list[object] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except Exception as e:  # handed back to the test
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    with store._leader:
+        for th in threads:
+            th.start()
+        deadline = time.monotonic() + 30
+        while len(store._queue) < len(calls) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(store._queue) == len(calls)
+    for th in threads:
+        th.join()
+    return results
+
+
+def test_appends_that_arrive_together_share_one_transaction(store: Store):
+    """Group commit: records and challenges queued while another append runs go into one
+    transaction, each with its own sequence number, proof and checkpoint."""
+    commits: list[int] = []
+    sa.event.listen(store.engine, "commit", lambda _c: commits.append(1))
+    ttl = timedelta(seconds=60)
+    calls: list[Callable[[], object]] = []
+    for i in range(12):
+        if i % 3 == 0:
+            calls.append(lambda: store.new_nonce(ttl, audit=("challenge", {})))
+        else:
+            calls.append(lambda i=i: store.audit_entry("test", {"i": i}))
+    results = _queued(store, calls)
+    assert len(commits) == 1
+    key = [store.log_signer.verifier]
+    proofs = [r for r in results if isinstance(r, AuditProof)]
+    assert len(proofs) == 8 and all(p.verify(key).size == p.seq for p in proofs)
+    records = store.audit_records()
+    assert [r.seq for r in records] == list(range(1, 13))
+    verify_chain(records, store.audit_head())
+    challenges = {
+        r.data["nonce_sha256"]: r.data["expires_at"] for r in records if r.event == "challenge"
+    }
+    for nonce, expires in (r for r in results if isinstance(r, tuple)):
+        assert challenges[hashlib.sha256(nonce).hexdigest()] == expires.isoformat()
+        assert store.consume_nonce(nonce)  # stored in the same transaction
+
+
+def test_a_failed_group_commit_fails_every_append_in_it_and_writes_none(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+):
+    store.audit("before", {})
+    real = store._append_many
+
+    def fail_after_writing(c: sa.Connection, batch: list[Any]) -> None:
+        real(c, batch)  # every row written inside the transaction, then it fails
+        raise sa.exc.OperationalError("COMMIT", {}, Exception("connection lost"))
+
+    monkeypatch.setattr(store, "_append_many", fail_after_writing)
+    results = _queued(store, [lambda i=i: store.audit("test", {"i": i}) for i in range(5)])
+    assert all(isinstance(r, sa.exc.OperationalError) for r in results)
+    monkeypatch.setattr(store, "_append_many", real)
+    assert [r.event for r in store.audit_records()] == ["before"]  # none of the five
+    assert store.audit("after", {}) == 2  # the log goes on from where it was
+    verify_chain(store.audit_records(), store.audit_head())

@@ -12,6 +12,7 @@ loaders decode every field verification reads, up front, and raise ``ValueError`
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 from typing import TypeVar
 
 from cryptography import x509
@@ -50,9 +51,31 @@ def _strict(load: Callable[[], T]) -> T:
         raise ValueError(str(e) or type(e).__name__) from e
 
 
+#: PEM bundles up to this size are remembered once parsed (by their exact bytes); larger ones
+#: are parsed every time
+CACHE_MAX_BYTES = 64 * 1024
+
+
 def pem_certificates(data: bytes) -> list[x509.Certificate]:
-    """Every certificate of a PEM bundle; ``ValueError`` if any is malformed anywhere."""
+    """Every certificate of a PEM bundle; ``ValueError`` if any is malformed anywhere.
+
+    The same chains come with every quote and every collateral document (a PCK chain, Intel's
+    issuer chains), so a bundle parsed once is remembered by its exact bytes (LRU, at most 128
+    bundles of at most CACHE_MAX_BYTES): the same bytes always parse to the same certificates,
+    which are immutable, so nothing an attacker sends can make another bundle look cached. A
+    bundle that fails to parse is never remembered."""
+    if len(data) > CACHE_MAX_BYTES:
+        return _parse_pem_certificates(data)
+    return list(_pem_certificates_cached(bytes(data)))
+
+
+def _parse_pem_certificates(data: bytes) -> list[x509.Certificate]:
     return _strict(lambda: [_decoded(c) for c in x509.load_pem_x509_certificates(data)])
+
+
+@lru_cache(maxsize=128)
+def _pem_certificates_cached(data: bytes) -> tuple[x509.Certificate, ...]:
+    return tuple(_parse_pem_certificates(data))
 
 
 def pem_certificate(data: bytes) -> x509.Certificate:
@@ -64,7 +87,24 @@ def der_certificate(data: bytes) -> x509.Certificate:
 
 
 def der_crl(data: bytes) -> x509.CertificateRevocationList:
+    """A DER CRL, every entry decoded; remembered by its exact bytes like PEM bundles (LRU, at
+    most 32 CRLs of at most CRL_CACHE_MAX_BYTES): the collateral sent with every quote carries
+    the same two CRLs until Intel issues new ones."""
+    if len(data) > CRL_CACHE_MAX_BYTES:
+        return _parse_der_crl(data)
+    return _der_crl_cached(bytes(data))
+
+
+CRL_CACHE_MAX_BYTES = 256 * 1024
+
+
+def _parse_der_crl(data: bytes) -> x509.CertificateRevocationList:
     return _strict(lambda: _decoded_crl(x509.load_der_x509_crl(data)))
+
+
+@lru_cache(maxsize=32)
+def _der_crl_cached(data: bytes) -> x509.CertificateRevocationList:
+    return _parse_der_crl(data)
 
 
 def pem_crl(data: bytes) -> x509.CertificateRevocationList:

@@ -165,6 +165,46 @@ class CollateralFloor:
                 self._entries.popitem(last=False)
 
 
+#: how long the broker's own collateral's tcbEvaluationDataNumber, once read, stands for its
+#: TEE, FMSPC and root kind (seconds)
+OWN_FLOOR_TTL = 10.0
+
+
+class OwnFloor:
+    """The tcbEvaluationDataNumber of the broker's own collateral per :data:`FloorKey` (None: it
+    has none for that platform), read at most once per ``ttl`` seconds instead of on every
+    release (reading it parses the quote, its chain and the collateral's JSON again, and for a
+    simulated platform signs fresh CRLs). An entry is replaced once older than ``ttl``: collateral
+    the broker refreshed is the floor at most ``ttl`` seconds later. Bounded (LRU), thread-safe."""
+
+    def __init__(
+        self,
+        ttl: float = OWN_FLOOR_TTL,
+        max_entries: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.clock = clock
+        self._entries: OrderedDict[FloorKey, tuple[float, int | None]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: FloorKey, read: Callable[[], int | None]) -> int | None:
+        """The number for ``key``: remembered, or ``read()`` now (outside the lock)."""
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and self.clock() < hit[0]:
+                self._entries.move_to_end(key)
+                return hit[1]
+        number = read()
+        with self._lock:
+            self._entries[key] = (self.clock() + self.ttl, number)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return number
+
+
 @dataclass
 class Settings:
     nonce_ttl: timedelta = timedelta(seconds=60)
@@ -183,6 +223,8 @@ class Settings:
     #: trusted simulated platform), never asking anyone: collateral a runner sends is compared
     #: with it. Asked only for a quote that verified.
     own_collateral: Callable[[bytes], IntelCollateral | None] | None = None
+    #: what ``own_collateral`` said, per TEE, FMSPC and root, for a few seconds (:class:`OwnFloor`)
+    own_floor: OwnFloor | None = None
     #: AMD's CRL for SEV-SNP evidence that came without one (its cache, AMD's KDS, a trusted
     #: simulated platform's); asked only once the VCEK chain verified
     amd_crl_for: CrlSource | None = None
@@ -194,6 +236,10 @@ class Settings:
     challenge_burst: float = CHALLENGE_BURST
     #: the clock rate limits and cached misses are measured by (seconds, monotonic)
     monotonic: Callable[[], float] = time.monotonic
+
+    def __post_init__(self) -> None:
+        if self.own_floor is None:
+            self.own_floor = OwnFloor(clock=self.monotonic)
 
 
 @dataclass(frozen=True)
@@ -521,9 +567,15 @@ def _not_older_than_the_brokers(
     TEE and FMSPC: its own (cached) collateral, or the newest it verified before."""
     floor = settings.collateral_floor.get(key)
     if settings.own_collateral is not None:
-        kind = detect_tee(request.evidence) if request.tee == "auto" else request.tee
-        quote = extract(request.evidence).quote if kind == "ratls" else request.evidence
-        own = _evaluation_number(settings.own_collateral(quote), key)
+        own_collateral = settings.own_collateral
+
+        def read() -> int | None:
+            kind = detect_tee(request.evidence) if request.tee == "auto" else request.tee
+            quote = extract(request.evidence).quote if kind == "ratls" else request.evidence
+            return _evaluation_number(own_collateral(quote), key)
+
+        assert settings.own_floor is not None  # made with the Settings
+        own = settings.own_floor.get(key, read)
         if own is not None:
             floor = own if floor is None else max(floor, own)
     if floor is None or number >= floor:

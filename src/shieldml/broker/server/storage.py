@@ -8,9 +8,12 @@ chain hash and Merkle leaf hash, appended under a row lock on ``meta.audit_head`
 The audit tree's state lives in the head row, ``meta.audit_head`` = ``seq:chain hash|{"frontier",
 "mac"}``: the frontier (the roots of the perfect subtrees on the tree's right edge, one per set
 bit of ``seq``) and an HMAC-SHA256 binding it to the chain's head, under a key derived from the
-log's signing key; the row is locked, read and rewritten once per append, in its transaction. An append costs O(log n) hashes and one HMAC whatever the
-log's size; its inclusion proof is the frontier before it, and its checkpoint is signed (Ed25519)
-after the transaction committed, outside the lock. The signing key is a file in the state
+log's signing key; the row is locked, read and rewritten once per transaction. Appends that
+arrive while one is being committed are committed together (group commit: one lock of the head
+row and one commit for all of them, each record still with its own sequence number). An append
+costs O(log n) hashes and one HMAC whatever the log's size; its inclusion proof is the frontier
+before it, and its checkpoint is signed (Ed25519) after the transaction committed, outside the
+lock. The signing key is a file in the state
 directory (``log-signing-key``), never in the database: a frontier row written by someone who can
 write the database but not read the key file fails its MAC and is refused (see docs/broker.md).
 
@@ -110,6 +113,7 @@ meta_t = sa.Table(
     sa.Column("v", sa.Text, nullable=False),
 )
 _HEAD_FOR_UPDATE = sa.select(meta_t.c.v).where(meta_t.c.k == "audit_head").with_for_update()
+_SET_HEAD = meta_t.update().where(meta_t.c.k == "audit_head").values(v=sa.bindparam("v"))
 LOG_KEY_FILE = "log-signing-key"
 NAME_MAX = 128
 #: The one rule for key names, for the HTTP API's models and for the store: ASCII letters, digits,
@@ -125,6 +129,11 @@ def valid_key_name(name: str) -> bool:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _aware(t: datetime) -> datetime:
+    """SQLite hands back naive UTC."""
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
 
 
 def _utc(t: datetime) -> str:
@@ -151,6 +160,21 @@ class KeyEntry:
 
     def unwrap(self) -> bytes:
         return self.kek.unwrap(self.name, self.format, self.wrapped)
+
+
+@dataclass
+class _Append:
+    """One record waiting for :meth:`Store._append_batched`; a challenge's (``nonce``: the nonce
+    and its lifetime) gets its ``expires_at`` and nonce hash from the batch's transaction."""
+
+    event: str
+    data: dict[str, Any]
+    nonce: tuple[bytes, timedelta] | None = None
+    text: str | None = None
+    expires: datetime | None = None
+    result: tuple[AuditRecord, list[bytes], tlog.Frontier] | None = None
+    error: BaseException | None = None
+    done: bool = False
 
 
 class Kek:
@@ -216,6 +240,9 @@ class Store:
         self.log_signer = tlog.NoteSigner.load_or_create(state_dir / LOG_KEY_FILE)
         self._tree_mac = self.log_signer.derive_key(b"shieldml/v1 audit tree state")
         self._seen_size = 0  # the largest committed tree size this process read under the lock
+        self._queue: list[_Append] = []  # appends waiting for the next group commit
+        self._queue_lock = threading.Lock()
+        self._leader = threading.Lock()  # held by the thread committing a batch
         md.create_all(self.engine)
         _check_schema(self.engine)
         self._ensure_head()
@@ -472,27 +499,17 @@ class Store:
     ) -> tuple[bytes, datetime]:
         """A fresh nonce, stored (and, with ``audit``, its audit record) in one transaction."""
         nonce = secrets.token_bytes(32)
+        if audit is not None:
+            item = _Append(audit[0], audit[1], nonce=(nonce, ttl))
+            self._append_batched(item)
+            assert item.expires is not None
+            return nonce, item.expires
         with self.tx() as c:
             insert = nonces_t.insert().values(
                 nonce=nonce.hex(), expires_at=self._clock() + ttl, used=False
             )
             expires: datetime = c.execute(insert.returning(nonces_t.c.expires_at)).scalar_one()
-            if expires.tzinfo is None:  # SQLite hands back naive UTC
-                expires = expires.replace(tzinfo=UTC)
-            if secrets.randbelow(64) == 0:  # prune long-expired nonces now and then
-                c.execute(
-                    nonces_t.delete().where(
-                        nonces_t.c.expires_at < self._clock() - timedelta(hours=1)
-                    )
-                )
-            if audit is not None:
-                nonce_hash = hashlib.sha256(nonce).hexdigest()
-                self._append(
-                    c,
-                    audit[0],
-                    {**audit[1], "nonce_sha256": nonce_hash, "expires_at": expires.isoformat()},
-                )
-        return nonce, expires
+        return nonce, _aware(expires)
 
     def _clock(self) -> Any:
         """The time nonces are issued and checked by: the database's own clock when replicas
@@ -517,43 +534,92 @@ class Store:
     # -- audit --------------------------------------------------------------------------------
     def audit(self, event: str, data: dict[str, Any]) -> int:
         """Append a record to the log; returns its sequence number."""
-        with self.tx() as c:
-            return self._append(c, event, data)[0].seq
+        return self._append_batched(_Append(event, data))[0].seq
 
     def audit_entry(self, event: str, data: dict[str, Any]) -> AuditProof:
         """Append a record; returns it with its inclusion proof and the checkpoint of the tree it
         ends (size = its sequence number), signed once the append committed."""
-        with self.tx() as c:
-            rec, proof, grown = self._append(c, event, data)
+        rec, proof, grown = self._append_batched(_Append(event, data))
         return AuditProof(
             rec.seq, rec.at, rec.event, rec.data, grown.size, tuple(proof), self._sign(grown)
         )
 
-    def _append(
-        self, c: sa.Connection, event: str, data: dict[str, Any]
-    ) -> tuple[AuditRecord, list[bytes], tlog.Frontier]:
-        """Append inside an open transaction, holding the head row's lock (replica-safe): the
-        record with its chain hash and leaf hash, and the new frontier; returns the record, its
-        inclusion proof (the frontier before it) and the new frontier."""
-        text = canonical_data(data)
+    def _append_batched(self, item: _Append) -> tuple[AuditRecord, list[bytes], tlog.Frontier]:
+        """Group commit: appends that arrive while another is in its transaction wait, then go
+        into one transaction together (one lock of the head row, one commit for all of them).
+
+        The first thread to take ``_leader`` appends everything queued, its own record among
+        them; a thread whose record a leader already appended returns at once. Each record still
+        gets its own sequence number, inclusion proof and tree (its checkpoint is of the tree it
+        ends, as for a record appended alone); a batch that fails fails every record in it, and
+        none of them is written."""
+        item.text = (
+            None if item.nonce is not None else canonical_data(item.data)
+        )  # bad data: its caller's error
+        with self._queue_lock:
+            self._queue.append(item)
+        with self._leader:
+            if not item.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                try:
+                    with self.tx() as c:
+                        self._append_many(c, batch)
+                except BaseException as e:
+                    for it in batch:
+                        it.error, it.done = e, True
+                    raise
+                for it in batch:
+                    it.done = True
+        if item.error is not None:
+            raise item.error
+        assert item.result is not None
+        return item.result
+
+    def _append_many(self, c: sa.Connection, batch: list[_Append]) -> None:
+        """Append ``batch`` in order inside an open transaction, holding the head row's lock
+        (replica-safe): each record with its chain hash and leaf hash (a challenge's nonce row
+        too), then the new head; sets each item's record, inclusion proof (the frontier before
+        it) and tree."""
         last, prev, tree = self._tree(str(c.execute(_HEAD_FOR_UPDATE).scalar_one()))
-        seq = last + 1
-        at = _now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        h = record_hash(prev, seq, at, event, text)
-        leaf = record_leaf(seq, at, event, text)
-        grown = tree.append(leaf)
-        c.execute(
-            audit_t.insert().values(
-                seq=seq, at=at, event=event, data=text, prev_hash=prev, hash=h, leaf=leaf.hex()
+        nonce_rows: list[dict[str, Any]] = []
+        if any(it.nonce is not None for it in batch):
+            # PostgreSQL: the database's clock (the transaction's start), shared by replicas
+            now = (
+                _now() if self.sqlite else _aware(c.execute(sa.select(sa.func.now())).scalar_one())
             )
-        )
-        c.execute(
-            meta_t.update()
-            .where(meta_t.c.k == "audit_head")
-            .values(v=self._head_row(seq, h, grown))
-        )
-        rec = AuditRecord(seq, at, event, json.loads(text), prev, h)
-        return rec, tree.next_inclusion_proof(), grown
+        rows: list[dict[str, Any]] = []
+        for it in batch:
+            if it.nonce is not None:
+                nonce, ttl = it.nonce
+                it.expires = now + ttl
+                nonce_rows.append({"nonce": nonce.hex(), "expires_at": it.expires, "used": False})
+                it.text = canonical_data(
+                    {
+                        **it.data,
+                        "nonce_sha256": hashlib.sha256(nonce).hexdigest(),
+                        "expires_at": it.expires.isoformat(),
+                    }
+                )
+            assert it.text is not None
+            seq = last + 1
+            at = _now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            h = record_hash(prev, seq, at, it.event, it.text)
+            leaf = record_leaf(seq, at, it.event, it.text)
+            grown = tree.append(leaf)
+            rows.append(
+                {"seq": seq, "at": at, "event": it.event, "data": it.text, "prev_hash": prev,
+                 "hash": h, "leaf": leaf.hex()}
+            )  # fmt: skip
+            rec = AuditRecord(seq, at, it.event, json.loads(it.text), prev, h)
+            it.result = (rec, tree.next_inclusion_proof(), grown)
+            last, prev, tree = seq, h, grown
+        if nonce_rows:
+            c.execute(nonces_t.insert(), nonce_rows)
+            if secrets.randbelow(64) < len(nonce_rows):  # prune long-expired nonces now and then
+                c.execute(nonces_t.delete().where(nonces_t.c.expires_at < now - timedelta(hours=1)))
+        c.execute(audit_t.insert(), rows)
+        c.execute(_SET_HEAD, {"v": self._head_row(last, prev, tree)})
 
     def _sign(self, tree: tlog.Frontier) -> str:
         cp = tlog.Checkpoint(self.log_signer.name, tree.size, tree.root())
