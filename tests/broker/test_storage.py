@@ -254,3 +254,16 @@ def test_a_failed_group_commit_fails_every_append_in_it_and_writes_none(
     assert [r.event for r in store.audit_records()] == ["before"]  # none of the five
     assert store.audit("after", {}) == 2  # the log goes on from where it was
     verify_chain(store.audit_records(), store.audit_head())
+
+
+def test_key_entries_consume_the_nonce_once_and_read_nothing_for_a_dead_one(store: Store):
+    """The release reads its keys in the transaction that consumes its nonce: a nonce used
+    before (a replay) consumes nothing and reads no key row."""
+    store.put_key("model", "stream", bytes(32))
+    nonce, _ = store.new_nonce(timedelta(seconds=60))
+    consumed, entries = store.key_entries(["model", "nope"], consume=nonce)
+    assert consumed and entries["nope"] is None
+    got = entries["model"]
+    assert not isinstance(got, Exception) and got is not None and got.unwrap() == bytes(32)
+    assert store.key_entries(["model"], consume=nonce) == (False, {})  # replayed
+    assert not store.consume_nonce(nonce)

@@ -6,6 +6,7 @@ record per decision, written here and nowhere else; no key material in it:
 
  1. every requested name follows the key-name rule, at most MAX_KEYS_PER_RELEASE   400
  2. consume the nonce (single use, unexpired; one conditional UPDATE)    NonceError 409
+    (the requested keys' rows are read in the same transaction, and looked at only from 5 on)
     (the record of a refused nonce is fixed-size: no request data, only the nonce's hash)
  3. verify the evidence: genuine hardware, chain to a trusted root, TCB   NotGenuineError 403
     level; collateral the broker looks up itself only after the quote's
@@ -364,7 +365,11 @@ def _decide(
     record: dict[str, Any],
 ) -> Released:
     binding = request.binding
-    if binding is not None and not store.consume_nonce(binding.nonce):  # 2
+    # 2, and the keys read in the same transaction (used only from step 5 on, after the evidence)
+    consumed, stored = store.key_entries(
+        names, consume=binding.nonce if binding is not None else None
+    )
+    if not consumed:
         # fixed size: the nonce's hash (already in the record) and the reason, nothing sent
         _refuse(
             {"reason": NONCE_REFUSED},
@@ -443,10 +448,11 @@ def _decide(
         record["gpus"] = [g.summary() for g in gpus]
     entries: dict[str, KeyEntry] = {}
     for name in names:  # 5
-        try:
-            entry = store.key_entry(name)
-        except IntegrityError as e:  # a row edited outside the broker: nothing released
-            _refuse({"reason": e.message[:MAX_AUDIT_REASON]}, _raise_as_is(e))
+        entry = stored[name]
+        if isinstance(entry, IntegrityError):  # a row edited outside the broker: nothing released
+            _refuse({"reason": entry.message[:MAX_AUDIT_REASON]}, _raise_as_is(entry))
+        if isinstance(entry, ShieldError):  # e.g. its KEK file is gone: raised as before
+            raise entry
         if entry is None:
             _refuse({"reason": f"unknown key {name}"}, _unknown_key(name))
         entries[name] = entry

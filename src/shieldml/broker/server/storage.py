@@ -66,6 +66,7 @@ from shieldml.errors import (
     IntegrityError,
     KeyExistsError,
     KeyFileError,
+    ShieldError,
     UnknownKeyError,
 )
 
@@ -338,6 +339,19 @@ class Store:
     def key_entry(self, name: str) -> KeyEntry | None:
         """The key's format, policy TOML (or None) and wrapped material in one query, or None for
         an unknown key. The KEK is resolved now, so a rotation in between does not strand it."""
+        got = self.key_entries([name])[1][name]
+        if isinstance(got, ShieldError):
+            raise got
+        return got
+
+    def key_entries(
+        self, names: list[str], *, consume: bytes | None = None
+    ) -> tuple[bool, dict[str, KeyEntry | ShieldError | None]]:
+        """Each named key's :class:`KeyEntry` (None: no such key; an IntegrityError: its row or
+        its policy's failed the MAC, a KeyFileError: its KEK file is gone), read in one query; with ``consume``, that nonce is consumed
+        first in the same transaction (as :meth:`consume_nonce`) and nothing is read unless it
+        was live: ``(consumed, entries)``. Errors are handed back, not raised, so the release
+        decides in its own order (the evidence first)."""
         q = (
             sa.select(
                 keys_t,
@@ -346,16 +360,26 @@ class Store:
                 policies_t.c.mac.label("policy_mac"),
             )
             .select_from(keys_t.outerjoin(policies_t, policies_t.c.key_name == keys_t.c.name))
-            .where(keys_t.c.name == name)
+            .where(keys_t.c.name.in_(names))
         )
-        with self.engine.connect() as c:
-            r = c.execute(q).first()
-        if r is None:
-            return None
-        self._check_key_row(r)
-        if r.toml is not None:
-            self._check_policy_row(name, r.toml, r.policy_updated_at, r.policy_mac)
-        return KeyEntry(name, r.format, r.toml, self._kek(r.kek_id, name), r.wrapped)
+        with self.tx() if consume is not None else self.engine.connect() as c:
+            if consume is not None and c.execute(self._consume(consume)).rowcount != 1:
+                return False, {}
+            rows = {r.name: r for r in c.execute(q)}
+        out: dict[str, KeyEntry | ShieldError | None] = {}
+        for name in names:
+            r = rows.get(name)
+            if r is None:
+                out[name] = None
+                continue
+            try:
+                self._check_key_row(r)
+                if r.toml is not None:
+                    self._check_policy_row(name, r.toml, r.policy_updated_at, r.policy_mac)
+                out[name] = KeyEntry(name, r.format, r.toml, self._kek(r.kek_id, name), r.wrapped)
+            except (IntegrityError, KeyFileError) as e:
+                out[name] = e
+        return True, out
 
     def get_key(self, name: str) -> tuple[str, bytes] | None:
         with self.engine.connect() as c:
@@ -520,16 +544,18 @@ class Store:
     def consume_nonce(self, nonce: bytes) -> bool:
         """True exactly once for a live nonce, across every replica sharing the database."""
         with self.tx() as c:
-            res = c.execute(
-                nonces_t.update()
-                .where(
-                    nonces_t.c.nonce == nonce.hex(),
-                    nonces_t.c.used.is_(False),
-                    nonces_t.c.expires_at > self._clock(),
-                )
-                .values(used=True)
+            return c.execute(self._consume(nonce)).rowcount == 1
+
+    def _consume(self, nonce: bytes) -> sa.Update:
+        return (
+            nonces_t.update()
+            .where(
+                nonces_t.c.nonce == nonce.hex(),
+                nonces_t.c.used.is_(False),
+                nonces_t.c.expires_at > self._clock(),
             )
-            return res.rowcount == 1
+            .values(used=True)
+        )
 
     # -- audit --------------------------------------------------------------------------------
     def audit(self, event: str, data: dict[str, Any]) -> int:
