@@ -142,7 +142,7 @@ def test_own_floor_keeps_platforms_apart_and_forgets_after_its_ttl():
     assert floor.get(a, lambda: 5) == 5
     assert floor.get(a, lambda: 9) == 5  # remembered
     assert floor.get(b_, lambda: None) is None
-    assert floor.get(b_, lambda: 7) is None  # "none at hand" is remembered too
+    assert floor.get(b_, lambda: 7) == 7  # "none at hand" is never remembered
     now[0] = 10.0
     assert floor.get(a, lambda: 9) == 9  # expired: read again
     floor.get(c, lambda: 1)

@@ -192,15 +192,25 @@ class OwnFloor:
 
     def get(self, key: FloorKey, read: Callable[[], int | None]) -> int | None:
         """The number for ``key``: remembered, or ``read()`` now (outside the lock)."""
+        started = self.clock()
         with self._lock:
             hit = self._entries.get(key)
-            if hit is not None and self.clock() < hit[0]:
+            if hit is not None and started < hit[0]:
                 self._entries.move_to_end(key)
                 return hit[1]
         number = read()
         with self._lock:
-            self._entries[key] = (self.clock() + self.ttl, number)
-            self._entries.move_to_end(key)
+            # stamped with when the read began; a slower read that began earlier never replaces
+            # a newer one (it may have read collateral from before a refresh)
+            hit = self._entries.get(key)
+            if number is None:  # none at hand for this quote's lookup: another quote may have
+                pass  # some for the same key (its PCK CA differs), so "none" is never remembered
+            elif hit is None or hit[0] < started + self.ttl:
+                self._entries[key] = (started + self.ttl, number)
+            else:
+                number = hit[1]
+            if key in self._entries:
+                self._entries.move_to_end(key)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
         return number

@@ -120,6 +120,7 @@ NAME_MAX = 128
 #: The one rule for key names, for the HTTP API's models and for the store: ASCII letters, digits,
 #: '.', '_', '-', 1 to NAME_MAX characters (no Unicode look-alikes, nothing a log or path mangles).
 KEY_NAME_PATTERN = rf"^[A-Za-z0-9._-]{{1,{NAME_MAX}}}$"
+_EVENT = re.compile(r"[a-z0-9_]{1,32}", re.ASCII)
 _KEY_NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{NAME_MAX}}}", re.ASCII)
 
 
@@ -526,7 +527,8 @@ class Store:
         if audit is not None:
             item = _Append(audit[0], audit[1], nonce=(nonce, ttl))
             self._append_batched(item)
-            assert item.expires is not None
+            if item.expires is None:
+                raise AuditChainError("the challenge was not stored")
             return nonce, item.expires
         with self.tx() as c:
             insert = nonces_t.insert().values(
@@ -579,6 +581,8 @@ class Store:
         gets its own sequence number, inclusion proof and tree (its checkpoint is of the tree it
         ends, as for a record appended alone); a batch that fails fails every record in it, and
         none of them is written."""
+        if not _EVENT.fullmatch(item.event):  # one caller's bad event must not fail a batch
+            raise ValueError(f"an audit event is 1 to 32 of [a-z0-9_], not {item.event[:40]!r}")
         item.text = (
             None if item.nonce is not None else canonical_data(item.data)
         )  # bad data: its caller's error
@@ -586,20 +590,33 @@ class Store:
             self._queue.append(item)
         with self._leader:
             if not item.done:
-                with self._queue_lock:
-                    batch, self._queue = self._queue, []
+                batch: list[_Append] = []
                 try:
+                    with self._queue_lock:
+                        batch, self._queue = self._queue, []
                     with self.tx() as c:
                         self._append_many(c, batch)
                 except BaseException as e:
-                    for it in batch:
-                        it.error, it.done = e, True
+                    for it in batch:  # nothing was written; KeyboardInterrupt stays the leader's
+                        it.error = (
+                            e
+                            if isinstance(e, Exception)
+                            else AuditChainError(
+                                "the audit append was interrupted: nothing was written"
+                            )
+                        )
+                        it.done = True
                     raise
                 for it in batch:
                     it.done = True
+                last = batch[-1].result
+                if last is not None:  # what this process committed: a rewind below it is refused
+                    with self._queue_lock:
+                        self._seen_size = max(self._seen_size, last[2].size)
         if item.error is not None:
             raise item.error
-        assert item.result is not None
+        if item.result is None:
+            raise AuditChainError("the audit record was not appended")
         return item.result
 
     def _append_many(self, c: sa.Connection, batch: list[_Append]) -> None:
@@ -682,12 +699,12 @@ class Store:
                 "the audit head and tree state were not written by this log's key holder: the "
                 "database was rewritten"
             )
-        if seq < self._seen_size:  # committed state this process saw: never shrinks
+        if seq < self._seen_size:  # committed state this process saw or wrote: never shrinks
             raise AuditChainError(
                 f"the audit log holds {seq} records, {self._seen_size} were seen before: it "
                 "was rewound"
             )
-        self._seen_size = seq
+        self._seen_size = max(self._seen_size, seq)
         return seq, chain, tree
 
     def _ensure_head(self) -> None:
