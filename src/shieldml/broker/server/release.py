@@ -172,8 +172,8 @@ OWN_FLOOR_TTL = 10.0
 
 
 class OwnFloor:
-    """The tcbEvaluationDataNumber of the broker's own collateral per :data:`FloorKey` (None: it
-    has none for that platform), read at most once per ``ttl`` seconds instead of on every
+    """The tcbEvaluationDataNumber of the broker's own collateral per :data:`FloorKey`, read at
+    most once per ``ttl`` seconds (a read that found none is not remembered) instead of on every
     release (reading it parses the quote, its chain and the collateral's JSON again, and for a
     simulated platform signs fresh CRLs). An entry is replaced once older than ``ttl``: collateral
     the broker refreshed is the floor at most ``ttl`` seconds later. Bounded (LRU), thread-safe."""
