@@ -45,3 +45,22 @@ def test_shieldml_run_loads_no_server_stack_and_no_other_command():
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_the_cli_and_the_runner_load_no_verifier_until_one_is_used():
+    """``shieldml run`` starts the decrypted view once ``shieldml.runner.run`` is loaded: what is
+    loaded before that delays every job. TEE names come from ``shieldml.attest._tee`` alone;
+    the verifiers, the policy code and the HTTP client load when a command uses them."""
+    probe = (
+        "import sys\n"
+        "import shieldml.cli, shieldml.cli.run, shieldml.runner.run\n"
+        "bad = ('shieldml.attest._intel_verify', 'shieldml.attest._snp', 'shieldml.attest._nvidia',\n"
+        "       'shieldml.attest._trust', 'shieldml.policy', 'cryptography.x509', 'httpx')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(bad)))\n"
+        "from shieldml.attest import verify_evidence\n"
+        "print('shieldml.attest._evidence' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip().splitlines() == ["[]", "True"]

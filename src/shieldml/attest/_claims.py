@@ -7,45 +7,13 @@ an unverified :class:`~shieldml.attest.Quote` or ``SnpReport`` never becomes Cla
 from __future__ import annotations
 
 import enum
-import warnings
 from dataclasses import Field, dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from shieldml.attest._checks import Check
+from shieldml.attest._tee import TeeKind
 from shieldml.attest._trust import RootKind
-from shieldml.errors import ShieldDeprecationWarning
-
-
-class TeeKind(enum.StrEnum):
-    SGX = "sgx"
-    TDX = "tdx"
-    SNP = "snp"
-
-
-#: The TEE names of every command and file (``job``, ``policy``, ``attest``, ``run``): the three
-#: hardware TEEs, with ``auto`` (detect) and ``simulated`` (test machinery) where they apply.
-TEE_NAMES = tuple(k.value for k in TeeKind)
-
-#: Older spellings, still accepted with a deprecation warning: the name each means, and why.
-DEPRECATED_TEE_NAMES = {
-    "gramine": ("sgx", "Gramine runs the job in an SGX enclave"),
-    "ratls": ("sgx", "an RA-TLS certificate carries an SGX quote, and sgx reads both"),
-}
-
-
-def canonical_tee(name: str, where: str = "tee") -> str:
-    """``name``, or the canonical name of a deprecated spelling (with a
-    :class:`~shieldml.errors.ShieldDeprecationWarning` naming ``where`` it was given)."""
-    old = DEPRECATED_TEE_NAMES.get(name)
-    if old is None:
-        return name
-    new, why = old
-    warnings.warn(
-        ShieldDeprecationWarning(f"{where} {name!r} is deprecated, use {new!r} ({why})"),
-        stacklevel=2,
-    )
-    return new
 
 
 class TcbStatus(enum.StrEnum):

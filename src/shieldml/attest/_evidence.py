@@ -10,7 +10,7 @@ from cryptography import x509
 
 from shieldml.attest import _certs
 from shieldml.attest._checks import Check, CheckLog, VerificationCache
-from shieldml.attest._claims import Claims, TeeKind
+from shieldml.attest._claims import Claims
 from shieldml.attest._intel_collateral import IntelCollateral
 from shieldml.attest._intel_quote import TEE_TDX
 from shieldml.attest._intel_verify import verify_quote
@@ -23,6 +23,7 @@ from shieldml.attest._snp import (
     parse_cert_table,
     verify_report,
 )
+from shieldml.attest._tee import TeeKind
 from shieldml.attest._trust import TrustAnchors
 from shieldml.errors import AttestationError, CollateralError, FormatError
 

@@ -34,7 +34,6 @@ from shieldml.attest._claims import (
     SgxMeasurements,
     TcbStatus,
     TdxMeasurements,
-    TeeKind,
     iso_utc,
 )
 from shieldml.attest._intel_collateral import (
@@ -52,6 +51,7 @@ from shieldml.attest._intel_quote import (
     SgxReportBody,
     TdReportBody,
 )
+from shieldml.attest._tee import TeeKind
 from shieldml.attest._trust import RootKind, TrustAnchors, Vendor, fingerprint, weakest
 from shieldml.attest._x509 import cert_info, check_crl, cn, verify_chain
 from shieldml.errors import (

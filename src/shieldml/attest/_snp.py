@@ -31,7 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from shieldml.attest import _certs, _der
 from shieldml.attest._checks import CheckLog, VerificationCache
-from shieldml.attest._claims import Claims, SnpMeasurements, TeeKind
+from shieldml.attest._claims import Claims, SnpMeasurements
+from shieldml.attest._tee import TeeKind
 from shieldml.attest._trust import TrustAnchors, Vendor
 from shieldml.attest._x509 import check_crl, cn, verify_chain
 from shieldml.errors import AttestationError, CollateralError, FormatError, UnsupportedVersionError

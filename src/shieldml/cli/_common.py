@@ -5,28 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from shieldml.attest import (
-    DEPRECATED_TEE_NAMES,
-    TEE_NAMES,
-    Check,
-    Claims,
-    GpuClaims,
-    IntelCollateral,
-    TrustAnchors,
-    TrustStore,
-    anchors_from_files,
-    canonical_tee,
-    is_certificate,
-    load_evidence_json,
-    load_gpu_chain,
-    load_pem_chain,
-    verify_evidence,
-    verify_gpu_evidence,
-)
+from shieldml.attest import DEPRECATED_TEE_NAMES, TEE_NAMES, canonical_tee
 from shieldml.cli._output import invocation
 from shieldml.errors import (
     AttestationError,
@@ -36,7 +19,10 @@ from shieldml.errors import (
     ShieldError,
 )
 from shieldml.files import Format
-from shieldml.policy import Policy
+
+if TYPE_CHECKING:  # loaded where used: `shieldml decrypt` loads no verifier and no policy code
+    from shieldml.attest import Check, Claims, GpuClaims, TrustAnchors
+    from shieldml.policy import Policy
 
 # The exit codes of every command (main() is the only place that maps errors to them).
 EXIT_OK = 0
@@ -130,11 +116,15 @@ def parse_time(value: str | None) -> datetime:
 
 def trust_anchors(roots: tuple[str, ...], insecure_custom_root: bool) -> TrustAnchors:
     """The pinned vendor roots plus ``--trust-root`` files."""
+    from shieldml.attest import anchors_from_files
+
     return anchors_from_files(roots, insecure_custom_root=insecure_custom_root)
 
 
 def read_policy(path: str) -> tuple[str, Policy]:
     """A release policy's TOML text and the policy it validates into."""
+    from shieldml.policy import Policy
+
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -302,6 +292,14 @@ def verify(
     Raises :class:`NotGenuine` if the evidence is refused; inputs that cannot be read or parsed
     (the evidence file, collateral, a certificate chain) raise their :class:`ShieldError`.
     """
+    from shieldml.attest import (
+        IntelCollateral,
+        TrustStore,
+        is_certificate,
+        load_pem_chain,
+        verify_evidence,
+    )
+
     data = read_bytes(file, "evidence")
     if tee == "sgx" and is_certificate(data):  # an SGX quote inside an RA-TLS certificate
         tee = "ratls"
@@ -349,6 +347,8 @@ def verify_gpu(
 ) -> list[GpuClaims]:
     """Verify NVIDIA GPU evidence: FILE is NVIDIA's serialized evidence JSON (one entry per
     GPU, chain included) or a report as hex text (or bytes) with ``--cert-chain``."""
+    from shieldml.attest import load_evidence_json, load_gpu_chain, verify_gpu_evidence
+
     data = read_bytes(file, "evidence")
     if data.lstrip().startswith((b"[", b"{")):
         items = [(e.report, e.chain_pem) for e in load_evidence_json(data)]

@@ -29,12 +29,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shieldml.broker import protocol
-from shieldml.broker.client import BrokerClient
 from shieldml.errors import BrokerError, ManifestError, MountChangedError, ViewError
 from shieldml.runner.evidence import Provider, provider_for
 from shieldml.runner.gpu import NvmlGpuProvider, gpu_provider_for
 from shieldml.runner.manifest import JobManifest
-from shieldml.runner.receipt import write_receipt
 
 
 @dataclass
@@ -75,6 +73,8 @@ def release_keys(
     only fill that broker's own names; one that adds, omits or re-formats a key is refused before
     anything is decrypted. With ``gpu_provider`` every GPU's evidence, bound to the same session,
     goes with each release."""
+    from shieldml.broker.client import BrokerClient  # the HTTP client: once the view is started
+
     need = needed_keys(m)
     keys: dict[KeyRef, tuple[str, bytes]] = {}
     audit: dict[str, int] = {}
@@ -239,6 +239,8 @@ def run_job(
     rep["exit_code"] = status
     view_times = result.get("times", {})
     if receipt:
+        from shieldml.runner.receipt import write_receipt
+
         t3 = time.perf_counter()
         write_receipt(  # 6
             receipt,

@@ -45,6 +45,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -501,7 +502,10 @@ def run_view(
     blocks until the runner sends the keys the brokers released (it raises
     :class:`KeysWithheldError` if the runner closes the pipe instead: a refusal, an interruption)."""
     die_with_parent()
-    enter_private_namespace()
+    enter_private_namespace()  # while single-threaded: a user namespace can only be entered so
+    # What decrypting and sealing need loads on another thread (in this namespace) while this
+    # one lays out the private root and copies the ciphertexts (the kernel's work, no lock held).
+    threading.Thread(target=_preload, name="shieldml-view-preload", daemon=True).start()
     # Everything from here on is relative to the staging tmpfs, the working directory: a path the
     # host could detach and refill (the stage's own, or /proc/self/fd/N) is never used again.
     stage = private_stage()
@@ -564,17 +568,6 @@ def _run_staged(
     stage: str,
     receive_keys: Callable[[], dict[tuple[str, str], bytes]],
 ) -> int:
-    from shieldml.files import (
-        Format,
-        atomic_output,
-        decrypt_path,
-        encrypt_path,
-        generate_key,
-        key_id,
-    )
-    from shieldml.runner.manifest import combined_digest
-    from shieldml.runner.recipient import seal_key, sealed_key_path
-
     root = "root"
     os.mkdir(root, 0o755)
     tmpfs(root, mode="0755")
@@ -609,6 +602,17 @@ def _run_staged(
         copy_s = time.perf_counter() - t_copy
         keys = receive_keys()  # blocks until the brokers answered (the runner sends them)
         t0 = time.perf_counter()
+        # loaded by _preload while the ciphertexts were copied
+        from shieldml.files import (
+            Format,
+            atomic_output,
+            decrypt_path,
+            encrypt_path,
+            generate_key,
+            key_id,
+        )
+        from shieldml.runner.manifest import combined_digest
+        from shieldml.runner.recipient import seal_key, sealed_key_path
 
         def decrypt(k: int) -> None:
             item, where = files[k]
@@ -825,7 +829,27 @@ def _keys_from(stream: Any) -> Callable[[], dict[tuple[str, str], bytes]]:
     return receive
 
 
+def _preload() -> None:
+    """Import what :func:`_run_staged` needs once the keys come (an import another thread asks
+    for meanwhile waits for this one; one that fails here is raised again there)."""
+    with contextlib.suppress(Exception):
+        import shieldml.files
+        import shieldml.runner.manifest
+        import shieldml.runner.recipient  # noqa: F401
+
+
 def main() -> int:
+    try:
+        return _main()
+    finally:
+        # the interpreter's last garbage collection walks every object of every module loaded
+        # (tens of ms, which the runner waits for); nothing left needs it
+        import gc
+
+        gc.freeze()
+
+
+def _main() -> int:
     # Started before the brokers answer: until the keys come, a Ctrl-C is the runner's to
     # handle, and SIGTERM (the runner's abort) ends us at once, staging directory removed.
     for s in (signal.SIGINT, signal.SIGHUP):
@@ -833,11 +857,6 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _withheld)
     stdin = sys.stdin.buffer
     try:
-        # started before the job is measured: what it will need loads while the runner works
-        import shieldml.files
-        import shieldml.runner.manifest
-        import shieldml.runner.recipient  # noqa: F401
-
         line = stdin.readline()  # the plan (no key), once the runner measured the job
     except KeysWithheldError:
         return EXIT_VIEW_FAILED
