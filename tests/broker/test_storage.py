@@ -267,3 +267,85 @@ def test_key_entries_consume_the_nonce_once_and_read_nothing_for_a_dead_one(stor
     assert not isinstance(got, Exception) and got is not None and got.unwrap() == bytes(32)
     assert store.key_entries(["model"], consume=nonce) == (False, {})  # replayed
     assert not store.consume_nonce(nonce)
+
+
+def test_two_admins_setting_one_keys_policy_at_once_both_succeed_and_one_wins(store: Store):
+    """set_policy replaces a key's policy (delete, then insert): two at once on PostgreSQL both
+    deleted nothing and the second insert failed with a unique violation (a 500 to that admin).
+    The key's row is locked first, so they take turns; the policy left is one of theirs, whole
+    and with its MAC."""
+    import threading
+
+    store.put_key("m", "stream", b"k" * 32)
+    texts = [f'version = 1\n# admin {i}\n[[profile]]\ntee = "sgx"\n' for i in range(8)]
+    go = threading.Barrier(len(texts))
+    errors: list[BaseException] = []
+
+    def admin(toml: str) -> None:
+        go.wait()
+        try:
+            for _ in range(5):
+                store.set_policy("m", toml)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=admin, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert store.get_policy("m") in texts  # its MAC checked
+    assert [p["name"] for p in store.list_policies()] == ["m"]
+
+
+def _at_once(calls: list[Callable[[], object]]) -> list[object]:
+    """Run ``calls`` in threads released together; each one's result or exception."""
+    go = threading.Barrier(len(calls))
+    results: list[object] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        go.wait()
+        try:
+            results[i] = calls[i]()
+        except BaseException as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_a_key_removed_while_its_policy_is_set_leaves_no_policy_for_a_later_key(store: Store):
+    """`key rm` racing `policy set` of the same key: the removal deleted the policy before the
+    setter inserted its own, then the key, leaving a policy without a key; a new key of that
+    name later was released under the old key's policy. Each locks the key's row first."""
+    toml = 'version = 1\n[[profile]]\ntee = "sgx"\n'
+    for _round in range(6):
+        store.put_key("m", "stream", b"k" * 32)
+        store.set_policy("m", toml)
+        results = _at_once(
+            [lambda: store.delete_key("m")] + [lambda: store.set_policy("m", toml)] * 3
+        )
+        assert results[0] is True
+        for r in results[1:]:  # before the removal, or refused after it as an unknown key
+            assert r is None or (isinstance(r, BrokerError) and r.status == 404), r
+        assert store.list_policies() == []
+        store.put_key("m", "stream", b"k" * 32)
+        assert store.get_policy("m") is None  # the new key starts without a policy
+        store.delete_key("m")
+
+
+def test_two_admins_adding_one_new_key_at_once_one_adds_it_the_other_is_told_it_exists(
+    store: Store,
+):
+    """Both saw no key of that name; the second insert was a unique violation (a 500)."""
+    from shieldml.errors import KeyExistsError
+
+    results = _at_once([lambda: store.put_key("n", "stream", b"k" * 32)] * 6)
+    assert results.count(None) == 1
+    assert all(isinstance(r, KeyExistsError) for r in results if r is not None), results
+    assert store.get_key("n") == ("stream", b"k" * 32)

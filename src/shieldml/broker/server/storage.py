@@ -328,14 +328,23 @@ class Store:
         row["mac"] = self.kek.mac(
             "keys", name, fmt, self.kek.id, row["wrapped"], _utc(row["created_at"])
         )
-        with self.tx() as c:
-            exists = c.execute(sa.select(keys_t.c.name).where(keys_t.c.name == name)).first()
-            if exists and not replace:
-                raise KeyExistsError(409, f"key {name!r} already exists")
-            if exists:
-                c.execute(keys_t.update().where(keys_t.c.name == name).values(**row))
-            else:
-                c.execute(keys_t.insert().values(**row))
+        for attempt in (1, 2):
+            try:
+                with self.tx() as c:
+                    key = sa.select(keys_t.c.name).where(keys_t.c.name == name).with_for_update()
+                    exists = c.execute(key).first()
+                    if exists and not replace:
+                        raise KeyExistsError(409, f"key {name!r} already exists")
+                    if exists:
+                        c.execute(keys_t.update().where(keys_t.c.name == name).values(**row))
+                    else:
+                        c.execute(keys_t.insert().values(**row))
+                return
+            except sa.exc.IntegrityError:
+                # another admin inserted that name between our look and our insert: it exists
+                # now, so this is a 409, or (--replace) an update of it on the second try
+                if not replace or attempt == 2:
+                    raise KeyExistsError(409, f"key {name!r} already exists") from None
 
     def key_entry(self, name: str) -> KeyEntry | None:
         """The key's format, policy TOML (or None) and wrapped material in one query, or None for
@@ -458,7 +467,10 @@ class Store:
     # -- policies -----------------------------------------------------------------------------
     def set_policy(self, name: str, toml: str) -> None:
         with self.tx() as c:
-            if c.execute(sa.select(keys_t.c.name).where(keys_t.c.name == name)).first() is None:
+            # The key's row locked (PostgreSQL; SQLite has one writer): two admins replacing
+            # one policy take turns instead of both deleting nothing and one insert failing.
+            key = sa.select(keys_t.c.name).where(keys_t.c.name == name).with_for_update()
+            if c.execute(key).first() is None:
                 raise UnknownKeyError(404, f"no key named {name!r}")
             at = _now()
             c.execute(policies_t.delete().where(policies_t.c.key_name == name))
@@ -512,7 +524,10 @@ class Store:
     def delete_key(self, name: str) -> bool:
         """Remove key ``name`` and its policy; whether it had one."""
         with self.tx() as c:
-            if c.execute(sa.select(keys_t.c.name).where(keys_t.c.name == name)).first() is None:
+            # locked as set_policy locks it: a policy set meanwhile is never left without its key
+            # (a later key of that name would have been released under it)
+            key = sa.select(keys_t.c.name).where(keys_t.c.name == name).with_for_update()
+            if c.execute(key).first() is None:
                 raise UnknownKeyError(404, f"no key named {name!r}")
             had = c.execute(policies_t.delete().where(policies_t.c.key_name == name)).rowcount
             c.execute(keys_t.delete().where(keys_t.c.name == name))
