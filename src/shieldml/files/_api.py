@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import multiprocessing
-import multiprocessing.connection
 import os
 import signal
 import sys
@@ -336,6 +334,8 @@ def _parallel_decrypt(
     workers: int,
     progress: ProgressCallback | None,
 ) -> None:
+    import multiprocessing.connection  # here: one process (the common case) never needs it
+
     size = reader.size
     bounds = [0] + [_align(reader, size * k // workers) for k in range(1, workers)] + [size]
     ctx = multiprocessing.get_context("fork")
