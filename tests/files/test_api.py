@@ -197,6 +197,17 @@ def test_auto_workers_one_per_idle_core_for_large_files():
     assert 1 <= auto_workers(gib) <= 8  # this machine's cores and load
 
 
+def test_busy_cores_are_the_threads_running_now_not_the_lagging_load_average():
+    """Right after one decryption the one-minute load average still said 1 on an idle 2-core
+    machine, so the next large file got one worker; the run queue says what runs now."""
+    from shieldml.files._api import busy_cores
+
+    assert busy_cores("0.98 0.80 0.55 1/312 4242\n") == 0.0  # only the caller runs
+    assert busy_cores("0.02 0.01 0.00 3/312 4242\n") == 2.0  # two others run now
+    assert busy_cores("garbled") >= 0.0  # unreadable: the load average instead
+    assert busy_cores() >= 0.0
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_automatic_workers_refuse_a_tampered_file_and_leave_nothing(
     tmp_path: Path, fmt: Format, monkeypatch: pytest.MonkeyPatch
@@ -207,7 +218,7 @@ def test_automatic_workers_refuse_a_tampered_file_and_leave_nothing(
 
     monkeypatch.setattr(api, "AUTO_WORKERS_MIN", 16 << 20)  # a small file still forks
     monkeypatch.setattr(api, "AUTO_WORKERS_SHARE", 8 << 20)
-    monkeypatch.setattr(api.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(api, "busy_cores", lambda: 0.0)  # both cores idle, whatever runs now
     key = generate_key(fmt)
     (tmp_path / "p").write_bytes(os.urandom(20 << 20))
     encrypt_file(tmp_path / "p", tmp_path / "c", key, fmt=fmt, bind="f")

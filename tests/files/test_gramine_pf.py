@@ -368,7 +368,11 @@ def test_native_writer_goes_on_alone_when_no_thread_starts(
                 raise RuntimeError("can't start new thread")
             return super().submit(*args, **kwargs)
 
-    monkeypatch.setattr(g, "ThreadPoolExecutor", Limited)
+    import concurrent.futures
+
+    monkeypatch.setattr(
+        concurrent.futures, "ThreadPoolExecutor", Limited
+    )  # the writer imports it when it starts threads
     key = generate_key(Format.GRAMINE_PF)
     data = os.urandom(g.MD_USER_DATA_SIZE + 96 * 4096 * 5 + 100)
     with Outputs() as outs, outs.file(tmp_path / "f") as out:

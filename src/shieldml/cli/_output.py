@@ -7,19 +7,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from shieldml.errors import (
     AttestationError,
@@ -36,10 +26,43 @@ from shieldml.errors import (
 )
 from shieldml.files import ProgressCallback
 
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+
+
+class LazyConsole:
+    """A rich ``Console``, made on first use: importing rich costs about 40 ms, which a command
+    that prints nothing (``shieldml decrypt`` of a file, ``shieldml run`` with ``--json``) never
+    pays. Every attribute is the console's."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
+def escape(text: str) -> str:
+    """``text`` with rich markup escaped (``rich.markup.escape``, loaded on first use)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 #: standard output: results (rich markup)
-out = Console(highlight=False, soft_wrap=True)
+out = LazyConsole(highlight=False, soft_wrap=True)
 #: standard error: errors, warnings, progress bars
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+err = LazyConsole(stderr=True, highlight=False, soft_wrap=True)
 
 
 def emit_json(data: Any, *, sort_keys: bool = False) -> None:
@@ -339,14 +362,23 @@ def progress_bar(total: int, label: str) -> Iterator[ProgressCallback]:
     def advance(n: int) -> None:
         nonlocal bar, task, done
         done += n
-        if bar is None and err.is_terminal and time.monotonic() - started > 1.0:
+        if bar is None and time.monotonic() - started > 1.0 and err.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
             bar = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
                 DownloadColumn(),
                 TransferSpeedColumn(),
                 TimeRemainingColumn(),
-                console=err,
+                console=err.console,
                 transient=True,
             )
             bar.start()

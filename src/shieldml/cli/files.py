@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.markup import escape
 
 from shieldml.cli._common import (
     AT_OPTION,
@@ -23,7 +22,7 @@ from shieldml.cli._common import (
     simulated_platform_option,
     trust_root_options,
 )
-from shieldml.cli._output import emit, emit_json, emit_json_line, err, out, progress_bar
+from shieldml.cli._output import emit, emit_json, emit_json_line, err, escape, out, progress_bar
 from shieldml.errors import InputReadError, IntegrityError, ShieldError
 from shieldml.files import (
     Format,

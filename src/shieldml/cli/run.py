@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.markup import escape
 
 from shieldml.broker.tlog import NoteVerifier
 from shieldml.cli._common import (
@@ -27,7 +26,7 @@ from shieldml.cli._common import (
     simulated_platform_option,
     trust_root_options,
 )
-from shieldml.cli._output import emit_json, emit_json_line, invocation, out, refusal_lines
+from shieldml.cli._output import emit_json, emit_json_line, escape, invocation, out, refusal_lines
 from shieldml.errors import OutputExistsError, PolicyDenied, ReceiptError, ShieldError
 from shieldml.runner.manifest import (
     HashCache,

@@ -203,13 +203,29 @@ def _open_source(src: StrPath) -> MappedSource:
         raise InputReadError(f"{os.fspath(src)}: cannot read: {e.strerror}") from e
 
 
+def busy_cores(loadavg: str | None = None) -> float:
+    """How many cores other work keeps busy now: the kernel's count of runnable threads (the
+    fourth field of ``/proc/loadavg``, ``running/total``), less the one asking. Where that file
+    is missing or unreadable, the one-minute load average, which lags: right after other work
+    (the previous decryption, say) it still counts that work as running."""
+    try:
+        if loadavg is None:
+            with open("/proc/loadavg", encoding="ascii") as f:
+                loadavg = f.read()
+        return float(max(0, int(loadavg.split()[3].split("/")[0]) - 1))
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
+
+
 def auto_workers(size: int, *, cpus: int | None = None, load: float | None = None) -> int:
     """How many processes to decrypt ``size`` bytes with: one per core that is idle now.
 
-    ``cpus`` defaults to the cores this process may run on, ``load`` to the one-minute load
-    average (the cores other work keeps busy). One for files under :data:`AUTO_WORKERS_MIN`,
-    never more than one per :data:`AUTO_WORKERS_SHARE` of the file, at most
-    :data:`AUTO_WORKERS_MAX`.
+    ``cpus`` defaults to the cores this process may run on, ``load`` to :func:`busy_cores` (the
+    cores other work keeps busy). One for files under :data:`AUTO_WORKERS_MIN`, never more than
+    one per :data:`AUTO_WORKERS_SHARE` of the file, at most :data:`AUTO_WORKERS_MAX`.
     """
     if size < AUTO_WORKERS_MIN:
         return 1
@@ -217,10 +233,7 @@ def auto_workers(size: int, *, cpus: int | None = None, load: float | None = Non
         affinity = getattr(os, "sched_getaffinity", None)
         cpus = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
     if load is None:
-        try:
-            load = os.getloadavg()[0]
-        except OSError:
-            load = 0.0
+        load = busy_cores()
     idle = int(cpus - load + 0.5)
     return max(1, min(cpus, idle, size // AUTO_WORKERS_SHARE, AUTO_WORKERS_MAX))
 

@@ -13,9 +13,8 @@ import os
 import secrets
 import struct
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import algorithms
@@ -26,6 +25,9 @@ from shieldml.errors import FormatError, IntegrityError, UnsupportedVersionError
 from shieldml.files._common import Format, MappedSource, Sink, check_key, write_all
 from shieldml.files._output import OutputFile
 from shieldml.files._reader import ProtectedFile
+
+if TYPE_CHECKING:  # the writer's threads load it when they start: a reader never does
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 try:  # the optional accelerator (setup.py); the pure-Python path below is the reference
     from shieldml.files import _pfnative as _native
@@ -473,6 +475,8 @@ class GramineWriter:
         jobs: list[Future[None]] = []
         todo = runs
         if self._threads > 1 and len(runs) > 1 and self._pwrite is not None:
+            from concurrent.futures import ThreadPoolExecutor, wait
+
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._threads, "shieldml-pf-encrypt")
             try:
