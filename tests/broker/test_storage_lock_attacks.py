@@ -142,13 +142,6 @@ def _replica(url: str, state: Path, sim: SimulatedPlatform, token: str | None) -
     return store, client, {"Authorization": f"Bearer {token}"}, token
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a policy's row is committed in one transaction and its policy_set record appended "
-    "in another, outside the key-row lock: two admins' sets commit in one order and are logged "
-    "in the other, so the log's last policy_set is not the policy releases apply (audit verify "
-    "then reports a policy row put back)",
-)
 def test_two_replicas_setting_one_policy_log_last_the_policy_left_in_force(
     url: str, tmp_path: Path, sim: SimulatedPlatform, monkeypatch: pytest.MonkeyPatch
 ):
@@ -162,9 +155,10 @@ def test_two_replicas_setting_one_policy_log_last_the_policy_left_in_force(
     a_committed, b_done = threading.Event(), threading.Event()
     real_set, real_audit = store_a.set_policy, store_a.audit
 
-    def slow_set(name: str, toml: str) -> None:
-        real_set(name, toml)
+    def slow_set(name: str, toml: str, **kw: Any) -> int | None:
+        seq = real_set(name, toml, **kw)  # the fixed store appends the record in here
         a_committed.set()
+        return seq
 
     def slow_audit(event: str, data: dict[str, Any]) -> int:
         if event == "policy_set":

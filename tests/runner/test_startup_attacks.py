@@ -120,12 +120,6 @@ _STAGE_SIGTERM = textwrap.dedent(
 
 
 @needs_namespaces
-@pytest.mark.xfail(
-    strict=True,
-    reason="private_stage() runs before run_view's try/finally and cleans up nothing itself: "
-    "KeysWithheldError raised by the SIGTERM handler between mkdtemp() and its return leaves "
-    "/tmp/shieldml-view-*/s on the host",
-)
 def test_the_runners_abort_while_the_view_makes_its_staging_tmpfs_leaves_no_directory(
     tmp_path: Path,
 ):

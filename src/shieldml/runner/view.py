@@ -453,6 +453,15 @@ def private_stage() -> str:
     between gets a refusal, not our plaintext.
     """
     parent = os.path.realpath(tempfile.mkdtemp(prefix="shieldml-view-"))
+    try:
+        _make_stage(parent)
+    except BaseException:
+        remove_stage(f"{parent}/s")  # what was made of it, the host's directory included
+        raise
+    return f"{parent}/s"
+
+
+def _make_stage(parent: str) -> None:
     pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         os.mkdir("s", 0o700, dir_fd=pfd)
@@ -472,16 +481,15 @@ def private_stage() -> str:
             os.close(sfd)
     finally:
         os.close(pfd)
-    return f"{parent}/s"
 
 
 def remove_stage(stage: str) -> None:
     """Best effort at exit: unmount the staging tmpfs and remove its (empty) directories."""
-    with contextlib.suppress(OSError):
-        os.chdir("/")
-        _libc.umount2(stage.encode(), MNT_DETACH)
-        os.rmdir(stage)
-        os.rmdir(os.path.dirname(stage))
+    os.chdir("/")
+    _libc.umount2(stage.encode(), MNT_DETACH)  # not mounted (an early failure): nothing done
+    for d in (stage, os.path.dirname(stage)):  # each on its own: one may not have been made
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
 
 
 def _tree_size(path: str) -> int:
@@ -503,16 +511,27 @@ def run_view(
     :class:`KeysWithheldError` if the runner closes the pipe instead: a refusal, an interruption)."""
     die_with_parent()
     enter_private_namespace()  # while single-threaded: a user namespace can only be entered so
-    # What decrypting and sealing need loads on another thread (in this namespace) while this
-    # one lays out the private root and copies the ciphertexts (the kernel's work, no lock held).
-    threading.Thread(target=_preload, name="shieldml-view-preload", daemon=True).start()
-    # Everything from here on is relative to the staging tmpfs, the working directory: a path the
-    # host could detach and refill (the stage's own, or /proc/self/fd/N) is never used again.
-    stage = private_stage()
+    # The runner's abort (SIGTERM: KeysWithheldError) waits while the stage is made, so that it
+    # lands where the stage is removed again; the process has one thread here, so no other
+    # thread can take the signal meanwhile.
+    abort = {signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, abort)
+    stage: str | None = None
     try:
+        # Everything from here on is relative to the staging tmpfs, the working directory: a
+        # path the host could detach and refill (the stage's own, or /proc/self/fd/N) is never
+        # used again.
+        stage = private_stage()
+        # What decrypting and sealing need loads on another thread (in this namespace, SIGTERM
+        # blocked there for good) while this one lays out the private root and copies the
+        # ciphertexts (the kernel's work, no lock held).
+        threading.Thread(target=_preload, name="shieldml-view-preload", daemon=True).start()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, abort)  # an abort already sent lands here
         return _run_staged(plan, result_fd, stage, receive_keys)
     finally:  # a refusal too: no empty staging directory is left on the host
-        remove_stage(stage)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, abort)
+        if stage is not None:
+            remove_stage(stage)
 
 
 class KeysWithheldError(ShieldError):

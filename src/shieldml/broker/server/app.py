@@ -368,10 +368,12 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
             pol = Policy.from_toml(body.toml, f"policy of {name}")
         except PolicyError as e:
             raise HTTPException(400, e.diagnostics()) from None
-        store.set_policy(name, body.toml)
-        seq = store.audit(
-            "policy_set",
-            {
+        # the policy and its record in one transaction: the log's last policy_set of a key is
+        # the policy in force, whichever of two admins (or replicas) committed last
+        seq = store.set_policy(
+            name,
+            body.toml,
+            audit={
                 "name": name,
                 "profiles": len(pol.profiles),
                 "sha256": protocol_hash(body.toml.encode()),
@@ -396,8 +398,7 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
 
     @app.delete("/v1/admin/keys/{name}/policy", dependencies=[Depends(admin)])
     def delete_policy(name: str) -> dict[str, Any]:
-        digest = store.delete_policy(name)
-        seq = store.audit("policy_removed", {"name": name, "sha256": digest})
+        digest, seq = store.delete_policy(name, audit=True)  # with its record, as set_policy
         return {"name": name, "sha256": digest, "audit_seq": seq}
 
     @app.get("/v1/admin/policies", dependencies=[Depends(admin)])
@@ -406,8 +407,7 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
 
     @app.delete("/v1/admin/keys/{name}", dependencies=[Depends(admin)])
     def delete_key(name: str) -> dict[str, Any]:
-        had_policy = store.delete_key(name)
-        seq = store.audit("key_removed", {"name": name, "had_policy": had_policy})
+        had_policy, seq = store.delete_key(name, audit=True)  # with its record, as set_policy
         return {"name": name, "had_policy": had_policy, "audit_seq": seq}
 
     @app.get("/metrics", include_in_schema=False)

@@ -465,13 +465,16 @@ class Store:
         return len(rows)
 
     # -- policies -----------------------------------------------------------------------------
-    def set_policy(self, name: str, toml: str) -> None:
+    def set_policy(
+        self, name: str, toml: str, *, audit: dict[str, Any] | None = None
+    ) -> int | None:
+        """Replace key ``name``'s policy; with ``audit``, its ``policy_set`` record (that data) is
+        appended in the same transaction, and its sequence number returned: the log's order is
+        then the order the policies took effect in, across replicas too."""
         with self.tx() as c:
             # The key's row locked (PostgreSQL; SQLite has one writer): two admins replacing
             # one policy take turns instead of both deleting nothing and one insert failing.
-            key = sa.select(keys_t.c.name).where(keys_t.c.name == name).with_for_update()
-            if c.execute(key).first() is None:
-                raise UnknownKeyError(404, f"no key named {name!r}")
+            self._lock_key(c, name)
             at = _now()
             c.execute(policies_t.delete().where(policies_t.c.key_name == name))
             c.execute(
@@ -482,6 +485,8 @@ class Store:
                     mac=self._policy_mac(self.kek, name, toml, at),
                 )
             )
+            item = self._append_in(c, "policy_set", audit) if audit is not None else None
+        return self._appended(item)
 
     def get_policy(self, name: str) -> str | None:
         with self.engine.connect() as c:
@@ -510,28 +515,39 @@ class Store:
             self._check_policy_row(r.key_name, r.toml, r.updated_at, r.mac)
         return [_policy_doc(r.key_name, r.toml, r.updated_at) for r in rows]
 
-    def delete_policy(self, name: str) -> str:
-        """Remove key ``name``'s policy (its releases are then denied); returns its SHA-256."""
+    def delete_policy(self, name: str, *, audit: bool = False) -> tuple[str, int | None]:
+        """Remove key ``name``'s policy (its releases are then denied): its SHA-256 and, with
+        ``audit``, the sequence number of its ``policy_removed`` record, appended in the same
+        transaction."""
         with self.tx() as c:
-            if c.execute(sa.select(keys_t.c.name).where(keys_t.c.name == name)).first() is None:
-                raise UnknownKeyError(404, f"no key named {name!r}")
+            self._lock_key(c, name)
             r = c.execute(sa.select(policies_t).where(policies_t.c.key_name == name)).first()
             if r is None:
                 raise UnknownKeyError(404, f"key {name!r} has no policy")
             c.execute(policies_t.delete().where(policies_t.c.key_name == name))
-        return policy_sha256(r.toml)
+            digest = policy_sha256(r.toml)
+            data = {"name": name, "sha256": digest}
+            item = self._append_in(c, "policy_removed", data) if audit else None
+        return digest, self._appended(item)
 
-    def delete_key(self, name: str) -> bool:
-        """Remove key ``name`` and its policy; whether it had one."""
+    def delete_key(self, name: str, *, audit: bool = False) -> tuple[bool, int | None]:
+        """Remove key ``name`` and its policy: whether it had one and, with ``audit``, the
+        sequence number of its ``key_removed`` record, appended in the same transaction."""
         with self.tx() as c:
             # locked as set_policy locks it: a policy set meanwhile is never left without its key
             # (a later key of that name would have been released under it)
-            key = sa.select(keys_t.c.name).where(keys_t.c.name == name).with_for_update()
-            if c.execute(key).first() is None:
-                raise UnknownKeyError(404, f"no key named {name!r}")
-            had = c.execute(policies_t.delete().where(policies_t.c.key_name == name)).rowcount
+            self._lock_key(c, name)
+            had = bool(c.execute(policies_t.delete().where(policies_t.c.key_name == name)).rowcount)
             c.execute(keys_t.delete().where(keys_t.c.name == name))
-        return bool(had)
+            data = {"name": name, "had_policy": had}
+            item = self._append_in(c, "key_removed", data) if audit else None
+        return had, self._appended(item)
+
+    def _lock_key(self, c: sa.Connection, name: str) -> None:
+        """Lock key ``name``'s row for this transaction (``UnknownKeyError`` if there is none)."""
+        key = sa.select(keys_t.c.name).where(keys_t.c.name == name).with_for_update()
+        if c.execute(key).first() is None:
+            raise UnknownKeyError(404, f"no key named {name!r}")
 
     # -- nonces -------------------------------------------------------------------------------
     def new_nonce(
@@ -578,6 +594,25 @@ class Store:
     def audit(self, event: str, data: dict[str, Any]) -> int:
         """Append a record to the log; returns its sequence number."""
         return self._append_batched(_Append(event, data))[0].seq
+
+    def _append_in(self, c: sa.Connection, event: str, data: dict[str, Any]) -> _Append:
+        """Append one record inside the caller's open transaction (after the rows it records
+        were changed there): it commits with them or not at all. The head row's lock orders it
+        with every other append, group-committed ones and other replicas' included."""
+        if not _EVENT.fullmatch(event):
+            raise ValueError(f"an audit event is 1 to 32 of [a-z0-9_], not {event[:40]!r}")
+        item = _Append(event, data, text=canonical_data(data))
+        self._append_many(c, [item])
+        return item
+
+    def _appended(self, item: _Append | None) -> int | None:
+        """Once :meth:`_append_in`'s transaction committed: the record's sequence number (and
+        this process never accepts a head below it again)."""
+        if item is None or item.result is None:
+            return None
+        with self._queue_lock:
+            self._seen_size = max(self._seen_size, item.result[2].size)
+        return item.result[0].seq
 
     def audit_entry(self, event: str, data: dict[str, Any]) -> AuditProof:
         """Append a record; returns it with its inclusion proof and the checkpoint of the tree it
