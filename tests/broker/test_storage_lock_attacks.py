@@ -111,12 +111,6 @@ def test_two_admins_replacing_one_new_key_at_once_both_succeed(stores):
     assert fmt == "stream" and key in {bytes([i]) * 32 for i in range(8)}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="put_key and set_policy wrap and MAC under the Store's cached KEK: after another "
-    "process's rotate-kek replaced the kek file, a running broker still writes rows under the "
-    "old KEK, whose file is gone; every other replica, and this one after a restart, refuses them",
-)
 def test_a_running_broker_writing_after_another_process_rotated_the_kek_leaves_rows_a_restart_reads(
     stores,
 ):
@@ -200,3 +194,38 @@ def test_two_replicas_setting_one_policy_log_last_the_policy_left_in_force(
         client_b.close()
         store_a.engine.dispose()
         store_b.engine.dispose()
+
+
+def test_a_rotation_that_stopped_after_its_commit_is_finished_not_thrown_away(stores):
+    """rotate-kek commits the re-wrapped rows, then swaps kek.new in. Stopped in between (a
+    crash, Ctrl-C), kek.new is the only file of the KEK the rows are wrapped under. The next
+    rotation began by deleting it; stopped in its turn before its commit, it left every key
+    wrapped under a KEK no file holds. It now swaps the committed kek.new in first."""
+    from shieldml.broker.server.storage import Kek
+
+    s = stores()
+    s.put_key("k", "stream", b"k" * 32)
+    state = s.state_dir
+    real_replace = Path.replace
+
+    def crash_before_swap(self: Path, target: Any) -> Path:
+        if self.name == "kek.new":
+            raise KeyboardInterrupt  # after the commit, before the swap
+        return real_replace(self, target)
+
+    def crash_in_transaction(self: Kek, *a: Any) -> bytes:
+        raise KeyboardInterrupt  # re-wrapping: before the commit
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Path, "replace", crash_before_swap)
+        with pytest.raises(KeyboardInterrupt):
+            s.rotate_kek()
+    assert (state / "kek.new").exists()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Kek, "wrap", crash_in_transaction)
+        with pytest.raises(KeyboardInterrupt):
+            stores().rotate_kek()
+    assert stores().get_key("k") == ("stream", b"k" * 32)
+    assert stores().rotate_kek() == 1
+    assert not (state / "kek.new").exists()
+    assert stores().get_key("k") == ("stream", b"k" * 32)

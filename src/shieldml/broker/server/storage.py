@@ -29,6 +29,7 @@ policy it was decided on, which ``audit verify`` compares with the last ``policy
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -113,6 +114,8 @@ meta_t = sa.Table(
     sa.Column("k", sa.String(64), primary_key=True),
     sa.Column("v", sa.Text, nullable=False),
 )
+#: meta row naming the KEK rows are written under now (rotate_kek changes it)
+KEK_ROW = "kek_id"
 _HEAD_FOR_UPDATE = sa.select(meta_t.c.v).where(meta_t.c.k == "audit_head").with_for_update()
 _SET_HEAD = meta_t.update().where(meta_t.c.k == "audit_head").values(v=sa.bindparam("v"))
 LOG_KEY_FILE = "log-signing-key"
@@ -249,6 +252,14 @@ class Store:
         _check_schema(self.engine)
         self._ensure_head()
         self.keks = self._load_keks()
+        self._ensure_kek_row()
+
+    def _ensure_kek_row(self) -> None:
+        """The meta row naming the current KEK (what rotate_kek locks): this process's KEK on a
+        database that has none yet; another replica may add it at the same moment."""
+        with contextlib.suppress(sa.exc.IntegrityError), self.tx() as c:
+            if c.execute(sa.select(meta_t.c.k).where(meta_t.c.k == KEK_ROW)).first() is None:
+                c.execute(meta_t.insert().values(k=KEK_ROW, v=self.kek.id))
 
     # -- keys ---------------------------------------------------------------------------------
     def _load_keks(self) -> dict[str, Kek]:
@@ -318,23 +329,24 @@ class Store:
 
     def put_key(self, name: str, fmt: str, secret: bytes, *, replace: bool = False) -> None:
         _check_name(name)
-        row: dict[str, Any] = {
-            "name": name,
-            "format": fmt,
-            "kek_id": self.kek.id,
-            "wrapped": self.kek.wrap(name, fmt, secret),
-            "created_at": _now(),
-        }
-        row["mac"] = self.kek.mac(
-            "keys", name, fmt, self.kek.id, row["wrapped"], _utc(row["created_at"])
-        )
         for attempt in (1, 2):
             try:
                 with self.tx() as c:
+                    kek = self._writing_kek(c)  # first: the order every writer locks in
                     key = sa.select(keys_t.c.name).where(keys_t.c.name == name).with_for_update()
                     exists = c.execute(key).first()
                     if exists and not replace:
                         raise KeyExistsError(409, f"key {name!r} already exists")
+                    row: dict[str, Any] = {
+                        "name": name,
+                        "format": fmt,
+                        "kek_id": kek.id,
+                        "wrapped": kek.wrap(name, fmt, secret),
+                        "created_at": _now(),
+                    }
+                    row["mac"] = kek.mac(
+                        "keys", name, fmt, kek.id, row["wrapped"], _utc(row["created_at"])
+                    )
                     if exists:
                         c.execute(keys_t.update().where(keys_t.c.name == name).values(**row))
                     else:
@@ -345,6 +357,18 @@ class Store:
                 # now, so this is a 409, or (--replace) an update of it on the second try
                 if not replace or attempt == 2:
                     raise KeyExistsError(409, f"key {name!r} already exists") from None
+
+    def _writing_kek(self, c: sa.Connection) -> Kek:
+        """The KEK to wrap and MAC under in this transaction: the one the database names
+        (meta row ``kek_id``, read with a shared lock that :meth:`rotate_kek` holds exclusively
+        while it re-wraps). A write waits for a rotation in flight and then uses its KEK; one
+        that another process made is loaded from its file (``kek.new`` until that process
+        swaps it in, then ``kek``). Without the row (a database from before it): ours."""
+        q = sa.select(meta_t.c.v).where(meta_t.c.k == KEK_ROW).with_for_update(read=True)
+        current = c.execute(q).scalar_one_or_none()
+        if current is not None and str(current) != self.kek.id:
+            self.kek = self._kek(str(current), "(any new key)")
+        return self.kek
 
     def key_entry(self, name: str) -> KeyEntry | None:
         """The key's format, policy TOML (or None) and wrapped material in one query, or None for
@@ -428,12 +452,26 @@ class Store:
         ]
 
     def rotate_kek(self) -> int:
-        """Re-wrap every key under a fresh KEK; crash-safe (old KEK kept until the swap)."""
+        """Re-wrap every key under a fresh KEK; crash-safe (old KEK kept until the swap).
+
+        The database's ``kek_id`` row changes in the same transaction, locked exclusively
+        throughout: every process's writes wait for it and then wrap under the new KEK
+        (:meth:`_writing_kek`). A rotation that committed but stopped before swapping the file
+        in is finished first (its ``kek.new`` is the KEK the database names)."""
         new_path = self.state_dir / "kek.new"
+        if new_path.exists():
+            with self.engine.connect() as c:
+                named = c.execute(sa.select(meta_t.c.v).where(meta_t.c.k == KEK_ROW)).scalar()
+            if named is not None and str(named) == Kek.load_or_create(new_path).id:
+                new_path.replace(self.state_dir / "kek")
+                self.keks = self._load_keks()
         new_path.unlink(missing_ok=True)
         new = Kek.load_or_create(new_path)
         self.keks[new.id] = new
         with self.tx() as c:
+            lock = sa.select(meta_t.c.v).where(meta_t.c.k == KEK_ROW).with_for_update()
+            if c.execute(lock).first() is None:
+                c.execute(meta_t.insert().values(k=KEK_ROW, v=new.id))
             rows = c.execute(sa.select(keys_t)).all()
             for r in rows:
                 self._check_key_row(r)
@@ -459,6 +497,7 @@ class Store:
                     .where(meta_t.c.k == "admin_token_sha256")
                     .values(v=f"{token}:{new.mac('admin_token', token)}")
                 )
+            c.execute(meta_t.update().where(meta_t.c.k == KEK_ROW).values(v=new.id))
         new_path.replace(self.state_dir / "kek")
         self.kek = new
         self.keks = {new.id: new}
@@ -474,6 +513,7 @@ class Store:
         with self.tx() as c:
             # The key's row locked (PostgreSQL; SQLite has one writer): two admins replacing
             # one policy take turns instead of both deleting nothing and one insert failing.
+            kek = self._writing_kek(c)  # before the key's row: the order every writer locks in
             self._lock_key(c, name)
             at = _now()
             c.execute(policies_t.delete().where(policies_t.c.key_name == name))
@@ -482,7 +522,7 @@ class Store:
                     key_name=name,
                     toml=toml,
                     updated_at=at,
-                    mac=self._policy_mac(self.kek, name, toml, at),
+                    mac=self._policy_mac(kek, name, toml, at),
                 )
             )
             item = self._append_in(c, "policy_set", audit) if audit is not None else None
@@ -870,11 +910,12 @@ class Store:
         token = token or secrets.token_urlsafe(32)
         digest = hashlib.sha256(token.encode()).hexdigest()
         with self.tx() as c:
+            kek = self._writing_kek(c)
             if c.execute(sa.select(meta_t.c.v).where(meta_t.c.k == "admin_token_sha256")).first():
                 return None
             c.execute(
                 meta_t.insert().values(
-                    k="admin_token_sha256", v=f"{digest}:{self.kek.mac('admin_token', digest)}"
+                    k="admin_token_sha256", v=f"{digest}:{kek.mac('admin_token', digest)}"
                 )
             )
         return token
@@ -882,8 +923,8 @@ class Store:
     def rotate_admin_token(self, token: str) -> None:
         """Replace the admin token's hash (the old token stops working at once)."""
         digest = hashlib.sha256(token.encode()).hexdigest()
-        v = f"{digest}:{self.kek.mac('admin_token', digest)}"
         with self.tx() as c:
+            v = f"{digest}:{self._writing_kek(c).mac('admin_token', digest)}"
             if (
                 c.execute(
                     meta_t.update().where(meta_t.c.k == "admin_token_sha256").values(v=v)
