@@ -422,9 +422,18 @@ def children(pid: int) -> list[str]:
         return []
 
 
+# Ctrl-C is Python's KeyboardInterrupt even where this suite was started with SIGINT ignored
+# (a background job of a shell without job control: nohup, some CI agents), which a child
+# would inherit; the CLI itself leaves SIGINT as it finds it, as every program does.
+CLI_WITH_CTRL_C = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('shieldml.cli', run_name='__main__', alter_sys=True)"
+)
+
+
 def shieldml(*argv: str | Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "shieldml.cli", *map(os.fspath, argv)],
+        [sys.executable, "-c", CLI_WITH_CTRL_C, *map(os.fspath, argv)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -74,6 +74,7 @@ def test_a_worker_failing_at_once_beside_a_slow_one_still_fails_the_whole_file(
 _CTRL_C = textwrap.dedent(
     """
     import os, signal, sys, threading, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if the suite runs with it ignored
     import shieldml.files._api as api
     from shieldml.files import Format, decrypt_file, encrypt_file, generate_key
 
