@@ -41,10 +41,7 @@ def test_shieldml_run_loads_no_server_stack_and_no_other_command():
         "       'shieldml.cli.demo', 'importlib.metadata')\n"
         "print(sorted(m for m in sys.modules if m.startswith(bad)))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip().splitlines()[-1] == "[]"
+    assert _printed_by(probe)[-1] == "[]"
 
 
 def test_the_cli_and_the_runner_load_no_verifier_until_one_is_used():
@@ -60,7 +57,13 @@ def test_the_cli_and_the_runner_load_no_verifier_until_one_is_used():
         "from shieldml.attest import verify_evidence\n"
         "print('shieldml.attest._evidence' in sys.modules)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip().splitlines() == ["[]", "True"]
+    assert _printed_by(probe) == ["[]", "True"]
+
+
+def _printed_by(probe: str) -> list[str]:
+    """The lines a fresh interpreter running ``probe`` prints (nothing imported before it)."""
+    return (
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+        .stdout.strip()
+        .splitlines()
+    )

@@ -22,6 +22,14 @@ from tests.conftest import sgx_policy
 MRENCLAVE = b"\x5a" * 32
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database of each kind the broker supports (PostgreSQL: skipped where absent)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/s.db"
+    return str(request.getfixturevalue("pg_url"))
+
+
 def raw_tls_socket(url: str) -> ssl.SSLSocket:
     """A bare TLS connection to a served broker, for clients that misbehave at the HTTP level
     (the certificate is not checked: only what happens to the connection matters)."""

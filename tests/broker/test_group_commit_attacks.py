@@ -37,13 +37,6 @@ TTL = timedelta(seconds=60)
 
 
 # -- helpers ------------------------------------------------------------------------------------
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/s.db"
-    return str(request.getfixturevalue("pg_url"))
-
-
 @pytest.fixture
 def store(db_url: str, tmp_path: Path) -> Iterator[Store]:
     s = Store(db_url, tmp_path / "state")

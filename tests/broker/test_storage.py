@@ -18,6 +18,7 @@ from shieldml.broker.audit import AuditProof, verify_chain
 from shieldml.broker.server.storage import Store, audit_t, keys_t
 from shieldml.errors import AuditChainError, BrokerError, IntegrityError, KeyFileError
 from tests.pg import PgCluster
+from tests.threads import at_once
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -299,26 +300,6 @@ def test_two_admins_setting_one_keys_policy_at_once_both_succeed_and_one_wins(st
     assert [p["name"] for p in store.list_policies()] == ["m"]
 
 
-def _at_once(calls: list[Callable[[], object]]) -> list[object]:
-    """Run ``calls`` in threads released together; each one's result or exception."""
-    go = threading.Barrier(len(calls))
-    results: list[object] = [None] * len(calls)
-
-    def run(i: int) -> None:
-        go.wait()
-        try:
-            results[i] = calls[i]()
-        except BaseException as e:
-            results[i] = e
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    return results
-
-
 def test_a_key_removed_while_its_policy_is_set_leaves_no_policy_for_a_later_key(store: Store):
     """`key rm` racing `policy set` of the same key: the removal deleted the policy before the
     setter inserted its own, then the key, leaving a policy without a key; a new key of that
@@ -327,7 +308,7 @@ def test_a_key_removed_while_its_policy_is_set_leaves_no_policy_for_a_later_key(
     for _round in range(6):
         store.put_key("m", "stream", b"k" * 32)
         store.set_policy("m", toml)
-        results = _at_once(
+        results = at_once(
             [lambda: store.delete_key("m")] + [lambda: store.set_policy("m", toml)] * 3
         )
         assert results[0] == (True, None)
@@ -345,7 +326,7 @@ def test_two_admins_adding_one_new_key_at_once_one_adds_it_the_other_is_told_it_
     """Both saw no key of that name; the second insert was a unique violation (a 500)."""
     from shieldml.errors import KeyExistsError
 
-    results = _at_once([lambda: store.put_key("n", "stream", b"k" * 32)] * 6)
+    results = at_once([lambda: store.put_key("n", "stream", b"k" * 32)] * 6)
     assert results.count(None) == 1
     assert all(isinstance(r, KeyExistsError) for r in results if r is not None), results
     assert store.get_key("n") == ("stream", b"k" * 32)

@@ -17,48 +17,22 @@ from shieldml.broker.server.storage import Store
 from shieldml.testing.simulated import SimulatedPlatform
 from tests.broker.conftest import MRENCLAVE
 from tests.conftest import sgx_policy
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/s.db"
-    return str(request.getfixturevalue("pg_url"))
+from tests.threads import at_once
 
 
 @pytest.fixture
-def stores(url: str, tmp_path: Path) -> Iterator[Callable[[], Store]]:
+def stores(db_url: str, tmp_path: Path) -> Iterator[Callable[[], Store]]:
     """Stores (replicas, or a CLI command beside the server) on one database and state dir."""
     made: list[Store] = []
 
     def new() -> Store:
-        s = Store(url, tmp_path / "state")
+        s = Store(db_url, tmp_path / "state")
         made.append(s)
         return s
 
     yield new
     for s in made:
         s.engine.dispose()
-
-
-def _at_once(calls: list[Callable[[], object]], timeout: float = 30) -> list[object]:
-    go = threading.Barrier(len(calls))
-    results: list[object] = [None] * len(calls)
-
-    def run(i: int) -> None:
-        go.wait()
-        try:
-            results[i] = calls[i]()
-        except BaseException as e:
-            results[i] = e
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    assert not any(t.is_alive() for t in threads), "a call never returned (a lock cycle?)"
-    return results
 
 
 def _policy(n: int) -> str:
@@ -93,7 +67,7 @@ def test_rotating_the_kek_beside_admins_and_releases_deadlocks_nothing(stores):
     calls += [churn(n) for n in names]
     calls += [release(x) for x in nonces]
     calls += [server.list_keys, lambda: server.audit("probe", {"n": 1})]
-    results = _at_once(calls)
+    results = at_once(calls)
     assert not [r for r in results if isinstance(r, BaseException)], results
     assert results[0] == len(names)
 
@@ -102,7 +76,7 @@ def test_two_admins_replacing_one_new_key_at_once_both_succeed(stores):
     """put_key --replace of a name nobody has yet, by several admins at once: the losers of
     the insert race retry as an update, none is told the key already exists."""
     a, b = stores(), stores()
-    results = _at_once(
+    results = at_once(
         [lambda i=i: (a if i % 2 else b).put_key("n", "stream", bytes([i]) * 32, replace=True)
          for i in range(8)]
     )  # fmt: skip
@@ -137,14 +111,14 @@ def _replica(url: str, state: Path, sim: SimulatedPlatform, token: str | None) -
 
 
 def test_two_replicas_setting_one_policy_log_last_the_policy_left_in_force(
-    url: str, tmp_path: Path, sim: SimulatedPlatform, monkeypatch: pytest.MonkeyPatch
+    db_url: str, tmp_path: Path, sim: SimulatedPlatform, monkeypatch: pytest.MonkeyPatch
 ):
     """Admin A's set commits first, then admin B's (the row lock makes them take turns), but
     A's replica is slower to append the audit record than B's. The log must still end with the
     policy that is in force: releases are judged against it (check_policy_history)."""
     state = tmp_path / "state"
-    store_a, client_a, auth, token = _replica(url, state, sim, None)
-    store_b, client_b, _, _ = _replica(url, state, sim, token)
+    store_a, client_a, auth, token = _replica(db_url, state, sim, None)
+    store_b, client_b, _, _ = _replica(db_url, state, sim, token)
     assert client_a.post("/v1/admin/keys", json={"name": "m"}, headers=auth).status_code == 201
     a_committed, b_done = threading.Event(), threading.Event()
     real_set, real_audit = store_a.set_policy, store_a.audit
