@@ -28,7 +28,7 @@ from shieldml.cli._output import out
 def demo(workdir: str | None, files_only: bool, repeats: int, quickstart_files: str | None) -> None:
     """Two owners, two brokers, confidential training and inference on a simulated TEE.
 
-    Takes about 4.5 minutes on two cores (--repeats 1: about 1.5); --files-only a few seconds.
+    Takes about a minute on two quiet cores (--repeats 1: about 25 s); --files-only a few seconds.
     """
     import importlib.util
 
