@@ -330,3 +330,18 @@ def test_two_admins_adding_one_new_key_at_once_one_adds_it_the_other_is_told_it_
     assert results.count(None) == 1
     assert all(isinstance(r, KeyExistsError) for r in results if r is not None), results
     assert store.get_key("n") == ("stream", b"k" * 32)
+
+
+def test_a_database_naming_a_kek_no_file_holds_gets_no_write(store: Store):
+    """A database writer points kek_id at a KEK this broker has no file of: keys and policies
+    are not written at all (under ours they would be unreadable wherever the row is believed)."""
+    from shieldml.broker.server.storage import KEK_ROW, meta_t
+
+    store.put_key("m", "stream", b"k" * 32)
+    with store.engine.begin() as c:
+        c.execute(meta_t.update().where(meta_t.c.k == KEK_ROW).values(v="0" * 32))
+    with pytest.raises(KeyFileError, match=r"names key-encryption key 0{32}, which neither"):
+        store.put_key("n", "stream", b"n" * 32)
+    with pytest.raises(KeyFileError):
+        store.set_policy("m", 'version = 1\n[[profile]]\ntee = "sgx"\n')
+    assert store.get_key("n") is None and store.get_policy("m") is None

@@ -367,7 +367,13 @@ class Store:
         q = sa.select(meta_t.c.v).where(meta_t.c.k == KEK_ROW).with_for_update(read=True)
         current = c.execute(q).scalar_one_or_none()
         if current is not None and str(current) != self.kek.id:
-            self.kek = self._kek(str(current), "(any new key)")
+            try:
+                self.kek = self._kek(str(current), "(any new key)")
+            except KeyFileError:
+                raise KeyFileError(
+                    f"the database names key-encryption key {str(current)[:32]}, which neither "
+                    f"{self.state_dir / 'kek'} nor kek.new holds: nothing is written under another"
+                ) from None
         return self.kek
 
     def key_entry(self, name: str) -> KeyEntry | None:
