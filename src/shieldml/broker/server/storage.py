@@ -30,6 +30,7 @@ policy it was decided on, which ``audit verify`` compares with the last ``policy
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -182,6 +183,17 @@ class _Append:
     done: bool = False
 
 
+def _read_kek(path: Path) -> Kek | None:
+    """The KEK in ``path``, or None if there is no such file (never made here)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if len(data) != 32:
+        raise KeyFileError(f"{path}: a key-encryption key file holds 32 bytes")
+    return Kek(data)
+
+
 class Kek:
     """The key-encryption key file (32 bytes, mode 0600); keys are AES-256-GCM wrapped under it."""
 
@@ -263,14 +275,18 @@ class Store:
 
     # -- keys ---------------------------------------------------------------------------------
     def _load_keks(self) -> dict[str, Kek]:
-        keks = {}
-        for name in ("kek", "kek.new"):
-            p = self.state_dir / name
-            if name == "kek" or p.exists():
-                k = Kek.load_or_create(p)
-                keks[k.id] = k
-        self.kek = Kek.load_or_create(self.state_dir / "kek")
+        self.kek, keks = self._disk_keks()
         return keks
+
+    def _disk_keks(self) -> tuple[Kek, dict[str, Kek]]:
+        """The KEKs on disk now: ``kek`` (made if missing: a new state directory) and, if there,
+        ``kek.new`` (read, never made: a rotation may be renaming it meanwhile)."""
+        current = Kek.load_or_create(self.state_dir / "kek")
+        found = {current.id: current}
+        pending = _read_kek(self.state_dir / "kek.new")
+        if pending is not None:
+            found[pending.id] = pending
+        return current, found
 
     def _kek(self, kek_id: str, name: str) -> Kek:
         """The KEK a key is wrapped under; after a rotation by another process, reload the files."""
@@ -365,16 +381,22 @@ class Store:
         that another process made is loaded from its file (``kek.new`` until that process
         swaps it in, then ``kek``). Without the row (a database from before it): ours."""
         q = sa.select(meta_t.c.v).where(meta_t.c.k == KEK_ROW).with_for_update(read=True)
-        current = c.execute(q).scalar_one_or_none()
-        if current is not None and str(current) != self.kek.id:
-            try:
-                self.kek = self._kek(str(current), "(any new key)")
-            except KeyFileError:
-                raise KeyFileError(
-                    f"the database names key-encryption key {str(current)[:32]}, which neither "
-                    f"{self.state_dir / 'kek'} nor kek.new holds: nothing is written under another"
-                ) from None
-        return self.kek
+        named = c.execute(q).scalar_one_or_none()
+        # Only a KEK whose file is there now: never one this process remembers (a rotated-out
+        # KEK may have leaked, and a database writer could name it); twice, for a rotation's
+        # rename landing between the reads of kek and kek.new.
+        for _attempt in (1, 2):
+            current, disk = self._disk_keks()
+            # no row: it was removed (Store makes it); the kek file's, not a cached one
+            want = current.id if named is None else str(named)
+            if want in disk:
+                self.keks = {**self.keks, **disk}
+                self.kek = disk[want]
+                return self.kek
+        raise KeyFileError(
+            f"the database names key-encryption key {str(named)[:32]}, which neither "
+            f"{self.state_dir / 'kek'} nor kek.new holds: nothing is written under another"
+        )
 
     def key_entry(self, name: str) -> KeyEntry | None:
         """The key's format, policy TOML (or None) and wrapped material in one query, or None for
@@ -463,14 +485,22 @@ class Store:
         The database's ``kek_id`` row changes in the same transaction, locked exclusively
         throughout: every process's writes wait for it and then wrap under the new KEK
         (:meth:`_writing_kek`). A rotation that committed but stopped before swapping the file
-        in is finished first (its ``kek.new`` is the KEK the database names)."""
+        in is finished first (its ``kek.new`` is what rows are wrapped or MACed under). One
+        rotation at a time per state directory (a file lock)."""
+        # one rotation at a time among every process of this state directory: a second one
+        # would delete the kek.new the first is re-wrapping under
+        with (self.state_dir / "kek.lock").open("a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            return self._rotate_kek()
+
+    def _rotate_kek(self) -> int:
         new_path = self.state_dir / "kek.new"
-        if new_path.exists():
-            with self.engine.connect() as c:
-                named = c.execute(sa.select(meta_t.c.v).where(meta_t.c.k == KEK_ROW)).scalar()
-            if named is not None and str(named) == Kek.load_or_create(new_path).id:
-                new_path.replace(self.state_dir / "kek")
-                self.keks = self._load_keks()
+        pending = _read_kek(new_path)
+        if pending is not None and self._kek_in_use(pending.id):
+            # a rotation that committed and stopped before its swap: its kek.new is what rows
+            # are wrapped or MACed under (whatever the kek_id row says): swapped in, not deleted
+            new_path.replace(self.state_dir / "kek")
+            self.keks = self._load_keks()
         new_path.unlink(missing_ok=True)
         new = Kek.load_or_create(new_path)
         self.keks[new.id] = new
@@ -588,6 +618,21 @@ class Store:
             data = {"name": name, "had_policy": had}
             item = self._append_in(c, "key_removed", data) if audit else None
         return had, self._appended(item)
+
+    def _kek_in_use(self, kek_id: str) -> bool:
+        """Whether the database names ``kek_id`` anywhere: a key wrapped under it, a policy or
+        the admin token MACed under it, or the kek_id row."""
+        mac = f"{kek_id}:%"
+        with self.engine.connect() as c:
+            queries = (
+                sa.select(keys_t.c.name).where(keys_t.c.kek_id == kek_id),
+                sa.select(policies_t.c.key_name).where(policies_t.c.mac.like(mac)),
+                sa.select(meta_t.c.k).where(meta_t.c.k == KEK_ROW, meta_t.c.v == kek_id),
+                sa.select(meta_t.c.k).where(
+                    meta_t.c.k == "admin_token_sha256", meta_t.c.v.like(f"%:{mac}")
+                ),
+            )
+            return any(c.execute(q.limit(1)).first() is not None for q in queries)
 
     def _lock_key(self, c: sa.Connection, name: str) -> None:
         """Lock key ``name``'s row for this transaction (``UnknownKeyError`` if there is none)."""
@@ -772,9 +817,10 @@ class Store:
         doc = {"frontier": frontier, "mac": mac.hexdigest()}
         return f"{seq}:{chain}|{json.dumps(doc, separators=(',', ':'))}"
 
-    def _tree(self, row: str) -> tuple[int, str, tlog.Frontier]:
+    def _tree(self, row: str, floor: int | None = None) -> tuple[int, str, tlog.Frontier]:
         """The head row's chain head and frontier, once shown to be what this log's key holder
-        wrote (its MAC) and not smaller than a tree this process saw before."""
+        wrote (its MAC) and not smaller than a tree this process saw before (``floor``, for a
+        read made without the head's lock: what was seen before that read began)."""
         head, _, state = row.partition("|")
         try:
             last, chain = head.split(":")
@@ -795,12 +841,13 @@ class Store:
                 "the audit head and tree state were not written by this log's key holder: the "
                 "database was rewritten"
             )
-        if seq < self._seen_size:  # committed state this process saw or wrote: never shrinks
+        seen = self._seen_size if floor is None else floor
+        if seq < seen:  # committed state this process saw or wrote: never shrinks
             raise AuditChainError(
-                f"the audit log holds {seq} records, {self._seen_size} were seen before: it "
-                "was rewound"
+                f"the audit log holds {seq} records, {seen} were seen before: it was rewound"
             )
-        self._seen_size = max(self._seen_size, seq)
+        with self._queue_lock:  # threads raising it at once: the larger stays
+            self._seen_size = max(self._seen_size, seq)
         return seq, chain, tree
 
     def _ensure_head(self) -> None:
@@ -867,9 +914,12 @@ class Store:
 
     def audit_checkpoint(self) -> str:
         """The checkpoint of the latest tree (a C2SP signed note), signed now."""
+        # read without the head's lock: only what was committed before the read began is a
+        # floor (a commit meanwhile raises _seen_size past what this read may see)
+        floor = self._seen_size
         with self.engine.connect() as c:
             row = c.execute(sa.select(meta_t.c.v).where(meta_t.c.k == "audit_head")).scalar_one()
-        return self._sign(self._tree(str(row))[2])
+        return self._sign(self._tree(str(row), floor)[2])
 
     def audit_consistency(self, first: int, second: int) -> list[bytes]:
         """RFC 9162 consistency proof between the trees of ``first`` and ``second`` records, from
