@@ -30,6 +30,22 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("pg_url"))
 
 
+@pytest.fixture
+def stores(db_url: str, tmp_path: Path) -> Iterator[Callable[[], Store]]:
+    """Stores on one database and state directory (a server, a CLI command beside it,
+    replicas): each call makes another."""
+    made: list[Store] = []
+
+    def new() -> Store:
+        s = Store(db_url, tmp_path / "state")
+        made.append(s)
+        return s
+
+    yield new
+    for s in made:
+        s.engine.dispose()
+
+
 def raw_tls_socket(url: str) -> ssl.SSLSocket:
     """A bare TLS connection to a served broker, for clients that misbehave at the HTTP level
     (the certificate is not checked: only what happens to the connection matters)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,21 +23,6 @@ from tests.conftest import sgx_policy
 from tests.threads import at_once
 
 SECRET = b"k" * 32
-
-
-@pytest.fixture
-def stores(db_url: str, tmp_path: Path) -> Iterator[Callable[[], Store]]:
-    """Stores (a server, a CLI command beside it, replicas) on one database and state dir."""
-    made: list[Store] = []
-
-    def new() -> Store:
-        s = Store(db_url, tmp_path / "state")
-        made.append(s)
-        return s
-
-    yield new
-    for s in made:
-        s.engine.dispose()
 
 
 def _policy(n: int) -> str:
