@@ -183,6 +183,12 @@ class _Append:
     done: bool = False
 
 
+def _check_event(event: str) -> None:
+    """An audit event's name is 1 to 32 of [a-z0-9_] (ValueError otherwise)."""
+    if not _EVENT.fullmatch(event):
+        raise ValueError(f"an audit event is 1 to 32 of [a-z0-9_], not {event[:40]!r}")
+
+
 def _read_kek(path: Path) -> Kek | None:
     """The KEK in ``path``, or None if there is no such file (never made here)."""
     try:
@@ -690,8 +696,7 @@ class Store:
         """Append one record inside the caller's open transaction (after the rows it records
         were changed there): it commits with them or not at all. The head row's lock orders it
         with every other append, group-committed ones and other replicas' included."""
-        if not _EVENT.fullmatch(event):
-            raise ValueError(f"an audit event is 1 to 32 of [a-z0-9_], not {event[:40]!r}")
+        _check_event(event)
         item = _Append(event, data, text=canonical_data(data))
         self._append_many(c, [item])
         return item
@@ -722,8 +727,7 @@ class Store:
         gets its own sequence number, inclusion proof and tree (its checkpoint is of the tree it
         ends, as for a record appended alone); a batch that fails fails every record in it, and
         none of them is written."""
-        if not _EVENT.fullmatch(item.event):  # one caller's bad event must not fail a batch
-            raise ValueError(f"an audit event is 1 to 32 of [a-z0-9_], not {item.event[:40]!r}")
+        _check_event(item.event)  # before queueing: one caller's bad event must not fail a batch
         item.text = (
             None if item.nonce is not None else canonical_data(item.data)
         )  # bad data: its caller's error
