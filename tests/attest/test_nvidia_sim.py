@@ -148,3 +148,57 @@ def test_index_35_is_compared_unless_the_signed_report_says_nvdec_is_off():
     with pytest.raises(MeasurementError) as e:
         run(on, rims=[on.rim("vbios"), on.rim("driver", golden=golden)])
     assert [m.index for m in e.value.mismatches] == [35]  # type: ignore[attr-defined]
+
+
+# -- the kept family of a simulated platform (what `shieldml run` and `broker serve` share) ------
+def test_kept_family_is_one_make_and_verifies_after_reloading(tmp_path):
+    from shieldml.testing.simulated_gpu import KEPT_GPUS, open_gpus
+
+    made = open_gpus(tmp_path, clock=lambda: NOW)
+    again = open_gpus(tmp_path, clock=lambda: NOW + timedelta(days=30))
+    assert len(made) == len(again) == KEPT_GPUS
+    assert [g.certificates() for g in made] == [g.certificates() for g in again]
+    assert len({g.chain[0].cert.serial_number for g in again}) == KEPT_GPUS  # one leaf each
+    assert len({g.root for g in again}) == len({g.rim_root for g in again}) == 1
+    g = again[3]
+    later = NOW + timedelta(days=30)
+    c = verify_gpu_evidence(
+        g.report(NONCE), g.certificates(), now=later, nonce=NONCE, trust=again[0].trust(),
+        rims=[g.rim("vbios"), g.rim("driver")], ocsp_responses=g.ocsp_all(),
+    )  # fmt: skip
+    assert c.measurements_matched and c.ueid == str(g.chain[0].cert.serial_number)
+    assert (tmp_path / "gpus.json").stat().st_mode & 0o077 == 0  # private keys: owner only
+
+
+def test_processes_making_the_family_at_once_all_get_the_same_one(tmp_path):
+    from shieldml.testing.simulated_gpu import open_gpus
+    from tests.threads import at_once
+
+    got = at_once([lambda: open_gpus(tmp_path, clock=lambda: NOW) for _ in range(4)])
+    serials = [[g.chain[0].cert.serial_number for g in r] for r in got]  # type: ignore[union-attr]
+    assert all(s == serials[0] for s in serials)
+    assert [p.name for p in tmp_path.iterdir()] == ["gpus.json"]  # no temporary file left
+
+
+def test_kept_family_outside_its_validity_is_refused(tmp_path):
+    from shieldml.errors import ExpiredError
+    from shieldml.testing.simulated_gpu import open_gpus
+
+    open_gpus(tmp_path, clock=lambda: NOW)
+    with pytest.raises(ExpiredError, match="the clock reads 2041") as e:
+        open_gpus(tmp_path, clock=lambda: NOW + timedelta(days=3651))
+    assert e.value.hint is not None and "gpus.json" in e.value.hint
+    with pytest.raises(ExpiredError):
+        open_gpus(tmp_path, clock=lambda: NOW - timedelta(days=2))
+
+
+def test_a_damaged_family_file_is_a_format_error(tmp_path):
+    from shieldml.errors import FormatError
+    from shieldml.testing.simulated_gpu import open_gpus
+
+    (tmp_path / "gpus.json").write_text('{"gpus": [{"chip": "GH100"}]}')
+    with pytest.raises(FormatError, match="not a kept simulated GPU"):
+        open_gpus(tmp_path, clock=lambda: NOW)
+    (tmp_path / "gpus.json").write_text("[")
+    with pytest.raises(FormatError, match="not a kept simulated GPU family"):
+        open_gpus(tmp_path, clock=lambda: NOW)

@@ -1,15 +1,13 @@
-# ruff: noqa: N802 - the fake mirrors pynvml's function names
-"""The runner's GPU evidence through NVML, against a fake NVML layer backed by simulated GPUs
-(the real ``pynvml``'s function names and struct fields), verified by the broker's own code."""
+# ruff: noqa: N802 - a broken NVML keeps pynvml's function names
+"""The runner's GPU evidence through NVML, against the simulated NVML (pynvml's function names
+and result fields, :mod:`shieldml.testing.simulated_nvml`) backed by simulated GPUs, verified by
+the broker's own code."""
 
 from __future__ import annotations
 
 import base64
-import ctypes
 import hashlib
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import SimpleNamespace
 
 import pytest
 
@@ -19,53 +17,10 @@ from shieldml.broker.server.release import GpuBundle, Settings, verify_session_g
 from shieldml.errors import AttestationError, EvidenceError, InputReadError
 from shieldml.runner.gpu import NvmlGpuProvider
 from shieldml.testing.simulated_gpu import SimulatedGpu
+from shieldml.testing.simulated_nvml import NVMLError, SimulatedNvml
 
 NOW = datetime(2031, 5, 1, tzinfo=UTC)
 REPORT_DATA = hashlib.sha512(b"one session").digest()
-
-
-class NVMLError(Exception):
-    pass
-
-
-@dataclass
-class FakeNvml:
-    """``pynvml`` as far as the provider uses it; ``cc`` is the system's CC state."""
-
-    gpus: list[SimulatedGpu]
-    cc: tuple[int, int] = (1, 0)  # (ccFeature, devToolsMode)
-    started: int = 0
-    nonces: list[bytes] | None = None
-
-    NVMLError = NVMLError
-
-    def nvmlInit(self) -> None:
-        self.started += 1
-
-    def nvmlShutdown(self) -> None:
-        self.started -= 1
-
-    def nvmlDeviceGetCount(self) -> int:
-        return len(self.gpus)
-
-    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
-        return i
-
-    def nvmlSystemGetConfComputeState(self) -> SimpleNamespace:
-        return SimpleNamespace(environment=1, ccFeature=self.cc[0], devToolsMode=self.cc[1])
-
-    def nvmlDeviceGetConfComputeGpuAttestationReport(self, handle: int, nonce: bytes):
-        if self.cc[0] != 1:
-            raise NVMLError("Not Supported")
-        (self.nonces if self.nonces is not None else []).append(bytes(nonce))
-        raw = self.gpus[handle].report(bytes(nonce))
-        buf = (ctypes.c_uint8 * 8192)(*raw)
-        return SimpleNamespace(attestationReportSize=len(raw), attestationReport=buf)
-
-    def nvmlDeviceGetConfComputeGpuCertificate(self, handle: int):
-        pem = self.gpus[handle].chain_pem()
-        buf = (ctypes.c_uint8 * 5120)(*pem)
-        return SimpleNamespace(attestationCertChainSize=len(pem), attestationCertChain=buf)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +45,7 @@ def bundles(items) -> list[GpuBundle]:  # what the broker's HTTP layer makes of 
 
 
 def test_every_gpu_answers_its_session_nonce(gpus):
-    nv = FakeNvml(gpus, nonces=[])
+    nv = SimulatedNvml(gpus)
     items = NvmlGpuProvider(nv).collect(REPORT_DATA)
     assert [i.cc_mode for i in items] == ["on", "on"] and nv.started == 0
     assert nv.nonces == [protocol.gpu_nonce(REPORT_DATA, i, 2, "on") for i in range(2)]
@@ -100,14 +55,14 @@ def test_every_gpu_answers_its_session_nonce(gpus):
 
 
 def test_gpu_not_in_cc_mode_is_sent_without_a_report_and_refused(gpus):
-    items = NvmlGpuProvider(FakeNvml(gpus[:1], cc=(0, 0))).collect(REPORT_DATA)
+    items = NvmlGpuProvider(SimulatedNvml(gpus[:1], cc=(0, 0))).collect(REPORT_DATA)
     assert [(i.cc_mode, i.report) for i in items] == [("off", None)]
     with pytest.raises(AttestationError, match="GPU 0 not in confidential-computing mode"):
         verify_session_gpus(settings(gpus), REPORT_DATA, bundles(items))
 
 
 def test_devtools_mode_is_reported_as_such(gpus):
-    (item,) = NvmlGpuProvider(FakeNvml(gpus[:1], cc=(1, 1))).collect(REPORT_DATA)
+    (item,) = NvmlGpuProvider(SimulatedNvml(gpus[:1], cc=(1, 1))).collect(REPORT_DATA)
     assert item.cc_mode == "devtools" and item.report is not None
     nonce = protocol.gpu_nonce(REPORT_DATA, 0, 1, "devtools")  # bound as devtools ...
     verify_gpu_evidence(
@@ -118,7 +73,7 @@ def test_devtools_mode_is_reported_as_such(gpus):
 
 
 def test_no_driver_is_an_evidence_error(gpus):
-    class Broken(FakeNvml):
+    class Broken(SimulatedNvml):
         def nvmlInit(self) -> None:
             raise NVMLError("Driver Not Loaded")
 

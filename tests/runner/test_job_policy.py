@@ -141,3 +141,41 @@ def test_auto_needs_tee_and_unknown_fields_are_refused(
     (profile,) = tomllib.loads(Path(out).read_text())["profile"]
     assert profile["mrenclave"] == ["cd" * 32] and profile["mrsigner"] == "any"
     assert profile["isv_prod_id"] == "any"
+
+
+def test_a_job_with_gpus_gets_a_gpu_requirement(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """A policy written for a [gpu] job without [profile.gpu] would release the keys to the CPU
+    evidence alone, whatever GPU (CC mode off, say) the weights then go to."""
+    job = write_job(tmp_path, "tdx", '[gpu]\nevidence = "nvml"\n')
+    out = tmp_path / "policy.toml"
+    base = ["policy", "init", "--from-job", str(job), "-o", str(out), "--force",
+            "--set", "mrtd=" + "ab" * 48, "--set", "mr_config_id=" + "00" * 48]  # fmt: skip
+    assert main(base) == 0
+    (profile,) = tomllib.loads(out.read_text())["profile"]
+    assert profile["gpu"] == {
+        "count": 1, "driver_version": "any", "vbios_version": "any",
+        "rim_required": True, "ocsp": "required",
+    }  # fmt: skip
+    policy = Policy.from_toml(out.read_text())
+    assert policy.profiles[0].gpu is not None and policy.profiles[0].gpu.count == 1
+    assert main([*base, "--set", "gpu.count=8",
+                 "--set", "gpu.driver_version=550.90.07, 550.127.05",
+                 "--set", "gpu.min_vbios_version=96.00.9F.00.00"]) == 0  # fmt: skip
+    gpu = tomllib.loads(out.read_text())["profile"][0]["gpu"]
+    assert gpu["count"] == 8 and gpu["driver_version"] == ["550.90.07", "550.127.05"]
+    assert gpu["min_vbios_version"] == "96.00.9F.00.00"
+    capsys.readouterr()
+    assert main([*base, "--set", "gpu.colour=green"]) == 1
+    assert "not a [profile.gpu] field" in capsys.readouterr().err
+    assert main([*base, "--set", "gpu.count=99"]) == 1
+    assert "count must be an integer from 1 to 16" in capsys.readouterr().err
+
+
+def test_gpu_settings_without_a_gpu_table_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    job = write_job(tmp_path, "tdx")
+    out = tmp_path / "policy.toml"
+    assert main(["policy", "init", "--from-job", str(job), "-o", str(out), "--set",
+                 "mrtd=" + "ab" * 48, "--set", "gpu.count=2"]) == 1  # fmt: skip
+    assert "the job has no [gpu]" in capsys.readouterr().err and not out.exists()

@@ -75,6 +75,8 @@ class ReleasedKeys:
     #: the release's audit record, its inclusion proof and the signed checkpoint it verifies
     #: against (None from a broker that predates the tree)
     audit_proof: AuditProof | None = None
+    #: each GPU the broker verified with the CPU evidence (identity and versions, as it says)
+    gpus: tuple[dict[str, Any], ...] = ()
 
 
 class BrokerClient:
@@ -166,7 +168,16 @@ class BrokerClient:
         opened = self._opened(doc.get("keys"), keys, runner_key)
         seq = _int(doc.get("audit_seq"), f"{self.url}: audit_seq")
         proof = self._audit_proof(doc.get("audit_log"), seq, nonce, workload_digest, keys)
-        return ReleasedKeys(opened, seq, str(doc.get("tee", "")), proof)
+        listed = doc.get("gpus", [])
+        if (
+            not isinstance(listed, list)
+            or len(listed) != len(gpus or ())
+            or not all(isinstance(g, dict) for g in listed)
+        ):
+            raise BrokerError(
+                None, f"{self.url}: the release names other GPUs than the {len(gpus or ())} sent"
+            )
+        return ReleasedKeys(opened, seq, str(doc.get("tee", "")), proof, tuple(listed))
 
     def _audit_proof(
         self, answer: Any, seq: int, nonce: bytes, workload_digest: str, keys: list[str]

@@ -142,7 +142,7 @@ def broker() -> None:
     "--simulated-platform",
     multiple=True,
     type=click.Path(file_okay=False),
-    help="Trust this simulated platform's roots (tests, demo).",
+    help="Trust this simulated platform's roots, its CPUs' and its GPUs' (tests, demo).",
 )
 @click.option(
     "--admin-token-file",

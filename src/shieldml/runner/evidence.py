@@ -356,7 +356,7 @@ class SimulatedProvider:
         self.m = {
             k: bytes.fromhex(v)
             for k, v in (measurements or {}).items()
-            if k not in ("kind", "platform", "debug")
+            if k not in ("kind", "platform", "debug") and not k.startswith("gpu")
         }
         self.debug = debug
         # the simulated TD's RTMRs as they stand: [simulated] rtmr0..rtmr3 at "boot"

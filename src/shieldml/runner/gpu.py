@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shieldml.broker import protocol
-from shieldml.errors import EvidenceError, InputReadError
+from shieldml.errors import EvidenceError, InputReadError, ShieldError
 
 if TYPE_CHECKING:
     from shieldml.runner.manifest import JobManifest
@@ -143,11 +143,86 @@ def read_collateral(directory: Path) -> tuple[tuple[bytes, ...], tuple[bytes, ..
 
 
 def gpu_provider_for(m: JobManifest, log: Callable[[str], None]) -> NvmlGpuProvider:
-    """The provider a manifest's ``[gpu]`` asks for, with its collateral read."""
+    """The provider a manifest's ``[gpu]`` asks for, with its collateral read (``tee =
+    "simulated"``: the simulated platform's GPUs, see :func:`simulated_gpu_provider`)."""
     assert m.gpu is not None
     rims: tuple[bytes, ...] = ()
     ocsp: tuple[bytes, ...] = ()
     if m.gpu.collateral is not None:
         rims, ocsp = read_collateral(m.base / m.gpu.collateral)
+    if m.tee == "simulated":
+        return simulated_gpu_provider(m, log, rims, ocsp)
     log(f"GPU evidence through NVML ({len(rims)} RIMs, {len(ocsp)} OCSP responses)")
     return NvmlGpuProvider(rims=rims, ocsp=ocsp)
+
+
+#: ``[simulated]`` names that describe the simulated GPUs, with their defaults
+SIMULATED_GPU = {
+    "gpus": "1",
+    "gpu_cc": "on",
+    "gpu_driver": "550.90.07",
+    "gpu_vbios": "96.00.9F.00.01",
+}
+
+
+def simulated_gpu_settings(sim: dict[str, str]) -> dict[str, str]:
+    """``[simulated]``'s GPU settings (:data:`SIMULATED_GPU`), checked."""
+    from shieldml.policy._model import version_key
+    from shieldml.testing.simulated_nvml import CC_STATES
+
+    got = {k: sim.get(k, v) for k, v in SIMULATED_GPU.items()}
+    if not got["gpus"].isdigit() or not 1 <= int(got["gpus"]) <= protocol.MAX_GPUS:
+        raise EvidenceError(
+            f"[simulated] gpus must be 1 to {protocol.MAX_GPUS}, not {got['gpus']!r}"
+        )
+    if got["gpu_cc"] not in CC_STATES:
+        raise EvidenceError(f"[simulated] gpu_cc must be one of {', '.join(CC_STATES)}")
+    try:
+        version_key(got["gpu_driver"])
+        parts = version_key(got["gpu_vbios"], vbios=True)
+    except ShieldError as e:
+        raise EvidenceError(f"[simulated] gpu_driver / gpu_vbios: {e.message}") from None
+    if len(parts) != 5 or max(parts) > 0xFF:
+        raise EvidenceError("[simulated] gpu_vbios must be five hex bytes (96.00.9F.00.01)")
+    return got
+
+
+def simulated_gpu_provider(
+    m: JobManifest,
+    log: Callable[[str], None],
+    rims: tuple[bytes, ...] = (),
+    ocsp: tuple[bytes, ...] = (),
+) -> NvmlGpuProvider:
+    """NVML answered by the simulated platform's GPUs (never hardware): ``[simulated] gpus``
+    of them, in the CC state ``gpu_cc``, reporting ``gpu_driver`` and ``gpu_vbios``. The RIMs
+    and OCSP responses are the ``[gpu] collateral`` directory's where it gives them, else what
+    the simulated GPUs' own RIM signer and CAs issue now. A broker verifies such evidence only
+    with the platform trusted (``--simulated-platform``) and a policy that allows it."""
+    from shieldml.testing.simulated import system_clock
+    from shieldml.testing.simulated_gpu import open_gpus
+    from shieldml.testing.simulated_nvml import CC_STATES, SimulatedNvml
+
+    got = simulated_gpu_settings(m.simulated)
+    platform = m.simulated.get("platform")
+    if not platform:
+        raise EvidenceError('tee = "simulated" needs [simulated] platform = DIR')
+    where = Path(platform) if Path(platform).is_absolute() else m.base / platform
+    gpus = open_gpus(where, clock=system_clock)[: int(got["gpus"])]
+    for g in gpus:
+        g.driver_version, g.vbios_version = got["gpu_driver"], got["gpu_vbios"]
+    if not rims:
+        rims = (gpus[0].rim("driver"), gpus[0].rim("vbios"))
+    if not ocsp:
+        by_cert: dict[int, bytes] = {}  # the GPUs share their identity CA and ICA
+        for g in gpus:
+            for i in range(1, len(g.chain) - 1):
+                serial = g.chain[i].cert.serial_number
+                if serial not in by_cert:
+                    by_cert[serial] = g.ocsp(i)
+        rim_ocsp = (gpus[0].ocsp(i, rim=True) for i in range(len(gpus[0].rim_chain) - 1))
+        ocsp = (*by_cert.values(), *rim_ocsp)
+    log(
+        f"insecure: {len(gpus)} simulated GPU(s), CC {got['gpu_cc']} "
+        f"({len(rims)} RIMs, {len(ocsp)} OCSP responses)"
+    )
+    return NvmlGpuProvider(SimulatedNvml(gpus, CC_STATES[got["gpu_cc"]]), rims=rims, ocsp=ocsp)

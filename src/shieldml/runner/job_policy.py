@@ -75,6 +75,7 @@ def policy_from_job(
     policy's header comment where they come from.
     """
     raw_values = dict(values or {})
+    gpu_values = {k[4:]: raw_values.pop(k) for k in list(raw_values) if k.startswith("gpu.")}
     kind = _kind(manifest, tee)
     digest = manifest.workload_digest()
     fields = FIELDS[kind]
@@ -113,6 +114,13 @@ def policy_from_job(
     profile.update({f: refs[f] for f in (*fields, MIN_EVALUATION) if f in refs})
     profile["workload_digest"] = [digest]
     comments: dict[str, str] = {f"profile.{f}": "not pinned: --set it" for f in unpinned}
+    if manifest.gpu is not None:
+        profile["gpu"], note = _gpu_requirement(manifest, simulated, gpu_values)
+        comments["profile.gpu"] = note
+    elif gpu_values:
+        raise PolicyError(
+            f"--set {', '.join('gpu.' + k for k in sorted(gpu_values))}: the job has no [gpu]"
+        )
     if simulated:
         profile["insecure_allow_simulated"] = True
         comments["profile.insecure_allow_simulated"] = "a simulated TEE: tests and trials only"
@@ -144,6 +152,50 @@ def policy_from_job(
             ),
         ) from e
     return JobPolicy(text, kind, digest, tuple(unpinned), tuple(notes))
+
+
+def _gpu_requirement(
+    manifest: JobManifest, simulated: bool, given: dict[str, str]
+) -> tuple[dict[str, Any], str]:
+    """``[profile.gpu]`` for a job with ``[gpu]``: a profile without it would release the keys
+    to the CPU alone, whatever GPU the weights then go to. A simulated job's GPUs are pinned
+    as its ``[simulated]`` table describes them; a real job's count and versions are the
+    owner's to pin (``--set gpu.count=8``, ``--set gpu.driver_version=550.90.07,550.127.05``;
+    the RIM and OCSP checks hold either way). ``given`` (``--set gpu.FIELD=VALUE``) wins."""
+    from shieldml.policy._model import GPU_FIELDS
+
+    unknown = sorted(set(given) - GPU_FIELDS)
+    if unknown:
+        raise PolicyError(
+            f"--set {', '.join('gpu.' + k for k in unknown)}: not a [profile.gpu] field",
+            hint=f"[profile.gpu] takes: {', '.join(sorted(GPU_FIELDS))}",
+        )
+    req: dict[str, Any]
+    if simulated:
+        from shieldml.runner.gpu import simulated_gpu_settings
+
+        got = simulated_gpu_settings(manifest.simulated)
+        req = {
+            "count": int(got["gpus"]),
+            "driver_version": [got["gpu_driver"]],
+            "vbios_version": [got["gpu_vbios"]],
+        }
+        note = "the simulated GPUs of [simulated]"
+    else:
+        req = {"count": 1, "driver_version": ANY, "vbios_version": ANY}
+        note = "pin count, driver_version and vbios_version to the GPUs you approve"
+    req.update({"rim_required": True, "ocsp": "required"})
+    for k, raw in given.items():
+        text = raw.strip()
+        if k in ("driver_version", "vbios_version", "arch", "rim_ids"):
+            req[k] = ANY if text == ANY else [x.strip() for x in text.split(",") if x.strip()]
+        elif k in ("min_driver_version", "min_vbios_version", "ocsp", "cc_mode"):
+            req[k] = text
+        else:
+            req[k] = parse_value("toml", text)
+    if given:
+        note += "; --set " + ", ".join(f"gpu.{k}" for k in given)
+    return req, note
 
 
 def _kind(manifest: JobManifest, tee: str | None) -> TeeKind:

@@ -106,7 +106,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TypeGuard
 
 from shieldml.attest import TEE_NAMES, canonical_tee
-from shieldml.errors import ManifestError, ShieldError, TrustedFileError, unknown_fields_hint
+from shieldml.errors import (
+    EvidenceError,
+    ManifestError,
+    ShieldError,
+    TrustedFileError,
+    unknown_fields_hint,
+)
 from shieldml.files import GRAMINE_PATH_MAX, gramine_norm_path
 
 #: what ``tee`` may say: detect, the simulated TEE, or one of the canonical TEE names (``gramine``,
@@ -417,7 +423,7 @@ class JobManifest:
         if not isinstance(sim, dict) or not all(isinstance(v, str) for v in sim.values()):
             raise ManifestError(f"{where}: [simulated] maps names to strings")
         tdx = _tdx(d["tdx"], tee, f"{where}: [tdx]") if "tdx" in d else None
-        gpu = _gpu(d["gpu"], tee, f"{where}: [gpu]") if "gpu" in d else None
+        gpu = _gpu(d["gpu"], tee, sim, f"{where}: [gpu]") if "gpu" in d else None
         serve = _serve(d["serve"], f"{where}: [serve]") if "serve" in d else None
         return cls(
             source=source,
@@ -754,16 +760,24 @@ def _tdx(t: Any, tee: str, where: str) -> TdxSettings:
     return TdxSettings(int(rtmr), str(extend))
 
 
-def _gpu(g: Any, tee: str, where: str) -> GpuSettings:
+def _gpu(g: Any, tee: str, sim: dict[str, str], where: str) -> GpuSettings:
     if not isinstance(g, dict):
         raise ManifestError(f"{where}: must be a table")
     _only(g, {"evidence", "collateral"}, where)
     if g.get("evidence", "nvml") != "nvml":
         raise ManifestError(f'{where}: evidence must be "nvml"')
-    if tee in ("gramine", "simulated"):
+    if tee == "gramine" or (tee == "simulated" and sim.get("kind", "sgx") not in ("tdx", "snp")):
         raise ManifestError(
-            f'{where}: GPU evidence needs a confidential VM (tee = "tdx", "snp" or "auto")'
+            f'{where}: GPU evidence needs a confidential VM (tee = "tdx", "snp" or "auto"; '
+            'simulated: [simulated] kind = "tdx" or "snp")'
         )
+    if tee == "simulated":
+        from shieldml.runner.gpu import simulated_gpu_settings
+
+        try:
+            simulated_gpu_settings(sim)
+        except EvidenceError as e:
+            raise ManifestError(f"{where}: {e.message}") from None
     collateral = g.get("collateral")
     if collateral is not None and (not isinstance(collateral, str) or not collateral):
         raise ManifestError(f"{where}: collateral must be a directory path")

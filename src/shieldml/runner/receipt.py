@@ -52,6 +52,7 @@ def write_receipt(
     audit: dict[str, int],
     result: dict[str, Any],
     audit_log: dict[str, dict[str, Any]] | None = None,
+    gpus: dict[str, list[dict[str, Any]]] | None = None,
     status: int,
     started: datetime,
     provider: Provider,
@@ -69,6 +70,8 @@ def write_receipt(
         "broker_audit_seq": audit,
         # per broker: the release's audit record, its inclusion proof, the signed checkpoint
         **({"broker_audit_log": audit_log} if audit_log else {}),
+        # per broker: each GPU it verified beside the CPU evidence (identity, versions, RIMs)
+        **({"gpus": gpus} if gpus else {}),
         "exit_code": status,
         "started": iso_utc(started),
         "finished": iso_utc(datetime.now(UTC)),

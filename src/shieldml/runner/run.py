@@ -66,10 +66,16 @@ def release_keys(
     digest: str,
     log: Callable[[str], None],
     gpu_provider: NvmlGpuProvider | None = None,
-) -> tuple[dict[KeyRef, tuple[str, bytes]], dict[str, int], dict[str, dict[str, Any]]]:
+) -> tuple[
+    dict[KeyRef, tuple[str, bytes]],
+    dict[str, int],
+    dict[str, dict[str, Any]],
+    dict[str, list[dict[str, Any]]],
+]:
     """Every key the job needs, each from its own broker: ``(keys by (broker, name), audit
-    sequence per broker, audit proof per broker)`` (a proof: the release's record, its inclusion
-    proof and the broker's signed checkpoint, from brokers that send one). A broker's answer can
+    sequence per broker, audit proof per broker, GPUs per broker)`` (a proof: the release's
+    record, its inclusion proof and the broker's signed checkpoint, from brokers that send one;
+    the GPUs: each one's identity and versions as the broker verified them). A broker's answer can
     only fill that broker's own names; one that adds, omits or re-formats a key is refused before
     anything is decrypted. With ``gpu_provider`` every GPU's evidence, bound to the same session,
     goes with each release."""
@@ -79,6 +85,7 @@ def release_keys(
     keys: dict[KeyRef, tuple[str, bytes]] = {}
     audit: dict[str, int] = {}
     proofs: dict[str, dict[str, Any]] = {}
+    verified_gpus: dict[str, list[dict[str, Any]]] = {}
     for b in m.brokers:
         if b.name not in need:
             continue
@@ -114,7 +121,14 @@ def release_keys(
         audit[b.name] = got.audit_seq
         if got.audit_proof is not None:
             proofs[b.name] = got.audit_proof.to_dict()
-    return keys, audit, proofs
+        if got.gpus:
+            verified_gpus[b.name] = list(got.gpus)
+            for i, g in enumerate(got.gpus):
+                log(
+                    f"{b.name}: GPU {i} verified ({g.get('arch')}, driver "
+                    f"{g.get('driver_version')}, VBIOS {g.get('vbios_version')}, {g.get('root')} root)"
+                )
+    return keys, audit, proofs, verified_gpus
 
 
 def _env(m: JobManifest) -> dict[str, str]:
@@ -221,9 +235,13 @@ def run_job(
         if binding is not None:
             say(binding.describe())
         gpu = gpu_provider_for(m, say) if m.gpu is not None else None
-        keys, audit, audit_proofs = release_keys(m, provider, digest, say, gpu)  # 2
+        keys, audit, audit_proofs, gpus = release_keys(m, provider, digest, say, gpu)  # 2
         rep["brokers"] = {
-            b: {"keys": sorted(n for (kb, n) in keys if kb == b), "audit_seq": seq}
+            b: {
+                "keys": sorted(n for (kb, n) in keys if kb == b),
+                "audit_seq": seq,
+                **({"gpus": gpus[b]} if b in gpus else {}),
+            }
             for b, seq in audit.items()
         }
         times.attest_s = time.perf_counter() - t1
@@ -247,6 +265,7 @@ def run_job(
             digest=digest,
             audit=audit,
             audit_log=audit_proofs,
+            gpus=gpus,
             result=result,
             status=status,
             started=started,

@@ -14,9 +14,15 @@ Time is a parameter (``now``): certificates, OCSP responses and RIM chains are d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -25,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shieldml.attest import _der
+from shieldml.attest import _der, iso_utc
 from shieldml.attest._nvidia import FWID_OID
 from shieldml.attest._spdm import (
     GET_MEASUREMENTS,
@@ -39,6 +45,7 @@ from shieldml.attest._spdm import (
 )
 from shieldml.attest._trust import TrustAnchors
 from shieldml.attest._x509 import cn
+from shieldml.errors import ExpiredError, FormatError
 
 ORG = "shieldml simulated"
 SWID_NS = "http://standards.iso.org/iso/19770/-2/2015/schema.xsd"
@@ -95,6 +102,19 @@ def _issue(
     return _Ca(key, builder.sign(signer, hashes.SHA384()))
 
 
+def _rim_chain(now: datetime, *, signer_days: int, ca_days: int = 730) -> list[_Ca]:
+    """The RIM signer, its L3 and GH100 CAs and the RIM root (signer first)."""
+    rim_root = _issue(
+        "NVIDIA CoRIM signing Root CA", _key(), None, now, ca=True, days=max(3650, ca_days)
+    )
+    rim_ca = _issue("NVIDIA Reference Value GH100 CA", _key(), rim_root, now, ca=True, days=ca_days)
+    rim_l3 = _issue(
+        "NVIDIA Reference Value L3 GH100 001", _key(), rim_ca, now, ca=True, days=ca_days
+    )
+    signer = _issue("HCC RIM L4 Signer", _key(), rim_l3, now, ca=False, days=signer_days)
+    return [signer, rim_l3, rim_ca, rim_root]
+
+
 @dataclass
 class SimulatedGpu:
     """One simulated Hopper GPU (in CC mode) with its chains; see the module docstring."""
@@ -120,11 +140,20 @@ class SimulatedGpu:
             }
         if not self.fwid:
             self.fwid = hashlib.sha384(b"shieldml simulated GPU FMC").digest()
-        now = self.now
-        root = _issue("NVIDIA Device Identity CA", _key(), None, now, ca=True, days=3650)
-        ident = _issue("NVIDIA GH100 Identity", _key(), root, now, ca=True, days=3650)
-        ica = _issue("NVIDIA GH100 Provisioner ICA 1", _key(), ident, now, ca=True, days=3650)
-        brom = _issue(f"{self.chip} A01 GSP BROM", _key(), ica, now, ca=True, days=3650)
+        if not self.chain:
+            self.chain = self._device_chain(self.now, [])
+        if not self.rim_chain:
+            self.rim_chain = _rim_chain(self.now, signer_days=365)
+
+    def _device_chain(self, now: datetime, cas: list[_Ca], days: int = 3650) -> list[_Ca]:
+        """leaf, BROM, provisioner ICA, identity CA, root; ``cas`` = [ICA, identity, root] to
+        issue under (GPUs of one family share them), else new ones."""
+        if not cas:
+            root = _issue("NVIDIA Device Identity CA", _key(), None, now, ca=True, days=days)
+            ident = _issue("NVIDIA GH100 Identity", _key(), root, now, ca=True, days=days)
+            ica = _issue("NVIDIA GH100 Provisioner ICA 1", _key(), ident, now, ca=True, days=days)
+            cas = [ica, ident, root]
+        brom = _issue(f"{self.chip} A01 GSP BROM", _key(), cas[0], now, ca=True, days=days)
         tcb = _der.encode_seq(
             _der.encode_int(1),
             _der.encode_seq(_der.encode_oid("2.16.840.1.101.3.4.2.2"), _der.encode(4, self.fwid)),
@@ -136,17 +165,74 @@ class SimulatedGpu:
             brom,
             now,
             ca=False,
-            days=3650,
+            days=days,
             extensions=(fwid_ext,),
         )
-        self.chain = [leaf, brom, ica, ident, root]
-        rim_root = _issue("NVIDIA CoRIM signing Root CA", _key(), None, now, ca=True, days=3650)
-        rim_ca = _issue("NVIDIA Reference Value GH100 CA", _key(), rim_root, now, ca=True, days=730)
-        rim_l3 = _issue(
-            "NVIDIA Reference Value L3 GH100 001", _key(), rim_ca, now, ca=True, days=730
-        )
-        signer = _issue("HCC RIM L4 Signer", _key(), rim_l3, now, ca=False, days=365)
-        self.rim_chain = [signer, rim_l3, rim_ca, rim_root]
+        return [leaf, brom, *cas]
+
+    @classmethod
+    def family(cls, count: int, now: datetime, *, days: int = 3650) -> list[SimulatedGpu]:
+        """``count`` GPUs of one make, as in one machine: one device root, identity CA and
+        provisioner ICA, one RIM chain; each GPU its own BROM and FMC certificates (and
+        keys). Everything is valid from ``now`` - 1 day for ``days``."""
+        rim_chain = _rim_chain(now, signer_days=days, ca_days=days)
+        first = cls(now=now, chain=[], rim_chain=rim_chain)
+        first.chain = first._device_chain(now, [], days)
+        out = [first]
+        for _ in range(count - 1):
+            g = cls(now=now, chain=first.chain, rim_chain=rim_chain)  # chain replaced next
+            g.chain = g._device_chain(now, first.chain[2:], days)
+            out.append(g)
+        return out
+
+    # -- keeping ----------------------------------------------------------------------------
+    def to_json(self) -> dict[str, object]:
+        """The GPU's make, keys and certificates (not its versions or measurements, which a
+        run chooses), for :func:`open_gpus`."""
+
+        def kept(chain: list[_Ca]) -> list[dict[str, str]]:
+            return [
+                {
+                    "key": c.key.private_bytes(
+                        serialization.Encoding.PEM,
+                        serialization.PrivateFormat.PKCS8,
+                        serialization.NoEncryption(),
+                    ).decode(),
+                    "cert": c.cert.public_bytes(serialization.Encoding.PEM).decode(),
+                }
+                for c in chain
+            ]
+
+        return {
+            "chip": self.chip,
+            "fwid": self.fwid.hex(),
+            "chain": kept(self.chain),
+            "rim_chain": kept(self.rim_chain),
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, object], now: datetime, where: str) -> SimulatedGpu:
+        def loaded(items: object, size: int) -> list[_Ca]:
+            if not isinstance(items, list) or len(items) != size:
+                raise FormatError(f"{where}: a simulated GPU chain needs {size} certificates")
+            out = []
+            for item in items:
+                key = serialization.load_pem_private_key(item["key"].encode(), None)
+                if not isinstance(key, ec.EllipticCurvePrivateKey):
+                    raise FormatError(f"{where}: a simulated GPU key is not an EC key")
+                out.append(_Ca(key, x509.load_pem_x509_certificate(item["cert"].encode())))
+            return out
+
+        try:
+            return cls(
+                now=now,
+                chip=str(doc["chip"]),
+                fwid=bytes.fromhex(str(doc["fwid"])),
+                chain=loaded(doc["chain"], 5),
+                rim_chain=loaded(doc["rim_chain"], 4),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{where}: not a kept simulated GPU ({e})") from None
 
     # -- trust ----------------------------------------------------------------------------
     @property
@@ -311,9 +397,59 @@ class SimulatedGpu:
         return out
 
 
+#: how many GPUs a kept simulated platform has (a run uses the first ``[simulated] gpus``)
+KEPT_GPUS = 16
+GPUS_FILE = "gpus.json"
+
+
+def open_gpus(
+    directory: str | os.PathLike[str], *, clock: Callable[[], datetime]
+) -> list[SimulatedGpu]:
+    """The simulated GPUs kept in ``directory`` (a simulated platform's), made there on first
+    use: :data:`KEPT_GPUS` GPUs of one family, valid for ten years from ``clock()``. Several
+    processes (a runner, brokers) may open it at once: the first to link its file in wins, and
+    the others load that one. A kept family whose certificates do not cover ``clock()`` is
+    refused (its evidence could not verify). Each GPU's ``now`` is ``clock()``."""
+    d = Path(directory)
+    path = d / GPUS_FILE
+    now = clock()
+    if not path.exists():
+        family = SimulatedGpu.family(KEPT_GPUS, now)
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(prefix=".gpus-", dir=d)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"gpus": [g.to_json() for g in family]}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileExistsError):  # another process kept its family first
+                os.link(tmp, path)
+        finally:
+            Path(tmp).unlink()
+    try:
+        doc = json.loads(path.read_text())
+        items = doc["gpus"]
+        if not isinstance(items, list) or not items:
+            raise TypeError("no GPUs")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"{path}: not a kept simulated GPU family ({e})") from None
+    gpus = [SimulatedGpu.from_json(g, now, str(path)) for g in items]
+    for g in gpus:
+        for c in (*g.chain, *g.rim_chain):
+            start, end = c.cert.not_valid_before_utc, c.cert.not_valid_after_utc
+            if not start <= now <= end:
+                raise ExpiredError(
+                    str(path),
+                    f"the simulated GPU certificate {cn(c.cert.subject)!r} is valid "
+                    f"{iso_utc(start)} .. {iso_utc(end)}, but the clock reads {iso_utc(now)}",
+                    hint=f"remove {path} to make new simulated GPUs",
+                )
+    return gpus
+
+
 def responder_key() -> ec.EllipticCurvePrivateKey:
     """A key no certificate of the GPU's chains belongs to (to forge OCSP responses with)."""
     return _key()
 
 
-__all__ = ["SimulatedGpu", "responder_key"]
+__all__ = ["KEPT_GPUS", "SimulatedGpu", "open_gpus", "responder_key"]

@@ -159,6 +159,10 @@ class ReleaseResponse(BaseModel):
     tee: str
     tcb_status: str | None
     audit_log: AuditLogProof | None = None
+    gpus: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="each GPU verified with the CPU evidence: identity and versions",
+    )
 
 
 class CheckpointResponse(BaseModel):
@@ -338,6 +342,7 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
             tee=claims.tee.value,
             tcb_status=claims.tcb_status.value if claims.tcb_status else None,
             audit_log=AuditLogProof.model_validate(proof.to_dict()) if proof else None,
+            gpus=[g.summary() for g in released.gpus],
         )
 
     @app.post("/v1/admin/keys", dependencies=[Depends(admin)], status_code=201)

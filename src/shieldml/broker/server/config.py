@@ -116,6 +116,7 @@ class BrokerConfig:
         process that serves does; ``serve``'s early check does not, so it is said once)."""
         from shieldml.attest import anchors_from_files
         from shieldml.testing.simulated import SimulatedPlatform, system_clock
+        from shieldml.testing.simulated_gpu import open_gpus
 
         anchors = anchors_from_files(
             self.trust_roots, insecure_custom_root=self.insecure_custom_root
@@ -125,6 +126,8 @@ class BrokerConfig:
                 _ANNOUNCED.add(d)  # once per process, however many settings are built
                 log.warning("insecure: trusting the simulated platform in %s", d)
             anchors = SimulatedPlatform.open(d, clock=system_clock).trust(anchors)
+            # its simulated GPUs (one family: one device root and one RIM root)
+            anchors = open_gpus(d, clock=system_clock)[0].trust(anchors)
         return anchors
 
     def settings(self) -> Settings:

@@ -314,6 +314,8 @@ class Released:
     verdicts: dict[str, Verdict]
     audit_seq: int
     audit_proof: AuditProof | None = None
+    #: the GPUs whose evidence was verified with the CPU's (in the request's order)
+    gpus: tuple[GpuClaims, ...] = ()
 
 
 class _Refused(Exception):  # noqa: N818 - internal control flow, never escapes decide()
@@ -352,7 +354,9 @@ def decide(store: Store, settings: Settings, request: ReleaseRequest) -> Release
             "matched_profiles": {n: v.matched for n, v in released.verdicts.items()},
         },
     )
-    return Released(released.keys, released.claims, released.verdicts, entry.seq, entry)
+    return Released(
+        released.keys, released.claims, released.verdicts, entry.seq, entry, released.gpus
+    )
 
 
 def _check_names(names: list[str]) -> None:
@@ -509,7 +513,7 @@ def _decide(
     except ShieldError as e:  # a wrapped key that fails authentication: nothing released
         failed = e
         _refuse({"reason": f"key material did not unwrap: {e.message}"}, lambda _seq: failed)
-    return Released(keys, claims, verdicts, 0)
+    return Released(keys, claims, verdicts, 0, gpus=gpus)
 
 
 def verify_session_gpus(

@@ -1,0 +1,148 @@
+"""``shieldml run`` with GPU evidence on the simulated platform: a simulated TDX VM with simulated
+NVIDIA GPUs, a broker process that trusts the platform (``--simulated-platform``), the runner's
+NVML provider answered by :class:`~shieldml.testing.simulated_nvml.SimulatedNvml`, and the
+broker's real verifier and policy. What the host can do here: switch the GPUs out of CC mode,
+run another driver, hand the runner RIMs of other firmware, or take away the insecure switch."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from shieldml.errors import BrokerError, ManifestError, ReleaseDenied
+from shieldml.runner.job_policy import policy_from_job
+from shieldml.runner.manifest import JobManifest
+from shieldml.runner.run import run_job
+from shieldml.testing.simulated import system_clock
+from shieldml.testing.simulated_gpu import open_gpus
+from tests.runner.conftest import Job
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="the decrypted view needs root (or user namespaces) here"
+)
+
+
+def gpu_job(job: Job, *, gpu: str = "", sim: str = "", kind: str = "tdx") -> JobManifest:
+    """The fixture's job as a simulated ``kind`` VM with ``[gpu]`` (``gpu``: more of that
+    table; ``sim``: more of ``[simulated]``)."""
+    plain = job.__dict__.setdefault("plain_manifest", job.manifest.read_text())
+    text = plain.replace('kind = "sgx"', f'kind = "{kind}"')
+    text = text.replace('mrenclave = "' + "7e" * 32 + '"\n', "")
+    job.manifest.write_text(text + sim + '\n[gpu]\nevidence = "nvml"\n' + gpu)
+    return JobManifest.load(job.manifest)
+
+
+def authorize(job: Job, policy: str) -> None:
+    with job.admin() as c:
+        for name in ("model", "results"):
+            c.set_policy(name, policy)
+
+
+def denial(job: Job, kind: type[BrokerError] = ReleaseDenied) -> dict[str, object]:
+    """The broker's 403 (``ReleaseDenied``: the policy said no; ``BrokerError``: the evidence
+    itself was refused), with nothing run."""
+    with pytest.raises(kind) as e:
+        run_job(job.manifest)
+    assert e.value.status == 403
+    assert not (job.dir / "out" / "result.txt.enc").exists()
+    return e.value.detail
+
+
+def failed_checks(detail: dict[str, object]) -> dict[str, str]:
+    verdict = detail["verdicts"]["model"]  # type: ignore[index]
+    return {c["name"]: c["actual"] for c in verdict["profiles"][0]["checks"] if not c["passed"]}
+
+
+def test_two_simulated_gpus_get_the_key_and_are_named_in_the_receipt(job: Job):
+    m = gpu_job(job, sim='gpus = "2"\n')
+    policy = policy_from_job(m).text
+    assert "gpu = { count = 2," in policy and '"550.90.07"' in policy
+    authorize(job, policy)
+    receipt = job.dir / "receipt.json"
+    assert run_job(job.manifest, receipt=str(receipt)) == 0
+    body = json.loads(receipt.read_text())["receipt"]
+    listed = body["gpus"]["owner"]
+    gpus = open_gpus(job.sim_dir, clock=system_clock)
+    assert [g["ueid"] for g in listed] == [str(g.chain[0].cert.serial_number) for g in gpus[:2]]
+    assert {(g["driver_version"], g["vbios_version"]) for g in listed} == {
+        ("550.90.07", "96.00.9F.00.01")
+    }
+
+
+def test_gpu_out_of_cc_mode_is_refused_as_such(job: Job):
+    authorize(job, policy_from_job(gpu_job(job)).text)
+    gpu_job(job, sim='gpu_cc = "off"\n')  # the host turned CC off after the owner's policy
+    detail = denial(job, BrokerError)
+    assert "GPU 0 not in confidential-computing mode" in str(detail)
+
+
+def test_devtools_mode_is_refused(job: Job):
+    authorize(job, policy_from_job(gpu_job(job)).text)
+    gpu_job(job, sim='gpu_cc = "devtools"\n')
+    assert "not in confidential-computing mode" in str(denial(job, BrokerError))
+
+
+def test_another_driver_than_the_policy_names_is_refused(job: Job):
+    authorize(job, policy_from_job(gpu_job(job)).text)
+    gpu_job(job, sim='gpu_driver = "535.104.05"\n')  # the RIMs match it: only the policy stops it
+    checks = failed_checks(denial(job))
+    assert set(checks) == {"gpu driver_version"} and "535.104.05" in checks["gpu driver_version"]
+
+
+def test_rims_of_other_firmware_name_the_index(job: Job):
+    authorize(job, policy_from_job(gpu_job(job, gpu='collateral = "collateral"\n')).text)
+    gpus = open_gpus(job.sim_dir, clock=system_clock)
+    collateral = job.dir / "collateral"
+    collateral.mkdir()
+    (collateral / "driver.xml").write_bytes(gpus[0].rim("driver"))
+    (collateral / "vbios.xml").write_bytes(gpus[0].rim("vbios", golden={9: bytes(48)}))
+    for i in range(1, 4):
+        (collateral / f"gpu-{i}.der").write_bytes(gpus[0].ocsp(i))
+    for i in range(3):
+        (collateral / f"rim-{i}.der").write_bytes(gpus[0].ocsp(i, rim=True))
+    text = str(denial(job, BrokerError))
+    assert "index 9" in text and "0" * 96 in text
+
+
+def test_gpu_count_short_of_the_policy_is_refused(job: Job):
+    authorize(job, policy_from_job(gpu_job(job, sim='gpus = "2"\n')).text)
+    gpu_job(job)  # the host shows one GPU where the owner approved two
+    checks = failed_checks(denial(job))
+    assert checks.get("gpu count") == "1"
+
+
+def test_simulated_gpus_need_the_insecure_switch(job: Job):
+    policy = policy_from_job(gpu_job(job)).text
+    authorize(job, policy.replace("insecure_allow_simulated = true", ""))
+    checks = failed_checks(denial(job))
+    assert "root" in checks and "gpu root" in checks
+
+
+def test_cpu_only_evidence_is_refused_by_a_gpu_policy(job: Job):
+    authorize(job, policy_from_job(gpu_job(job)).text)
+    text = job.manifest.read_text()
+    job.manifest.write_text(text[: text.index("\n[gpu]")] + "\n")  # the host drops [gpu] ...
+    with pytest.raises(ReleaseDenied):  # ... which changes the digest; and the count fails too
+        run_job(job.manifest)
+
+
+def test_gpu_table_needs_a_confidential_vm_kind(job: Job):
+    with pytest.raises(ManifestError, match="confidential VM"):
+        gpu_job(job, kind="sgx")
+
+
+@pytest.mark.parametrize(
+    ("sim", "match"),
+    [
+        ('gpus = "0"\n', "gpus must be 1 to 16"),
+        ('gpus = "17"\n', "gpus must be 1 to 16"),
+        ('gpu_cc = "maybe"\n', "gpu_cc must be one of"),
+        ('gpu_vbios = "96.00"\n', "five hex bytes"),
+        ('gpu_driver = "five"\n', "not a dotted version"),
+    ],
+)
+def test_bad_simulated_gpu_settings_are_manifest_errors(job: Job, sim: str, match: str):
+    with pytest.raises(ManifestError, match=match):
+        gpu_job(job, sim=sim)
