@@ -11,11 +11,14 @@ import os
 
 import pytest
 
-from shieldml.errors import BrokerError, ManifestError, ReleaseDenied
+from shieldml.cli import main
+from shieldml.errors import BrokerError, ManifestError, ReceiptError, ReleaseDenied
+from shieldml.policy import Policy
 from shieldml.runner.job_policy import policy_from_job
 from shieldml.runner.manifest import JobManifest
+from shieldml.runner.receipt import verify_receipt
 from shieldml.runner.run import run_job
-from shieldml.testing.simulated import system_clock
+from shieldml.testing.simulated import SimulatedPlatform, system_clock
 from shieldml.testing.simulated_gpu import open_gpus
 from tests.runner.conftest import Job
 
@@ -55,7 +58,9 @@ def failed_checks(detail: dict[str, object]) -> dict[str, str]:
     return {c["name"]: c["actual"] for c in verdict["profiles"][0]["checks"] if not c["passed"]}
 
 
-def test_two_simulated_gpus_get_the_key_and_are_named_in_the_receipt(job: Job):
+def test_two_simulated_gpus_get_the_key_and_are_named_in_the_receipt(
+    job: Job, capsys: pytest.CaptureFixture[str]
+):
     m = gpu_job(job, sim='gpus = "2"\n')
     policy = policy_from_job(m).text
     assert "gpu = { count = 2," in policy and '"550.90.07"' in policy
@@ -69,6 +74,29 @@ def test_two_simulated_gpus_get_the_key_and_are_named_in_the_receipt(job: Job):
     assert {(g["driver_version"], g["vbios_version"]) for g in listed} == {
         ("550.90.07", "96.00.9F.00.01")
     }
+    # the receipt verifies under the owner's policy: the CPU evidence against the profile, the
+    # GPUs it lists against [profile.gpu]
+    trust = SimulatedPlatform.open(job.sim_dir, clock=system_clock).trust()
+    verified = verify_receipt(str(receipt), policy=Policy.from_toml(policy), trust=trust)
+    assert verified.body["gpus"]["owner"] == listed
+    (job.dir / "policy.toml").write_text(policy)
+    rc = main(["receipt", "verify", str(receipt), "--policy", str(job.dir / "policy.toml"),
+               "--simulated-platform", str(job.sim_dir)])  # fmt: skip
+    shown = capsys.readouterr().out
+    assert rc == 0 and "GPU 1 (verified by broker owner at the release): hopper" in shown
+    three = policy.replace("count = 2,", "count = 3,")
+    with pytest.raises(ReceiptError, match="do not meet") as e:
+        verify_receipt(str(receipt), policy=Policy.from_toml(three), trust=trust)
+    assert e.value.problems == ["broker owner: 2 GPU(s) listed, the policy requires 3"]
+    other = policy.replace('driver_version = ["550.90.07"]', 'driver_version = ["535.104.05"]')
+    with pytest.raises(ReceiptError) as e:
+        verify_receipt(str(receipt), policy=Policy.from_toml(other), trust=trust)
+    assert len(e.value.problems) == 2 and "driver '550.90.07' not approved" in e.value.problems[0]
+    doc = json.loads(receipt.read_text())  # the host edits the list: the evidence no longer binds
+    doc["receipt"]["gpus"]["owner"][0]["driver_version"] = "535.104.05"
+    receipt.write_text(json.dumps(doc))
+    with pytest.raises(ReceiptError, match="does not bind"):
+        verify_receipt(str(receipt), policy=Policy.from_toml(other), trust=trust)
 
 
 def test_gpu_out_of_cc_mode_is_refused_as_such(job: Job):

@@ -510,6 +510,15 @@ def receipt_verify(
         for name in _RECEIPT_MEASUREMENTS.get(c["tee"], ()):
             if name in c["measurements"]:
                 out.print(f"  {name} {escape(str(c['measurements'][name]))}")
+        for broker, gpus in sorted((r.get("gpus") or {}).items()):
+            for i, g in enumerate(gpus):
+                out.print(
+                    f"GPU {i} (verified by broker {escape(broker)} at the release):"
+                    f" {escape(str(g.get('arch')))} {escape(str(g.get('ueid')))}, driver"
+                    f" {escape(str(g.get('driver_version')))}, VBIOS"
+                    f" {escape(str(g.get('vbios_version')))}, CC {escape(str(g.get('cc_mode')))},"
+                    f" root {escape(str(g.get('root')))}"
+                )
         if matched["insecure_used"]:
             out.print(
                 f"[yellow]insecure: accepted only through {', '.join(matched['insecure_used'])}[/yellow]"
