@@ -29,7 +29,7 @@ CLOUD_SIDE = (
     "client",
 )
 # who may import shieldml.testing: the simulated TEE is asked for by name there
-TESTING_USERS = ("runner.evidence", "broker.server.config", "cli", "demo")
+TESTING_USERS = ("runner.evidence", "runner.gpu", "broker.server.config", "cli", "demo")
 
 
 def _module(path: Path) -> str:

@@ -12,7 +12,13 @@ import os
 import pytest
 
 from shieldml.cli import main
-from shieldml.errors import BrokerError, ManifestError, ReceiptError, ReleaseDenied
+from shieldml.errors import (
+    BrokerError,
+    ManifestError,
+    NotGenuineError,
+    ReceiptError,
+    ReleaseDenied,
+)
 from shieldml.policy import Policy
 from shieldml.runner.job_policy import policy_from_job
 from shieldml.runner.manifest import JobManifest
@@ -102,14 +108,14 @@ def test_two_simulated_gpus_get_the_key_and_are_named_in_the_receipt(
 def test_gpu_out_of_cc_mode_is_refused_as_such(job: Job):
     authorize(job, policy_from_job(gpu_job(job)).text)
     gpu_job(job, sim='gpu_cc = "off"\n')  # the host turned CC off after the owner's policy
-    detail = denial(job, BrokerError)
+    detail = denial(job, NotGenuineError)
     assert "GPU 0 not in confidential-computing mode" in str(detail)
 
 
 def test_devtools_mode_is_refused(job: Job):
     authorize(job, policy_from_job(gpu_job(job)).text)
     gpu_job(job, sim='gpu_cc = "devtools"\n')
-    assert "not in confidential-computing mode" in str(denial(job, BrokerError))
+    assert "not in confidential-computing mode" in str(denial(job, NotGenuineError))
 
 
 def test_another_driver_than_the_policy_names_is_refused(job: Job):
@@ -130,7 +136,7 @@ def test_rims_of_other_firmware_name_the_index(job: Job):
         (collateral / f"gpu-{i}.der").write_bytes(gpus[0].ocsp(i))
     for i in range(3):
         (collateral / f"rim-{i}.der").write_bytes(gpus[0].ocsp(i, rim=True))
-    text = str(denial(job, BrokerError))
+    text = str(denial(job, NotGenuineError))
     assert "index 9" in text and "0" * 96 in text
 
 

@@ -144,3 +144,37 @@ def test_inputs_without_a_broker_are_a_usage_error(
     args = ["job", "init", str(tmp_path / "infer.py"), "-o", str(tmp_path / "j.toml")]
     assert main([*args, "--tee", "auto", "--output", "r.txt"]) == 2
     assert "--broker-url" in capsys.readouterr().err
+
+
+def test_gpus_writes_the_gpu_table_and_a_simulated_tdx_with_gpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    monkeypatch.chdir(tmp_path)
+    Path("infer.py").write_text("print(1)\n")
+    assert main(["job", "init", "infer.py", "--tee", "simulated", "--gpus", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["gpus"] == 3
+    m = JobManifest.load("job.toml")
+    assert m.gpu is not None and m.gpu.evidence == "nvml" and m.gpu.collateral is None
+    assert (m.simulated["kind"], m.simulated["gpus"]) == ("tdx", "3")
+    assert main(["job", "init", "infer.py", "--tee", "snp", "--gpus", "2", "-o", "snp.toml"]) == 0
+    real = JobManifest.load("snp.toml")
+    assert real.gpu is not None and real.simulated == {}
+    assert "--set gpu.count=2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (["--tee", "sgx", "--gpus", "1"], "an SGX enclave cannot own a GPU"),
+    (["--tee", "tdx", "--gpus", "0"], "0 is not in the range 1<=x<=16"),
+    (["--tee", "tdx", "--gpus", "17"], "17 is not in the range"),
+])  # fmt: skip
+def test_gpus_refused_where_no_gpu_can_be(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    match: str,
+):
+    monkeypatch.chdir(tmp_path)
+    Path("infer.py").write_text("print(1)\n")
+    assert main(["job", "init", "infer.py", *args]) == 2
+    assert match in capsys.readouterr().err and not Path("job.toml").exists()

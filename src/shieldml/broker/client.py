@@ -46,7 +46,7 @@ def _error(status: int, detail: Any, path: str) -> BrokerError:
         )
     if status == 403 and isinstance(reason, str) and reason.startswith("report data does not bind"):
         return BindingError(status, detail)
-    if status == 403 and reason == "evidence is not genuine":
+    if status == 403 and reason in (protocol.NOT_GENUINE, protocol.GPU_NOT_GENUINE):
         return NotGenuineError(status, detail)
     if status == 409 and path == "/v1/release":
         return NonceError(

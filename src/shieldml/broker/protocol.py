@@ -74,6 +74,9 @@ def report_data(nonce: bytes, kem_id: int, public_key: bytes, workload_digest: s
 GPU_DOMAIN = b"shieldml/v1/gpu\0"
 CC_MODES = ("on", "off", "devtools")
 MAX_GPUS = 16
+#: a release's refusal ``reason`` when the CPU's evidence, or a GPU's, failed verification
+NOT_GENUINE = "evidence is not genuine"
+GPU_NOT_GENUINE = "GPU evidence is not genuine or not bound to this session"
 
 
 def gpu_nonce(report_data: bytes, index: int, count: int, cc_mode: str) -> bytes:

@@ -188,6 +188,14 @@ def job() -> None:
     "trusts the same one (`shieldml broker serve --simulated-platform DIR`).  [default: "
     "sim-platform]",
 )
+@click.option(
+    "--gpus",
+    type=click.IntRange(1, 16),
+    metavar="N",
+    help="The job uses N NVIDIA GPUs in confidential-computing mode: writes [gpu] (evidence of "
+    "every GPU with every release); with --tee simulated, a simulated TDX VM with N simulated "
+    "GPUs. Not with --tee sgx.",
+)
 @JSON_OPTION
 def job_init(
     files: tuple[str, ...],
@@ -203,6 +211,7 @@ def job_init(
     broker_fingerprint: str | None,
     python: str | None,
     simulated_platform: str | None,
+    gpus: int | None,
     as_json: bool,
 ) -> None:
     """Write a manifest that runs the first FILE with python from its own directory, as written;
@@ -230,6 +239,11 @@ def job_init(
             )
     if simulated_platform is not None and tee != "simulated":
         raise click.UsageError("--simulated-platform goes with --tee simulated")
+    if gpus is not None and tee in ("sgx", "gramine"):
+        raise click.UsageError(
+            "--gpus needs a confidential VM (--tee tdx, snp, auto or simulated): an SGX enclave"
+            " cannot own a GPU"
+        )
     if (inputs or outputs) and not broker_url:
         raise click.UsageError(
             "--input/--output need the broker holding their keys: --broker-url (or "
@@ -277,6 +291,7 @@ def job_init(
         tee=tee,
         interpreter=interpreter,
         simulated_platform=platform,
+        gpus=gpus,
         brokers=broker_tables if ins or outs else None,
         inputs=ins,
         outputs=outs,
@@ -295,6 +310,7 @@ def job_init(
                 "tee": tee,
                 "interpreter": interpreter,
                 "simulated_platform": platform if tee == "simulated" else None,
+                "gpus": gpus,
                 "inputs": [
                     {
                         "path": i.path,
@@ -328,6 +344,12 @@ def job_init(
         )
     for row in decrypt_rows:
         out.print(f"an output, after the run: {escape(row)}")
+    if gpus is not None:
+        pin = "" if tee == "simulated" else f" (--set gpu.count={gpus} and the approved versions)"
+        out.print(
+            f"GPUs: {gpus}, evidence of each with every release; `shieldml policy init --from-job"
+            f" {escape(output)}` requires them{pin}"
+        )
     if tee == "simulated":
         out.print(
             f"simulated TEE: platform {escape(platform)} (made on first use); brokers trust it with"

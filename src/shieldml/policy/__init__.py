@@ -8,18 +8,28 @@ of every profile and report all failures at once. They consume only verified
 from shieldml.policy._model import (
     ANY,
     FIELDS,
+    GPU_FIELDS,
     MIN_EVALUATION,
     OPTIONAL,
     Policy,
     Profile,
     initdata_digest,
     initdata_field,
+    version_key,
 )
-from shieldml.policy._verdict import PolicyCheck, ProfileResult, Verdict, evaluate, require
+from shieldml.policy._verdict import (
+    PolicyCheck,
+    ProfileResult,
+    Verdict,
+    evaluate,
+    listed_gpu_problems,
+    require,
+)
 
 __all__ = [
     "ANY",
     "FIELDS",
+    "GPU_FIELDS",
     "MIN_EVALUATION",
     "OPTIONAL",
     "Policy",
@@ -30,5 +40,7 @@ __all__ = [
     "evaluate",
     "initdata_digest",
     "initdata_field",
+    "listed_gpu_problems",
     "require",
+    "version_key",
 ]

@@ -420,3 +420,61 @@ def require(
             hint="; ".join(failures[:6]),
         )
     return verdict
+
+
+def listed_gpu_problems(profile: Profile, listed: Any, brokers: Any) -> list[str]:
+    """What keeps the GPUs a receipt lists (``listed``: per broker, each GPU's summary as that
+    broker verified it at the release, :meth:`GpuClaims.summary`) from meeting ``profile``'s
+    ``[profile.gpu]``: for every one of ``brokers`` (those that released keys), exactly
+    ``count`` GPUs in CC mode, of an accepted root, architecture, driver, VBIOS and RIMs. The
+    OCSP and measurement checks were the broker's at the release (its audit record lists the
+    outcome); none of this re-verifies GPU evidence. ``listed`` and ``brokers`` are read from
+    a receipt: anything malformed is a problem, never an exception."""
+    req = profile.gpu
+    if req is None:
+        return []
+    seqs = brokers
+    if not isinstance(listed, dict):
+        listed = {}
+    roots = {"vendor"}
+    if "insecure_allow_simulated" in profile.insecure:
+        roots.add("simulated")
+    if "insecure_allow_custom_root" in profile.insecure:
+        roots.add("custom")
+    problems = []
+    for broker in sorted(seqs) if isinstance(seqs, dict) else []:
+        gpus = listed.get(broker)
+        if not isinstance(gpus, list) or len(gpus) != req.count:
+            n = len(gpus) if isinstance(gpus, list) else 0
+            problems.append(f"broker {broker}: {n} GPU(s) listed, the policy requires {req.count}")
+            continue
+        for i, g in enumerate(gpus):
+            who = f"broker {broker}: GPU {i}"
+            if not isinstance(g, dict):
+                problems.append(f"{who}: not a GPU record")
+                continue
+            arch, drv, vb = g.get("arch"), g.get("driver_version"), g.get("vbios_version")
+            if g.get("cc_mode") != "on":
+                problems.append(f"{who}: CC mode {g.get('cc_mode')!r}")
+            if g.get("root") not in roots:
+                problems.append(f"{who}: root {g.get('root')!r} not accepted")
+            if req.archs is not None and arch not in req.archs:
+                problems.append(f"{who}: architecture {arch!r}")
+            drv_ok = (isinstance(drv, str) or drv is None) and _version_ok(
+                drv, req.driver_versions, req.min_driver_version, False
+            )
+            if not drv_ok and not (arch == "nvswitch" and drv is None):
+                problems.append(f"{who}: driver {drv!r} not approved")
+            vb_ok = (isinstance(vb, str) or vb is None) and _version_ok(
+                vb, req.vbios_versions, req.min_vbios_version, True
+            )
+            if not vb_ok:
+                problems.append(f"{who}: VBIOS {vb!r} not approved")
+            ids = g.get("rim_ids")
+            if req.rim_required and (
+                not isinstance(ids, list)
+                or not ids
+                or (req.rim_ids is not None and not set(map(str, ids)) <= req.rim_ids)
+            ):
+                problems.append(f"{who}: RIMs {ids!r}")
+    return problems

@@ -167,7 +167,7 @@ SIMULATED_GPU = {
 
 def simulated_gpu_settings(sim: dict[str, str]) -> dict[str, str]:
     """``[simulated]``'s GPU settings (:data:`SIMULATED_GPU`), checked."""
-    from shieldml.policy._model import version_key
+    from shieldml.policy import version_key
     from shieldml.testing.simulated_nvml import CC_STATES
 
     got = {k: sim.get(k, v) for k, v in SIMULATED_GPU.items()}

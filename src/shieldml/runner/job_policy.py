@@ -162,7 +162,7 @@ def _gpu_requirement(
     as its ``[simulated]`` table describes them; a real job's count and versions are the
     owner's to pin (``--set gpu.count=8``, ``--set gpu.driver_version=550.90.07,550.127.05``;
     the RIM and OCSP checks hold either way). ``given`` (``--set gpu.FIELD=VALUE``) wins."""
-    from shieldml.policy._model import GPU_FIELDS
+    from shieldml.policy import GPU_FIELDS
 
     unknown = sorted(set(given) - GPU_FIELDS)
     if unknown:

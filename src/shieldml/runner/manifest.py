@@ -973,6 +973,9 @@ def to_toml(doc: dict[str, Any], comments: dict[str, str] | None = None) -> str:
 
 _SCAFFOLD_COMMENTS = {
     "command.cwd": "the script's directory",
+    "gpu": "every GPU's attestation report (NVML) goes with every release; collateral = DIR of\n"
+    "NVIDIA's RIMs (*.xml) and OCSP responses (*.der) for the broker (docs/runner.md)",
+    "simulated.gpus": "simulated GPUs; gpu_cc = on | devtools | off, gpu_driver, gpu_vbios",
     "env": "names passed through from the host, which chooses their values; PATH, HOME, PYTHON*,\n"
     "LD_* and other names that decide what code runs are refused: give those fixed values in\n"
     '`set`, e.g. set = { OMP_NUM_THREADS = "4" }',
@@ -1004,6 +1007,7 @@ def scaffold_manifest(
     tee: str,
     interpreter: str,
     simulated_platform: str | os.PathLike[str] = "sim-platform",
+    gpus: int | None = None,
     brokers: list[dict[str, Any]] | None = None,
     inputs: list[dict[str, Any]] | None = None,
     outputs: list[dict[str, Any]] | None = None,
@@ -1013,7 +1017,8 @@ def scaffold_manifest(
     ``outputs`` tables given (see :func:`scaffold_protected`), or commented examples of them to
     fill in. Paths are relative to the manifest's directory where they lie below it.
     ``tee = "simulated"`` gets ``[simulated] platform = simulated_platform`` (a relative path is
-    taken from the current directory and written relative to the manifest's)."""
+    taken from the current directory and written relative to the manifest's). ``gpus``: a
+    ``[gpu]`` table (simulated: a TDX VM with that many simulated GPUs)."""
     tee = canonical_tee(tee, "--tee")
     if tee not in TEES:
         raise ManifestError(f"tee must be one of {', '.join(TEES)}")
@@ -1033,6 +1038,10 @@ def scaffold_manifest(
     }
     if tee == "simulated":
         doc["simulated"] = {"platform": rel(Path(simulated_platform).absolute()), "kind": "sgx"}
+        if gpus is not None:
+            doc["simulated"].update({"kind": "tdx", "gpus": str(gpus)})
+    if gpus is not None:
+        doc["gpu"] = {"evidence": "nvml"}
     doc["trusted"] = [
         {"path": rel(p), "sha256": sha256_file(str(p))} for p in (Path(f).resolve() for f in files)
     ]

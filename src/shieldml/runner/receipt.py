@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from shieldml.attest import Claims, TrustAnchors
     from shieldml.broker.tlog import NoteVerifier
     from shieldml.policy import Policy, Verdict
-    from shieldml.policy._model import Profile
 
 __all__ = [
     "RECEIPT_DOMAIN",
@@ -151,7 +150,7 @@ def verify_receipt(
     """
     from shieldml.attest import IntelCollateral, verify_evidence
     from shieldml.policy import Policy as PolicyType
-    from shieldml.policy import require
+    from shieldml.policy import listed_gpu_problems, require
 
     try:
         doc = json.loads(Path(path).read_text())
@@ -183,7 +182,9 @@ def verify_receipt(
     logged = _check_logged(path, body, log_keys)
     verified = VerifiedReceipt(body, claims, verdict, files_checked=check_files, logged=logged)
     assert verdict.matched is not None
-    problems = listed_gpu_problems(policy.profiles[verdict.matched - 1], body)
+    problems = listed_gpu_problems(
+        policy.profiles[verdict.matched - 1], body.get("gpus"), body.get("broker_audit_seq")
+    )
     if problems:
         raise ReceiptError(
             f"{path}: the GPUs it lists do not meet the policy's [profile.gpu]",
@@ -204,65 +205,6 @@ def verify_receipt(
                 verified=verified,
             )
     return verified
-
-
-def listed_gpu_problems(profile: Profile, body: dict[str, Any]) -> list[str]:
-    """What keeps the GPUs a receipt lists (``gpus``: per broker, as that broker verified them
-    at the release) from meeting ``profile``'s ``[profile.gpu]``: for every broker that
-    released keys, exactly ``count`` GPUs in CC mode, of an accepted root, architecture,
-    driver, VBIOS and RIMs. The OCSP and measurement checks were the broker's at the release
-    (its audit record lists the outcome); none of this re-verifies GPU evidence."""
-    from shieldml.policy._verdict import _version_ok
-
-    req = profile.gpu
-    if req is None:
-        return []
-    listed = body.get("gpus")
-    seqs = body.get("broker_audit_seq")
-    if not isinstance(listed, dict):
-        listed = {}
-    roots = {"vendor"}
-    if "insecure_allow_simulated" in profile.insecure:
-        roots.add("simulated")
-    if "insecure_allow_custom_root" in profile.insecure:
-        roots.add("custom")
-    problems = []
-    for broker in sorted(seqs) if isinstance(seqs, dict) else []:
-        gpus = listed.get(broker)
-        if not isinstance(gpus, list) or len(gpus) != req.count:
-            n = len(gpus) if isinstance(gpus, list) else 0
-            problems.append(f"broker {broker}: {n} GPU(s) listed, the policy requires {req.count}")
-            continue
-        for i, g in enumerate(gpus):
-            who = f"broker {broker}: GPU {i}"
-            if not isinstance(g, dict):
-                problems.append(f"{who}: not a GPU record")
-                continue
-            arch, drv, vb = g.get("arch"), g.get("driver_version"), g.get("vbios_version")
-            if g.get("cc_mode") != "on":
-                problems.append(f"{who}: CC mode {g.get('cc_mode')!r}")
-            if g.get("root") not in roots:
-                problems.append(f"{who}: root {g.get('root')!r} not accepted")
-            if req.archs is not None and arch not in req.archs:
-                problems.append(f"{who}: architecture {arch!r}")
-            drv_ok = (isinstance(drv, str) or drv is None) and _version_ok(
-                drv, req.driver_versions, req.min_driver_version, False
-            )
-            if not drv_ok and not (arch == "nvswitch" and drv is None):
-                problems.append(f"{who}: driver {drv!r} not approved")
-            vb_ok = (isinstance(vb, str) or vb is None) and _version_ok(
-                vb, req.vbios_versions, req.min_vbios_version, True
-            )
-            if not vb_ok:
-                problems.append(f"{who}: VBIOS {vb!r} not approved")
-            ids = g.get("rim_ids")
-            if req.rim_required and (
-                not isinstance(ids, list)
-                or not ids
-                or (req.rim_ids is not None and not set(map(str, ids)) <= req.rim_ids)
-            ):
-                problems.append(f"{who}: RIMs {ids!r}")
-    return problems
 
 
 def _check_logged(

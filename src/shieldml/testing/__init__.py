@@ -5,6 +5,10 @@
   root, which a verifier trusts only when told to (``--simulated-platform``) and a policy accepts
   only with ``allow_simulated = true``. It stands in for hardware in the demo, the tests and the
   examples.
+- :mod:`shieldml.testing.simulated_gpu`: simulated NVIDIA confidential-computing GPUs (their own
+  device and RIM roots, SPDM reports, OCSP responses, signed RIMs), a family of them kept in a
+  simulated platform's directory; :mod:`shieldml.testing.simulated_nvml` answers NVML's calls
+  for them (``tee = "simulated"`` jobs with ``[gpu]``).
 - :mod:`shieldml.testing.brokers`: key broker processes on loopback.
 
 Nothing in the rest of shieldml imports this package except where a user asks for the simulated

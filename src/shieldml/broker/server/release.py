@@ -412,7 +412,7 @@ def _decide(
             lambda seq: NotGenuineError(
                 403,
                 {
-                    "reason": "evidence is not genuine",
+                    "reason": protocol.NOT_GENUINE,
                     "reasons": [reason],
                     **named,
                     "audit_seq": seq,
@@ -445,7 +445,7 @@ def _decide(
             gcause = e if isinstance(e, AttestationError) else None
             greason = "GPU evidence: " + e.diagnostics()
             gnamed: dict[str, Any] = {
-                "reason": "GPU evidence is not genuine or not bound to this session",
+                "reason": protocol.GPU_NOT_GENUINE,
                 "reasons": [greason],
                 "check": gcause.check if gcause is not None else "format",
                 "message": e.message,
