@@ -105,3 +105,43 @@ def test_simulated_gpu_needs_the_insecure_switch(pair):
     v = evaluate(Policy.from_toml(text), cpu, None, [gpu])
     failed = {c.name for c in v.profiles[0].checks if not c.passed}
     assert {"root", "gpu root"} <= failed
+
+
+def _listed(ueid: str, **kw: object) -> dict[str, object]:
+    g: dict[str, object] = {
+        "arch": "hopper", "ueid": ueid, "hwmodel": "GH100 A01 GSP BROM",
+        "driver_version": "550.90.07", "vbios_version": "96.00.9F.00.01",
+        "rim_ids": ["NV_GPU_VBIOS_1010_0200_882_96009F0001"], "cc_mode": "on", "root": "simulated",
+    }  # fmt: skip
+    return {**g, **kw}
+
+
+def test_a_receipts_listed_gpus_against_the_gpu_requirement():
+    """What `receipt verify` checks of the GPUs a receipt lists (each broker's, as verified at
+    its release): every broker that released keys, count, repeats, CC mode, root, versions."""
+    from shieldml.policy import listed_gpu_problems
+
+    two = Policy.from_toml(CPU + "[profile.gpu]\n" + GPU.replace("count = 1", "count = 2"))
+    (p,) = two.profiles
+    seqs = {"a": 3, "b": 9}
+    good = [_listed("1"), _listed("2")]
+    assert listed_gpu_problems(p, {"a": good, "b": good}, seqs) == []
+    assert listed_gpu_problems(p, {"a": good}, seqs) == [
+        "broker b: 0 GPU(s) listed, the policy requires 2"
+    ]
+    assert listed_gpu_problems(p, {"a": [good[0], good[0]], "b": good}, seqs) == [
+        "broker a: GPU 1: the same GPU as GPU 0"
+    ]
+    odd = [_listed("1", cc_mode="devtools", root="vendor"), _listed("2", driver_version="535.1")]
+    assert listed_gpu_problems(p, {"a": odd, "b": good}, seqs) == [
+        "broker a: GPU 0: CC mode 'devtools'",
+        "broker a: GPU 1: driver '535.1' not approved",
+    ]
+    strict = replace(p, insecure=frozenset())  # without insecure_allow_simulated
+    assert "broker a: GPU 0: root 'simulated' not accepted" in listed_gpu_problems(
+        strict, {"a": good, "b": good}, seqs
+    )
+    assert listed_gpu_problems(p, "not a dict", seqs)[0].startswith("broker a: 0 GPU(s)")
+    assert listed_gpu_problems(p, {"a": [1, good[1]], "b": good}, seqs) == [
+        "broker a: GPU 0: not a GPU record"
+    ]

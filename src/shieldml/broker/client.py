@@ -28,6 +28,7 @@ from shieldml.errors import (
     NonceError,
     NotGenuineError,
     ReleaseDenied,
+    ShieldError,
     UnknownKeyError,
 )
 
@@ -77,6 +78,54 @@ class ReleasedKeys:
     audit_proof: AuditProof | None = None
     #: each GPU the broker verified with the CPU evidence (identity and versions, as it says)
     gpus: tuple[dict[str, Any], ...] = ()
+
+
+#: what a release answer says of each GPU it verified (GpuClaims.summary), and bounds on it
+GPU_SUMMARY_FIELDS = frozenset(
+    {"arch", "ueid", "hwmodel", "driver_version", "vbios_version", "rim_ids", "cc_mode", "root"}
+)
+MAX_GPU_FIELD = 256
+MAX_RIM_IDS = 8
+
+
+def _verified_gpus(
+    url: str, listed: Any, sent: list[dict[str, Any]], proof: AuditProof | None
+) -> tuple[dict[str, Any], ...]:
+    """The answer's ``gpus``, checked before the runner writes them into a receipt: one per GPU
+    sent, in order, each naming the serial (``ueid``) of the chain sent at its place, with only
+    a summary's fields (short printable strings); equal to the release's audit record where the
+    answer carries its proof. A broker cannot name GPUs that were not sent, nor smuggle data."""
+    from shieldml.attest import load_gpu_chain
+
+    def refuse(why: str) -> BrokerError:
+        return BrokerError(None, f"{url}: the release's GPU list {why}; nothing was used")
+
+    def text(v: Any) -> bool:
+        return isinstance(v, str) and len(v) <= MAX_GPU_FIELD and v.isascii() and v.isprintable()
+
+    if not isinstance(listed, list) or len(listed) != len(sent):
+        raise refuse(f"does not name the {len(sent)} GPU(s) sent")
+    out = []
+    for i, (g, mine) in enumerate(zip(listed, sent, strict=True)):
+        if not isinstance(g, dict) or set(g) != GPU_SUMMARY_FIELDS:
+            raise refuse(f"has a GPU {i} record with other fields than a GPU summary's")
+        ids = g["rim_ids"]
+        if not isinstance(ids, list) or len(ids) > MAX_RIM_IDS or not all(map(text, ids)):
+            raise refuse(f"has malformed RIM ids for GPU {i}")
+        others = [v for k, v in g.items() if k != "rim_ids"]
+        if not all(v is None or text(v) for v in others):
+            raise refuse(f"has a malformed field for GPU {i}")
+        pem = mine.get("certificate")
+        try:
+            serial = str(load_gpu_chain(pem.encode())[0].serial_number) if pem else None
+        except ShieldError:
+            serial = None
+        if serial is None or g["ueid"] != serial:
+            raise refuse(f"names another GPU {i} than the one whose evidence was sent")
+        out.append(dict(g))
+    if proof is not None and proof.data.get("gpus", []) != out:
+        raise refuse("differs from the GPUs in the release's audit record")
+    return tuple(out)
 
 
 class BrokerClient:
@@ -168,16 +217,8 @@ class BrokerClient:
         opened = self._opened(doc.get("keys"), keys, runner_key)
         seq = _int(doc.get("audit_seq"), f"{self.url}: audit_seq")
         proof = self._audit_proof(doc.get("audit_log"), seq, nonce, workload_digest, keys)
-        listed = doc.get("gpus", [])
-        if (
-            not isinstance(listed, list)
-            or len(listed) != len(gpus or ())
-            or not all(isinstance(g, dict) for g in listed)
-        ):
-            raise BrokerError(
-                None, f"{self.url}: the release names other GPUs than the {len(gpus or ())} sent"
-            )
-        return ReleasedKeys(opened, seq, str(doc.get("tee", "")), proof, tuple(listed))
+        listed = _verified_gpus(self.url, doc.get("gpus", []), gpus or [], proof)
+        return ReleasedKeys(opened, seq, str(doc.get("tee", "")), proof, listed)
 
     def _audit_proof(
         self, answer: Any, seq: int, nonce: bytes, workload_digest: str, keys: list[str]

@@ -448,11 +448,14 @@ def listed_gpu_problems(profile: Profile, listed: Any, brokers: Any) -> list[str
             n = len(gpus) if isinstance(gpus, list) else 0
             problems.append(f"broker {broker}: {n} GPU(s) listed, the policy requires {req.count}")
             continue
+        ueids = [g.get("ueid") if isinstance(g, dict) else None for g in gpus]
         for i, g in enumerate(gpus):
             who = f"broker {broker}: GPU {i}"
             if not isinstance(g, dict):
                 problems.append(f"{who}: not a GPU record")
                 continue
+            if ueids.index(g.get("ueid")) != i:
+                problems.append(f"{who}: the same GPU as GPU {ueids.index(g.get('ueid'))}")
             arch, drv, vb = g.get("arch"), g.get("driver_version"), g.get("vbios_version")
             if g.get("cc_mode") != "on":
                 problems.append(f"{who}: CC mode {g.get('cc_mode')!r}")

@@ -171,7 +171,8 @@ def simulated_gpu_settings(sim: dict[str, str]) -> dict[str, str]:
     from shieldml.testing.simulated_nvml import CC_STATES
 
     got = {k: sim.get(k, v) for k, v in SIMULATED_GPU.items()}
-    if not got["gpus"].isdigit() or not 1 <= int(got["gpus"]) <= protocol.MAX_GPUS:
+    count = got["gpus"]
+    if not (count.isascii() and count.isdecimal()) or not 1 <= int(count) <= protocol.MAX_GPUS:
         raise EvidenceError(
             f"[simulated] gpus must be 1 to {protocol.MAX_GPUS}, not {got['gpus']!r}"
         )

@@ -136,7 +136,13 @@ def policy_from_job(
         f"# written by `shieldml policy init --from-job {source}`: the job's workload digest and\n"
         f"# {what}\n"
     )
-    text = header + to_toml({"version": 1, "profile": [profile]}, comments)
+    try:
+        text = header + to_toml({"version": 1, "profile": [profile]}, comments)
+    except TypeError:  # a --set value TOML reads as a float or a date: no profile field is one
+        raise PolicyError(
+            "--set: a value is neither an integer, a boolean, a string nor a list of them",
+            hint="e.g. --set gpu.count=8, --set isv_prod_id=1",
+        ) from None
     try:
         Policy.from_toml(text, "the policy for " + source)
     except PolicyError as e:

@@ -231,7 +231,7 @@ class SimulatedGpu:
                 chain=loaded(doc["chain"], 5),
                 rim_chain=loaded(doc["rim_chain"], 4),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise FormatError(f"{where}: not a kept simulated GPU ({e})") from None
 
     # -- trust ----------------------------------------------------------------------------
@@ -431,7 +431,7 @@ def open_gpus(
         items = doc["gpus"]
         if not isinstance(items, list) or not items:
             raise TypeError("no GPUs")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise FormatError(f"{path}: not a kept simulated GPU family ({e})") from None
     gpus = [SimulatedGpu.from_json(g, now, str(path)) for g in items]
     for g in gpus:

@@ -37,6 +37,7 @@ from functools import lru_cache
 from typing import Any, NoReturn
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from shieldml.attest import (
     Claims,
@@ -523,13 +524,15 @@ def verify_session_gpus(
     if len(bundles) > protocol.MAX_GPUS:
         raise FormatError(f"at most {protocol.MAX_GPUS} GPUs per release")
     out = []
+    seen: dict[bytes | str, int] = {}  # each GPU's serial and device keys -> its place
     for i, b in enumerate(bundles):
         nonce = protocol.gpu_nonce(report_data, i, len(bundles), b.cc_mode)
         if b.cc_mode != "on" or b.report is None or b.chain_pem is None:
             raise not_in_cc_mode(i, b.cc_mode, b.report is not None)
+        chain = load_gpu_chain(b.chain_pem)
         c = verify_gpu_evidence(
             b.report,
-            load_gpu_chain(b.chain_pem),
+            chain,
             now=settings.now(),
             trust=settings.trust,
             nonce=nonce,
@@ -537,6 +540,24 @@ def verify_session_gpus(
             rims=list(b.rims),
             cache=settings.cache,
         )
+        # one GPU answering at two places of the session (it can sign any nonce) is one GPU:
+        # by its serial, its attestation key or its device (BROM) key, never counted twice
+        marks: list[bytes | str] = [f"ueid {c.ueid}"]
+        marks += [
+            cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+            for cert in chain[:2]
+        ]
+        for mark in marks:
+            if mark in seen:
+                raise AttestationError(
+                    "gpu distinct",
+                    f"GPU {i} is GPU {seen[mark]} again (the same device's evidence at two places)",
+                    expected="a different GPU at every place",
+                    found=f"GPU {i}: ueid {c.ueid}",
+                    hint="each GPU the VM owns gives its own evidence; a host that repeats one "
+                    "GPU's evidence is hiding the others",
+                )
+            seen[mark] = i
         out.append(replace(c, cc_mode=b.cc_mode))
     return tuple(out)
 

@@ -1,0 +1,228 @@
+"""Red team of the broker's side of GPU evidence on the simulated platform (commit 7cb2afe): a
+broker started with ``--simulated-platform DIR`` trusts the GPU family kept in DIR
+(:meth:`BrokerConfig.trust`); the host mixes GPUs, chains and certificates within that family
+(all its chains verify to one root) and from other families, and the release answer's ``gpus``
+must be what was verified. An attack that succeeds is marked ``xfail(strict=True)``."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from shieldml.attest import RootKind
+from shieldml.broker import protocol
+from shieldml.broker.server.config import BrokerConfig
+from shieldml.broker.server.release import (
+    GpuBundle,
+    NonceBinding,
+    ReleaseRequest,
+    Settings,
+    decide,
+)
+from shieldml.errors import NotGenuineError, ReleaseDenied
+from shieldml.testing.simulated import SimulatedPlatform, system_clock
+from shieldml.testing.simulated_gpu import SimulatedGpu, open_gpus
+from tests.broker.conftest import Broker
+
+WD = "sha256:" + "cd" * 32
+MEASUREMENT = b"\x42" * 48
+PK = bytes(range(32))
+GPU_POLICY = 'count = {n}\ndriver_version = ["550.90.07"]\nvbios_version = "any"\n'
+
+
+def policy(n: int = 1, *, simulated: bool = True) -> str:
+    lines = [
+        "[[profile]]", 'tee = "snp"', f'measurement = ["{MEASUREMENT.hex()}"]',
+        'host_data = "any"', 'min_reported_tcb = "any"', 'vmpl = "any"',
+        f'workload_digest = ["{WD}"]', "insecure_allow_out_of_date = true",
+    ]  # fmt: skip
+    if simulated:
+        lines.append("insecure_allow_simulated = true")
+    return "\n".join(lines) + "\n[profile.gpu]\n" + GPU_POLICY.format(n=n)
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("platform")
+    SimulatedPlatform.open(d, clock=system_clock)
+    return d
+
+
+@pytest.fixture(scope="module")
+def family(platform: Path) -> list[SimulatedGpu]:
+    return open_gpus(platform, clock=system_clock)
+
+
+@pytest.fixture
+def served(
+    make: Callable[[Settings], Broker], platform: Path, tmp_path: Path
+) -> tuple[Broker, Settings, SimulatedPlatform]:
+    """A broker whose roots are what ``serve --simulated-platform`` trusts."""
+    cfg = BrokerConfig(
+        database=f"sqlite:///{tmp_path}/cfg.db",
+        state_dir=str(tmp_path / "state"),
+        simulated_platforms=(str(platform),),
+    )
+    settings = Settings(trust=cfg.trust(announce=False), now=system_clock)
+    b = make(settings)
+    b.store.put_key("model", "stream", bytes(32))
+    return b, settings, SimulatedPlatform.open(platform, clock=system_clock)
+
+
+def bundle(g: SimulatedGpu, rd: bytes, i: int, n: int, cc: str = "on") -> GpuBundle:
+    nonce = protocol.gpu_nonce(rd, i, n, cc)
+    return GpuBundle(
+        cc, g.report(nonce), g.chain_pem(), g.ocsp_all(), [g.rim("vbios"), g.rim("driver")]
+    )
+
+
+def session(b: Broker, sim: SimulatedPlatform) -> tuple[bytes, ReleaseRequest]:
+    nonce, _ = b.store.new_nonce(timedelta(minutes=5))
+    rd = protocol.report_data(nonce, protocol.KEMS["X25519"], PK, WD)
+    report, vcek, chain = sim.snp_report(report_data=rd, measurement=MEASUREMENT)
+    pem = "".join(c.public_bytes(Encoding.PEM).decode() for c in chain)
+    req = ReleaseRequest(
+        evidence=report, keys=["model"], binding=NonceBinding(nonce, rd, WD), tee="snp",
+        vcek=vcek, cert_chain=pem, amd_crl=sim.amd_crl(),
+    )  # fmt: skip
+    return rd, req
+
+
+def test_family_gpus_verify_as_simulated_root_with_the_platform_trusted(served, family):
+    b, settings, sim = served
+    b.store.set_policy("model", policy(2))
+    rd, req = session(b, sim)
+    released = decide(
+        b.store,
+        settings,
+        replace(req, gpus=[bundle(family[5], rd, 0, 2), bundle(family[9], rd, 1, 2)]),
+    )
+    assert "model" in released.keys
+    assert [g.root for g in released.gpus] == [RootKind.SIMULATED, RootKind.SIMULATED]
+    assert [g.ueid for g in released.gpus] == [
+        str(family[5].chain[0].cert.serial_number),
+        str(family[9].chain[0].cert.serial_number),
+    ]
+
+
+def test_family_gpus_are_not_vendor_gpus_without_the_insecure_switch(served, family):
+    b, settings, sim = served
+    b.store.set_policy("model", policy(1, simulated=False))
+    rd, req = session(b, sim)
+    with pytest.raises(ReleaseDenied) as e:
+        decide(b.store, settings, replace(req, gpus=[bundle(family[0], rd, 0, 1)]))
+    checks = e.value.detail["verdicts"]["model"]["profiles"][0]["checks"]
+    failed = {c["name"] for c in checks if not c["passed"]}
+    assert "gpu root" in failed and "root" in failed
+
+
+def test_gpu_of_another_family_is_not_genuine(served, tmp_path: Path):
+    b, settings, sim = served
+    b.store.set_policy("model", policy(1))
+    stranger = open_gpus(tmp_path / "other", clock=system_clock)[0]
+    rd, req = session(b, sim)
+    with pytest.raises(NotGenuineError) as e:
+        decide(b.store, settings, replace(req, gpus=[bundle(stranger, rd, 0, 1)]))
+    assert e.value.check == "trust root"
+
+
+def test_report_of_one_family_gpu_with_anothers_chain_is_refused(served, family):
+    """Both chains verify to the family root; the report was signed by GPU 1's key."""
+    b, settings, sim = served
+    b.store.set_policy("model", policy(1))
+    rd, req = session(b, sim)
+    own = bundle(family[1], rd, 0, 1)
+    with pytest.raises(NotGenuineError) as e:
+        decide(
+            b.store, settings, replace(req, gpus=[replace(own, chain_pem=family[2].chain_pem())])
+        )
+    assert e.value.check == "report signature"
+
+
+def test_leaf_spliced_under_another_family_gpus_brom_is_refused(served, family):
+    """GPU 3's FMC leaf presented under GPU 4's BROM certificate (same ICA, same root)."""
+    b, settings, sim = served
+    b.store.set_policy("model", policy(1))
+    rd, req = session(b, sim)
+    spliced = [family[3].chain[0], family[4].chain[1], *family[3].chain[2:]]
+    pem = b"".join(c.cert.public_bytes(Encoding.PEM) for c in spliced)
+    forged = replace(bundle(family[3], rd, 0, 1), chain_pem=pem)
+    with pytest.raises(NotGenuineError) as e:
+        decide(b.store, settings, replace(req, gpus=[forged]))
+    assert e.value.check == "certificate chain"
+
+
+def test_gpu_evidence_for_a_larger_set_is_refused(served, family):
+    """The runner saw three GPUs; the host forwards two of them (the count is in the nonce)."""
+    b, settings, sim = served
+    b.store.set_policy("model", policy(2))
+    rd, req = session(b, sim)
+    three = [bundle(family[i], rd, i, 3) for i in range(3)]
+    with pytest.raises(NotGenuineError) as e:
+        decide(b.store, settings, replace(req, gpus=three[:2]))
+    assert e.value.check == "nonce"
+
+
+def test_more_gpus_than_the_policy_count_is_denied(served, family):
+    b, settings, sim = served
+    b.store.set_policy("model", policy(2))
+    rd, req = session(b, sim)
+    three = [bundle(family[i], rd, i, 3) for i in range(3)]
+    with pytest.raises(ReleaseDenied) as e:
+        decide(b.store, settings, replace(req, gpus=three))
+    checks = e.value.detail["verdicts"]["model"]["profiles"][0]["checks"]
+    assert {c["name"]: c["actual"] for c in checks if not c["passed"]} == {"gpu count": "3"}
+
+
+def test_one_gpu_at_two_places_does_not_count_as_two(served, family):
+    b, settings, sim = served
+    b.store.set_policy("model", policy(2))
+    rd, req = session(b, sim)
+    twice = [bundle(family[0], rd, 0, 2), bundle(family[0], rd, 1, 2)]
+    with pytest.raises(NotGenuineError) as e:
+        decide(b.store, settings, replace(req, gpus=twice))
+    assert e.value.check == "gpu distinct" and "GPU 1 is GPU 0 again" in e.value.message
+
+
+def test_http_release_answer_lists_the_verified_gpus_in_order(served, family):
+    """``gpus`` in the answer: the verified GPUs, in the request's order, as in the release's
+    audit record (what the runner's receipt then carries)."""
+    b, _settings, sim = served
+    b.store.set_policy("model", policy(2))
+    nonce = bytes.fromhex(b.client.post("/v1/challenge").json()["nonce"])
+    rk = protocol.RunnerKey.generate()
+    rd = protocol.report_data(nonce, rk.kem_id, rk.public_bytes, WD)
+    report, vcek, chain = sim.snp_report(report_data=rd, measurement=MEASUREMENT)
+    sent = [bundle(family[7], rd, 0, 2), bundle(family[2], rd, 1, 2)]
+    body = {
+        "nonce": nonce.hex(), "tee": "snp", "evidence": base64.b64encode(report).decode(),
+        "vcek": base64.b64encode(vcek).decode(),
+        "cert_chain": "".join(c.public_bytes(Encoding.PEM).decode() for c in chain),
+        "amd_crl": base64.b64encode(sim.amd_crl()).decode(),
+        "hpke_public_key": base64.b64encode(rk.public_bytes).decode(),
+        "workload_digest": WD, "keys": ["model"],
+        "gpus": [{
+            "cc_mode": g.cc_mode, "evidence": base64.b64encode(g.report or b"").decode(),
+            "certificate": (g.chain_pem or b"").decode(),
+            "ocsp": [base64.b64encode(o).decode() for o in g.ocsp],
+            "rims": [r.decode() for r in g.rims],
+        } for g in sent],
+    }  # fmt: skip
+    answer = b.client.post("/v1/release", json=body)
+    assert answer.status_code == 200, answer.text
+    doc = answer.json()
+    assert [g["ueid"] for g in doc["gpus"]] == [
+        str(family[7].chain[0].cert.serial_number),
+        str(family[2].chain[0].cert.serial_number),
+    ]
+    assert doc["gpus"] == doc["audit_log"]["record"]["data"]["gpus"]
+    assert {g["root"] for g in doc["gpus"]} == {"simulated"}
+    assert set(doc["gpus"][0]) == {
+        "arch", "ueid", "hwmodel", "driver_version", "vbios_version", "rim_ids", "cc_mode", "root",
+    }  # fmt: skip
