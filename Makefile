@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint bench soak fuzz docs fmt clean setup images
+.PHONY: demo test lint bench soak fuzz docs fmt clean setup images nv-oracle
 
 setup: $(STAMP)
 
@@ -18,6 +18,21 @@ $(STAMP): pyproject.toml setup.py src/shieldml/files/_pfnative.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
+
+# NVIDIA's nv-local-gpu-verifier 2.7.3 (deprecated) as a test oracle for the GPU evidence
+# verifier (tests/attest/test_nvidia_oracle.py, scripts/nv_oracle.py): its pins conflict with
+# ours, so it has a venv of its own. Needs the package registry once (about 20 s); without it a
+# note, and the oracle tests skip saying why.
+NV_ORACLE       := .venv-nvoracle
+NV_ORACLE_STAMP := $(NV_ORACLE)/.installed
+
+nv-oracle: $(NV_ORACLE_STAMP)
+
+$(NV_ORACLE_STAMP):
+	@{ $(PYTHON) -m venv $(NV_ORACLE) && $(NV_ORACLE)/bin/pip install --quiet \
+		--disable-pip-version-check --retries 1 --timeout 30 nv-local-gpu-verifier==2.7.3 && \
+		touch $@; } || { rm -rf $(NV_ORACLE); \
+		echo "note: nv-local-gpu-verifier 2.7.3 not installed: the NVIDIA oracle tests skip"; }
 
 demo: $(STAMP)
 	$(BIN)/shieldml demo
@@ -42,7 +57,7 @@ DATED_TESTS := tests/attest tests/policy tests/broker \
 # until that is understood.
 TEST_WORKERS ?= 0
 
-test: $(STAMP)
+test: $(STAMP) $(NV_ORACLE_STAMP)
 	$(BIN)/python scripts/clock_shift.py --what "the suite" -- $(BIN)/pytest -n $(TEST_WORKERS)
 	$(BIN)/python scripts/clock_shift.py --what "the date-sensitive tests" --shift $(CLOCK_SHIFT) \
 		-- $(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) $(DATED_TESTS)
@@ -88,4 +103,4 @@ fuzz: $(STAMP)
 	$(BIN)/python scripts/fuzz_atheris.py --seconds $${FUZZ_SECONDS:-60} --markdown docs/security.md
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(NV_ORACLE) .pytest_cache .mypy_cache .ruff_cache .hypothesis

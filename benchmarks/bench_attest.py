@@ -9,7 +9,12 @@ Peers: Phala's ``dcap-qvl`` (Rust, a dev dependency) for DCAP quotes; for SEV-SN
 the work itself (one ECDSA-P384 verification of the report and three RSA-4096-PSS certificate
 signatures, ``cryptography``) and, where ``SHIELDML_SNP_PEER_PYTHON`` names an interpreter with
 ``sev_attest_tool`` installed (a Rust SNP verifier from PyPI, kept out of shieldml's venv), its
-time on its own sample report, measured in a child process in the same rounds.
+time on its own sample report, measured in a child process in the same rounds. For NVIDIA GPU
+evidence, where ``.venv-nvoracle`` exists (``make nv-oracle``; or ``SHIELDML_NV_ORACLE_VENV``),
+NVIDIA's ``nv-local-gpu-verifier`` 2.7.3 on the same report and RIM, driven by
+``scripts/nv_oracle.py`` in a child process each round (its own median of ``--per-round`` runs
+after a warm-up; its OCSP call pinned to "good" and its clock pinned, as ours gets no OCSP
+responses and the same time).
 
 Uses the real vectors (SHIELDML_VECTORS, default ../shared/vectors) at their verification times,
 and the simulated platform. Run: ``make bench`` (writes docs/benchmarks.md) or
@@ -61,6 +66,8 @@ class Case:
     peer_name: str
     note: str = ""
     extra: dict[str, Fn] = field(default_factory=dict)
+    #: a peer timed in a child process: runs -> its median ms (None: it did not run)
+    peer_ms: Callable[[int], float | None] | None = None
 
 
 def _dcap_peer(raw: bytes, col: IntelCollateral, at: datetime, root_der: bytes | None) -> Fn | None:
@@ -202,6 +209,35 @@ def _snp_peer_ms(python: str, n: int) -> float | None:
         return None
 
 
+NV_ORACLE_VENV = Path(
+    os.environ.get(
+        "SHIELDML_NV_ORACLE_VENV", Path(__file__).resolve().parents[1] / ".venv-nvoracle"
+    )
+)
+
+
+def _nv_oracle(case: dict[str, str]) -> Callable[[int], float | None] | None:
+    """NVIDIA's nv-local-gpu-verifier on ``case`` in its own venv: runs -> median ms."""
+    python = NV_ORACLE_VENV / "bin" / "python"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "nv_oracle.py"
+    if not python.exists():
+        return None
+
+    def run(n: int) -> float | None:
+        args = [str(python), str(script), "--runs", str(n)]
+        args += [f"--{k.replace('_', '-')}={v}" for k, v in case.items()]
+        try:
+            out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+            result = json.loads(out.stdout.splitlines()[-1])
+        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+            return None
+        if not result.get("verdict"):  # it must accept what ours accepts, or the time means nothing
+            return None
+        return float(result["timing"]["median_s"]) * 1e3
+
+    return run
+
+
 def gpu_cases(vectors: Path) -> list[Case]:
     """NVIDIA evidence (README of vectors/attestation/nvidia: E4 + PROD VBIOS RIM at
     2024-06-01, the LS10 switch + its RIM at 2026-12-01): chains uncached (a new cache per
@@ -235,22 +271,45 @@ def gpu_cases(vectors: Path) -> list[Case]:
             cache=cache if cache is not None else VerificationCache(),
         )  # fmt: skip
 
-    gpu_note = "no offline peer runs here (nv-local-gpu-verifier needs patching to run offline)"
+    oracle = {
+        "report": str(g / "hopperAttestationReport.txt"),
+        "chain": str(g / "hopperCertChain.txt"),
+        "nonce": e4_nonce.hex(),
+        "time": t_e4.isoformat(),
+    }
+    no_rim, with_rim = (
+        _nv_oracle(oracle),
+        _nv_oracle(
+            {
+                **oracle,
+                "vbios_rim": str(nv / "nvtrust/samples/1010_0200_882_96005E0001_PROD.swidtag"),
+            }
+        ),
+    )
+    peer_name = "nv-local-gpu-verifier 2.7.3" if no_rim else "none"
+    gpu_note = (
+        "peer: NVIDIA's nv-local-gpu-verifier 2.7.3 (Python, deprecated), same report/RIM/time, "
+        "in its own venv via scripts/nv_oracle.py, its OCSP call pinned to 'good' (no network)"
+        if no_rim
+        else "no NVIDIA peer: .venv-nvoracle not found (`make nv-oracle` installs it)"
+    )
     return [
         Case(
             "NVIDIA H100 report, no RIM (real)",
             lambda: e4_run([], None),
             lambda: e4_run([], shared),
             None,
-            "none",
+            peer_name,
             gpu_note,
+            peer_ms=no_rim,
         ),
         Case(
             "NVIDIA H100 report + VBIOS RIM (real)",
             lambda: e4_run([vbios], None),
             lambda: e4_run([vbios], shared),
             None,
-            "none",
+            peer_name,
+            peer_ms=with_rim,
         ),
         Case(
             "NVSwitch LS10 report + RIM (real)",
@@ -258,6 +317,7 @@ def gpu_cases(vectors: Path) -> list[Case]:
             lambda: sw_run(shared),
             None,
             "none",
+            "nv-local-gpu-verifier has no NVSwitch support (that is nv-attestation-sdk)",
         ),
     ]
 
@@ -287,6 +347,13 @@ def main() -> int:
             for label, fn in (("ours", c.ours), ("cached", c.cached), ("peer", c.peer)):
                 if fn is not None:
                     figs[c.name].setdefault(label, []).append(_median_ms(fn, args.per_round))
+            if c.peer_ms is not None:
+                ms = c.peer_ms(args.per_round)
+                if ms is None:  # keep the rounds paired: no peer column for this case
+                    c.peer_ms, c.note = None, f"{c.note}; the peer failed to run".lstrip("; ")
+                    figs[c.name].pop("peer", None)
+                else:
+                    figs[c.name].setdefault("peer", []).append(ms)
         if snp_python:
             ms = _snp_peer_ms(snp_python, args.per_round)
             if ms is not None:

@@ -576,8 +576,10 @@ def test_any_flipped_byte_of_a_genuine_report_is_refused(data: st.DataObject):
 
 
 def test_nvdec_disabled_skips_index_35_as_nvidia_counts(nv: Path):
-    """README §4.1 E5: the expired 570.124.03 RIM differs from E5 at 15 driver indices; that is
-    NVIDIA's count, index 35 (NVDEC0, disabled in E5: 0x55) not compared."""
+    """README §4.1 E5: the expired 570.124.03 RIM differs from E5 at 15 driver indices, index 35
+    (NVDEC0, disabled in E5: 0x55) not compared, as the README counts and as NVIDIA's verifiers
+    mean to. nv-local-gpu-verifier 2.7.3 lists 16: its skip compares the opaque byte with an
+    enum member and never matches (tests/attest/test_nvidia_oracle.py shows that difference)."""
     from shieldml.attest._nvidia_rim import NVDEC_INDEX
 
     e5 = GpuReport.from_bytes(report(nv, EVIDENCE["E5"][0]))
