@@ -187,7 +187,7 @@ def test_host_changes_simulated_vbios_without_changing_the_digest(job: Job):
 
 # -- the host rewrites gpus.json -----------------------------------------------------------------
 @needs_root
-def test_same_gpu_presented_twice_satisfies_a_count_of_two(job: Job, kept_family: Path):
+def test_same_gpu_presented_twice_does_not_satisfy_a_count_of_two(job: Job, kept_family: Path):
     authorize(job, policy_from_job(gpu_job(job, sim='gpus = "2"\n')).text)
     doc = json.loads(kept_family.read_text())
     doc["gpus"][1] = doc["gpus"][0]  # the host: GPU 1 is GPU 0 again
@@ -361,7 +361,7 @@ def test_odd_simulated_gpu_counts_are_manifest_errors(job: Job, value: str):
 
 
 def test_superscript_digit_simulated_gpu_count_is_a_manifest_error(job: Job):
-    with pytest.raises(ManifestError):
+    with pytest.raises(ManifestError, match="gpus must be 1 to 16"):
         gpu_job(job, sim='gpus = "²"\n')
 
 
@@ -458,7 +458,7 @@ def test_damaged_kept_family_is_a_format_error(
         pytest.param(lambda g: "[" * 200_000 + "]" * 200_000, id="deeply-nested"),
     ],
 )
-def test_damaged_kept_family_crashes_with_a_traceback(
+def test_damaged_kept_family_key_or_nesting_is_a_format_error_not_a_traceback(
     tmp_path: Path, damage: Callable[[dict[str, Any]], str]
 ):
     d = tmp_path / "p"

@@ -76,7 +76,7 @@ def test_weakening_gpu_values_are_refused(tmp_path: Path, field: str, value: str
 )
 def test_float_or_date_gpu_value_is_a_policy_error(tmp_path: Path, field: str, value: str):
     m = write_job(tmp_path)
-    with pytest.raises(PolicyError):
+    with pytest.raises(PolicyError, match="neither an integer, a boolean, a string"):
         policy_from_job(m, values={**CPU, f"gpu.{field}": value})
 
 
