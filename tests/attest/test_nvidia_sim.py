@@ -202,3 +202,34 @@ def test_a_damaged_family_file_is_a_format_error(tmp_path):
     (tmp_path / "gpus.json").write_text("[")
     with pytest.raises(FormatError, match="not a kept simulated GPU family"):
         open_gpus(tmp_path, clock=lambda: NOW)
+
+
+def test_a_read_only_platform_without_gpus_is_an_input_error_and_a_broker_still_serves(
+    tmp_path, monkeypatch, caplog
+):
+    """A simulated platform directory the broker may only read (mounted read-only, say) holds no
+    GPU family: the broker still trusts the platform's CPU roots, and says why not GPUs'."""
+    import tempfile
+
+    from shieldml.attest import fingerprint
+    from shieldml.broker.server.config import BrokerConfig
+    from shieldml.errors import InputReadError
+    from shieldml.testing.simulated import SimulatedPlatform, system_clock
+    from shieldml.testing.simulated_gpu import open_gpus
+
+    d = tmp_path / "ro"
+    plat = SimulatedPlatform.open(d, clock=system_clock)
+
+    def read_only(*_a: object, **_k: object) -> tuple[int, str]:
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(InputReadError, match="cannot keep simulated GPUs there: Read-only"):
+        open_gpus(d, clock=system_clock)
+    cfg = BrokerConfig(database="sqlite://", state_dir=str(tmp_path), simulated_platforms=(str(d),))
+    with caplog.at_level("WARNING"):
+        anchors = cfg.trust()
+    assert "no simulated GPUs trusted" in caplog.text
+    assert fingerprint(plat.intel_root) in anchors.simulated
+    assert not (d / "gpus.json").exists()  # and so no simulated GPU root is trusted
+    assert anchors.simulated == plat.trust().simulated

@@ -45,7 +45,7 @@ from shieldml.attest._spdm import (
 )
 from shieldml.attest._trust import TrustAnchors
 from shieldml.attest._x509 import cn
-from shieldml.errors import ExpiredError, FormatError
+from shieldml.errors import ExpiredError, FormatError, InputReadError
 
 ORG = "shieldml simulated"
 SWID_NS = "http://standards.iso.org/iso/19770/-2/2015/schema.xsd"
@@ -415,8 +415,15 @@ def open_gpus(
     now = clock()
     if not path.exists():
         family = SimulatedGpu.family(KEPT_GPUS, now)
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(prefix=".gpus-", dir=d)
+        try:
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(prefix=".gpus-", dir=d)
+        except OSError as e:
+            raise InputReadError(
+                f"{d}: cannot keep simulated GPUs there: {e.strerror}",
+                hint="a simulated platform directory the process can write, or one that already "
+                "holds gpus.json",
+            ) from None
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump({"gpus": [g.to_json() for g in family]}, f)

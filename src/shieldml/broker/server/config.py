@@ -24,6 +24,7 @@ from shieldml.broker.server.app import Settings, create_app
 from shieldml.broker.server.release import CHALLENGE_BURST, CHALLENGE_RATE
 from shieldml.broker.server.storage import Store
 from shieldml.broker.tls import cert_fingerprint
+from shieldml.errors import InputReadError
 
 log = logging.getLogger("shieldml.broker")
 
@@ -126,8 +127,14 @@ class BrokerConfig:
                 _ANNOUNCED.add(d)  # once per process, however many settings are built
                 log.warning("insecure: trusting the simulated platform in %s", d)
             anchors = SimulatedPlatform.open(d, clock=system_clock).trust(anchors)
-            # its simulated GPUs (one family: one device root and one RIM root)
-            anchors = open_gpus(d, clock=system_clock)[0].trust(anchors)
+            # its simulated GPUs (one family: one device root and one RIM root); a platform
+            # directory the broker may only read, without them, still serves CPU evidence
+            try:
+                anchors = open_gpus(d, clock=system_clock)[0].trust(anchors)
+            except InputReadError as e:
+                if announce and f"gpu {d}" not in _ANNOUNCED:
+                    _ANNOUNCED.add(f"gpu {d}")
+                    log.warning("no simulated GPUs trusted: %s", e.message)
         return anchors
 
     def settings(self) -> Settings:
