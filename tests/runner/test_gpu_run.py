@@ -180,3 +180,27 @@ def test_gpu_table_needs_a_confidential_vm_kind(job: Job):
 def test_bad_simulated_gpu_settings_are_manifest_errors(job: Job, sim: str, match: str):
     with pytest.raises(ManifestError, match=match):
         gpu_job(job, sim=sim)
+
+
+def test_real_gpus_beside_a_simulated_cpu_answer_through_nvml_and_cc_off_is_refused(
+    job: Job, monkeypatch: pytest.MonkeyPatch, tmp_path
+):
+    """``[simulated] gpus = "nvml"``: a GPU machine without a CPU TEE (the lent H200, not in CC
+    mode) gives its real GPUs' evidence through ``pynvml``. Here a stand-in ``pynvml`` module
+    (GPUs no broker trusts, the system's CC state off) takes the real module's place."""
+    import sys
+
+    from shieldml.testing.simulated_nvml import SimulatedNvml
+
+    nvml = SimulatedNvml(open_gpus(tmp_path / "elsewhere", clock=system_clock)[:1], (0, 0))
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    m = gpu_job(job, sim='gpus = "nvml"\n')
+    policy = policy_from_job(m).text
+    assert 'gpu = { count = 1, driver_version = "any"' in policy
+    authorize(job, policy)
+    assert "GPU 0 not in confidential-computing mode" in str(denial(job, NotGenuineError))
+    assert nvml.started == 0 and nvml.nonces == []  # NVML shut down; no report asked with CC off
+    nvml.cc = (1, 0)  # CC on: the report is made, and its root is none the broker trusts
+    assert "untrusted root" in str(denial(job, NotGenuineError)) and len(nvml.nonces) == 1
+    with pytest.raises(ManifestError, match="not with gpus"):
+        gpu_job(job, sim='gpus = "nvml"\ngpu_cc = "on"\n')

@@ -150,12 +150,17 @@ def gpu_provider_for(m: JobManifest, log: Callable[[str], None]) -> NvmlGpuProvi
     ocsp: tuple[bytes, ...] = ()
     if m.gpu.collateral is not None:
         rims, ocsp = read_collateral(m.base / m.gpu.collateral)
-    if m.tee == "simulated":
+    if m.tee == "simulated" and m.simulated.get("gpus") != REAL_GPUS:
         return simulated_gpu_provider(m, log, rims, ocsp)
+    if m.tee == "simulated":
+        log("simulated CPU TEE with the machine's real GPUs (NVML)")
     log(f"GPU evidence through NVML ({len(rims)} RIMs, {len(ocsp)} OCSP responses)")
     return NvmlGpuProvider(rims=rims, ocsp=ocsp)
 
 
+#: ``[simulated] gpus`` for the machine's real GPUs beside the simulated CPU TEE: their evidence
+#: through the real NVML, verified against NVIDIA's roots (a GPU machine without a CPU TEE)
+REAL_GPUS = "nvml"
 #: ``[simulated]`` names that describe the simulated GPUs, with their defaults
 SIMULATED_GPU = {
     "gpus": "1",
@@ -172,9 +177,18 @@ def simulated_gpu_settings(sim: dict[str, str]) -> dict[str, str]:
 
     got = {k: sim.get(k, v) for k, v in SIMULATED_GPU.items()}
     count = got["gpus"]
+    if count == REAL_GPUS:
+        extra = sorted(k for k in ("gpu_cc", "gpu_driver", "gpu_vbios") if k in sim)
+        if extra:
+            raise EvidenceError(
+                f'[simulated] {", ".join(extra)}: not with gpus = "{REAL_GPUS}" (real GPUs say '
+                "their own state)"
+            )
+        return got
     if not (count.isascii() and count.isdecimal()) or not 1 <= int(count) <= protocol.MAX_GPUS:
         raise EvidenceError(
-            f"[simulated] gpus must be 1 to {protocol.MAX_GPUS}, not {got['gpus']!r}"
+            f'[simulated] gpus must be 1 to {protocol.MAX_GPUS} (or "{REAL_GPUS}": the '
+            f"machine's real GPUs), not {got['gpus']!r}"
         )
     if got["gpu_cc"] not in CC_STATES:
         raise EvidenceError(f"[simulated] gpu_cc must be one of {', '.join(CC_STATES)}")

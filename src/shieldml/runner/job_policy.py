@@ -177,7 +177,7 @@ def _gpu_requirement(
             hint=f"[profile.gpu] takes: {', '.join(sorted(GPU_FIELDS))}",
         )
     req: dict[str, Any]
-    if simulated:
+    if simulated and manifest.simulated.get("gpus") != "nvml":  # "nvml": the real GPUs
         from shieldml.runner.gpu import simulated_gpu_settings
 
         got = simulated_gpu_settings(manifest.simulated)
