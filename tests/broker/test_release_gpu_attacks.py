@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,6 @@ from shieldml.attest import RootKind
 from shieldml.broker import protocol
 from shieldml.broker.server.config import BrokerConfig
 from shieldml.broker.server.release import (
-    GpuBundle,
-    NonceBinding,
-    ReleaseRequest,
     Settings,
     decide,
 )
@@ -29,10 +25,8 @@ from shieldml.errors import NotGenuineError, ReleaseDenied
 from shieldml.testing.simulated import SimulatedPlatform, system_clock
 from shieldml.testing.simulated_gpu import SimulatedGpu, open_gpus
 from tests.broker.conftest import Broker
+from tests.broker.test_release_gpu import MEASUREMENT, WD, bundle, session
 
-WD = "sha256:" + "cd" * 32
-MEASUREMENT = b"\x42" * 48
-PK = bytes(range(32))
 GPU_POLICY = 'count = {n}\ndriver_version = ["550.90.07"]\nvbios_version = "any"\n'
 
 
@@ -73,25 +67,6 @@ def served(
     b = make(settings)
     b.store.put_key("model", "stream", bytes(32))
     return b, settings, SimulatedPlatform.open(platform, clock=system_clock)
-
-
-def bundle(g: SimulatedGpu, rd: bytes, i: int, n: int, cc: str = "on") -> GpuBundle:
-    nonce = protocol.gpu_nonce(rd, i, n, cc)
-    return GpuBundle(
-        cc, g.report(nonce), g.chain_pem(), g.ocsp_all(), [g.rim("vbios"), g.rim("driver")]
-    )
-
-
-def session(b: Broker, sim: SimulatedPlatform) -> tuple[bytes, ReleaseRequest]:
-    nonce, _ = b.store.new_nonce(timedelta(minutes=5))
-    rd = protocol.report_data(nonce, protocol.KEMS["X25519"], PK, WD)
-    report, vcek, chain = sim.snp_report(report_data=rd, measurement=MEASUREMENT)
-    pem = "".join(c.public_bytes(Encoding.PEM).decode() for c in chain)
-    req = ReleaseRequest(
-        evidence=report, keys=["model"], binding=NonceBinding(nonce, rd, WD), tee="snp",
-        vcek=vcek, cert_chain=pem, amd_crl=sim.amd_crl(),
-    )  # fmt: skip
-    return rd, req
 
 
 def test_family_gpus_verify_as_simulated_root_with_the_platform_trusted(served, family):

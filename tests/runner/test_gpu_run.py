@@ -13,7 +13,6 @@ import pytest
 
 from shieldml.cli import main
 from shieldml.errors import (
-    BrokerError,
     ManifestError,
     NotGenuineError,
     ReceiptError,
@@ -21,47 +20,16 @@ from shieldml.errors import (
 )
 from shieldml.policy import Policy
 from shieldml.runner.job_policy import policy_from_job
-from shieldml.runner.manifest import JobManifest
 from shieldml.runner.receipt import verify_receipt
 from shieldml.runner.run import run_job
 from shieldml.testing.simulated import SimulatedPlatform, system_clock
 from shieldml.testing.simulated_gpu import open_gpus
 from tests.runner.conftest import Job
+from tests.runner.gpu_jobs import authorize, denial, failed_checks, gpu_job
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="the decrypted view needs root (or user namespaces) here"
 )
-
-
-def gpu_job(job: Job, *, gpu: str = "", sim: str = "", kind: str = "tdx") -> JobManifest:
-    """The fixture's job as a simulated ``kind`` VM with ``[gpu]`` (``gpu``: more of that
-    table; ``sim``: more of ``[simulated]``)."""
-    plain = job.__dict__.setdefault("plain_manifest", job.manifest.read_text())
-    text = plain.replace('kind = "sgx"', f'kind = "{kind}"')
-    text = text.replace('mrenclave = "' + "7e" * 32 + '"\n', "")
-    job.manifest.write_text(text + sim + '\n[gpu]\nevidence = "nvml"\n' + gpu)
-    return JobManifest.load(job.manifest)
-
-
-def authorize(job: Job, policy: str) -> None:
-    with job.admin() as c:
-        for name in ("model", "results"):
-            c.set_policy(name, policy)
-
-
-def denial(job: Job, kind: type[BrokerError] = ReleaseDenied) -> dict[str, object]:
-    """The broker's 403 (``ReleaseDenied``: the policy said no; ``BrokerError``: the evidence
-    itself was refused), with nothing run."""
-    with pytest.raises(kind) as e:
-        run_job(job.manifest)
-    assert e.value.status == 403
-    assert not (job.dir / "out" / "result.txt.enc").exists()
-    return e.value.detail
-
-
-def failed_checks(detail: dict[str, object]) -> dict[str, str]:
-    verdict = detail["verdicts"]["model"]  # type: ignore[index]
-    return {c["name"]: c["actual"] for c in verdict["profiles"][0]["checks"] if not c["passed"]}
 
 
 def test_two_simulated_gpus_get_the_key_and_are_named_in_the_receipt(

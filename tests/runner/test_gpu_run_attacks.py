@@ -25,7 +25,6 @@ from shieldml.errors import (
     ExpiredError,
     FormatError,
     ManifestError,
-    ReleaseDenied,
 )
 from shieldml.policy import Policy
 from shieldml.runner import run as run_mod
@@ -39,39 +38,11 @@ from shieldml.testing.simulated import SimulatedPlatform, system_clock
 from shieldml.testing.simulated_gpu import GPUS_FILE, KEPT_GPUS, SimulatedGpu, open_gpus
 from shieldml.testing.simulated_nvml import SimulatedNvml
 from tests.runner.conftest import Job
+from tests.runner.gpu_jobs import authorize, denial, failed_checks, gpu_job
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="the decrypted view needs root (or user namespaces) here"
 )
-
-
-# -- helpers (as in test_gpu_run.py, kept here so that file can change freely) ----------------
-def gpu_job(job: Job, *, gpu: str = "", sim: str = "", kind: str = "tdx") -> JobManifest:
-    plain = job.__dict__.setdefault("plain_manifest", job.manifest.read_text())
-    text = plain.replace('kind = "sgx"', f'kind = "{kind}"')
-    text = text.replace('mrenclave = "' + "7e" * 32 + '"\n', "")
-    job.manifest.write_text(text + sim + '\n[gpu]\nevidence = "nvml"\n' + gpu)
-    return JobManifest.load(job.manifest)
-
-
-def authorize(job: Job, policy: str) -> None:
-    with job.admin() as c:
-        for name in ("model", "results"):
-            c.set_policy(name, policy)
-
-
-def denial(job: Job, kind: type[BrokerError] = ReleaseDenied) -> dict[str, Any] | str:
-    """The broker's 403, with nothing run and nothing written."""
-    with pytest.raises(kind) as e:
-        run_job(job.manifest)
-    assert e.value.status == 403
-    assert not (job.dir / "out" / "result.txt.enc").exists()
-    return e.value.detail
-
-
-def failed_checks(detail: Any) -> dict[str, str]:
-    verdict = detail["verdicts"]["model"]
-    return {c["name"]: c["actual"] for c in verdict["profiles"][0]["checks"] if not c["passed"]}
 
 
 def refused_check(detail: Any) -> str:
