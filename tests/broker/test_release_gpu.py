@@ -223,30 +223,42 @@ def test_unapproved_driver_and_missing_rims_are_denied(broker, sim, gpus):
     assert failed == {"gpu driver_version", "gpu rims"}
 
 
+def http_release(
+    b: Broker,
+    sim: SimulatedPlatform,
+    rk: protocol.RunnerKey,
+    gpus: Callable[[bytes], list[GpuBundle]],
+) -> dict[str, object]:
+    """A ``/v1/release`` body for a fresh challenge: simulated SEV-SNP evidence binding it and
+    ``rk``, and the GPU bundles ``gpus`` makes for its report data."""
+    nonce = bytes.fromhex(b.client.post("/v1/challenge").json()["nonce"])
+    rd = protocol.report_data(nonce, rk.kem_id, rk.public_bytes, WD)
+    report, vcek, chain = sim.snp_report(report_data=rd, measurement=MEASUREMENT)
+    return {
+        "nonce": nonce.hex(), "tee": "snp", "evidence": base64.b64encode(report).decode(),
+        "vcek": base64.b64encode(vcek).decode(),
+        "cert_chain": "".join(c.public_bytes(Encoding.PEM).decode() for c in chain),
+        "amd_crl": base64.b64encode(sim.amd_crl()).decode(),
+        "hpke_public_key": base64.b64encode(rk.public_bytes).decode(),
+        "workload_digest": WD, "keys": ["model"],
+        "gpus": [{
+            "cc_mode": g.cc_mode, "evidence": base64.b64encode(g.report or b"").decode(),
+            "certificate": (g.chain_pem or b"").decode(),
+            "ocsp": [base64.b64encode(o).decode() for o in g.ocsp],
+            "rims": [r.decode() for r in g.rims],
+        } for g in gpus(rd)],
+    }  # fmt: skip
+
+
 def test_http_release_carries_gpu_evidence(broker, sim, gpus):
     """``POST /v1/release`` with ``gpus``: the key comes sealed; without the GPU, refused."""
     b, _settings = broker
     b.store.set_policy("model", policy(GPU_POLICY))
     for with_gpu in (True, False):
-        nonce = bytes.fromhex(b.client.post("/v1/challenge").json()["nonce"])
         rk = protocol.RunnerKey.generate()
-        rd = protocol.report_data(nonce, rk.kem_id, rk.public_bytes, WD)
-        report, vcek, chain = sim.snp_report(report_data=rd, measurement=MEASUREMENT)
-        g = bundle(gpus[0], rd, 0, 1)
-        body = {
-            "nonce": nonce.hex(), "tee": "snp", "evidence": base64.b64encode(report).decode(),
-            "vcek": base64.b64encode(vcek).decode(),
-            "cert_chain": "".join(c.public_bytes(Encoding.PEM).decode() for c in chain),
-            "amd_crl": base64.b64encode(sim.amd_crl()).decode(),
-            "hpke_public_key": base64.b64encode(rk.public_bytes).decode(),
-            "workload_digest": WD, "keys": ["model"],
-            "gpus": [{
-                "cc_mode": "on", "evidence": base64.b64encode(g.report or b"").decode(),
-                "certificate": (g.chain_pem or b"").decode(),
-                "ocsp": [base64.b64encode(o).decode() for o in g.ocsp],
-                "rims": [r.decode() for r in g.rims],
-            }] if with_gpu else [],
-        }  # fmt: skip
+        body = http_release(
+            b, sim, rk, lambda rd, on=with_gpu: [bundle(gpus[0], rd, 0, 1)] if on else []
+        )
         answer = b.client.post("/v1/release", json=body)
         if with_gpu:
             assert answer.status_code == 200, answer.text

@@ -6,7 +6,6 @@ must be what was verified. An attack that succeeds is marked ``xfail(strict=True
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +24,7 @@ from shieldml.errors import NotGenuineError, ReleaseDenied
 from shieldml.testing.simulated import SimulatedPlatform, system_clock
 from shieldml.testing.simulated_gpu import SimulatedGpu, open_gpus
 from tests.broker.conftest import Broker
-from tests.broker.test_release_gpu import MEASUREMENT, WD, bundle, session
+from tests.broker.test_release_gpu import MEASUREMENT, WD, bundle, http_release, session
 
 GPU_POLICY = 'count = {n}\ndriver_version = ["550.90.07"]\nvbios_version = "any"\n'
 
@@ -170,25 +169,10 @@ def test_http_release_answer_lists_the_verified_gpus_in_order(served, family):
     audit record (what the runner's receipt then carries)."""
     b, _settings, sim = served
     b.store.set_policy("model", policy(2))
-    nonce = bytes.fromhex(b.client.post("/v1/challenge").json()["nonce"])
     rk = protocol.RunnerKey.generate()
-    rd = protocol.report_data(nonce, rk.kem_id, rk.public_bytes, WD)
-    report, vcek, chain = sim.snp_report(report_data=rd, measurement=MEASUREMENT)
-    sent = [bundle(family[7], rd, 0, 2), bundle(family[2], rd, 1, 2)]
-    body = {
-        "nonce": nonce.hex(), "tee": "snp", "evidence": base64.b64encode(report).decode(),
-        "vcek": base64.b64encode(vcek).decode(),
-        "cert_chain": "".join(c.public_bytes(Encoding.PEM).decode() for c in chain),
-        "amd_crl": base64.b64encode(sim.amd_crl()).decode(),
-        "hpke_public_key": base64.b64encode(rk.public_bytes).decode(),
-        "workload_digest": WD, "keys": ["model"],
-        "gpus": [{
-            "cc_mode": g.cc_mode, "evidence": base64.b64encode(g.report or b"").decode(),
-            "certificate": (g.chain_pem or b"").decode(),
-            "ocsp": [base64.b64encode(o).decode() for o in g.ocsp],
-            "rims": [r.decode() for r in g.rims],
-        } for g in sent],
-    }  # fmt: skip
+    body = http_release(
+        b, sim, rk, lambda rd: [bundle(family[7], rd, 0, 2), bundle(family[2], rd, 1, 2)]
+    )
     answer = b.client.post("/v1/release", json=body)
     assert answer.status_code == 200, answer.text
     doc = answer.json()
