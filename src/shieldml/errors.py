@@ -502,10 +502,12 @@ class MountChangedError(ViewError):
 
 
 class ReceiptError(ShieldError):
-    """A run receipt whose evidence does not bind it, or whose files differ from it.
+    """A run receipt whose evidence does not bind it, whose listed GPUs do not meet the policy,
+    or whose files differ from it.
 
-    ``problems`` names each file that differs; ``verified`` is the receipt as verified before
-    the files were compared (``None`` when the binding itself failed).
+    ``problems`` names each file that differs (or, with ``gpus``, each way the listed GPUs fall
+    short of ``[profile.gpu]``: the files were then not compared); ``verified`` is the receipt
+    as verified before (``None`` when the binding itself failed).
     """
 
     def __init__(
@@ -514,10 +516,12 @@ class ReceiptError(ShieldError):
         *,
         problems: list[str] | None = None,
         verified: VerifiedReceipt | None = None,
+        gpus: bool = False,
     ) -> None:
         super().__init__(message)
         self.problems = list(problems or [])
         self.verified = verified
+        self.gpus = gpus
 
 
 def unknown_fields_hint(unknown: set[str] | list[str], valid: set[str] | list[str]) -> str:

@@ -183,5 +183,6 @@ def test_http_release_answer_lists_the_verified_gpus_in_order(served, family):
     assert doc["gpus"] == doc["audit_log"]["record"]["data"]["gpus"]
     assert {g["root"] for g in doc["gpus"]} == {"simulated"}
     assert set(doc["gpus"][0]) == {
-        "arch", "ueid", "hwmodel", "driver_version", "vbios_version", "rim_ids", "cc_mode", "root",
+        "arch", "ueid", "hwmodel", "driver_version", "vbios_version", "rim_ids", "rim_kinds",
+        "measurements_matched", "cc_mode", "root",
     }  # fmt: skip

@@ -111,7 +111,9 @@ def _listed(ueid: str, **kw: object) -> dict[str, object]:
     g: dict[str, object] = {
         "arch": "hopper", "ueid": ueid, "hwmodel": "GH100 A01 GSP BROM",
         "driver_version": "550.90.07", "vbios_version": "96.00.9F.00.01",
-        "rim_ids": ["NV_GPU_VBIOS_1010_0200_882_96009F0001"], "cc_mode": "on", "root": "simulated",
+        "rim_ids": ["NV_GPU_VBIOS_1010_0200_882_96009F0001", "NV_GPU_DRIVER_GH100_550.90.07"],
+        "rim_kinds": ["driver", "vbios"], "measurements_matched": True,
+        "cc_mode": "on", "root": "simulated",
     }  # fmt: skip
     return {**g, **kw}
 

@@ -110,6 +110,8 @@ class GpuClaims:
             "driver_version": self.driver_version,
             "vbios_version": self.vbios_version,
             "rim_ids": list(self.rim_ids),
+            "rim_kinds": sorted({r.rim.kind for r in self.rims}),
+            "measurements_matched": self.measurements_matched,
             "cc_mode": self.cc_mode,
             "root": self.root.value,
         }

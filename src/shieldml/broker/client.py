@@ -81,7 +81,18 @@ class ReleasedKeys:
 
 #: what a release answer says of each GPU it verified (GpuClaims.summary), and bounds on it
 GPU_SUMMARY_FIELDS = frozenset(
-    {"arch", "ueid", "hwmodel", "driver_version", "vbios_version", "rim_ids", "cc_mode", "root"}
+    [
+        "arch",
+        "ueid",
+        "hwmodel",
+        "driver_version",
+        "vbios_version",
+        "cc_mode",
+        "root",
+        "rim_ids",
+        "rim_kinds",
+        "measurements_matched",
+    ]
 )
 MAX_GPU_FIELD = 256
 MAX_RIM_IDS = 8
@@ -108,10 +119,14 @@ def _verified_gpus(
     for i, (g, mine) in enumerate(zip(listed, sent, strict=True)):
         if not isinstance(g, dict) or set(g) != GPU_SUMMARY_FIELDS:
             raise refuse(f"has a GPU {i} record with other fields than a GPU summary's")
-        ids = g["rim_ids"]
-        if not isinstance(ids, list) or len(ids) > MAX_RIM_IDS or not all(map(text, ids)):
-            raise refuse(f"has malformed RIM ids for GPU {i}")
-        others = [v for k, v in g.items() if k != "rim_ids"]
+        for name, label in (("rim_ids", "RIM ids"), ("rim_kinds", "RIM kinds")):
+            ids = g[name]
+            if not isinstance(ids, list) or len(ids) > MAX_RIM_IDS or not all(map(text, ids)):
+                raise refuse(f"has malformed {label} for GPU {i}")
+        if not isinstance(g["measurements_matched"], bool):
+            raise refuse(f"has a malformed measurements_matched for GPU {i}")
+        lists = ("rim_ids", "rim_kinds", "measurements_matched")
+        others = [v for k, v in g.items() if k not in lists]
         if not all(v is None or text(v) for v in others):
             raise refuse(f"has a malformed field for GPU {i}")
         pem = mine.get("certificate")

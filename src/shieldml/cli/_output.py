@@ -52,10 +52,21 @@ class LazyConsole:
         return getattr(self.console, name)
 
 
-def escape(text: str) -> str:
-    """``text`` with rich markup escaped (``rich.markup.escape``, loaded on first use)."""
+def _visible(ch: str) -> str:
+    n = ord(ch)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def escape(text: str, *, one_line: bool = False) -> str:
+    """``text`` with rich markup escaped (``rich.markup.escape``, loaded on first use) and every
+    character that does not print itself (ESC and the other controls, bidirectional overrides,
+    and with ``one_line`` newlines and tabs too) shown as its ``\\x..`` escape: text from a
+    broker, a file or evidence can neither restyle the terminal nor forge a line of output."""
     from rich.markup import escape as rich_escape
 
+    keep = "" if one_line else "\n\t"
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() or c in keep else _visible(c) for c in text)
     return rich_escape(text)
 
 
@@ -133,7 +144,7 @@ def print_error(kind: str, e: ShieldError, exit_code: int) -> None:
     if lines is None:
         err.print(f"[bold red]{kind}:[/bold red] {escape(e.diagnostics())}")
         return
-    err.print(f"[bold red]{kind}:[/bold red] {escape(headline(e))}")
+    err.print(f"[bold red]{kind}:[/bold red] {escape(headline(e), one_line=True)}")
     for line in lines:
         err.print(line)
 
@@ -280,22 +291,26 @@ def refusal_lines(e: ShieldError) -> list[str] | None:
     groups = _groups(e)
     if groups is None:
         return None
+
+    def esc(text: str) -> str:  # a broker's words, each on the line it is given
+        return escape(text, one_line=True)
+
     lines: list[str] = []
     for g in groups:
         if g.title is not None:
-            lines.append(escape(g.title) + (f": {escape(g.reason)}" if g.reason else ""))
+            lines.append(esc(g.title) + (f": {esc(g.reason)}" if g.reason else ""))
         for f in g.failed:
             detail = f": {f['detail']}" if f["detail"] else ""
-            lines.append(f"  {check_mark(False)} {escape((f['check'] or '?') + detail)}")
+            lines.append(f"  {check_mark(False)} {esc((f['check'] or '?') + detail)}")
             for label in ("expected", "found", "hint"):
                 if f[label]:
-                    lines.append(f"      {label + ':':<9} {escape(f[label] or '')}")
+                    lines.append(f"      {label + ':':<9} {esc(f[label] or '')}")
         if g.title is not None and g.passed:  # a policy's: by name, on one line
-            lines.append(f"  {check_mark(True)} passed: {escape(', '.join(g.passed))}")
+            lines.append(f"  {check_mark(True)} passed: {esc(', '.join(g.passed))}")
         elif g.passed:  # a verification's: each with what it compared, in the order run
-            lines += [f"  {check_mark(True)} {escape(p)}" for p in g.passed]
+            lines += [f"  {check_mark(True)} {esc(p)}" for p in g.passed]
     if isinstance(e, ReleaseDenied) and e.hint:
-        lines.append(f"  hint: {escape(e.hint)}")
+        lines.append(f"  hint: {esc(e.hint)}")
     return lines
 
 

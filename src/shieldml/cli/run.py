@@ -489,6 +489,7 @@ def receipt_verify(
     when = parse_time(at)
     anchors = receipt_trust(trust_root, insecure_custom_root, simulated_platform, when)
     problems: list[str] = []
+    failure: ReceiptError | None = None
     try:
         verified = verify_receipt(
             file,
@@ -502,7 +503,7 @@ def receipt_verify(
     except ReceiptError as e:
         if e.verified is None:  # the evidence does not bind the receipt
             raise
-        verified, problems = e.verified, e.problems
+        verified, problems, failure = e.verified, e.problems, e
     except PolicyDenied as e:
         if e.verdict is None:
             raise
@@ -524,8 +525,13 @@ def receipt_verify(
             f"receipt of workload {r['workload_digest']}, exit code {r['exit_code']}, evidence genuine ({c['tee']}, root {c['root']})"
         )
         matched = v["profiles"][v["matched_profile"] - 1]
+        what = (
+            "CPU evidence accepted (its GPUs are not: below)"
+            if failure is not None and failure.gpus
+            else "accepted"
+        )
         out.print(
-            f"accepted by profile {v['matched_profile']} of {escape(policy_file)}: {c['tee']},"
+            f"{what} by profile {v['matched_profile']} of {escape(policy_file)}: {c['tee']},"
             f" root {c['root']}, TCB {c['tcb_status'] or 'n/a'}, debug {'on' if c['debug'] else 'off'}"
         )
         out.print("measurements accepted:")
@@ -560,8 +566,8 @@ def receipt_verify(
             )
         for p in problems:
             out.print(f"[red]{escape(p)}[/red]")
-    if problems:
-        raise ShieldError("the files no longer match the receipt")
+    if failure is not None:
+        raise ShieldError(failure.message.removeprefix(f"{file}: "))
 
 
 def _log_verifier(text: str) -> NoteVerifier:

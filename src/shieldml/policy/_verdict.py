@@ -442,7 +442,11 @@ def listed_gpu_problems(profile: Profile, listed: Any, brokers: Any) -> list[str
     if "insecure_allow_custom_root" in profile.insecure:
         roots.add("custom")
     problems = []
-    for broker in sorted(seqs) if isinstance(seqs, dict) else []:
+    if not isinstance(seqs, dict) or not seqs:  # no broker released keys: none saw the GPUs
+        return [
+            f"no broker verified any GPU (the run released no key); the policy requires {req.count}"
+        ]
+    for broker in sorted(seqs):
         gpus = listed.get(broker)
         if not isinstance(gpus, list) or len(gpus) != req.count:
             n = len(gpus) if isinstance(gpus, list) else 0
@@ -457,11 +461,12 @@ def listed_gpu_problems(profile: Profile, listed: Any, brokers: Any) -> list[str
             if ueids.index(g.get("ueid")) != i:
                 problems.append(f"{who}: the same GPU as GPU {ueids.index(g.get('ueid'))}")
             arch, drv, vb = g.get("arch"), g.get("driver_version"), g.get("vbios_version")
+            root = g.get("root")
             if g.get("cc_mode") != "on":
                 problems.append(f"{who}: CC mode {g.get('cc_mode')!r}")
-            if g.get("root") not in roots:
-                problems.append(f"{who}: root {g.get('root')!r} not accepted")
-            if req.archs is not None and arch not in req.archs:
+            if not isinstance(root, str) or root not in roots:
+                problems.append(f"{who}: root {root!r} not accepted")
+            if req.archs is not None and (not isinstance(arch, str) or arch not in req.archs):
                 problems.append(f"{who}: architecture {arch!r}")
             drv_ok = (isinstance(drv, str) or drv is None) and _version_ok(
                 drv, req.driver_versions, req.min_driver_version, False
@@ -473,11 +478,22 @@ def listed_gpu_problems(profile: Profile, listed: Any, brokers: Any) -> list[str
             )
             if not vb_ok:
                 problems.append(f"{who}: VBIOS {vb!r} not approved")
-            ids = g.get("rim_ids")
-            if req.rim_required and (
-                not isinstance(ids, list)
-                or not ids
-                or (req.rim_ids is not None and not set(map(str, ids)) <= req.rim_ids)
-            ):
-                problems.append(f"{who}: RIMs {ids!r}")
+            if req.rim_required:  # as the broker's "gpu rims" check
+                ids, kinds = g.get("rim_ids"), g.get("rim_kinds")
+                need = {"vbios"} if arch == "nvswitch" else {"vbios", "driver"}
+                listed_ok = all(
+                    isinstance(x, list) and all(isinstance(i, str) for i in x) for x in (ids, kinds)
+                )
+                ok = (
+                    listed_ok
+                    and g.get("measurements_matched") is True
+                    and need <= set(kinds or ())
+                    and len(set(ids or ())) >= len(need)  # one RIM id per RIM matched
+                    and (req.rim_ids is None or set(ids or ()) <= req.rim_ids)
+                )
+                if not ok:
+                    problems.append(
+                        f"{who}: RIMs {ids!r} ({kinds!r}, matched {g.get('measurements_matched')!r});"
+                        f" the policy requires {' and '.join(sorted(need))} RIMs matched"
+                    )
     return problems

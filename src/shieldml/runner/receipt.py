@@ -180,17 +180,27 @@ def verify_receipt(
     cpu_policy = PolicyType(tuple(replace(p, gpu=None) for p in policy.profiles), policy.source)
     verdict = require(cpu_policy, claims, digest if isinstance(digest, str) else None)
     logged = _check_logged(path, body, log_keys)
-    verified = VerifiedReceipt(body, claims, verdict, files_checked=check_files, logged=logged)
-    assert verdict.matched is not None
-    problems = listed_gpu_problems(
-        policy.profiles[verdict.matched - 1], body.get("gpus"), body.get("broker_audit_seq")
-    )
-    if problems:
+    # every profile the CPU evidence meets, in order: the first whose GPU requirement the
+    # listed GPUs meet too is the one that accepts (the broker released under any of them)
+    listed, seqs = body.get("gpus"), body.get("broker_audit_seq")
+    first: list[str] | None = None
+    for result, profile in zip(verdict.profiles, policy.profiles, strict=True):
+        if not result.passed:
+            continue
+        problems = listed_gpu_problems(profile, listed, seqs)
+        if not problems:
+            verdict = replace(verdict, matched=result.index)
+            break
+        first = first if first is not None else problems
+    else:
+        verified = VerifiedReceipt(body, claims, verdict, files_checked=False, logged=logged)
         raise ReceiptError(
             f"{path}: the GPUs it lists do not meet the policy's [profile.gpu]",
-            problems=problems,
+            problems=first or [],
             verified=verified,
+            gpus=True,
         )
+    verified = VerifiedReceipt(body, claims, verdict, files_checked=check_files, logged=logged)
     if check_files:
         for item in items:
             p = Path(item["ciphertext"])

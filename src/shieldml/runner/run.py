@@ -236,6 +236,11 @@ def run_job(
             say(binding.describe())
         gpu = gpu_provider_for(m, say) if m.gpu is not None else None
         keys, audit, audit_proofs, gpus = release_keys(m, provider, digest, say, gpu)  # 2
+        if gpu is not None and not audit:
+            say(
+                "warning: [gpu], but the job needs no broker's key: no broker verified the GPUs,"
+                " and a receipt names none"
+            )
         rep["brokers"] = {
             b: {
                 "keys": sorted(n for (kb, n) in keys if kb == b),
