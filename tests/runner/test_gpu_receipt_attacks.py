@@ -125,7 +125,7 @@ def test_receipt_of_two_good_gpus_is_accepted(made: Made):
     assert v.verdict.matched == 1 and v.body["gpus"]["owner"][1]["ueid"] == "1002"
 
 
-def test_gpu_policy_accepts_a_receipt_no_broker_released_to(made: Made):
+def test_gpu_policy_refuses_a_receipt_no_broker_released_to(made: Made):
     path = made.receipt(audit={}, gpus=None)
     try:
         made.verify(path)
@@ -138,7 +138,7 @@ def test_gpu_policy_accepts_a_receipt_no_broker_released_to(made: Made):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the decrypted view needs root here")
-def test_host_turns_cc_off_for_a_job_without_broker_keys_and_the_receipt_still_verifies(
+def test_host_turns_cc_off_for_a_job_without_broker_keys_and_the_receipt_is_refused(
     tmp_path: Path,
 ):
     made = Made(tmp_path, 1)
@@ -243,7 +243,7 @@ def test_rim_ids_outside_the_pinned_set_are_refused(made: Made):
     )
 
 
-def test_only_a_vbios_rim_listed_meets_rim_required(made: Made):
+def test_only_a_vbios_rim_listed_does_not_meet_rim_required(made: Made):
     gpus = two(rim_ids=[VBIOS_RIM], rim_kinds=["vbios"])
     path = made.receipt(audit={"owner": 1}, gpus={"owner": gpus})
     try:
@@ -300,7 +300,7 @@ def test_a_cpu_only_profile_of_another_workload_does_not_rescue_bad_gpus(made: M
     assert problems == [f"broker owner: GPU {i}: CC mode 'off'" for i in (0, 1)]
 
 
-def test_a_gpu_profile_first_hides_the_later_profile_the_gpus_meet(made: Made):
+def test_a_gpu_profile_first_does_not_hide_the_later_profile_the_gpus_meet(made: Made):
     block = profile_block(made.policy_text)
     three = block.replace("count = 2,", "count = 3,")
     v = made.verify(made.receipt(audit={"owner": 1}, gpus={"owner": two()}), profiles(three, block))
