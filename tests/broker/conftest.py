@@ -14,9 +14,11 @@ from fastapi.testclient import TestClient
 
 from shieldml.broker import protocol
 from shieldml.broker.server.app import Settings, create_app
+from shieldml.broker.server.config import BrokerConfig
 from shieldml.broker.server.storage import Store
 from shieldml.testing.brokers import BrokerProcess, start_broker
 from shieldml.testing.simulated import SimulatedPlatform, system_clock
+from shieldml.testing.simulated_gpu import SimulatedGpu, open_gpus
 from tests.conftest import sgx_policy
 
 MRENCLAVE = b"\x5a" * 32
@@ -148,3 +150,32 @@ def served(tmp_path: Path, sim_dir: Path) -> Iterator[BrokerProcess]:
     bp = start_broker(tmp_path / "state", "--simulated-platform", str(sim_dir))
     yield bp
     bp.stop()
+
+
+# -- a simulated platform with its GPU family, and a broker trusting both (GPU release tests) --
+@pytest.fixture(scope="module")
+def gpu_platform(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("platform")
+    SimulatedPlatform.open(d, clock=system_clock)
+    return d
+
+
+@pytest.fixture(scope="module")
+def family(gpu_platform: Path) -> list[SimulatedGpu]:
+    return open_gpus(gpu_platform, clock=system_clock)
+
+
+@pytest.fixture
+def gpu_broker(
+    make: Callable[[Settings], Broker], gpu_platform: Path, tmp_path: Path
+) -> tuple[Broker, Settings, SimulatedPlatform]:
+    """A broker whose roots are what ``serve --simulated-platform`` trusts."""
+    cfg = BrokerConfig(
+        database=f"sqlite:///{tmp_path}/cfg.db",
+        state_dir=str(tmp_path / "state"),
+        simulated_platforms=(str(gpu_platform),),
+    )
+    settings = Settings(trust=cfg.trust(announce=False), now=system_clock)
+    b = make(settings)
+    b.store.put_key("model", "stream", bytes(32))
+    return b, settings, SimulatedPlatform.open(gpu_platform, clock=system_clock)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -29,20 +28,16 @@ from cryptography.x509 import load_der_x509_certificate
 from shieldml.attest import _der
 from shieldml.broker import protocol
 from shieldml.broker.client import MAX_GPU_FIELD, _error, _verified_gpus
-from shieldml.broker.server.config import BrokerConfig
-from shieldml.broker.server.release import Settings, decide
+from shieldml.broker.server.release import decide
 from shieldml.cli._output import begin, print_error
 from shieldml.errors import BrokerError, NotGenuineError
-from shieldml.testing.simulated import SimulatedPlatform, system_clock
 from shieldml.testing.simulated_gpu import (
     FWID_OID,
     SimulatedGpu,
     _Ca,
     _issue,
     _key,
-    open_gpus,
 )
-from tests.broker.conftest import Broker
 from tests.broker.test_release_gpu import MEASUREMENT, WD, bundle, session
 
 P384_N = int(
@@ -61,33 +56,6 @@ def policy(n: int) -> str:
             'driver_version = ["550.90.07"]', 'vbios_version = "any"',
         ]
     ) + "\n"  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("platform")
-    SimulatedPlatform.open(d, clock=system_clock)
-    return d
-
-
-@pytest.fixture(scope="module")
-def family(platform: Path) -> list[SimulatedGpu]:
-    return open_gpus(platform, clock=system_clock)
-
-
-@pytest.fixture
-def served(
-    make: Callable[[Settings], Broker], platform: Path, tmp_path: Path
-) -> tuple[Broker, Settings, SimulatedPlatform]:
-    cfg = BrokerConfig(
-        database=f"sqlite:///{tmp_path}/cfg.db",
-        state_dir=str(tmp_path / "state"),
-        simulated_platforms=(str(platform),),
-    )
-    settings = Settings(trust=cfg.trust(announce=False), now=system_clock)
-    b = make(settings)
-    b.store.put_key("model", "stream", bytes(32))
-    return b, settings, SimulatedPlatform.open(platform, clock=system_clock)
 
 
 def _tlv(data: bytes, at: int) -> tuple[int, int]:
@@ -131,8 +99,8 @@ def second_leaf(g: SimulatedGpu) -> SimulatedGpu:
     return replace(g, chain=[leaf, *g.chain[1:]])
 
 
-def refused(served: Any, gpus: Callable[[bytes], list[Any]], n: int) -> NotGenuineError:
-    b, settings, sim = served
+def refused(gpu_broker: Any, gpus: Callable[[bytes], list[Any]], n: int) -> NotGenuineError:
+    b, settings, sim = gpu_broker
     b.store.set_policy("model", policy(n))
     rd, req = session(b, sim)
     with pytest.raises(NotGenuineError) as e:
@@ -143,9 +111,9 @@ def refused(served: Any, gpus: Callable[[bytes], list[Any]], n: int) -> NotGenui
 # -- 'gpu distinct' -------------------------------------------------------------------------
 
 
-def test_malleated_leaf_signature_verifies_alone(served, family):
+def test_malleated_leaf_signature_verifies_alone(gpu_broker, family):
     """The control: the re-encoded leaf is a certificate the broker accepts on its own."""
-    b, settings, sim = served
+    b, settings, sim = gpu_broker
     b.store.set_policy("model", policy(1))
     rd, req = session(b, sim)
     released = decide(
@@ -154,24 +122,26 @@ def test_malleated_leaf_signature_verifies_alone(served, family):
     assert [g.ueid for g in released.gpus] == [str(family[0].chain[0].cert.serial_number)]
 
 
-def test_same_gpu_with_a_reencoded_leaf_certificate_is_still_one_gpu(served, family):
+def test_same_gpu_with_a_reencoded_leaf_certificate_is_still_one_gpu(gpu_broker, family):
     e = refused(
-        served, lambda rd: [bundle(family[0], rd, 0, 2), bundle(malleated(family[0]), rd, 1, 2)], 2
+        gpu_broker,
+        lambda rd: [bundle(family[0], rd, 0, 2), bundle(malleated(family[0]), rd, 1, 2)],
+        2,
     )
     assert e.check == "gpu distinct" and "GPU 1 is GPU 0 again" in e.message
 
 
-def test_second_leaf_under_the_same_brom_is_one_gpu(served, family):
+def test_second_leaf_under_the_same_brom_is_one_gpu(gpu_broker, family):
     """Another leaf key and serial, the same device (BROM) key: not a second GPU."""
     other = second_leaf(family[1])
     assert other.chain[0].cert.serial_number != family[1].chain[0].cert.serial_number
-    e = refused(served, lambda rd: [bundle(family[1], rd, 0, 2), bundle(other, rd, 1, 2)], 2)
+    e = refused(gpu_broker, lambda rd: [bundle(family[1], rd, 0, 2), bundle(other, rd, 1, 2)], 2)
     assert e.check == "gpu distinct" and "GPU 1 is GPU 0 again" in e.message
 
 
-def test_second_leaf_under_the_same_brom_verifies_alone(served, family):
+def test_second_leaf_under_the_same_brom_verifies_alone(gpu_broker, family):
     """The control of the test above: that leaf is genuine on its own."""
-    b, settings, sim = served
+    b, settings, sim = gpu_broker
     b.store.set_policy("model", policy(1))
     rd, req = session(b, sim)
     released = decide(
@@ -180,8 +150,8 @@ def test_second_leaf_under_the_same_brom_verifies_alone(served, family):
     assert len(released.gpus) == 1
 
 
-def test_sixteen_gpus_sharing_one_ica_identity_and_root_are_not_flagged(served, family):
-    b, settings, sim = served
+def test_sixteen_gpus_sharing_one_ica_identity_and_root_are_not_flagged(gpu_broker, family):
+    b, settings, sim = gpu_broker
     assert len(family) == protocol.MAX_GPUS
     assert len({g.chain[2].cert.fingerprint(_sha256()) for g in family}) == 1  # one shared ICA
     b.store.set_policy("model", policy(16))
@@ -203,11 +173,11 @@ def _pem(certs: list[Any]) -> bytes:
     return b"".join(c.public_bytes(Encoding.PEM) for c in certs)
 
 
-def test_chain_with_leaf_and_brom_swapped_is_refused(served, family):
+def test_chain_with_leaf_and_brom_swapped_is_refused(gpu_broker, family):
     g = family[2]
     swapped = [g.chain[1].cert, g.chain[0].cert, *(c.cert for c in g.chain[2:])]
     e = refused(
-        served,
+        gpu_broker,
         lambda rd: [
             bundle(family[3], rd, 0, 2),
             replace(bundle(g, rd, 1, 2), chain_pem=_pem(swapped)),
@@ -217,11 +187,11 @@ def test_chain_with_leaf_and_brom_swapped_is_refused(served, family):
     assert e.check in {"certificate chain", "report signature", "FWID"}, e.check
 
 
-def test_chain_padded_with_an_extra_certificate_is_refused(served, family):
+def test_chain_padded_with_an_extra_certificate_is_refused(gpu_broker, family):
     g = family[4]
     padded = [*(c.cert for c in g.chain), family[5].chain[1].cert]
     e = refused(
-        served,
+        gpu_broker,
         lambda rd: [
             bundle(family[4], rd, 0, 2),
             replace(bundle(g, rd, 1, 2), chain_pem=_pem(padded)),

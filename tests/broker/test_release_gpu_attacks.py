@@ -6,7 +6,6 @@ must be what was verified. An attack that succeeds is marked ``xfail(strict=True
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,15 +14,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from shieldml.attest import RootKind
 from shieldml.broker import protocol
-from shieldml.broker.server.config import BrokerConfig
 from shieldml.broker.server.release import (
-    Settings,
     decide,
 )
 from shieldml.errors import NotGenuineError, ReleaseDenied
-from shieldml.testing.simulated import SimulatedPlatform, system_clock
-from shieldml.testing.simulated_gpu import SimulatedGpu, open_gpus
-from tests.broker.conftest import Broker
+from shieldml.testing.simulated import system_clock
+from shieldml.testing.simulated_gpu import open_gpus
 from tests.broker.test_release_gpu import MEASUREMENT, WD, bundle, http_release, session
 
 GPU_POLICY = 'count = {n}\ndriver_version = ["550.90.07"]\nvbios_version = "any"\n'
@@ -40,36 +36,8 @@ def policy(n: int = 1, *, simulated: bool = True) -> str:
     return "\n".join(lines) + "\n[profile.gpu]\n" + GPU_POLICY.format(n=n)
 
 
-@pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("platform")
-    SimulatedPlatform.open(d, clock=system_clock)
-    return d
-
-
-@pytest.fixture(scope="module")
-def family(platform: Path) -> list[SimulatedGpu]:
-    return open_gpus(platform, clock=system_clock)
-
-
-@pytest.fixture
-def served(
-    make: Callable[[Settings], Broker], platform: Path, tmp_path: Path
-) -> tuple[Broker, Settings, SimulatedPlatform]:
-    """A broker whose roots are what ``serve --simulated-platform`` trusts."""
-    cfg = BrokerConfig(
-        database=f"sqlite:///{tmp_path}/cfg.db",
-        state_dir=str(tmp_path / "state"),
-        simulated_platforms=(str(platform),),
-    )
-    settings = Settings(trust=cfg.trust(announce=False), now=system_clock)
-    b = make(settings)
-    b.store.put_key("model", "stream", bytes(32))
-    return b, settings, SimulatedPlatform.open(platform, clock=system_clock)
-
-
-def test_family_gpus_verify_as_simulated_root_with_the_platform_trusted(served, family):
-    b, settings, sim = served
+def test_family_gpus_verify_as_simulated_root_with_the_platform_trusted(gpu_broker, family):
+    b, settings, sim = gpu_broker
     b.store.set_policy("model", policy(2))
     rd, req = session(b, sim)
     released = decide(
@@ -85,8 +53,8 @@ def test_family_gpus_verify_as_simulated_root_with_the_platform_trusted(served, 
     ]
 
 
-def test_family_gpus_are_not_vendor_gpus_without_the_insecure_switch(served, family):
-    b, settings, sim = served
+def test_family_gpus_are_not_vendor_gpus_without_the_insecure_switch(gpu_broker, family):
+    b, settings, sim = gpu_broker
     b.store.set_policy("model", policy(1, simulated=False))
     rd, req = session(b, sim)
     with pytest.raises(ReleaseDenied) as e:
@@ -96,8 +64,8 @@ def test_family_gpus_are_not_vendor_gpus_without_the_insecure_switch(served, fam
     assert "gpu root" in failed and "root" in failed
 
 
-def test_gpu_of_another_family_is_not_genuine(served, tmp_path: Path):
-    b, settings, sim = served
+def test_gpu_of_another_family_is_not_genuine(gpu_broker, tmp_path: Path):
+    b, settings, sim = gpu_broker
     b.store.set_policy("model", policy(1))
     stranger = open_gpus(tmp_path / "other", clock=system_clock)[0]
     rd, req = session(b, sim)
@@ -106,9 +74,9 @@ def test_gpu_of_another_family_is_not_genuine(served, tmp_path: Path):
     assert e.value.check == "trust root"
 
 
-def test_report_of_one_family_gpu_with_anothers_chain_is_refused(served, family):
+def test_report_of_one_family_gpu_with_anothers_chain_is_refused(gpu_broker, family):
     """Both chains verify to the family root; the report was signed by GPU 1's key."""
-    b, settings, sim = served
+    b, settings, sim = gpu_broker
     b.store.set_policy("model", policy(1))
     rd, req = session(b, sim)
     own = bundle(family[1], rd, 0, 1)
@@ -119,9 +87,9 @@ def test_report_of_one_family_gpu_with_anothers_chain_is_refused(served, family)
     assert e.value.check == "report signature"
 
 
-def test_leaf_spliced_under_another_family_gpus_brom_is_refused(served, family):
+def test_leaf_spliced_under_another_family_gpus_brom_is_refused(gpu_broker, family):
     """GPU 3's FMC leaf presented under GPU 4's BROM certificate (same ICA, same root)."""
-    b, settings, sim = served
+    b, settings, sim = gpu_broker
     b.store.set_policy("model", policy(1))
     rd, req = session(b, sim)
     spliced = [family[3].chain[0], family[4].chain[1], *family[3].chain[2:]]
@@ -132,9 +100,9 @@ def test_leaf_spliced_under_another_family_gpus_brom_is_refused(served, family):
     assert e.value.check == "certificate chain"
 
 
-def test_gpu_evidence_for_a_larger_set_is_refused(served, family):
+def test_gpu_evidence_for_a_larger_set_is_refused(gpu_broker, family):
     """The runner saw three GPUs; the host forwards two of them (the count is in the nonce)."""
-    b, settings, sim = served
+    b, settings, sim = gpu_broker
     b.store.set_policy("model", policy(2))
     rd, req = session(b, sim)
     three = [bundle(family[i], rd, i, 3) for i in range(3)]
@@ -143,8 +111,8 @@ def test_gpu_evidence_for_a_larger_set_is_refused(served, family):
     assert e.value.check == "nonce"
 
 
-def test_more_gpus_than_the_policy_count_is_denied(served, family):
-    b, settings, sim = served
+def test_more_gpus_than_the_policy_count_is_denied(gpu_broker, family):
+    b, settings, sim = gpu_broker
     b.store.set_policy("model", policy(2))
     rd, req = session(b, sim)
     three = [bundle(family[i], rd, i, 3) for i in range(3)]
@@ -154,8 +122,8 @@ def test_more_gpus_than_the_policy_count_is_denied(served, family):
     assert {c["name"]: c["actual"] for c in checks if not c["passed"]} == {"gpu count": "3"}
 
 
-def test_one_gpu_at_two_places_does_not_count_as_two(served, family):
-    b, settings, sim = served
+def test_one_gpu_at_two_places_does_not_count_as_two(gpu_broker, family):
+    b, settings, sim = gpu_broker
     b.store.set_policy("model", policy(2))
     rd, req = session(b, sim)
     twice = [bundle(family[0], rd, 0, 2), bundle(family[0], rd, 1, 2)]
@@ -164,10 +132,10 @@ def test_one_gpu_at_two_places_does_not_count_as_two(served, family):
     assert e.value.check == "gpu distinct" and "GPU 1 is GPU 0 again" in e.value.message
 
 
-def test_http_release_answer_lists_the_verified_gpus_in_order(served, family):
+def test_http_release_answer_lists_the_verified_gpus_in_order(gpu_broker, family):
     """``gpus`` in the answer: the verified GPUs, in the request's order, as in the release's
     audit record (what the runner's receipt then carries)."""
-    b, _settings, sim = served
+    b, _settings, sim = gpu_broker
     b.store.set_policy("model", policy(2))
     rk = protocol.RunnerKey.generate()
     body = http_release(
