@@ -176,12 +176,11 @@ class SimulatedGpu:
         provisioner ICA, one RIM chain; each GPU its own BROM and FMC certificates (and
         keys). Everything is valid from ``now`` - 1 day for ``days``."""
         rim_chain = _rim_chain(now, signer_days=days, ca_days=days)
-        first = cls(now=now, chain=[], rim_chain=rim_chain)
-        first.chain = first._device_chain(now, [], days)
-        out = [first]
-        for _ in range(count - 1):
-            g = cls(now=now, chain=first.chain, rim_chain=rim_chain)  # chain replaced next
-            g.chain = g._device_chain(now, first.chain[2:], days)
+        out: list[SimulatedGpu] = []
+        for _ in range(count):
+            # a placeholder chain keeps __post_init__ from issuing one, replaced at once
+            g = cls(now=now, chain=rim_chain, rim_chain=rim_chain)
+            g.chain = g._device_chain(now, out[0].chain[2:] if out else [], days)
             out.append(g)
         return out
 
